@@ -1,0 +1,154 @@
+"""Build the optimised Phi-3 and a generator that is called, and answers, like transformers' text-generation pipeline.
+
+    gen = optimize.build("./models/Phi-3-medium-4k-instruct")
+    gen.warmup()
+    outs = gen(KeyDataset(data, "message"), max_new_tokens=500, return_full_text=False, do_sample=False)
+
+Inputs are tokenised as the pipeline tokenises them (the chat template with the generation prompt, or the plain
+tokenizer for strings), generated greedily by the orinfer engine in one batched run, and turned into text exactly as
+the installed transformers' pipeline does it (that step changed in transformers 5: see `_text`).
+"""
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import transformers
+from transformers import AutoTokenizer
+
+from orinfer.config import Phi3Config, eos_token_ids
+from orinfer.drafts import parse_choices
+from orinfer.engine import Engine
+from orinfer.loader import checkpoint_numel, load_weights
+from orinfer.memory import is_integrated, parse_budget, plan_memory, rss_bytes
+from orinfer.model import Phi3ForCausalLM
+from orinfer.sequence import Sequence
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# transformers < 5 decodes prompt + answer and cuts the decoded prompt's length; 5.x decodes the new tokens alone.
+_DECODE_FULL_AND_CUT = int(transformers.__version__.split(".")[0]) < 5
+
+
+def _is_chat(x) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, dict) and "role" in m for m in x)
+
+
+class Generator:
+    """pipe()-compatible greedy text generation over the orinfer engine."""
+
+    def __init__(self, engine: Engine, tokenizer, progress: bool = True):
+        self.engine, self.tokenizer, self.progress = engine, tokenizer, progress
+        self.end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+
+    def warmup(self, cuda_graphs: bool = True) -> None:
+        self.engine.warmup(cuda_graphs)
+        self([{"role": "user", "content": "Can you provide ways to eat combinations of bananas and dragonfruits?"}],
+             max_new_tokens=8, progress=False)
+
+    def __call__(self, inputs, max_new_tokens: int | None = None, return_full_text: bool = True,
+                 do_sample: bool = False, temperature: float | None = None, batch_size: int | None = None,
+                 on_result: Callable[[int, list], None] | None = None, scripts: list[list[int]] | None = None,
+                 progress: bool | None = None, **unsupported):
+        """Same call and same output nesting as pipeline("text-generation"). `batch_size` is accepted and ignored
+        (the engine batches by memory). `on_result(i, output)` is called as each input finishes. `scripts` is a
+        benchmark hook only: forced output tokens per input (bench/README.md)."""
+        if do_sample:
+            raise ValueError("only greedy decoding is supported (do_sample=True was given)")
+        if unsupported:
+            raise TypeError(f"unsupported generation arguments: {sorted(unsupported)}")
+        if max_new_tokens is None or max_new_tokens < 1:
+            raise ValueError("pass max_new_tokens (>= 1): the organisers' script uses 500")
+        single = isinstance(inputs, str) or _is_chat(inputs)
+        items = [inputs] if single else list(inputs)
+        outputs = self._generate(items, max_new_tokens, return_full_text, on_result, scripts,
+                                 self.progress if progress is None else progress)
+        return outputs[0] if single else outputs
+
+    def _prompt_ids(self, items: list) -> list[list[int]]:
+        texts = []
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                texts.append(None)
+            elif _is_chat(item):
+                if item[-1]["role"] != "user":
+                    raise ValueError(f"record {i}: a chat must end with a user turn (assistant prefill is not supported)")
+                texts.append(self.tokenizer.apply_chat_template(list(item), tokenize=False, add_generation_prompt=True))
+            else:
+                raise TypeError(f"record {i}: expected a string or a chat (list of role/content dicts), got {type(item).__name__}")
+        ids = [None] * len(items)
+        chats = [i for i, t in enumerate(texts) if t is not None]
+        strings = [i for i, t in enumerate(texts) if t is None]
+        # The chat template's text, tokenised without extra special tokens, is what apply_chat_template(tokenize=True)
+        # gives; plain strings get the tokenizer's defaults, as the pipeline's preprocess does.
+        if chats:
+            for i, row in zip(chats, self.tokenizer([texts[i] for i in chats], add_special_tokens=False)["input_ids"]):
+                ids[i] = row
+        if strings:
+            for i, row in zip(strings, self.tokenizer([items[i] for i in strings])["input_ids"]):
+                ids[i] = row
+        for i, row in enumerate(ids):
+            if not row:
+                raise ValueError(f"record {i}: the prompt is empty after tokenisation")
+        return ids
+
+    def _candidates(self, item) -> list[list[int]]:
+        text = item if isinstance(item, str) else item[-1]["content"]
+        choices = parse_choices(text)
+        if not choices or not self.engine.speculate:
+            return []
+        rows = self.tokenizer(choices, add_special_tokens=False)["input_ids"]
+        return [row + [self.end_id] for row in rows if row]
+
+    def _text(self, prompt_ids: list[int], generated: list[int]) -> str:
+        tok = self.tokenizer
+        if _DECODE_FULL_AND_CUT:
+            full = tok.decode(prompt_ids + generated, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+            return full[len(tok.decode(prompt_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)):]
+        return tok.decode(generated, skip_special_tokens=True)
+
+    def _output(self, item, prompt_ids: list[int], generated: list[int], return_full_text: bool) -> list:
+        text = self._text(prompt_ids, generated)
+        if return_full_text:
+            text = item + text if isinstance(item, str) else list(item) + [{"role": "assistant", "content": text}]
+        return [{"generated_text": text}]
+
+    def _generate(self, items, max_new_tokens, return_full_text, on_result, scripts, progress) -> list:
+        prompts = self._prompt_ids(items)
+        seqs = [Sequence(index=i, token_ids=list(p), num_prompt_tokens=len(p), max_new_tokens=max_new_tokens,
+                         candidates=self._candidates(item), script=scripts[i] if scripts else None)
+                for i, (item, p) in enumerate(zip(items, prompts))]
+        outputs: list = [None] * len(items)
+
+        def finish(seq: Sequence) -> None:
+            outputs[seq.index] = self._output(items[seq.index], prompts[seq.index], seq.generated, return_full_text)
+            if on_result is not None:
+                on_result(seq.index, outputs[seq.index])
+
+        self.engine.generate(seqs, on_finish=finish, progress=progress)
+        return outputs
+
+
+def resolve_dtype(dtype: str, cfg: Phi3Config) -> torch.dtype:
+    name = cfg.torch_dtype if dtype == "auto" else dtype
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r}: choose auto, bfloat16, float16 or float32")
+    return _DTYPES[name]
+
+
+def build(model_dir: str | Path, device: str | None = None, dtype: str = "auto", memory_budget: str | int = "auto",
+          speculate: bool = True, progress: bool = True) -> Generator:
+    """Load a local HF Phi-3 folder straight onto the device and return the pipe()-compatible generator."""
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {folder} (config.json not found). Put the HF folder of "
+                                "Phi-3-medium-4k-instruct there, pass --model, or try the embedded tiny model with --demo")
+    cfg = Phi3Config.from_folder(folder)
+    eos = eos_token_ids(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = resolve_dtype(dtype, cfg)
+    itemsize = torch.finfo(torch_dtype).bits // 8
+    plan = plan_memory(cfg, parse_budget(memory_budget, dev), checkpoint_numel(folder) * itemsize, itemsize,
+                       shared_host=is_integrated(dev), host_bytes=rss_bytes())
+    model = Phi3ForCausalLM(cfg, dev, torch_dtype)
+    load_weights(model, folder)
+    return Generator(Engine(model, eos, plan, speculate), tokenizer, progress)

@@ -1,0 +1,68 @@
+"""Phi-3 model and generation settings read from a local HF folder."""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Phi3Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    sliding_window: int | None
+    torch_dtype: str
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Cache bytes one token costs across all layers (K and V), at 2 bytes an element."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * 2
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Phi3Config":
+        archs = raw.get("architectures") or ["Phi3ForCausalLM"]
+        if raw.get("model_type") != "phi3" or archs != ["Phi3ForCausalLM"]:
+            raise ValueError(f"only Phi3ForCausalLM is supported, got model_type={raw.get('model_type')!r} "
+                             f"architectures={archs!r}")
+        if raw.get("rope_scaling"):
+            # longrope / su scaling (the 128k variants) changes RoPE per position range; not implemented.
+            raise ValueError(f"rope_scaling={raw['rope_scaling']!r} is not supported (Phi-3 4k models have none)")
+        if raw.get("tie_word_embeddings"):
+            raise ValueError("tied embeddings are not supported: Phi-3 has a separate lm_head")
+        if raw.get("hidden_act", "silu") != "silu" or raw.get("attention_bias") or raw.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("unsupported Phi-3 variant (activation, attention bias or partial rotary)")
+        heads, kv_heads = raw["num_attention_heads"], raw.get("num_key_value_heads") or raw["num_attention_heads"]
+        if raw["hidden_size"] % heads or heads % kv_heads:
+            raise ValueError("hidden_size must divide into heads and heads into key/value heads")
+        return cls(
+            vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"], num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=kv_heads,
+            rms_norm_eps=raw["rms_norm_eps"], rope_theta=raw.get("rope_theta", 10000.0),
+            max_position_embeddings=raw["max_position_embeddings"], sliding_window=raw.get("sliding_window"),
+            torch_dtype=raw.get("torch_dtype") or raw.get("dtype") or "bfloat16",
+        )
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Phi3Config":
+        return cls.from_dict(json.loads((Path(folder) / "config.json").read_text()))
+
+
+def eos_token_ids(folder: str | Path, config_eos: int | list | None = None) -> list[int]:
+    """The stop tokens generate() uses: generation_config.json's eos_token_id (a list for Phi-3), else config.json's."""
+    path = Path(folder) / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.exists() else None
+    if eos is None:
+        eos = config_eos if config_eos is not None else json.loads((Path(folder) / "config.json").read_text()).get("eos_token_id")
+    if eos is None:
+        raise ValueError(f"{folder}: no eos_token_id in generation_config.json or config.json")
+    return [eos] if isinstance(eos, int) else list(eos)

@@ -1,0 +1,52 @@
+"""Draft tokens taken from the prompt itself, for exact speculative decoding.
+
+A draft is only a guess: the runner scores it in the same pass as the real next token and the scheduler keeps the
+draft tokens that equal the greedy argmax, so the output is what plain greedy decoding gives (see scheduler.py).
+Two sources, in order:
+  1. the answer candidates: multiple-choice prompts list their choices, and the answer is one of them verbatim,
+     followed by the end-of-turn token. If everything generated so far is the start of a candidate, propose the rest.
+  2. prompt lookup: if the last few generated tokens occur in the prompt, propose what follows them there.
+"""
+import ast
+import re
+
+from .sequence import Sequence
+
+_CHOICES = re.compile(r"choices:\s*(\[.*\])\s*$", re.MULTILINE)
+
+
+def parse_choices(text: str) -> list[str]:
+    """The `choices: [...]` list of a competition prompt (a Python list literal), or [] if there is none."""
+    found = _CHOICES.findall(text)
+    if not found:
+        return []
+    try:
+        values = ast.literal_eval(found[-1])
+    except (ValueError, SyntaxError):
+        return []
+    return [str(v) for v in values] if isinstance(values, (list, tuple)) else []
+
+
+def candidate_drafts(seq: Sequence, max_drafts: int) -> list[int]:
+    """The rest of the first candidate that everything generated so far (at least one token) begins."""
+    generated = seq.generated
+    n = len(generated)
+    if n and max_drafts > 0:
+        for candidate in seq.candidates:
+            if len(candidate) > n and candidate[:n] == generated:
+                return candidate[n:n + max_drafts]
+    return []
+
+
+def lookup_drafts(seq: Sequence, max_drafts: int, ngram: int = 3) -> list[int]:
+    """What follows the latest occurrence in the prompt of the longest generated tail (up to `ngram` tokens)."""
+    generated = seq.generated
+    if max_drafts <= 0:
+        return []
+    prompt = seq.token_ids[:seq.num_prompt_tokens]
+    for size in range(min(ngram, len(generated)), 0, -1):
+        tail = generated[-size:]
+        for start in range(len(prompt) - size - 1, -1, -1):
+            if prompt[start:start + size] == tail:
+                return prompt[start + size:start + size + max_drafts]
+    return []

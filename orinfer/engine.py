@@ -1,0 +1,73 @@
+"""The generation loop: schedule -> run -> postprocess, until every request has finished."""
+from typing import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from .block_manager import BlockManager
+from .memory import MemoryPlan
+from .model import Phi3ForCausalLM
+from .runner import ModelRunner
+from .scheduler import Limits, Scheduler
+from .sequence import Sequence
+
+
+class Engine:
+    def __init__(self, model: Phi3ForCausalLM, eos_ids: list[int], plan: MemoryPlan, speculate: bool = True):
+        self.model, self.eos_ids, self.plan = model, eos_ids, plan
+        self.speculate = speculate
+        self.runner = ModelRunner(model, plan.num_blocks, plan.block_size)
+        self.blocks = BlockManager(plan.num_blocks, plan.block_size)
+        self.stats = {"passes": 0, "preemptions": 0, "oom_retries": 0, "prefill_tokens": 0, "max_batch": 0}
+
+    def _limits(self) -> Limits:
+        p = self.plan
+        # A decode pass reads every weight once; it stays memory-bound up to roughly this many tokens on GPUs
+        # (machine balance ~130 FLOP/byte on Orin, ~200 on H200), so that many speculative tokens ride along free.
+        free_tokens = 128 if self.model.device.type == "cuda" else 0
+        return Limits(max_num_seqs=p.max_num_seqs, max_batched_tokens=p.max_batched_tokens,
+                      max_gather_tokens=p.max_gather_tokens, max_drafts=p.max_drafts if self.speculate else 0,
+                      free_draft_tokens=free_tokens if self.speculate else 0)
+
+    def warmup(self, cuda_graphs: bool = True) -> None:
+        """Untimed preparation: kernels, allocator pools and decode graphs, before the clock starts."""
+        if self.model.device.type != "cuda":
+            return
+        p = self.plan
+        probe = [Sequence(index=-1, token_ids=[0] * min(p.max_batched_tokens, 512), num_prompt_tokens=1,
+                          max_new_tokens=2)]
+        self.generate(probe)
+        if cuda_graphs:
+            batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+                                  if b < p.max_num_seqs} | {p.max_num_seqs})
+            most_blocks = -(-self.model.cfg.max_position_embeddings // p.block_size)
+            block_counts = sorted({min(b, most_blocks) for b in (8, 16, 32, 64, 128, 256)})
+            self.runner.capture_graphs(batch_sizes, block_counts, p.max_gather_tokens)
+
+    def generate(self, seqs: list[Sequence], on_finish: Callable[[Sequence], None] | None = None,
+                 progress: bool = False) -> list[Sequence]:
+        """Run every sequence to completion (they are modified in place); returns them in input order."""
+        scheduler = Scheduler(self.blocks, self._limits(), self.eos_ids)
+        for seq in sorted(seqs, key=lambda s: s.num_tokens):
+            scheduler.add(seq)
+        bar = tqdm(total=len(seqs), desc="generate", unit="req", disable=not progress)
+        while scheduler.has_work:
+            works = scheduler.schedule()
+            try:
+                tokens = self.runner.run(works)
+            except torch.cuda.OutOfMemoryError:
+                scheduler.rollback(works)
+                self.stats["oom_retries"] += 1
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            self.stats["passes"] += 1
+            self.stats["prefill_tokens"] += sum(len(w.tokens) for w in works if not w.decode)
+            self.stats["max_batch"] = max(self.stats["max_batch"], len(works))
+            for seq in scheduler.postprocess(works, tokens):
+                if on_finish is not None:
+                    on_finish(seq)
+                bar.update(1)
+        bar.close()
+        self.stats["preemptions"] += scheduler.preemptions
+        return sorted(seqs, key=lambda s: s.index)

@@ -1,0 +1,133 @@
+"""The memory budget: how many bytes the process may use, and how the engine's buffers are sized from it.
+
+On a Jetson the CPU and GPU share one DRAM, so the budget covers host and device together, and the weights
+(26.0 GiB for Phi-3-medium in bf16) leave little. Every size the engine uses (KV blocks, tokens per pass, gathered
+attention tokens, sequences at once) is derived here from what the budget leaves after the weights.
+"""
+import os
+import resource
+from dataclasses import dataclass
+
+import torch
+
+from .config import Phi3Config
+
+GiB = 1 << 30
+MiB = 1 << 20
+CUDA_CONTEXT_BYTES = 512 * MiB   # the CUDA context lives in the shared DRAM on an integrated GPU
+HOST_MARGIN_BYTES = 256 * MiB    # host growth while running: tokenizer output, Python objects, results
+SAFETY_BYTES = 256 * MiB         # allocator fragmentation and the page cache the OS will not give back at once
+
+
+def meminfo_available() -> int:
+    """MemAvailable: free plus reclaimable page cache (what cudaMemGetInfo misses on unified memory)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def is_integrated(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True  # CPU: the "device" memory is host memory
+    props = torch.cuda.get_device_properties(device)
+    # `is_integrated` is missing from some older torch builds; Jetson Orin (8.7) and Xavier (7.2) are integrated.
+    return bool(getattr(props, "is_integrated", False)) or (props.major, props.minor) in ((8, 7), (7, 2))
+
+
+def auto_budget(device: torch.device) -> int:
+    """Bytes this process may use in all: on shared memory what it holds now plus MemAvailable, else free VRAM."""
+    if is_integrated(device):
+        return rss_bytes() + meminfo_available()
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device)
+
+
+def parse_budget(text: str | int | None, device: torch.device) -> int:
+    if text is None or text == "auto":
+        return auto_budget(device)
+    if isinstance(text, int):
+        return text
+    units = {"k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
+    s = str(text).strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        return int(float(s[:-1]) * units[s[-1]]) if s and s[-1] in units else int(float(s))
+    except (ValueError, IndexError):
+        raise ValueError(f"--memory-budget {text!r}: expected bytes, e.g. 28.5GiB, 29000M or auto") from None
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int
+    weights: int
+    overhead: int             # host process and CUDA context, counted only where they share the budget
+    kv_bytes: int
+    workspace_bytes: int
+    num_blocks: int
+    block_size: int
+    max_num_seqs: int
+    max_batched_tokens: int
+    max_gather_tokens: int
+    max_drafts: int
+
+    @property
+    def kv_tokens(self) -> int:
+        return (self.num_blocks - 1) * self.block_size
+
+    def describe(self) -> str:
+        return (f"memory plan: budget {self.budget / GiB:.2f} GiB = weights {self.weights / GiB:.2f} + overhead "
+                f"{self.overhead / GiB:.2f} + workspace {self.workspace_bytes / GiB:.2f} + KV {self.kv_bytes / GiB:.2f} "
+                f"({self.kv_tokens} tokens); <= {self.max_num_seqs} sequences, {self.max_batched_tokens} tokens a pass")
+
+
+def activation_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
+    """Live activations of one token at the peak of a layer (the MLP: gate_up, silu(gate), product, residuals),
+    plus float32 norm temporaries, with a quarter on top for allocator rounding."""
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    elems = 4 * cfg.hidden_size + 2 * qkv + 4 * cfg.intermediate_size
+    return (elems * itemsize + 2 * cfg.hidden_size * 4) * 5 // 4
+
+
+def gather_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
+    """Attention copies each sequence's keys and values out of the paged pool (and may copy them once more)."""
+    return 2 * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
+
+
+def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, shared_host: bool,
+                host_bytes: int, block_size: int = 16, max_drafts: int = 4) -> MemoryPlan:
+    overhead = (host_bytes + HOST_MARGIN_BYTES + CUDA_CONTEXT_BYTES) if shared_host else 0
+    free = budget - weights - overhead - SAFETY_BYTES
+    act = activation_bytes_per_token(cfg, itemsize)
+    gather = gather_bytes_per_token(cfg, itemsize)
+    kv_per_token = cfg.kv_bytes_per_token // 2 * itemsize
+    # Room for at least one 64-token chunk and 256 cached tokens, or the budget is simply too small.
+    least = 64 * act + 512 * gather + 256 * kv_per_token
+    if free < least:
+        raise MemoryError(f"memory budget {budget / GiB:.2f} GiB leaves {free / GiB:.2f} GiB after weights "
+                          f"({weights / GiB:.2f} GiB) and overhead ({overhead / GiB:.2f} GiB); at least "
+                          f"{(budget - free + least) / GiB:.2f} GiB is needed")
+    tokens = 64
+    while tokens * 2 <= 16384 and tokens * 2 * act <= free // 4:
+        tokens *= 2
+    gather_tokens = max(2048, min(1 << 20, free // 10 // gather))
+    kv = free - tokens * act - gather_tokens * gather
+    max_num_seqs = max(1, min(512, tokens, kv // kv_per_token // 64))
+    logits = max_num_seqs * (1 + max_drafts) * cfg.vocab_size * (itemsize + 8)
+    kv -= logits
+    # More cache than max_num_seqs full-length sequences can never be used (and a big pool costs start-up time).
+    kv = min(kv, max_num_seqs * cfg.max_position_embeddings * kv_per_token)
+    num_blocks = kv // (block_size * kv_per_token) + 1  # +1: the scratch block
+    return MemoryPlan(budget=budget, weights=weights, overhead=overhead, kv_bytes=(num_blocks - 1) * block_size * kv_per_token,
+                      workspace_bytes=tokens * act + gather_tokens * gather + logits, num_blocks=int(num_blocks),
+                      block_size=block_size, max_num_seqs=int(max_num_seqs), max_batched_tokens=tokens,
+                      max_gather_tokens=int(gather_tokens), max_drafts=max_drafts)

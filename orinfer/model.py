@@ -1,0 +1,123 @@
+"""Phi-3 (Phi3ForCausalLM's math and parameter names) over a flat batch of new tokens.
+
+Every operation follows transformers' Phi-3 in order and dtype, so that at float32 the greedy tokens are the same:
+RMSNorm in float32 then cast back before the weight, RoPE tables computed in float32 on the model's device then cast,
+fused qkv_proj split as [q | k | v], fused gate_up_proj split as [gate | up] with up * silu(gate).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Context, build_bias, paged_attention
+from .config import Phi3Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Phi3Config):
+        super().__init__()
+        self.heads, self.kv_heads, self.dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.heads + 2 * self.kv_heads) * self.dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.dim, cfg.hidden_size, bias=False)
+        self.k_cache = self.v_cache = None  # bound by the runner to this layer's slice of the KV pool
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Context) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.heads * self.dim, self.kv_heads * self.dim, self.kv_heads * self.dim], -1)
+        q = q.view(tokens, self.heads, self.dim)
+        k = k.view(tokens, self.kv_heads, self.dim)
+        v = v.view(tokens, self.kv_heads, self.dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        return self.o_proj(paged_attention(q, k, v, self.k_cache, self.v_cache, ctx))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Phi3Config):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Phi3Config):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Context) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Phi3Model(nn.Module):
+    def __init__(self, cfg: Phi3Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Phi3ForCausalLM(nn.Module):
+    """Parameters are created uninitialised on `device`; the loader (or a benchmark) must fill every one."""
+
+    def __init__(self, cfg: Phi3Config, device: torch.device | str, dtype: torch.dtype):
+        super().__init__()
+        self.cfg = cfg
+        with torch.device("meta"):
+            self.model = Phi3Model(cfg)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.to(dtype)  # still on meta: no memory is touched until to_empty
+        self.to_empty(device=device)
+        self.block_size = 0  # set with the KV cache
+        # RoPE tables for every position, computed as transformers computes them on the fly (float32 on the device).
+        dim = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float32, device=device)
+        freqs = (inv_freq.to(device)[:, None] @ positions[None, :]).t()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos_table = emb.cos().to(dtype)
+        self.sin_table = emb.sin().to(dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """Greedy next token for each of ctx.sample_rows; logits are never formed for the other positions."""
+        groups = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
+        ctx.bias = build_bias(ctx, self.block_size, groups, self.dtype)
+        cos = self.cos_table[ctx.positions][:, None, :]
+        sin = self.sin_table[ctx.positions][:, None, :]
+        h = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, ctx)
+        logits = self.lm_head(self.model.norm(h[ctx.sample_rows]))
+        return logits.argmax(dim=-1)

@@ -1,0 +1,123 @@
+"""Owner of the device: the KV pool, the input tensors of each pass, and CUDA graphs for plain decode steps.
+
+The pool is allocated once, zero-filled (gathered padding keys must be finite: 0 * NaN would poison SDPA), and never
+grown. A pass whose every sequence feeds exactly one token replays a CUDA graph captured for its (batch, blocks)
+bucket when one exists; every other pass runs eagerly through the very same model code.
+"""
+import torch
+
+from .attention import Context
+from .block_manager import SCRATCH_BLOCK
+from .model import Phi3ForCausalLM
+from .scheduler import Work
+from .sequence import Sequence
+
+
+def _bucket(n: int, sizes: list[int]) -> int | None:
+    return next((s for s in sizes if s >= n), None)
+
+
+class ModelRunner:
+    def __init__(self, model: Phi3ForCausalLM, num_blocks: int, block_size: int):
+        cfg = model.cfg
+        self.model, self.block_size, self.device = model, block_size, model.device
+        self.kv = torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads,
+                              cfg.head_dim, dtype=model.dtype, device=self.device)
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv[i, 0], self.kv[i, 1]
+        model.block_size = block_size
+        self.sliding_window = cfg.sliding_window
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
+        self.batch_sizes: list[int] = []
+        self.block_counts: list[int] = []
+        self.passes = 0
+
+    def context(self, works: list[Work], batch: int | None = None, nblocks: int | None = None):
+        """Flat input ids and the attention Context of one pass (optionally padded to a graph bucket)."""
+        bs = self.block_size
+        ids, positions, slots, token_cells, sample_rows = [], [], [], [], []
+        qmax = max(len(w.tokens) for w in works)
+        batch = batch or len(works)
+        nblocks = nblocks or max(-(-(w.start + len(w.tokens)) // bs) for w in works)
+        query_slots = [0] * (batch * qmax)
+        query_positions = [-1] * (batch * qmax)
+        tables = []
+        for b, w in enumerate(works):
+            table = w.seq.block_table
+            for q, token in enumerate(w.tokens):
+                p = w.start + q
+                flat = len(ids)
+                ids.append(token)
+                positions.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+                token_cells.append(b * qmax + q)
+                query_slots[b * qmax + q] = flat
+                query_positions[b * qmax + q] = p
+            if w.samples:
+                sample_rows.extend(range(len(ids) - 1 - w.num_drafts, len(ids)))
+            tables.append(table[:nblocks] + [SCRATCH_BLOCK] * (nblocks - min(len(table), nblocks)))
+        tables += [[SCRATCH_BLOCK] * nblocks] * (batch - len(works))
+        for pad in range(len(works), batch):  # graph padding: one dummy token per row, written to the scratch block
+            query_slots[pad * qmax] = len(ids)
+            token_cells.append(pad * qmax)
+            ids.append(0)
+            positions.append(0)
+            slots.append(SCRATCH_BLOCK * bs)
+        dev = self.device
+
+        def tensor(x):
+            return torch.tensor(x, dtype=torch.long, device=dev)
+
+        ctx = Context(positions=tensor(positions), slots=tensor(slots), block_tables=tensor(tables),
+                      query_slots=tensor(query_slots), query_positions=tensor(query_positions).view(batch, qmax),
+                      token_cells=tensor(token_cells), sample_rows=tensor(sample_rows),
+                      sliding_window=self.sliding_window)
+        return tensor(ids), ctx
+
+    @torch.inference_mode()
+    def run(self, works: list[Work]) -> list[int]:
+        """One forward pass; the greedy tokens of every sampling row, in order."""
+        self.passes += 1
+        if all(len(w.tokens) == 1 and w.samples for w in works):
+            key = (_bucket(len(works), self.batch_sizes),
+                   _bucket(max(-(-(w.start + 1) // self.block_size) for w in works), self.block_counts))
+            if key in self.graphs:
+                graph, io = self.graphs[key]
+                ids, ctx = self.context(works, *key)
+                io["ids"].copy_(ids)
+                for name in ("positions", "slots", "block_tables", "query_positions"):
+                    io[name].copy_(getattr(ctx, name))
+                graph.replay()
+                return io["out"][:len(works)].tolist()
+        ids, ctx = self.context(works)
+        return self.model(ids, ctx).tolist()
+
+    @torch.inference_mode()
+    def capture_graphs(self, batch_sizes: list[int], block_counts: list[int], max_gather_tokens: int) -> None:
+        """Capture decode graphs for each (batch, blocks) bucket whose gathered K/V stays within the bound."""
+        self.batch_sizes, self.block_counts = sorted(batch_sizes), sorted(block_counts)
+        pool = None
+        for nblocks in reversed(self.block_counts):
+            for batch in reversed(self.batch_sizes):
+                if batch * nblocks * self.block_size > max_gather_tokens:
+                    continue
+                ids, ctx = self.context(_dummy_decode(batch), batch, nblocks)
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    self.model(ids, ctx)  # warm-up outside the graph (lazy kernel and workspace set-up)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self.model(ids, ctx)
+                pool = graph.pool()
+                io = {"ids": ids, "out": out, "positions": ctx.positions, "slots": ctx.slots,
+                      "block_tables": ctx.block_tables, "query_positions": ctx.query_positions}
+                self.graphs[(batch, nblocks)] = (graph, io)
+        torch.cuda.synchronize()
+
+
+def _dummy_decode(batch: int) -> list[Work]:
+    """Stand-in decode works for capture: one token each at position 0 in the scratch block."""
+    seq = Sequence(index=-1, token_ids=[0], num_prompt_tokens=1, max_new_tokens=1, block_table=[SCRATCH_BLOCK])
+    return [Work(seq, [0], 0, 0, True, False) for _ in range(batch)]

@@ -1,0 +1,175 @@
+"""Who runs in the next forward pass, and what their sampled tokens mean.
+
+Every pass is one flat batch: each admitted sequence contributes the tokens it has not computed yet, capped by a token
+budget (a decode step is the case of one token; a long prompt is prefilled in chunks). Decoding sequences go first
+so they always advance, then unfinished prefills, then new admissions (shortest prompt first). A sequence that
+decodes may add draft tokens (drafts.py); `postprocess` keeps the drafts that equal the greedy argmax, which makes the
+output exactly that of one-token-at-a-time greedy decoding.
+"""
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .drafts import candidate_drafts, lookup_drafts
+from .sequence import Sequence
+
+
+@dataclass
+class Work:
+    seq: Sequence
+    tokens: list[int]   # fed this pass: a prompt chunk, or the last sampled token plus drafts
+    start: int          # position of tokens[0]
+    num_drafts: int
+    samples: bool       # logits wanted: the chunk reaches the end of the known tokens
+    admitted: bool      # the sequence entered the cache in this pass
+    decode: bool = False  # one sampled token (+ drafts) after the prompt, as opposed to a prompt chunk
+    published: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Limits:
+    max_num_seqs: int          # sequences holding cache blocks at once
+    max_batched_tokens: int    # tokens in one pass (prefill chunks + decode + drafts)
+    max_gather_tokens: int     # sequences x longest context in one pass: bounds attention's gathered K/V
+    max_drafts: int = 0        # draft tokens per sequence and pass (0: no speculation)
+    free_draft_tokens: int = 0  # pass size below which speculative prompt-lookup drafts cost ~nothing
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, limits: Limits, eos_ids: list[int]):
+        if limits.max_batched_tokens < limits.max_num_seqs:
+            raise ValueError("max_batched_tokens must be >= max_num_seqs so every decoding sequence fits a pass")
+        self.blocks, self.limits, self.eos = blocks, limits, set(eos_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        if self.blocks.blocks_needed(seq, seq.num_tokens + 1) > len(self.blocks.refs) - 1:
+            raise ValueError(f"record {seq.index}: {seq.num_tokens} prompt tokens do not fit the KV cache "
+                             f"({(len(self.blocks.refs) - 1) * self.blocks.block_size} tokens); raise the memory budget")
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a sequence's blocks; it is recomputed later from its tokens so far (prompt + generated)."""
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def schedule(self) -> list[Work]:
+        lim = self.limits
+        budget = lim.max_batched_tokens
+        works: list[Work] = []
+        # 1. decoding sequences: one token each (+ drafts); preempt the newest if the cache is full.
+        for seq in list(self.running):
+            if seq not in self.running or seq.num_tokens - seq.num_computed != 1:
+                continue
+            room = min(lim.max_drafts, seq.max_new_tokens - len(seq.generated) - 1)
+            drafts = candidate_drafts(seq, room)
+            while not self.blocks.grow(seq, seq.num_tokens + len(drafts)):
+                if drafts:
+                    drafts = []
+                    continue
+                self._preempt(self.running[-1])
+                if seq not in self.running:
+                    break
+            if seq in self.running:
+                works.append(Work(seq, seq.token_ids[-1:] + drafts, seq.num_tokens - 1, len(drafts), True, False, True))
+                budget -= 1 + len(drafts)
+        # Prompt-lookup drafts are worth it only while the pass is memory-bound (they are often wrong).
+        spare = min(budget, lim.free_draft_tokens - sum(len(w.tokens) for w in works))
+        for w in works:
+            if spare <= 0:
+                break
+            if w.num_drafts == 0:
+                room = min(lim.max_drafts, spare, w.seq.max_new_tokens - len(w.seq.generated) - 1)
+                drafts = lookup_drafts(w.seq, room)
+                if drafts and self.blocks.grow(w.seq, w.seq.num_tokens + len(drafts)):
+                    w.tokens += drafts
+                    w.num_drafts = len(drafts)
+                    spare -= len(drafts)
+                    budget -= len(drafts)
+        # 2. unfinished prefills, then 3. admissions while the budget, the cache and the gather bound allow.
+        longest = max((w.start + len(w.tokens) for w in works), default=0)
+        for seq in [s for s in self.running if s.num_tokens - s.num_computed > 1]:
+            if budget <= 0:
+                break
+            works.append(self._chunk(seq, budget, admitted=False))
+            budget -= len(works[-1].tokens)
+            longest = max(longest, seq.num_tokens)
+        while self.waiting and budget > 0 and len(self.running) < lim.max_num_seqs:
+            seq = self.waiting[0]
+            longest_after = max(longest, seq.num_tokens)
+            if self.running and (len(self.running) + 1) * longest_after > lim.max_gather_tokens:
+                break
+            # Keep one free block per running sequence so that decoding does not preempt at once.
+            if self.blocks.blocks_needed(seq, seq.num_tokens) + len(self.running) + 1 > self.blocks.num_free:
+                break
+            self.waiting.popleft()
+            self.blocks.reuse_prefix(seq)
+            self.blocks.grow(seq, seq.num_tokens)
+            self.running.append(seq)
+            works.append(self._chunk(seq, budget, admitted=True))
+            budget -= len(works[-1].tokens)
+            longest = longest_after
+        return works
+
+    def _chunk(self, seq: Sequence, budget: int, admitted: bool) -> Work:
+        n = min(seq.num_tokens - seq.num_computed, budget)
+        work = Work(seq, seq.token_ids[seq.num_computed:seq.num_computed + n], seq.num_computed, 0,
+                    seq.num_computed + n == seq.num_tokens, admitted)
+        # Published now, before the pass: a sequence admitted later in this same pass may read these blocks, which
+        # is safe because each layer writes all new K/V before any sequence reads the cache.
+        work.published = self.blocks.publish(seq, seq.num_computed + n)
+        return work
+
+    def postprocess(self, works: list[Work], sampled: list[int]) -> list[Sequence]:
+        """Commit a finished pass. `sampled` holds 1 + num_drafts argmax tokens per sampling work, in order."""
+        finished = []
+        pos = 0
+        for w in works:
+            seq = w.seq
+            if not w.samples:
+                seq.num_computed += len(w.tokens)
+                continue
+            out = sampled[pos:pos + 1 + w.num_drafts]
+            pos += 1 + w.num_drafts
+            if seq.script is not None:  # benchmark hook: the script stands in for the argmax
+                done = len(seq.generated)
+                out = [seq.script[done + j] if done + j < len(seq.script) else t for j, t in enumerate(out)]
+            drafts = w.tokens[len(w.tokens) - w.num_drafts:]
+            accepted = 0
+            while accepted < w.num_drafts and drafts[accepted] == out[accepted]:
+                accepted += 1
+            seq.num_computed += len(w.tokens) - w.num_drafts + accepted
+            for token in out[:accepted + 1]:
+                seq.token_ids.append(token)
+                if token in self.eos or len(seq.generated) >= seq.max_new_tokens:
+                    seq.finished = True
+                    break
+            if seq.finished:
+                self.running.remove(seq)
+                self.blocks.release(seq)
+                finished.append(seq)
+        return finished
+
+    def rollback(self, works: list[Work]) -> None:
+        """Undo a pass that failed (out of memory) before anything was committed, then halve the limits."""
+        for w in works:
+            self.blocks.unpublish(w.published)
+        for w in reversed([w for w in works if w.admitted]):
+            self._preempt(w.seq)
+            self.preemptions -= 1
+        lim = self.limits
+        if len(works) <= 1 and sum(len(w.tokens) for w in works) <= 1:
+            raise MemoryError("out of memory on a single decode token: the memory budget is too small")
+        lim.max_num_seqs = max(1, lim.max_num_seqs // 2)
+        lim.max_batched_tokens = max(lim.max_num_seqs, lim.max_batched_tokens // 2)
+        lim.max_gather_tokens = max(1, lim.max_gather_tokens // 2)
+        while len(self.running) > lim.max_num_seqs:
+            self._preempt(self.running[-1])

@@ -1,0 +1,28 @@
+"""One request's state: its tokens, how many of them have K/V in the cache, and the cache blocks it owns."""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Sequence:
+    index: int                      # position in the caller's input; results come back in this order
+    token_ids: list[int]            # prompt, then generated tokens
+    num_prompt_tokens: int
+    max_new_tokens: int
+    candidates: list[list[int]] = field(default_factory=list)  # likely answers, token ids (drafts only, see drafts.py)
+    script: list[int] | None = None  # benchmarks only: forced output tokens (bench/ explains)
+    num_computed: int = 0           # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def in_prefill(self) -> bool:
+        """True until every known token but the last sampled one has K/V in the cache."""
+        return self.num_computed < self.num_tokens - 1 or self.num_tokens == self.num_prompt_tokens
