@@ -8,6 +8,7 @@ Inputs are tokenised as the pipeline tokenises them (the chat template with the 
 tokenizer for strings), generated greedily by the orinfer engine in one batched run, and turned into text exactly as
 the installed transformers' pipeline does it (that step changed in transformers 5: see `_text`).
 """
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -18,14 +19,18 @@ from transformers import AutoTokenizer
 from orinfer.config import Phi3Config, eos_token_ids
 from orinfer.drafts import parse_choices
 from orinfer.engine import Engine
-from orinfer.loader import checkpoint_numel, load_weights
+from orinfer.loader import load_weights
 from orinfer.memory import is_integrated, parse_budget, plan_memory, rss_bytes
 from orinfer.model import Phi3ForCausalLM
 from orinfer.sequence import Sequence
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # transformers < 5 decodes prompt + answer and cuts the decoded prompt's length; 5.x decodes the new tokens alone.
-_DECODE_FULL_AND_CUT = int(transformers.__version__.split(".")[0]) < 5
+_TRANSFORMERS = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+_DECODE_FULL_AND_CUT = _TRANSFORMERS < (5, 0)
+# Phi-3's SDPA and eager attention ignore sliding_window before transformers 4.46 (only flash-attention applied it).
+# It never matters for Phi-3-medium here (2047 > 868 + 500 tokens), but outputs must equal the installed version's.
+SLIDING_WINDOW_APPLIES = _TRANSFORMERS >= (4, 46)
 
 
 def _is_chat(x) -> bool:
@@ -38,6 +43,7 @@ class Generator:
     def __init__(self, engine: Engine, tokenizer, progress: bool = True):
         self.engine, self.tokenizer, self.progress = engine, tokenizer, progress
         self.end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+        self.last_sequences: list[Sequence] = []
 
     def warmup(self, cuda_graphs: bool = True) -> None:
         self.engine.warmup(cuda_graphs)
@@ -124,6 +130,7 @@ class Generator:
                 on_result(seq.index, outputs[seq.index])
 
         self.engine.generate(seqs, on_finish=finish, progress=progress)
+        self.last_sequences = seqs  # token-level view of the last call, for tests and benchmarks
         return outputs
 
 
@@ -135,20 +142,28 @@ def resolve_dtype(dtype: str, cfg: Phi3Config) -> torch.dtype:
 
 
 def build(model_dir: str | Path, device: str | None = None, dtype: str = "auto", memory_budget: str | int = "auto",
-          speculate: bool = True, progress: bool = True) -> Generator:
-    """Load a local HF Phi-3 folder straight onto the device and return the pipe()-compatible generator."""
+          speculate: bool = True, progress: bool = True, unified_memory: bool | None = None,
+          init: Callable[[Phi3ForCausalLM], None] | None = None) -> Generator:
+    """Load a local HF Phi-3 folder straight onto the device and return the pipe()-compatible generator.
+
+    `unified_memory` (default: detected) counts the host process and CUDA context inside the budget, as on a Jetson;
+    the benchmark sets it to emulate the Orin on a discrete GPU. `init` fills the weights instead of the folder's
+    checkpoint (benchmarks: random weights; the folder then needs only config and tokenizer files)."""
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no model at {folder} (config.json not found). Put the HF folder of "
                                 "Phi-3-medium-4k-instruct there, pass --model, or try the embedded tiny model with --demo")
     cfg = Phi3Config.from_folder(folder)
+    if not SLIDING_WINDOW_APPLIES:
+        cfg = replace(cfg, sliding_window=None)
     eos = eos_token_ids(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = resolve_dtype(dtype, cfg)
     itemsize = torch.finfo(torch_dtype).bits // 8
-    plan = plan_memory(cfg, parse_budget(memory_budget, dev), checkpoint_numel(folder) * itemsize, itemsize,
-                       shared_host=is_integrated(dev), host_bytes=rss_bytes())
+    plan = plan_memory(cfg, parse_budget(memory_budget, dev), cfg.num_parameters * itemsize, itemsize,
+                       shared_host=is_integrated(dev) if unified_memory is None else unified_memory,
+                       host_bytes=rss_bytes())
     model = Phi3ForCausalLM(cfg, dev, torch_dtype)
-    load_weights(model, folder)
+    (init or (lambda m: load_weights(m, folder)))(model)
     return Generator(Engine(model, eos, plan, speculate), tokenizer, progress)

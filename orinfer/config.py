@@ -23,6 +23,13 @@ class Phi3Config:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def num_parameters(self) -> int:
+        h, d = self.hidden_size, self.head_dim
+        qkv = (self.num_attention_heads + 2 * self.num_key_value_heads) * d
+        layer = qkv * h + self.num_attention_heads * d * h + 3 * self.intermediate_size * h + 2 * h
+        return 2 * self.vocab_size * h + self.num_hidden_layers * layer + h
+
+    @property
     def kv_bytes_per_token(self) -> int:
         """Cache bytes one token costs across all layers (K and V), at 2 bytes an element."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * 2

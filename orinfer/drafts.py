@@ -5,7 +5,8 @@ draft tokens that equal the greedy argmax, so the output is what plain greedy de
 Two sources, in order:
   1. the answer candidates: multiple-choice prompts list their choices, and the answer is one of them verbatim,
      followed by the end-of-turn token. If everything generated so far is the start of a candidate, propose the rest.
-  2. prompt lookup: if the last few generated tokens occur in the prompt, propose what follows them there.
+  2. prompt lookup: if the last few generated tokens occurred before (in the prompt or the output), propose what
+     followed them there.
 """
 import ast
 import re
@@ -39,14 +40,14 @@ def candidate_drafts(seq: Sequence, max_drafts: int) -> list[int]:
 
 
 def lookup_drafts(seq: Sequence, max_drafts: int, ngram: int = 3) -> list[int]:
-    """What follows the latest occurrence in the prompt of the longest generated tail (up to `ngram` tokens)."""
+    """What follows the latest earlier occurrence (prompt or output) of the longest generated tail (<= `ngram`)."""
     generated = seq.generated
     if max_drafts <= 0:
         return []
-    prompt = seq.token_ids[:seq.num_prompt_tokens]
+    tokens = seq.token_ids
     for size in range(min(ngram, len(generated)), 0, -1):
-        tail = generated[-size:]
-        for start in range(len(prompt) - size - 1, -1, -1):
-            if prompt[start:start + size] == tail:
-                return prompt[start + size:start + size + max_drafts]
+        tail = tokens[-size:]
+        for start in range(len(tokens) - size - 1, -1, -1):
+            if tokens[start:start + size] == tail:
+                return tokens[start + size:start + size + max_drafts]
     return []

@@ -18,16 +18,17 @@ class Engine:
         self.speculate = speculate
         self.runner = ModelRunner(model, plan.num_blocks, plan.block_size)
         self.blocks = BlockManager(plan.num_blocks, plan.block_size)
-        self.stats = {"passes": 0, "preemptions": 0, "oom_retries": 0, "prefill_tokens": 0, "max_batch": 0}
+        # A decode pass reads every weight once; it stays memory-bound up to roughly this many tokens on GPUs
+        # (machine balance ~130 FLOP/byte on Orin, ~200 on H200), so that many prompt-lookup drafts ride along free.
+        self.free_draft_tokens = 128 if model.device.type == "cuda" else 0
+        self.stats = {"passes": 0, "preemptions": 0, "oom_retries": 0, "prefill_tokens": 0, "max_batch": 0,
+                      "draft_tokens": 0, "accepted_drafts": 0}
 
     def _limits(self) -> Limits:
         p = self.plan
-        # A decode pass reads every weight once; it stays memory-bound up to roughly this many tokens on GPUs
-        # (machine balance ~130 FLOP/byte on Orin, ~200 on H200), so that many speculative tokens ride along free.
-        free_tokens = 128 if self.model.device.type == "cuda" else 0
         return Limits(max_num_seqs=p.max_num_seqs, max_batched_tokens=p.max_batched_tokens,
                       max_gather_tokens=p.max_gather_tokens, max_drafts=p.max_drafts if self.speculate else 0,
-                      free_draft_tokens=free_tokens if self.speculate else 0)
+                      free_draft_tokens=self.free_draft_tokens if self.speculate else 0)
 
     def warmup(self, cuda_graphs: bool = True) -> None:
         """Untimed preparation: kernels, allocator pools and decode graphs, before the clock starts."""
@@ -37,7 +38,7 @@ class Engine:
         probe = [Sequence(index=-1, token_ids=[0] * min(p.max_batched_tokens, 512), num_prompt_tokens=1,
                           max_new_tokens=2)]
         self.generate(probe)
-        if cuda_graphs:
+        if cuda_graphs and not self.runner.graphs:
             batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
                                   if b < p.max_num_seqs} | {p.max_num_seqs})
             most_blocks = -(-self.model.cfg.max_position_embeddings // p.block_size)
@@ -70,4 +71,6 @@ class Engine:
                 bar.update(1)
         bar.close()
         self.stats["preemptions"] += scheduler.preemptions
+        self.stats["draft_tokens"] += scheduler.draft_tokens
+        self.stats["accepted_drafts"] += scheduler.accepted_drafts
         return sorted(seqs, key=lambda s: s.index)

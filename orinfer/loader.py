@@ -40,18 +40,6 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def checkpoint_numel(folder: str | Path) -> int:
-    """Elements of all tensors in the checkpoint, known before anything is loaded (for the memory plan)."""
-    total = 0
-    for path in checkpoint_files(folder):
-        for entry in read_header(path)[0].values():
-            n = 1
-            for d in entry["shape"]:
-                n *= d
-            total += n
-    return total
-
-
 def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
     """Fill every parameter of `model` (names as in transformers' Phi3ForCausalLM) from the checkpoint.
 

@@ -104,7 +104,7 @@ def gather_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
 
 
 def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, shared_host: bool,
-                host_bytes: int, block_size: int = 16, max_drafts: int = 4) -> MemoryPlan:
+                host_bytes: int, block_size: int = 16, max_drafts: int | None = None) -> MemoryPlan:
     overhead = (host_bytes + HOST_MARGIN_BYTES + CUDA_CONTEXT_BYTES) if shared_host else 0
     free = budget - weights - overhead - SAFETY_BYTES
     act = activation_bytes_per_token(cfg, itemsize)
@@ -116,6 +116,8 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
         raise MemoryError(f"memory budget {budget / GiB:.2f} GiB leaves {free / GiB:.2f} GiB after weights "
                           f"({weights / GiB:.2f} GiB) and overhead ({overhead / GiB:.2f} GiB); at least "
                           f"{(budget - free + least) / GiB:.2f} GiB is needed")
+    if max_drafts is None:  # draft rows need logits; small budgets verify fewer drafts a pass
+        max_drafts = 8 if free > 8 * GiB else 4
     tokens = 64
     while tokens * 2 <= 16384 and tokens * 2 * act <= free // 4:
         tokens *= 2

@@ -30,7 +30,7 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
         self.batch_sizes: list[int] = []
         self.block_counts: list[int] = []
-        self.passes = 0
+        self.pass_tokens: list[int] = []  # tokens computed in each pass (benchmarks project them onto other GPUs)
 
     def context(self, works: list[Work], batch: int | None = None, nblocks: int | None = None):
         """Flat input ids and the attention Context of one pass (optionally padded to a graph bucket)."""
@@ -77,7 +77,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, works: list[Work]) -> list[int]:
         """One forward pass; the greedy tokens of every sampling row, in order."""
-        self.passes += 1
+        self.pass_tokens.append(sum(len(w.tokens) for w in works))
         if all(len(w.tokens) == 1 and w.samples for w in works):
             key = (_bucket(len(works), self.batch_sizes),
                    _bucket(max(-(-(w.start + 1) // self.block_size) for w in works), self.block_counts))

@@ -43,6 +43,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
         self.preemptions = 0
+        self.draft_tokens = self.accepted_drafts = 0
 
     def add(self, seq: Sequence) -> None:
         if self.blocks.blocks_needed(seq, seq.num_tokens + 1) > len(self.blocks.refs) - 1:
@@ -147,6 +148,8 @@ class Scheduler:
             while accepted < w.num_drafts and drafts[accepted] == out[accepted]:
                 accepted += 1
             seq.num_computed += len(w.tokens) - w.num_drafts + accepted
+            self.draft_tokens += w.num_drafts
+            self.accepted_drafts += accepted
             for token in out[:accepted + 1]:
                 seq.token_ids.append(token)
                 if token in self.eos or len(seq.generated) >= seq.max_new_tokens:

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random Phi-3 folders, the bundled data, and transformers' pipeline as the oracle (fp32, CPU)."""
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import optimize  # noqa: E402
+from orinfer.engine import Engine  # noqa: E402
+from orinfer.tiny import write_tiny_model  # noqa: E402
+
+
+def records(name: str) -> list[dict]:
+    return [json.loads(line) for line in (ROOT / "data" / name).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def public_chats():
+    return [r["message"] for r in records("test_dataset.jsonl")]
+
+
+@pytest.fixture(scope="session")
+def longest_chat():
+    return records("sample_longest_data.jsonl")[0]["message"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """std 0.1 spreads the logits well apart (no near-ties at fp32); end_boost makes some sequences say <|end|>."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0, std=0.1, end_boost=3.0)
+
+
+def hf_pipeline(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+    model = AutoModelForCausalLM.from_pretrained(folder, **{("dtype" if _v5() else "torch_dtype"): torch.float32})
+    return pipeline("text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(folder), device="cpu")
+
+
+def _v5() -> bool:
+    import transformers
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
+@pytest.fixture(scope="session")
+def hf(tiny_dir):
+    return hf_pipeline(tiny_dir)
+
+
+def generator(folder, speculate=True, **plan_changes):
+    """optimize.build on the CPU, optionally with a hand-set memory plan (small caches, tiny passes...)."""
+    gen = optimize.build(folder, device="cpu", speculate=speculate, progress=False)
+    if plan_changes:
+        gen.engine = Engine(gen.engine.model, gen.engine.eos_ids, replace(gen.engine.plan, **plan_changes), speculate)
+    return gen
+
+
+@pytest.fixture(scope="session")
+def gen(tiny_dir):
+    return generator(tiny_dir)
+
+
+def reference(hf, inputs, **kw):
+    """transformers' pipeline, one input at a time (its default), in input order."""
+    kw.setdefault("do_sample", False)
+    return [hf(x, **kw) for x in inputs]

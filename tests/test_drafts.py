@@ -1,0 +1,73 @@
+"""Speculative drafts never change the output: right, wrong-at-first, wrong-in-the-middle and wrong-at-last drafts
+all give exactly what plain greedy decoding gives, and right drafts save forward passes."""
+import pytest
+from conftest import generator
+
+from orinfer.drafts import candidate_drafts, lookup_drafts, parse_choices
+from orinfer.sequence import Sequence
+
+NEW = 24
+
+
+def test_parse_choices_of_competition_prompts(public_chats, longest_chat):
+    assert parse_choices(public_chats[0][0]["content"]) == ["Deep sea animals", "fish", "Long Sea Fish", "Far Sea Animals"]
+    assert parse_choices(longest_chat[0]["content"]) == ["True", "False"]
+    assert parse_choices("no list here") == [] and parse_choices("choices: [unclosed\n") == []
+
+
+def test_draft_sources():
+    seq = Sequence(index=0, token_ids=[5, 6, 7, 8, 9, 1], num_prompt_tokens=5, max_new_tokens=9,
+                   candidates=[[2, 3], [1, 4, 5, 6]])
+    assert candidate_drafts(seq, 2) == [4, 5]     # generated [1] starts the second candidate
+    seq.token_ids[5:] = [6, 7]                     # generated [6, 7] occurred in the prompt, followed by 8 9 ...
+    assert lookup_drafts(seq, 3) == [8, 9, 6]
+    assert candidate_drafts(seq, 2) == []
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_dir, public_chats):
+    g = generator(tiny_dir, speculate=False)
+    outs = g(public_chats, max_new_tokens=NEW, return_full_text=False)
+    return outs, [list(s.generated) for s in g.last_sequences], g.engine.stats["passes"]
+
+
+def run_with_candidates(tiny_dir, public_chats, make_candidate, lookup=0):
+    g = generator(tiny_dir, speculate=True)
+    g.engine.free_draft_tokens = lookup
+    g._candidates = lambda item: []
+    prompts = g._prompt_ids(public_chats)
+    seqs = [Sequence(index=i, token_ids=list(p), num_prompt_tokens=len(p), max_new_tokens=NEW,
+                     candidates=make_candidate(i)) for i, p in enumerate(prompts)]
+    g.engine.generate(seqs)
+    return [s.generated for s in seqs], g.engine.stats
+
+
+@pytest.mark.parametrize("wrong_at", [None, "first", "middle", "last"])
+def test_drafts_right_or_wrong_give_plain_greedy_output(tiny_dir, public_chats, plain, wrong_at):
+    _, greedy, plain_passes = plain
+
+    def candidate(i):
+        c = list(greedy[i])
+        if len(c) > 2 and wrong_at:
+            k = {"first": 1, "middle": len(c) // 2, "last": len(c) - 1}[wrong_at]
+            c[k] = (c[k] + 1) % 32000
+        return [c]
+
+    tokens, stats = run_with_candidates(tiny_dir, public_chats, candidate)
+    assert tokens == greedy
+    assert stats["draft_tokens"] > 0
+    if wrong_at is None:
+        assert stats["accepted_drafts"] == stats["draft_tokens"]
+        assert stats["passes"] < plain_passes / 2  # exact drafts: whole answers verified in a few passes
+    else:
+        assert stats["accepted_drafts"] < stats["draft_tokens"]
+
+
+def test_prompt_lookup_drafts_keep_output(tiny_dir, public_chats, plain):
+    tokens, stats = run_with_candidates(tiny_dir, public_chats, lambda i: [], lookup=64)
+    assert tokens == plain[1]
+    assert stats["draft_tokens"] > 0
+
+
+def test_generator_with_speculation_equals_without(gen, public_chats, plain):
+    assert gen(public_chats, max_new_tokens=NEW, return_full_text=False) == plain[0]

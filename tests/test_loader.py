@@ -1,0 +1,63 @@
+import json
+
+import pytest
+import torch
+
+from orinfer.config import Phi3Config
+from orinfer.loader import load_weights
+from orinfer.model import Phi3ForCausalLM
+from orinfer.tiny import tiny_config, write_tiny_model
+
+
+def load(folder, dtype=torch.float32):
+    model = Phi3ForCausalLM(Phi3Config.from_folder(folder), "cpu", dtype)
+    load_weights(model, folder)
+    return model
+
+
+def test_sharded_folder_with_index_loads_the_same_weights(tmp_path):
+    one = load(write_tiny_model(tmp_path / "one", seed=3))
+    three_dir = write_tiny_model(tmp_path / "three", seed=3, shards=3)
+    assert (three_dir / "model.safetensors.index.json").exists() and len(list(three_dir.glob("*.safetensors"))) == 3
+    three = load(three_dir)
+    for (name, a), (_, b) in zip(one.state_dict().items(), three.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert one.cfg.num_parameters == sum(p.numel() for p in one.parameters())
+
+
+def test_bf16_checkpoint_converts_to_the_requested_dtype(tmp_path):
+    folder = write_tiny_model(tmp_path, seed=4, dtype=torch.bfloat16)
+    model = load(folder, torch.float32)
+    ref = load(folder, torch.bfloat16)
+    assert torch.equal(model.lm_head.weight, ref.lm_head.weight.float())
+
+
+def test_missing_and_unknown_tensors_are_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    folder = write_tiny_model(tmp_path, seed=5)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, folder / "model.safetensors")
+    with pytest.raises(KeyError, match="lacks 1 weights"):
+        load(folder)
+    save_file({**weights, "model.extra.weight": torch.zeros(2)}, folder / "model.safetensors")
+    with pytest.raises(KeyError, match="model.extra.weight"):
+        load(folder)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_scaling": {"type": "longrope", "long_factor": [1.0]}}, "rope_scaling"),
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "Phi3ForCausalLM"),
+    ({"tie_word_embeddings": True}, "tied"),
+])
+def test_unsupported_configs_fail_fast(change, message):
+    with pytest.raises(ValueError, match=message):
+        Phi3Config.from_dict({**tiny_config(), **change})
+
+
+def test_real_phi3_medium_config_is_read():
+    from orinfer.tiny import ASSETS
+    cfg = Phi3Config.from_folder(ASSETS)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim) == (5120, 40, 10, 128)
+    assert cfg.kv_bytes_per_token == 200 * 1024 and cfg.sliding_window == 2047
+    assert cfg.num_parameters == 13_960_238_080  # 26.0 GiB in bf16
+    assert json.loads((ASSETS / "generation_config.json").read_text())["eos_token_id"] == [32000, 32001, 32007]

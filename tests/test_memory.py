@@ -1,0 +1,41 @@
+"""The budget arithmetic: Phi-3-medium on a 32 GB Jetson, budgets that are too small, and budget parsing."""
+import pytest
+import torch
+
+from orinfer.config import Phi3Config
+from orinfer.memory import GiB, MiB, parse_budget, plan_memory
+from orinfer.tiny import ASSETS
+
+MEDIUM = Phi3Config.from_folder(ASSETS)
+WEIGHTS = 13_960_238_080 * 2  # Phi-3-medium's parameters in bf16 (26.0 GiB)
+
+
+def test_orin_budget_fits_everything_and_leaves_a_usable_cache():
+    plan = plan_memory(MEDIUM, budget=int(28.5 * GiB), weights=WEIGHTS, itemsize=2, shared_host=True,
+                       host_bytes=600 * MiB)
+    used = plan.weights + plan.overhead + plan.workspace_bytes + plan.kv_bytes
+    assert used <= plan.budget
+    assert plan.kv_tokens >= 2048                      # ~20 OpenBookQA prompts with their answers at once
+    assert plan.kv_tokens >= 868 + 500                 # the organisers' longest sample always fits
+    assert plan.max_batched_tokens >= 512 and plan.max_num_seqs >= 16
+    assert plan.max_gather_tokens * 2 * 2 * 10 * 128 * 2 <= plan.workspace_bytes
+
+
+def test_discrete_gpu_budget_ignores_host_memory():
+    shared = plan_memory(MEDIUM, 40 * GiB, WEIGHTS, 2, shared_host=True, host_bytes=GiB)
+    discrete = plan_memory(MEDIUM, 40 * GiB, WEIGHTS, 2, shared_host=False, host_bytes=GiB)
+    assert discrete.overhead == 0 and discrete.kv_tokens > shared.kv_tokens
+
+
+def test_too_small_a_budget_is_a_clear_error():
+    with pytest.raises(MemoryError, match="at least .* GiB is needed"):
+        plan_memory(MEDIUM, 27 * GiB, WEIGHTS, 2, shared_host=True, host_bytes=600 * MiB)
+
+
+def test_parse_budget():
+    cpu = torch.device("cpu")
+    assert parse_budget("28.5GiB", cpu) == int(28.5 * GiB)
+    assert parse_budget("512m", cpu) == 512 * MiB and parse_budget("1000", cpu) == 1000
+    assert parse_budget("auto", cpu) > 0
+    with pytest.raises(ValueError, match="--memory-budget"):
+        parse_budget("lots", cpu)

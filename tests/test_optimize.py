@@ -1,0 +1,82 @@
+"""String-exact equality with transformers.pipeline on a tiny random Phi-3 at fp32, for every input kind."""
+import pytest
+from conftest import generator, reference
+
+NEW = 40
+
+
+@pytest.fixture(scope="module")
+def expected(hf, public_chats, longest_chat):
+    return reference(hf, public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False)
+
+
+def test_public_set_and_longest_sample_equal_pipeline(gen, expected, public_chats, longest_chat):
+    outs = gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False)
+    assert outs == expected
+    ids = gen.tokenizer.apply_chat_template(longest_chat, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert len(ids) >= 850  # it really is the 868-token sample
+
+
+def test_some_end_on_end_token_while_others_run_to_max_new_tokens(gen, public_chats):
+    seqs = []
+    outs = gen(public_chats, max_new_tokens=NEW, return_full_text=False,
+               on_result=lambda i, o: seqs.append(i))
+    lengths = [len(gen.tokenizer(o[0]["generated_text"], add_special_tokens=False)["input_ids"]) for o in outs]
+    assert min(lengths) < NEW // 2, "no sequence stopped early: the <|end|> case is not exercised"
+    assert max(lengths) >= NEW - 5, "no sequence ran to max_new_tokens"
+    assert sorted(seqs) == list(range(len(public_chats)))  # every input reported exactly once
+
+
+def test_return_full_text_chat(gen, hf, public_chats):
+    chats = public_chats[:5]
+    assert gen(chats, max_new_tokens=12) == reference(hf, chats, max_new_tokens=12)
+    out = gen(chats[0], max_new_tokens=12)
+    assert out[0]["generated_text"][:-1] == chats[0] and out[0]["generated_text"][-1]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_string_inputs(gen, hf, full):
+    texts = ["The capital of France is", "question: what is 2+2?\nchoices: ['4', 'five']\n", "x"]
+    assert gen(texts, max_new_tokens=15, return_full_text=full) == reference(
+        hf, texts, max_new_tokens=15, return_full_text=full)
+    assert gen(texts[0], max_new_tokens=15, return_full_text=full) == hf(
+        texts[0], max_new_tokens=15, return_full_text=full, do_sample=False)
+
+
+def test_single_chat_nesting_and_key_dataset(gen, hf, public_chats):
+    from transformers.pipelines.pt_utils import KeyDataset
+    single = gen(public_chats[3], max_new_tokens=10, return_full_text=False)
+    assert single == hf(public_chats[3], max_new_tokens=10, return_full_text=False, do_sample=False)
+    assert isinstance(single, list) and isinstance(single[0], dict)
+    data = [{"message": c} for c in public_chats[:4]]
+    assert gen(KeyDataset(data, "message"), max_new_tokens=10, return_full_text=False) == [
+        gen(c, max_new_tokens=10, return_full_text=False) for c in public_chats[:4]]
+
+
+def test_max_new_tokens_reached_exactly(gen, public_chats):
+    outs = gen(public_chats, max_new_tokens=3, return_full_text=False)
+    seqs = gen.last_sequences
+    assert len(outs) == len(seqs) == len(public_chats)
+    assert max(len(s.generated) for s in seqs) == 3
+    assert all(len(s.generated) == 3 or s.generated[-1] in gen.engine.eos_ids for s in seqs)
+
+
+def test_batch_size_invariance(tiny_dir, public_chats, expected):
+    one_at_a_time = generator(tiny_dir, max_num_seqs=1, max_batched_tokens=64)
+    assert one_at_a_time(public_chats, max_new_tokens=NEW, return_full_text=False) == expected[:len(public_chats)]
+
+
+def test_output_order_follows_input_not_length(gen, public_chats, expected):
+    order = sorted(range(len(public_chats)), key=lambda i: -len(public_chats[i][0]["content"]))
+    outs = gen([public_chats[i] for i in order], max_new_tokens=NEW, return_full_text=False)
+    assert outs == [expected[i] for i in order]
+
+
+def test_rejects_sampling_and_unknown_arguments(gen, public_chats):
+    with pytest.raises(ValueError, match="greedy"):
+        gen(public_chats[0], max_new_tokens=5, do_sample=True)
+    with pytest.raises(TypeError, match="num_beams"):
+        gen(public_chats[0], max_new_tokens=5, num_beams=2)
+    with pytest.raises(ValueError, match="record 1"):
+        gen([public_chats[0], [{"role": "assistant", "content": "hi"}]], max_new_tokens=5)
+    assert gen(public_chats[0], max_new_tokens=5, temperature=0.0, batch_size=8)  # accepted, as the card passes them

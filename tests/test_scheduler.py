@@ -1,0 +1,60 @@
+"""Chunked prefill, preemption under a small cache, and out-of-memory split-and-retry leave outputs unchanged."""
+import pytest
+import torch
+from conftest import generator
+
+NEW = 40
+
+
+@pytest.fixture(scope="module")
+def expected(gen, public_chats, longest_chat):
+    return gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False)
+
+
+def test_long_prompt_prefilled_in_small_chunks(tiny_dir, public_chats, longest_chat, expected):
+    g = generator(tiny_dir, max_batched_tokens=48, max_num_seqs=8)
+    assert g(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    assert g.engine.stats["passes"] > 868 // 48  # the 868-token prompt really took many passes
+
+
+def test_small_cache_preempts_and_recomputes(gen, tiny_dir, public_chats):
+    # 15 usable blocks of 16 tokens for ~100-token prompts that grow by up to 100: decoding runs out of blocks.
+    g = generator(tiny_dir, num_blocks=16, max_num_seqs=32)
+    assert g(public_chats, max_new_tokens=100) == gen(public_chats, max_new_tokens=100)
+    assert g.engine.stats["preemptions"] > 0
+
+
+def test_prompt_larger_than_the_cache_is_a_clear_error(tiny_dir, longest_chat):
+    g = generator(tiny_dir, num_blocks=20)
+    with pytest.raises(ValueError, match="record 0: .* do not fit the KV cache"):
+        g([longest_chat], max_new_tokens=4)
+
+
+def test_out_of_memory_splits_the_batch_and_retries(tiny_dir, public_chats, expected):
+    g = generator(tiny_dir)
+    run = g.engine.runner.run
+    failures = []
+
+    def flaky(works):  # a pass over more than 200 tokens "runs out of memory"
+        if sum(len(w.tokens) for w in works) > 200:
+            failures.append(len(works))
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return run(works)
+
+    g.engine.runner.run = flaky
+    finished = []
+    outs = g(public_chats, max_new_tokens=NEW, return_full_text=False, on_result=lambda i, o: finished.append(i))
+    assert failures and g.engine.stats["oom_retries"] == len(failures)
+    assert outs == expected[:len(public_chats)]
+    assert sorted(finished) == list(range(len(public_chats)))  # nothing lost, nothing run twice
+
+
+def test_out_of_memory_on_a_single_token_is_reported(tiny_dir, public_chats):
+    g = generator(tiny_dir)
+
+    def always(works):
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    g.engine.runner.run = always
+    with pytest.raises(MemoryError, match="single decode token"):
+        g(public_chats[:1], max_new_tokens=4)
