@@ -8,6 +8,7 @@ Inputs are tokenised as the pipeline tokenises them (the chat template with the 
 tokenizer for strings), generated greedily by the orinfer engine in one batched run, and turned into text exactly as
 the installed transformers' pipeline does it (that step changed in transformers 5: see `_text`).
 """
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -44,6 +45,7 @@ class Generator:
         self.engine, self.tokenizer, self.progress = engine, tokenizer, progress
         self.end_id = tokenizer.convert_tokens_to_ids("<|end|>")
         self.last_sequences: list[Sequence] = []
+        self.timings: dict[str, float] = {}  # host seconds of the last call, by phase (benchmark breakdown)
 
     def warmup(self, cuda_graphs: bool = True) -> None:
         self.engine.warmup(cuda_graphs)
@@ -118,18 +120,24 @@ class Generator:
         return [{"generated_text": text}]
 
     def _generate(self, items, max_new_tokens, return_full_text, on_result, scripts, progress) -> list:
+        t0 = time.perf_counter()
         prompts = self._prompt_ids(items)
         seqs = [Sequence(index=i, token_ids=list(p), num_prompt_tokens=len(p), max_new_tokens=max_new_tokens,
                          candidates=self._candidates(item), script=scripts[i] if scripts else None)
                 for i, (item, p) in enumerate(zip(items, prompts))]
         outputs: list = [None] * len(items)
+        detok = [0.0]
 
         def finish(seq: Sequence) -> None:
+            t = time.perf_counter()
             outputs[seq.index] = self._output(items[seq.index], prompts[seq.index], seq.generated, return_full_text)
             if on_result is not None:
                 on_result(seq.index, outputs[seq.index])
+            detok[0] += time.perf_counter() - t
 
+        t1 = time.perf_counter()
         self.engine.generate(seqs, on_finish=finish, progress=progress)
+        self.timings = {"tokenize": t1 - t0, "engine": time.perf_counter() - t1 - detok[0], "detokenize": detok[0]}
         self.last_sequences = seqs  # token-level view of the last call, for tests and benchmarks
         return outputs
 

@@ -1,7 +1,10 @@
 """Device benchmark: our runner and the transformers baselines side by side on one workload, with the hardware floor.
 
-    python bench/bench.py --out DIR [--systems ours,ours_nospec,hf_generate_bs32,hf_pipeline_bs1]
-                          [--fp32-exact 50] [--capped 28.5]
+    python bench/bench.py --out DIR [--stages systems,fp32,capped] [--systems ours,ours_nospec,...]
+                          [--fp32-exact 50] [--capped 28.5] [--mode scripted|free]
+
+Each stage runs in its own process (clean device memory, and a peak host RSS that belongs to that stage alone);
+the driver merges their JSON into DIR/results.json and draws DIR/w1_seconds.png.
 
 No weights can be downloaded, so a Phi-3-medium-shaped model is built on the GPU from the real config with random
 weights (normal(0, 0.02) matrices, ones for norms) and the same tensors feed orinfer and transformers' Phi3ForCausalLM.
@@ -114,11 +117,13 @@ class Scripted:
 
     def __init__(self, scripts_by_prompt: dict[tuple, list[int]], pad: int):
         self.by_prompt, self.pad = scripts_by_prompt, pad
-        self.start = None
+        self.start, self.previous = None, None
 
     def __call__(self, input_ids, scores):
         rows, length = input_ids.shape
-        if self.start is None or length != self.last + 1 or rows != len(self.scripts):
+        prev = self.previous
+        self.previous = input_ids.clone()
+        if prev is None or prev.shape != (rows, length - 1) or not torch.equal(prev, input_ids[:, :-1]):
             self.start = length  # a new generate() call: the rows are prompts (left-padded)
             self.scripts = []
             for row in input_ids.tolist():
@@ -126,7 +131,6 @@ class Scripted:
                 while row[i] == self.pad:
                     i += 1
                 self.scripts.append(self.by_prompt[tuple(row[i:])])
-        self.last = length
         step = length - self.start
         forced = torch.full_like(scores, float("-inf"))
         for r, script in enumerate(self.scripts):
@@ -158,27 +162,44 @@ def orin_projection(pass_tokens: list[int], flops_per_token: float, weight_bytes
     return sum(max(t * flops_per_token / ORIN_TFLOPS, weight_bytes / ORIN_GBPS) for t in pass_tokens)
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--systems", default="ours,ours_nospec,hf_generate_bs32,hf_pipeline_bs1")
+    ap.add_argument("--stages", default="systems,fp32,capped,uncapped")
+    ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--systems", default="ours,ours_nospec,ours_repeat,hf_generate_bs32,hf_pipeline_bs1")
     ap.add_argument("--mode", default="scripted", choices=["scripted", "free"])
     ap.add_argument("--free-tokens", type=int, default=32)
     ap.add_argument("--limit", type=int, default=0, help="first N items only")
-    ap.add_argument("--fp32-exact", type=int, default=0, help="items for the fp32 full-shape exactness check")
-    ap.add_argument("--capped", type=float, default=0, help="Orin emulation: total budget in GiB (e.g. 28.5)")
-    args = ap.parse_args()
+    ap.add_argument("--fp32-exact", type=int, default=50, help="items for the fp32 full-shape exactness check")
+    ap.add_argument("--capped", type=float, default=28.5, help="Orin emulation: total budget in GiB")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one more run of ours")
+    return ap.parse_args()
+
+
+def main():
+    args = parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.stage is None:  # driver
+        import subprocess
+        merged = {}
+        for stage in args.stages.split(","):
+            cmd = [sys.executable, __file__, "--stage", stage] + [a for a in sys.argv[1:]]
+            rc = subprocess.call(cmd)
+            path = out / f"{stage}.json"
+            if path.exists():
+                merged.update(json.loads(path.read_text()))
+            if rc:
+                merged.setdefault("errors", []).append(f"stage {stage} exited {rc}")
+        (out / "results.json").write_text(json.dumps(merged, indent=1))
+        if "systems" in merged:
+            chart(merged, out)
+            table(merged)
+        return
     import transformers
     res = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "mode": args.mode, "systems": {}}
-
-    def save():
-        (out / "results.json").write_text(json.dumps(res, indent=1))
-
-    res["ceilings"] = ceilings()
-    print("ceilings", res["ceilings"], flush=True)
+           "transformers": transformers.__version__}
     tmp = Path(tempfile.mkdtemp())
     w1 = write_w1(tmp)
     folder = model_folder(tmp)
@@ -186,12 +207,38 @@ def main():
     if args.limit:
         records = records[:args.limit]
         w1.write_text("".join(json.dumps(r) + "\n" for r in records))
-    max_new = 500 if args.mode == "scripted" else args.free_tokens
+    if args.stage == "systems":
+        res.update(systems_stage(args, w1, folder, records))
+    elif args.stage == "fp32":
+        res["fp32_exact"] = fp32_exact(folder, records[:args.fp32_exact])
+    elif args.stage == "capped":
+        res["capped"] = capped(folder, records, args.capped)
+    elif args.stage == "uncapped":
+        res["uncapped"] = capped(folder, records, 0)
+    (out / f"{args.stage}.json").write_text(json.dumps(res, indent=1))
 
-    budget_before = rss_bytes()
+
+def breakdown(gen, log_start: int) -> dict:
+    """Where the seconds of one call went: host phases of the generator, and per-pass input building and forward
+    (the forward's time ends when the tokens are on the host, so it holds the device time)."""
+    log = gen.engine.runner.pass_log[log_start:]
+    prefill = [p for p in log if p[0] > p[1]]
+    decode = [p for p in log if p[0] <= p[1]]
+    t = gen.timings
+    return {"tokenize_s": t["tokenize"], "detokenize_s": t["detokenize"],
+            "prefill_passes": len(prefill), "prefill_forward_s": sum(p[3] for p in prefill),
+            "decode_passes": len(decode), "decode_forward_s": sum(p[3] for p in decode),
+            "build_inputs_s": sum(p[2] for p in log),
+            "scheduler_and_rest_s": t["engine"] - sum(p[2] + p[3] for p in log),
+            "pass_tokens": [p[0] for p in log]}
+
+
+def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
+    res = {"mode": args.mode, "systems": {}, "ceilings": ceilings()}
+    print("ceilings", res["ceilings"], flush=True)
+    max_new = 500 if args.mode == "scripted" else args.free_tokens
     gen = optimize.build(folder, device="cuda", init=random_init(0), progress=False)
-    model = gen.engine.model
-    tok = gen.tokenizer
+    model, tok = gen.engine.model, gen.tokenizer
     prompts = gen._prompt_ids([r["message"] for r in records])
     scripts = [tok(r["answer"], add_special_tokens=False)["input_ids"] + [END_TOKEN] for r in records] \
         if args.mode == "scripted" else None
@@ -200,7 +247,8 @@ def main():
     flops_per_token = 2 * (cfg.num_parameters - 2 * cfg.vocab_size * cfg.hidden_size)
     unique = unique_prompt_tokens(prompts)
     res["workload"] = {"items": len(records), "prompt_tokens": sum(map(len, prompts)), "unique_prompt_tokens": unique,
-                       "answer_tokens": sum(map(len, scripts)) if scripts else len(records) * max_new}
+                       "answer_tokens": sum(map(len, scripts)) if scripts else len(records) * max_new,
+                       "flops_per_token": flops_per_token, "weight_bytes": weight_bytes}
     res["plan"] = gen.engine.plan.describe()
     print(res["workload"], res["plan"], flush=True)
     gen_args = dict(max_new_tokens=max_new, return_full_text=False, do_sample=False, temperature=0.0)
@@ -208,33 +256,40 @@ def main():
     def score(outs):
         return sum(o[0]["generated_text"].lstrip().replace("\n", "") == r["answer"] for o, r in zip(outs, records))
 
-    def run_ours(name, speculate):
+    def run_ours(speculate):
         gen.engine.speculate = speculate
-        gen.engine.warmup()
+        gen.warmup()
+        gen.engine.reset_prefix_cache()  # nothing of an earlier run may be reused
+        for k in gen.engine.stats:
+            gen.engine.stats[k] = 0
+        log_start = len(gen.engine.runner.pass_log)
+        torch.cuda.synchronize()
         t = time.perf_counter()
         data = test_script.load_records(w1)
-        outs = gen([r["message"] for r in data], scripts=scripts, max_new_tokens=max_new, return_full_text=False,
-                   do_sample=False, temperature=0.0)
+        outs = gen([r["message"] for r in data], scripts=scripts, **gen_args)
         torch.cuda.synchronize()
         secs = time.perf_counter() - t
         stats = dict(gen.engine.stats)
-        for k in stats:
-            gen.engine.stats[k] = 0
-        passes = gen.engine.runner.pass_tokens[-stats["passes"]:]
-        res["systems"][name] = {"seconds": secs, "correct": score(outs), "passes": stats["passes"],
-                                "passes_per_request": stats["passes"] / len(records), "stats": stats,
-                                "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
-                                "orin_projection_s": orin_projection(passes, flops_per_token, weight_bytes),
-                                "floor_s": unique * flops_per_token / res["ceilings"]["gemm_flops"]
-                                + stats["passes"] * weight_bytes / res["ceilings"]["copy_bytes_per_s"]}
-        print(name, json.dumps(res["systems"][name]), flush=True)
-        save()
-        return outs
+        brk = breakdown(gen, log_start)
+        return {"seconds": secs, "correct": score(outs), "passes": stats["passes"],
+                "passes_per_request": stats["passes"] / len(records), "stats": stats, "breakdown": brk,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
+                "orin_projection_s": orin_projection(brk["pass_tokens"], flops_per_token, weight_bytes),
+                "floor_s": unique * flops_per_token / res["ceilings"]["gemm_flops"]
+                + stats["passes"] * weight_bytes / res["ceilings"]["copy_bytes_per_s"]}
 
     systems = args.systems.split(",") if args.systems else []
     for name in [s for s in systems if s.startswith("ours")]:
         torch.cuda.reset_peak_memory_stats()
-        run_ours(name, speculate=(name == "ours"))
+        res["systems"][name] = run_ours(speculate=name != "ours_nospec")
+        print(name, json.dumps({k: v for k, v in res["systems"][name].items() if k != "breakdown"}), flush=True)
+        print("   breakdown", json.dumps({k: v for k, v in res["systems"][name]["breakdown"].items()
+                                          if k != "pass_tokens"}), flush=True)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run_ours(True)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
 
     hf_systems = [s for s in systems if s.startswith("hf")]
     if hf_systems:
@@ -275,21 +330,28 @@ def main():
                                     "passes_per_request": forwards[0] / len(records),
                                     "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB}
             print(name, json.dumps(res["systems"][name]), flush=True)
-            save()
-        del hf
-    del gen, model
-    gc.collect()
-    torch.cuda.empty_cache()
+    return res
 
-    if args.fp32_exact:
-        res["fp32_exact"] = fp32_exact(folder, records[:args.fp32_exact])
-        print("fp32_exact", res["fp32_exact"], flush=True)
-        save()
-    if args.capped:
-        res["capped"] = capped(folder, w1, records, args.capped, scripts, budget_before)
-        save()
-    chart(res, out)
-    save()
+
+def table(res: dict) -> None:
+    ours = res["systems"].get("ours", {}).get("seconds")
+    print(f"\nW1 {res['workload']['items']} items ({res['mode']}), {res['gpu']}, torch {res['torch']}, "
+          f"transformers {res['transformers']}")
+    print(f"{'system':18} {'seconds':>8} {'x ours':>7} {'correct':>8} {'passes':>7} {'peak GiB':>9} {'Orin proj s':>11}")
+    for name, r in res["systems"].items():
+        ratio = f"{r['seconds'] / ours:7.1f}" if ours else "      -"
+        proj = f"{r['orin_projection_s']:11.1f}" if "orin_projection_s" in r else "          -"
+        print(f"{name:18} {r['seconds']:8.2f} {ratio} {r['correct']:>8} {r['passes']:>7} {r['peak_reserved_gib']:9.1f} {proj}")
+    if "ours" in res["systems"]:
+        print(f"floor (unique prompt FLOPs at the measured GEMM rate + ours' passes x weights at copy bandwidth): "
+              f"{res['systems']['ours']['floor_s']:.2f} s")
+    if "fp32_exact" in res:
+        print("fp32 exact:", res["fp32_exact"])
+    for stage in ("capped", "uncapped"):
+        for k, v in res.get(stage, {}).items():
+            print(stage, k, v if not isinstance(v, dict) else {a: b for a, b in v.items() if a != "stats"})
+    for e in res.get("errors", []):
+        print("ERROR", e)
 
 
 def fp32_exact(folder: Path, records: list, new_tokens: int = 32) -> dict:
@@ -315,36 +377,44 @@ def fp32_exact(folder: Path, records: list, new_tokens: int = 32) -> dict:
             "first_mismatch_positions": first_diff}
 
 
-def capped(folder: Path, w1: Path, records: list, budget_gib: float, scripts, host_before: int) -> dict:
-    """Orin emulation: device reserved + host RSS + 0.5 GiB (the CUDA context the Orin would share) <= budget."""
-    total = torch.cuda.get_device_properties(0).total_memory
+def capped(folder: Path, records: list, budget_gib: float) -> dict:
+    """Orin emulation: device reserved + host RSS + 0.5 GiB (the CUDA context the Orin would share) <= budget.
+    With budget_gib 0 the same runs go uncapped, for the time lost to the cap."""
+    torch.cuda.init()
     host = rss_bytes()
-    device_cap = budget_gib * GiB - host - 0.5 * GiB
-    torch.cuda.set_per_process_memory_fraction(device_cap / total)
-    report = {"budget_gib": budget_gib, "device_cap_gib": device_cap / GiB, "host_rss_at_start_gib": host / GiB}
-    gen = optimize.build(folder, device="cuda", init=random_init(0), progress=False,
-                         memory_budget=int(budget_gib * GiB), unified_memory=True)
+    report = {"budget_gib": budget_gib, "host_rss_idle_gib": host / GiB}
+    if budget_gib:
+        device_cap = budget_gib * GiB - host - 0.5 * GiB
+        torch.cuda.set_per_process_memory_fraction(device_cap / torch.cuda.get_device_properties(0).total_memory)
+        report["device_cap_gib"] = device_cap / GiB
+    gen = optimize.build(folder, device="cuda", init=random_init(0), progress=False, unified_memory=bool(budget_gib),
+                         memory_budget=int(budget_gib * GiB) if budget_gib else "auto")
+    report["host_rss_after_load_gib"] = rss_bytes() / GiB
     report["plan"] = gen.engine.plan.describe()
+    print(report, flush=True)
     gen.warmup()
+    tok = gen.tokenizer
+    scripts = [tok(r["answer"], add_special_tokens=False)["input_ids"] + [END_TOKEN] for r in records]
     longest = test_script.load_records(ROOT / "data" / "sample_longest_data.jsonl")
     runs = [("w1_scripted", [r["message"] for r in records], scripts, 500),
             ("longest_free500", [r["message"] for r in longest], None, 500),
             ("w1_first64_free500", [r["message"] for r in records[:64]], None, 500)]
     for name, chats, script, new in runs:
+        gen.engine.reset_prefix_cache()
+        for k in gen.engine.stats:
+            gen.engine.stats[k] = 0
+        log_start = len(gen.engine.runner.pass_log)
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        gen(chats, scripts=script[:len(chats)] if script else None, max_new_tokens=new, return_full_text=False)
+        gen(chats, scripts=script, max_new_tokens=new, return_full_text=False)
         torch.cuda.synchronize()
-        stats = dict(gen.engine.stats)
-        for k in stats:
-            gen.engine.stats[k] = 0
         peak_dev = torch.cuda.max_memory_reserved()
         report[name] = {"seconds": time.perf_counter() - t, "peak_device_reserved_gib": peak_dev / GiB,
                         "peak_host_rss_gib": peak_rss_bytes() / GiB,
-                        "total_gib": (peak_dev + peak_rss_bytes()) / GiB + 0.5, "stats": stats,
-                        "generated_tokens": sum(len(s.generated) for s in gen.last_sequences)}
-        print("capped", name, json.dumps(report[name]), flush=True)
-    torch.cuda.set_per_process_memory_fraction(1.0)
+                        "total_gib": (peak_dev + peak_rss_bytes()) / GiB + 0.5, "stats": dict(gen.engine.stats),
+                        "generated_tokens": sum(len(s.generated) for s in gen.last_sequences),
+                        "largest_batches": sorted(set(p[1] for p in gen.engine.runner.pass_log[log_start:]))[-3:]}
+        print("capped" if budget_gib else "uncapped", name, json.dumps(report[name]), flush=True)
     return report
 
 

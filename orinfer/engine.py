@@ -35,8 +35,11 @@ class Engine:
         if self.model.device.type != "cuda":
             return
         p = self.plan
-        probe = [Sequence(index=-1, token_ids=[0] * min(p.max_batched_tokens, 512), num_prompt_tokens=1,
-                          max_new_tokens=2)]
+        # Distinct prompts filling whole passes, so the allocator, cuBLAS and SDPA meet the real shapes now;
+        # their cache blocks are then forgotten, leaving the prefix cache empty for the real data.
+        n = max(1, p.max_batched_tokens // 256)
+        probe = [Sequence(index=-1 - i, token_ids=[100 + (i * 7919 + j * 31) % 30000 for j in range(256)],
+                          num_prompt_tokens=256, max_new_tokens=2) for i in range(min(n, p.max_num_seqs))]
         self.generate(probe)
         if cuda_graphs and not self.runner.graphs:
             batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -44,6 +47,11 @@ class Engine:
             most_blocks = -(-self.model.cfg.max_position_embeddings // p.block_size)
             block_counts = sorted({min(b, most_blocks) for b in (8, 16, 32, 64, 128, 256)})
             self.runner.capture_graphs(batch_sizes, block_counts, p.max_gather_tokens)
+        self.reset_prefix_cache()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (nothing may be running)."""
+        self.blocks = BlockManager(self.plan.num_blocks, self.plan.block_size)
 
     def generate(self, seqs: list[Sequence], on_finish: Callable[[Sequence], None] | None = None,
                  progress: bool = False) -> list[Sequence]:

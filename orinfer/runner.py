@@ -4,6 +4,8 @@ The pool is allocated once, zero-filled (gathered padding keys must be finite: 0
 grown. A pass whose every sequence feeds exactly one token replays a CUDA graph captured for its (batch, blocks)
 bucket when one exists; every other pass runs eagerly through the very same model code.
 """
+import time
+
 import torch
 
 from .attention import Context
@@ -30,7 +32,8 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
         self.batch_sizes: list[int] = []
         self.block_counts: list[int] = []
-        self.pass_tokens: list[int] = []  # tokens computed in each pass (benchmarks project them onto other GPUs)
+        # Per pass: (tokens, sequences, seconds building inputs on the host, seconds of forward until tokens are back).
+        self.pass_log: list[tuple[int, int, float, float]] = []
 
     def context(self, works: list[Work], batch: int | None = None, nblocks: int | None = None):
         """Flat input ids and the attention Context of one pass (optionally padded to a graph bucket)."""
@@ -77,20 +80,26 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, works: list[Work]) -> list[int]:
         """One forward pass; the greedy tokens of every sampling row, in order."""
-        self.pass_tokens.append(sum(len(w.tokens) for w in works))
+        t0 = time.perf_counter()
+        graph = None
         if all(len(w.tokens) == 1 and w.samples for w in works):
             key = (_bucket(len(works), self.batch_sizes),
                    _bucket(max(-(-(w.start + 1) // self.block_size) for w in works), self.block_counts))
-            if key in self.graphs:
-                graph, io = self.graphs[key]
-                ids, ctx = self.context(works, *key)
-                io["ids"].copy_(ids)
-                for name in ("positions", "slots", "block_tables", "query_positions"):
-                    io[name].copy_(getattr(ctx, name))
-                graph.replay()
-                return io["out"][:len(works)].tolist()
-        ids, ctx = self.context(works)
-        return self.model(ids, ctx).tolist()
+            graph, io = self.graphs.get(key, (None, None))
+        if graph is not None:
+            ids, ctx = self.context(works, *key)
+            io["ids"].copy_(ids)
+            for name in ("positions", "slots", "block_tables", "query_positions"):
+                io[name].copy_(getattr(ctx, name))
+            t1 = time.perf_counter()
+            graph.replay()
+            tokens = io["out"][:len(works)].tolist()
+        else:
+            ids, ctx = self.context(works)
+            t1 = time.perf_counter()
+            tokens = self.model(ids, ctx).tolist()
+        self.pass_log.append((len(ids) if graph is None else len(works), len(works), t1 - t0, time.perf_counter() - t1))
+        return tokens
 
     @torch.inference_mode()
     def capture_graphs(self, batch_sizes: list[int], block_counts: list[int], max_gather_tokens: int) -> None:
