@@ -90,7 +90,7 @@ class ModelRunner:
             ids, ctx = self.context(works, *key)
             io["ids"].copy_(ids)
             for name in ("positions", "slots", "block_tables", "query_positions"):
-                io[name].copy_(getattr(ctx, name))
+                getattr(io["ctx"], name).copy_(getattr(ctx, name))
             t1 = time.perf_counter()
             graph.replay()
             tokens = io["out"][:len(works)].tolist()
@@ -106,12 +106,12 @@ class ModelRunner:
         """Capture decode graphs for each (batch, blocks) bucket whose gathered K/V stays within the bound."""
         self.batch_sizes, self.block_counts = sorted(batch_sizes), sorted(block_counts)
         pool = None
+        stream = torch.cuda.Stream()  # one side stream: each stream keeps its own cached blocks
         for nblocks in reversed(self.block_counts):
             for batch in reversed(self.batch_sizes):
                 if batch * nblocks * self.block_size > max_gather_tokens:
                     continue
                 ids, ctx = self.context(_dummy_decode(batch), batch, nblocks)
-                stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
                     self.model(ids, ctx)  # warm-up outside the graph (lazy kernel and workspace set-up)
@@ -120,10 +120,10 @@ class ModelRunner:
                 with torch.cuda.graph(graph, pool=pool):
                     out = self.model(ids, ctx)
                 pool = graph.pool()
-                io = {"ids": ids, "out": out, "positions": ctx.positions, "slots": ctx.slots,
-                      "block_tables": ctx.block_tables, "query_positions": ctx.query_positions}
-                self.graphs[(batch, nblocks)] = (graph, io)
+                # The graph reads every ctx tensor by address: all of them must outlive it.
+                self.graphs[(batch, nblocks)] = (graph, {"ids": ids, "ctx": ctx, "out": out})
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def _dummy_decode(batch: int) -> list[Work]:
