@@ -98,13 +98,14 @@ class Generator:
                 raise ValueError(f"record {i}: the prompt is empty after tokenisation")
         return ids
 
-    def _candidates(self, item) -> list[list[int]]:
-        text = item if isinstance(item, str) else item[-1]["content"]
-        choices = parse_choices(text)
-        if not choices or not self.engine.speculate:
-            return []
-        rows = self.tokenizer(choices, add_special_tokens=False)["input_ids"]
-        return [row + [self.end_id] for row in rows if row]
+    def _candidates(self, items: list) -> list[list[list[int]]]:
+        """Token ids of each input's listed choices, each followed by <|end|> (drafts only; one tokenizer call)."""
+        if not self.engine.speculate:
+            return [[] for _ in items]
+        choices = [parse_choices(item if isinstance(item, str) else item[-1]["content"]) for item in items]
+        flat = [c for cs in choices for c in cs]
+        rows = iter(self.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+        return [[row + [self.end_id] for row in (next(rows) for _ in cs) if row] for cs in choices]
 
     def _text(self, prompt_ids: list[int], generated: list[int]) -> str:
         tok = self.tokenizer
@@ -123,8 +124,8 @@ class Generator:
         t0 = time.perf_counter()
         prompts = self._prompt_ids(items)
         seqs = [Sequence(index=i, token_ids=list(p), num_prompt_tokens=len(p), max_new_tokens=max_new_tokens,
-                         candidates=self._candidates(item), script=scripts[i] if scripts else None)
-                for i, (item, p) in enumerate(zip(items, prompts))]
+                         candidates=c, script=scripts[i] if scripts else None)
+                for i, (p, c) in enumerate(zip(prompts, self._candidates(items)))]
         outputs: list = [None] * len(items)
         detok = [0.0]
 

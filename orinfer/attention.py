@@ -11,6 +11,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# cuDNN's attention (chosen first on Hopper by recent torch) builds an execution plan for every new shape, and every
+# pass here has new shapes: tens of milliseconds each, inside the timed run. The memory-efficient kernel (and the
+# math one on the CPU) take a mask with no such set-up.
+_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -18,9 +24,10 @@ class Context:
     positions: torch.Tensor     # [T] position of each new token
     slots: torch.Tensor         # [T] row of the flat cache (block * block_size + offset) each new K/V is written to
     block_tables: torch.Tensor  # [B, nblocks] cache blocks of each sequence, in order; padding points at block 0
-    query_slots: torch.Tensor   # [B * Qmax] flat token index for each cell of the padded query grid (padding: any)
+    query_slots: torch.Tensor   # [B, Qmax] flat token index for each cell of the padded query grid (padding: any)
     query_positions: torch.Tensor  # [B, Qmax] position of each padded query cell, -1 for padding
-    token_cells: torch.Tensor   # [T] cell of the padded grid each flat token lands in
+    token_seq: torch.Tensor     # [T] grid row (sequence) of each flat token
+    token_query: torch.Tensor   # [T] grid column (query) of each flat token
     sample_rows: torch.Tensor   # [S] flat tokens whose next-token logits are wanted
     sliding_window: int | None = None
     bias: torch.Tensor | None = None  # additive mask [B, 1, Qmax * G, Tk], built once per pass by build_bias
@@ -59,8 +66,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     keys = k_cache[ctx.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
     values = v_cache[ctx.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
     qmax = ctx.query_positions.shape[1]
-    query = q[ctx.query_slots].view(batch, qmax, kv_heads, groups, dim)
-    query = query.permute(0, 2, 1, 3, 4).reshape(batch, kv_heads, qmax * groups, dim)
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=ctx.bias, scale=dim ** -0.5)
-    out = out.view(batch, kv_heads, qmax, groups, dim).permute(0, 2, 1, 3, 4).reshape(batch * qmax, heads * dim)
-    return out[ctx.token_cells]
+    # One gather builds the folded query [B, Hkv, Qmax * G, D] (as a strided view) and one gather reads the output
+    # back in token order: no other copies.
+    query = q.view(-1, kv_heads, groups, dim).transpose(0, 1)[:, ctx.query_slots]   # [Hkv, B, Qmax, G, D]
+    query = query.view(kv_heads, batch, qmax * groups, dim).transpose(0, 1)
+    with sdpa_kernel(_BACKENDS):
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=ctx.bias, scale=dim ** -0.5)
+    out = out.view(batch, kv_heads, qmax, groups, dim).transpose(1, 2)              # [B, Qmax, Hkv, G, D]
+    return out[ctx.token_seq, ctx.token_query].view(-1, heads * dim)

@@ -45,7 +45,7 @@ class Engine:
             batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
                                   if b < p.max_num_seqs} | {p.max_num_seqs})
             most_blocks = -(-self.model.cfg.max_position_embeddings // p.block_size)
-            block_counts = sorted({min(b, most_blocks) for b in (8, 16, 32, 64, 128, 256)})
+            block_counts = sorted({min(-(-t // p.block_size), most_blocks) for t in (128, 256, 512, 1024, 2048, 4096)})
             self.runner.capture_graphs(batch_sizes, block_counts, p.max_gather_tokens)
         self.reset_prefix_cache()
 
@@ -62,6 +62,8 @@ class Engine:
         bar = tqdm(total=len(seqs), desc="generate", unit="req", disable=not progress)
         while scheduler.has_work:
             works = scheduler.schedule()
+            if not works:
+                raise RuntimeError("the scheduler could not place any sequence (this is a bug)")
             try:
                 tokens = self.runner.run(works)
             except torch.cuda.OutOfMemoryError:

@@ -25,9 +25,16 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' x * cos + rotate_half(x) * sin, written half by half: the same roundings in the same order
+    (x1*cos - x2*sin, x2*cos + x1*sin), without materialising rotate_half."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    x1, x2 = x[..., :half], x[..., half:]
+    c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+    out = torch.empty_like(x)
+    torch.mul(x1, c1, out=out[..., :half]).sub_(x2 * s1)
+    torch.mul(x2, c2, out=out[..., half:]).add_(x1 * s2)
+    return out
 
 
 class Attention(nn.Module):
@@ -44,8 +51,8 @@ class Attention(nn.Module):
         q = q.view(tokens, self.heads, self.dim)
         k = k.view(tokens, self.kv_heads, self.dim)
         v = v.view(tokens, self.kv_heads, self.dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         return self.o_proj(paged_attention(q, k, v, self.k_cache, self.v_cache, ctx))
 
 
@@ -57,7 +64,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(up * F.silu(gate))
+        # In place on the halves of gate_up's output: the same values as up * silu(gate), no extra [T, I] buffers.
+        return self.down_proj(up.mul_(F.silu(gate, inplace=True)))
 
 
 class DecoderLayer(nn.Module):

@@ -38,7 +38,7 @@ class ModelRunner:
     def context(self, works: list[Work], batch: int | None = None, nblocks: int | None = None):
         """Flat input ids and the attention Context of one pass (optionally padded to a graph bucket)."""
         bs = self.block_size
-        ids, positions, slots, token_cells, sample_rows = [], [], [], [], []
+        ids, positions, slots, token_seq, token_query, sample_rows = [], [], [], [], [], []
         qmax = max(len(w.tokens) for w in works)
         batch = batch or len(works)
         nblocks = nblocks or max(-(-(w.start + len(w.tokens)) // bs) for w in works)
@@ -47,22 +47,23 @@ class ModelRunner:
         tables = []
         for b, w in enumerate(works):
             table = w.seq.block_table
-            for q, token in enumerate(w.tokens):
-                p = w.start + q
-                flat = len(ids)
-                ids.append(token)
-                positions.append(p)
-                slots.append(table[p // bs] * bs + p % bs)
-                token_cells.append(b * qmax + q)
-                query_slots[b * qmax + q] = flat
-                query_positions[b * qmax + q] = p
+            n, first = len(w.tokens), len(ids)
+            ids.extend(w.tokens)
+            span = range(w.start, w.start + n)
+            positions.extend(span)
+            slots.extend(table[p // bs] * bs + p % bs for p in span)
+            token_seq.extend([b] * n)
+            token_query.extend(range(n))
+            query_slots[b * qmax:b * qmax + n] = range(first, first + n)
+            query_positions[b * qmax:b * qmax + n] = span
             if w.samples:
                 sample_rows.extend(range(len(ids) - 1 - w.num_drafts, len(ids)))
             tables.append(table[:nblocks] + [SCRATCH_BLOCK] * (nblocks - min(len(table), nblocks)))
         tables += [[SCRATCH_BLOCK] * nblocks] * (batch - len(works))
         for pad in range(len(works), batch):  # graph padding: one dummy token per row, written to the scratch block
             query_slots[pad * qmax] = len(ids)
-            token_cells.append(pad * qmax)
+            token_seq.append(pad)
+            token_query.append(0)
             ids.append(0)
             positions.append(0)
             slots.append(SCRATCH_BLOCK * bs)
@@ -72,8 +73,9 @@ class ModelRunner:
             return torch.tensor(x, dtype=torch.long, device=dev)
 
         ctx = Context(positions=tensor(positions), slots=tensor(slots), block_tables=tensor(tables),
-                      query_slots=tensor(query_slots), query_positions=tensor(query_positions).view(batch, qmax),
-                      token_cells=tensor(token_cells), sample_rows=tensor(sample_rows),
+                      query_slots=tensor(query_slots).view(batch, qmax),
+                      query_positions=tensor(query_positions).view(batch, qmax),
+                      token_seq=tensor(token_seq), token_query=tensor(token_query), sample_rows=tensor(sample_rows),
                       sliding_window=self.sliding_window)
         return tensor(ids), ctx
 

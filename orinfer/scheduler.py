@@ -43,6 +43,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
         self.preemptions = 0
+        # Free blocks kept per running sequence when admitting: 1, doubled after each preemption so that long
+        # generations under a small cache stop evicting each other (each eviction recomputes a whole prompt).
+        self.reserve = 1
         self.draft_tokens = self.accepted_drafts = 0
 
     def add(self, seq: Sequence) -> None:
@@ -61,6 +64,7 @@ class Scheduler:
         self.blocks.release(seq)
         self.waiting.appendleft(seq)
         self.preemptions += 1
+        self.reserve = min(2 * self.reserve, 64)
 
     def schedule(self) -> list[Work]:
         lim = self.limits
@@ -76,6 +80,10 @@ class Scheduler:
                 if drafts:
                     drafts = []
                     continue
+                if self.running == [seq]:
+                    raise MemoryError(f"record {seq.index}: {seq.num_tokens} tokens no longer fit the KV cache "
+                                      f"({(len(self.blocks.refs) - 1) * self.blocks.block_size} tokens); "
+                                      "raise the memory budget or lower max_new_tokens")
                 self._preempt(self.running[-1])
                 if seq not in self.running:
                     break
@@ -108,8 +116,9 @@ class Scheduler:
             longest_after = max(longest, seq.num_tokens)
             if self.running and (len(self.running) + 1) * longest_after > lim.max_gather_tokens:
                 break
-            # Keep one free block per running sequence so that decoding does not preempt at once.
-            if self.blocks.blocks_needed(seq, seq.num_tokens) + len(self.running) + 1 > self.blocks.num_free:
+            need = self.blocks.blocks_needed(seq, seq.num_tokens)
+            if need > self.blocks.num_free or (
+                    self.running and need + self.reserve * (len(self.running) + 1) > self.blocks.num_free):
                 break
             self.waiting.popleft()
             self.blocks.reuse_prefix(seq)
@@ -165,9 +174,11 @@ class Scheduler:
         """Undo a pass that failed (out of memory) before anything was committed, then halve the limits."""
         for w in works:
             self.blocks.unpublish(w.published)
+        reserve = self.reserve
         for w in reversed([w for w in works if w.admitted]):
             self._preempt(w.seq)
             self.preemptions -= 1
+        self.reserve = reserve
         lim = self.limits
         if len(works) <= 1 and sum(len(w.tokens) for w in works) <= 1:
             raise MemoryError("out of memory on a single decode token: the memory budget is too small")

@@ -34,7 +34,6 @@ def plain(tiny_dir, public_chats):
 def run_with_candidates(tiny_dir, public_chats, make_candidate, lookup=0):
     g = generator(tiny_dir, speculate=True)
     g.engine.free_draft_tokens = lookup
-    g._candidates = lambda item: []
     prompts = g._prompt_ids(public_chats)
     seqs = [Sequence(index=i, token_ids=list(p), num_prompt_tokens=len(p), max_new_tokens=NEW,
                      candidates=make_candidate(i)) for i, p in enumerate(prompts)]
