@@ -66,11 +66,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     keys = k_cache[ctx.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
     values = v_cache[ctx.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
     qmax = ctx.query_positions.shape[1]
-    # One gather builds the folded query [B, Hkv, Qmax * G, D] (as a strided view) and one gather reads the output
-    # back in token order: no other copies.
+    # One gather builds the folded query [B, Hkv, Qmax * G, D] and one gather reads the output back in token order.
+    # (reshape, not view: the layout an index or SDPA returns differs between devices and kernels.)
     query = q.view(-1, kv_heads, groups, dim).transpose(0, 1)[:, ctx.query_slots]   # [Hkv, B, Qmax, G, D]
-    query = query.view(kv_heads, batch, qmax * groups, dim).transpose(0, 1)
+    query = query.reshape(kv_heads, batch, qmax * groups, dim).transpose(0, 1)
     with sdpa_kernel(_BACKENDS):
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=ctx.bias, scale=dim ** -0.5)
-    out = out.view(batch, kv_heads, qmax, groups, dim).transpose(1, 2)              # [B, Qmax, Hkv, G, D]
-    return out[ctx.token_seq, ctx.token_query].view(-1, heads * dim)
+    out = out.reshape(batch, kv_heads, qmax, groups, dim).transpose(1, 2)           # [B, Qmax, Hkv, G, D]
+    return out[ctx.token_seq, ctx.token_query].reshape(-1, heads * dim)
