@@ -165,7 +165,7 @@ def orin_projection(pass_tokens: list[int], flops_per_token: float, weight_bytes
 def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--stages", default="systems,fp32,capped,uncapped")
+    ap.add_argument("--stages", default="systems,free,fp32,capped,uncapped")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--systems", default="ours,ours_nospec,ours_repeat,hf_generate_bs32,hf_pipeline_bs1")
     ap.add_argument("--mode", default="scripted", choices=["scripted", "free"])
@@ -209,6 +209,9 @@ def main():
         w1.write_text("".join(json.dumps(r) + "\n" for r in records))
     if args.stage == "systems":
         res.update(systems_stage(args, w1, folder, records))
+    elif args.stage == "free":  # speculation where drafts rarely match: fixed-length free-running generation
+        args.mode, args.systems, args.profile = "free", "ours,ours_nospec", False
+        res["free"] = systems_stage(args, w1, folder, records)
     elif args.stage == "fp32":
         res["fp32_exact"] = fp32_exact(folder, records[:args.fp32_exact])
     elif args.stage == "capped":
@@ -345,6 +348,10 @@ def table(res: dict) -> None:
     if "ours" in res["systems"]:
         print(f"floor (unique prompt FLOPs at the measured GEMM rate + ours' passes x weights at copy bandwidth): "
               f"{res['systems']['ours']['floor_s']:.2f} s")
+    for name, r in res.get("free", {}).get("systems", {}).items():
+        print(f"free-running {res['free']['workload']['answer_tokens'] // res['free']['workload']['items']} tokens: "
+              f"{name} {r['seconds']:.2f} s, {r['passes']} passes, drafts {r['stats']['draft_tokens']} "
+              f"accepted {r['stats']['accepted_drafts']}")
     if "fp32_exact" in res:
         print("fp32 exact:", res["fp32_exact"])
     for stage in ("capped", "uncapped"):
@@ -391,8 +398,10 @@ def capped(folder: Path, records: list, budget_gib: float) -> dict:
                          memory_budget=int(budget_gib * GiB) if budget_gib else "auto")
     report["host_rss_after_load_gib"] = rss_bytes() / GiB
     report["plan"] = gen.engine.plan.describe()
-    print(report, flush=True)
     gen.warmup()
+    report["host_rss_after_warmup_gib"] = rss_bytes() / GiB
+    report["device_reserved_after_warmup_gib"] = torch.cuda.memory_reserved() / GiB
+    print(report, flush=True)
     tok = gen.tokenizer
     scripts = [tok(r["answer"], add_special_tokens=False)["input_ids"] + [END_TOKEN] for r in records]
     longest = test_script.load_records(ROOT / "data" / "sample_longest_data.jsonl")
