@@ -2,7 +2,7 @@
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler looks sequences up in lists every pass
 class Sequence:
     index: int                      # position in the caller's input; results come back in this order
     token_ids: list[int]            # prompt, then generated tokens
