@@ -61,3 +61,34 @@ def test_real_phi3_medium_config_is_read():
     assert cfg.kv_bytes_per_token == 200 * 1024 and cfg.sliding_window == 2047
     assert cfg.num_parameters == 13_960_238_080  # 26.0 GiB in bf16
     assert json.loads((ASSETS / "generation_config.json").read_text())["eos_token_id"] == [32000, 32001, 32007]
+
+
+LOAD_AND_MEASURE = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from orinfer.config import Phi3Config
+from orinfer.loader import load_weights
+from orinfer.memory import peak_rss_bytes, rss_bytes
+from orinfer.model import Phi3ForCausalLM
+model = Phi3ForCausalLM(Phi3Config.from_folder({folder!r}), "cpu", torch.bfloat16)
+before = rss_bytes()
+load_weights(model, {folder!r})
+params = sum(p.numel() * p.element_size() for p in model.parameters())
+print(peak_rss_bytes() - before - params, params)
+"""
+
+
+def test_loading_stages_one_tensor_at_a_time(tmp_path):
+    """Host memory beyond the parameters themselves stays near one tensor (the reusable read buffer), not a copy of
+    the checkpoint: on a Jetson the host copy would sit in the same DRAM as the weights."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    folder = write_tiny_model(tmp_path, seed=6, dtype=torch.bfloat16, hidden_size=1024, intermediate_size=4096,
+                              num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=4)
+    script = LOAD_AND_MEASURE.format(root=str(ROOT), folder=str(folder))
+    extra, params = map(int, subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                                            text=True).stdout.split())
+    largest = 32064 * 1024 * 2
+    assert params > 500 * 2**20                      # a checkpoint big enough for a full copy to show
+    assert extra < largest + 128 * 2**20, f"{extra / 2**20:.0f} MiB staged beyond the parameters"

@@ -11,8 +11,9 @@ WEIGHTS = 13_960_238_080 * 2  # Phi-3-medium's parameters in bf16 (26.0 GiB)
 
 
 def test_orin_budget_fits_everything_and_leaves_a_usable_cache():
-    plan = plan_memory(MEDIUM, budget=int(28.5 * GiB), weights=WEIGHTS, itemsize=2, shared_host=True,
-                       host_bytes=600 * MiB)
+    # ~29.5 GiB is what a headless 32 GB Orin reports as MemAvailable; host RSS as measured idle on the H200.
+    plan = plan_memory(MEDIUM, budget=int(29.5 * GiB), weights=WEIGHTS, itemsize=2, shared_host=True,
+                       host_bytes=800 * MiB)
     used = plan.weights + plan.overhead + plan.workspace_bytes + plan.kv_bytes
     assert used <= plan.budget
     assert plan.kv_tokens >= 2048                      # ~20 OpenBookQA prompts with their answers at once
@@ -30,6 +31,9 @@ def test_discrete_gpu_budget_ignores_host_memory():
 def test_too_small_a_budget_is_a_clear_error():
     with pytest.raises(MemoryError, match="at least .* GiB is needed"):
         plan_memory(MEDIUM, 27 * GiB, WEIGHTS, 2, shared_host=True, host_bytes=600 * MiB)
+    # The 28.5 GiB cap of the Orin emulation: the measured host footprint leaves no room (see BENCHMARKS.md).
+    with pytest.raises(MemoryError, match="at least 28.[6-9]"):
+        plan_memory(MEDIUM, int(28.5 * GiB), WEIGHTS, 2, shared_host=True, host_bytes=800 * MiB)
 
 
 def test_parse_budget():
