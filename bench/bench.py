@@ -165,7 +165,7 @@ def orin_projection(pass_tokens: list[int], flops_per_token: float, weight_bytes
 def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--stages", default="systems,free,fp32,capped,uncapped")
+    ap.add_argument("--stages", default="systems,free,passes,fp32,capped,uncapped")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--systems", default="ours,ours_nospec,ours_repeat,hf_generate_bs32,hf_pipeline_bs1")
     ap.add_argument("--mode", default="scripted", choices=["scripted", "free"])
@@ -198,7 +198,8 @@ def main():
             table(merged)
         return
     import transformers
-    res = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+    res = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "transformers": transformers.__version__}
     tmp = Path(tempfile.mkdtemp())
     w1 = write_w1(tmp)
@@ -212,6 +213,8 @@ def main():
     elif args.stage == "free":  # speculation where drafts rarely match: fixed-length free-running generation
         args.mode, args.systems, args.profile = "free", "ours,ours_nospec", False
         res["free"] = systems_stage(args, w1, folder, records)
+    elif args.stage == "passes":
+        res["passes_per_request"] = passes_stage(w1, records)
     elif args.stage == "fp32":
         res["fp32_exact"] = fp32_exact(folder, records[:args.fp32_exact])
     elif args.stage == "capped":
@@ -275,7 +278,8 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
         stats = dict(gen.engine.stats)
         brk = breakdown(gen, log_start)
         return {"seconds": secs, "correct": score(outs), "passes": stats["passes"],
-                "passes_per_request": stats["passes"] / len(records), "stats": stats, "breakdown": brk,
+                "passes_per_request": sum(s.passes for s in gen.last_sequences) / len(records),
+                "stats": stats, "breakdown": brk,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
                 "orin_projection_s": orin_projection(brk["pass_tokens"], flops_per_token, weight_bytes),
                 "floor_s": unique * flops_per_token / res["ceilings"]["gemm_flops"]
@@ -354,11 +358,35 @@ def table(res: dict) -> None:
               f"accepted {r['stats']['accepted_drafts']}")
     if "fp32_exact" in res:
         print("fp32 exact:", res["fp32_exact"])
+    if "passes_per_request" in res:
+        print("passes per request (CPU, scripted):", res["passes_per_request"])
     for stage in ("capped", "uncapped"):
         for k, v in res.get(stage, {}).items():
             print(stage, k, v if not isinstance(v, dict) else {a: b for a, b in v.items() if a != "stats"})
     for e in res.get("errors", []):
         print("ERROR", e)
+
+
+def passes_stage(w1: Path, records: list) -> dict:
+    """Forward passes each request takes part in, scripted W1, with and without speculation. In scripted mode the
+    tokens are forced, so the pass structure does not depend on the weights: this runs the tiny model on the CPU
+    with the H200 plan's limits (16384 tokens a pass, 512 sequences, 8 drafts, 128 free draft tokens)."""
+    from dataclasses import replace
+    from orinfer.engine import Engine
+    from orinfer.tiny import write_tiny_model
+    folder = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
+    gen = optimize.build(folder, device="cpu", progress=False)
+    plan = replace(gen.engine.plan, max_batched_tokens=16384, max_num_seqs=512, max_drafts=8)
+    scripts = [gen.tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [END_TOKEN] for r in records]
+    out = {}
+    for name, speculate in (("speculation", True), ("no_speculation", False)):
+        gen.engine = Engine(gen.engine.model, gen.engine.eos_ids, plan, speculate)
+        gen.engine.free_draft_tokens = 128
+        gen([r["message"] for r in test_script.load_records(w1)], scripts=scripts, max_new_tokens=500)
+        per = [s.passes for s in gen.last_sequences]
+        out[name] = {"mean": sum(per) / len(per), "max": max(per), "batch_passes": gen.engine.stats["passes"]}
+        print("passes per request", name, out[name], flush=True)
+    return out
 
 
 def fp32_exact(folder: Path, records: list, new_tokens: int = 32) -> dict:

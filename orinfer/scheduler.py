@@ -144,6 +144,7 @@ class Scheduler:
         pos = 0
         for w in works:
             seq = w.seq
+            seq.passes += 1
             if not w.samples:
                 seq.num_computed += len(w.tokens)
                 continue

@@ -13,6 +13,7 @@ class Sequence:
     num_computed: int = 0           # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     finished: bool = False
+    passes: int = 0                 # forward passes this sequence took part in
 
     @property
     def num_tokens(self) -> int:
