@@ -1,5 +1,5 @@
 """The generation loop: schedule -> run -> postprocess, until every request has finished."""
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm

@@ -41,7 +41,11 @@ class ModelRunner:
         ids, positions, slots, token_seq, token_query, sample_rows = [], [], [], [], [], []
         qmax = max(len(w.tokens) for w in works)
         batch = batch or len(works)
-        nblocks = nblocks or max(-(-(w.start + len(w.tokens)) // bs) for w in works)
+        if nblocks is None:
+            # Whole multiples of 16 keys: the memory-efficient SDPA kernel wants its mask's rows 16-aligned and
+            # otherwise pads a copy of the mask in every layer. The extra keys point at the scratch block, masked.
+            align = max(1, 16 // bs)
+            nblocks = -(-max(-(-(w.start + len(w.tokens)) // bs) for w in works) // align) * align
         query_slots = [0] * (batch * qmax)
         query_positions = [-1] * (batch * qmax)
         tables = []

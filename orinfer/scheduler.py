@@ -71,8 +71,9 @@ class Scheduler:
         budget = lim.max_batched_tokens
         works: list[Work] = []
         # 1. decoding sequences: one token each (+ drafts); preempt the newest if the cache is full.
+        start = self.preemptions
         for seq in list(self.running):
-            if seq not in self.running or seq.num_tokens - seq.num_computed != 1:
+            if seq.num_tokens - seq.num_computed != 1 or (self.preemptions > start and seq not in self.running):
                 continue
             room = min(lim.max_drafts, seq.max_new_tokens - len(seq.generated) - 1)
             drafts = candidate_drafts(seq, room)
@@ -84,10 +85,11 @@ class Scheduler:
                     raise MemoryError(f"record {seq.index}: {seq.num_tokens} tokens no longer fit the KV cache "
                                       f"({(len(self.blocks.refs) - 1) * self.blocks.block_size} tokens); "
                                       "raise the memory budget or lower max_new_tokens")
-                self._preempt(self.running[-1])
-                if seq not in self.running:
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
                     break
-            if seq in self.running:
+            if seq.block_table:  # still running (a preempted sequence holds no blocks)
                 works.append(Work(seq, seq.token_ids[-1:] + drafts, seq.num_tokens - 1, len(drafts), True, False, True))
                 budget -= 1 + len(drafts)
         # Prompt-lookup drafts are worth it only while the pass is memory-bound (they are often wrong).

@@ -22,8 +22,3 @@ class Sequence:
     @property
     def generated(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
-
-    @property
-    def in_prefill(self) -> bool:
-        """True until every known token but the last sampled one has K/V in the cache."""
-        return self.num_computed < self.num_tokens - 1 or self.num_tokens == self.num_prompt_tokens
