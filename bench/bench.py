@@ -37,17 +37,19 @@ PROMPT = ("\nRead the question and answer the following sentence in given multip
 ORIN_TFLOPS, ORIN_GBPS = 26.7e12, 204.8e9
 
 
+def competition_record(row: dict) -> dict:
+    """One OpenBookQA row (HF schema) as a competition record: the organisers' prompt, answer = the gold choice."""
+    texts = row["choices"]["text"]
+    content = PROMPT.format(stem=row["question_stem"], choices=repr(texts))
+    return {"message": [{"role": "user", "content": content}],
+            "answer": texts[row["choices"]["label"].index(row["answerKey"])]}
+
+
 def write_w1(folder: Path) -> Path:
-    """OpenBookQA test as competition records (the organisers' format, answer = the gold choice's text)."""
-    rows = []
-    for line in (ROOT / "bench" / "data" / "openbookqa_test.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        texts = r["choices"]["text"]
-        content = PROMPT.format(stem=r["question_stem"], choices=repr(texts))
-        rows.append({"message": [{"role": "user", "content": content}],
-                     "answer": texts[r["choices"]["label"].index(r["answerKey"])]})
+    """W1: OpenBookQA test (500 items) as competition records, written as the JSONL file Section 3 reads."""
+    rows = [json.loads(line) for line in (ROOT / "bench" / "data" / "openbookqa_test.jsonl").read_text().splitlines()]
     path = folder / "w1.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(competition_record(r)) + "\n" for r in rows))
     return path
 
 

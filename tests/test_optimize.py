@@ -72,6 +72,28 @@ def test_output_order_follows_input_not_length(gen, public_chats, expected):
     assert outs == [expected[i] for i in order]
 
 
+def test_prompt_ids_equal_the_recorded_goldens(gen, public_chats, longest_chat):
+    """Goldens recorded under transformers 4.44.2 and 5.24.0 from a bare tokenizer folder. In a model folder
+    (config.json with model_type phi3 beside the tokenizer, as in the organisers' set-up) transformers 5 builds a
+    different tokenizer class whose ids are the 4.44.2 ones ('▁Read' after <|user|>); from the bare folder 5.x
+    gives 'Read'. Both versions therefore feed the model the 2024-era ids here."""
+    import json
+
+    import transformers
+    from conftest import ROOT
+    from transformers import AutoTokenizer
+
+    from orinfer.tiny import ASSETS
+    goldens = [json.loads(line) for line in (ROOT / "tests" / "data" / "tokenizer_goldens_cechallenge.jsonl").read_text().splitlines()]
+    chats = public_chats + [longest_chat]
+    texts = [gen.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    assert texts == [g["prompt_text"] for g in goldens]
+    assert gen._prompt_ids(chats) == [g["input_ids_transformers_4.44.2_fast"] for g in goldens]
+    bare = AutoTokenizer.from_pretrained(ASSETS / "phi3-tokenizer")
+    key = "input_ids_transformers_4.44.2_fast" if transformers.__version__.startswith("4.") else "input_ids_transformers_5.24.0"
+    assert [bare(t, add_special_tokens=False)["input_ids"] for t in texts] == [g[key] for g in goldens]
+
+
 def test_rejects_sampling_and_unknown_arguments(gen, public_chats):
     with pytest.raises(ValueError, match="greedy"):
         gen(public_chats[0], max_new_tokens=5, do_sample=True)

@@ -1,0 +1,34 @@
+"""The benchmark harness's own pieces, on the CPU: W1 is in the organisers' format, and the scripted-answer
+LogitsProcessor makes transformers' pipeline say exactly the gold answers (as orinfer's script hook does)."""
+import json
+import sys
+
+import torch
+from conftest import ROOT, records
+
+sys.path.insert(0, str(ROOT / "bench"))
+import bench  # noqa: E402
+
+from orinfer.tiny import END_TOKEN  # noqa: E402
+
+
+def test_w1_records_are_in_the_organisers_format():
+    # The organisers' 30 public records are OpenBookQA validation[0:30] in this very format.
+    rows = [json.loads(line) for line in (ROOT / "tests" / "data" / "openbookqa_validation_first30.jsonl").read_text().splitlines()]
+    assert [bench.competition_record(r) for r in rows] == records("test_dataset.jsonl")
+
+
+def test_scripted_answers_in_pipeline_and_in_orinfer(gen, hf, tmp_path):
+    from transformers import LogitsProcessorList
+    from transformers.pipelines.pt_utils import KeyDataset
+    w1 = [json.loads(line) for line in bench.write_w1(tmp_path).read_text().splitlines()][:6]
+    scripts = [gen.tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [END_TOKEN] for r in w1]
+    prompts = gen._prompt_ids([r["message"] for r in w1])
+    processor = bench.Scripted({tuple(p): s for p, s in zip(prompts, scripts)}, pad=32000)
+    theirs = list(hf(KeyDataset(w1, "message"), max_new_tokens=50, return_full_text=False, do_sample=False,
+                     logits_processor=LogitsProcessorList([processor])))
+    ours = gen([r["message"] for r in w1], scripts=scripts, max_new_tokens=50, return_full_text=False)
+    answers = [[{"generated_text": r["answer"]}] for r in w1]
+    assert [[{"generated_text": o[0]["generated_text"].lstrip()}] for o in theirs] == answers
+    assert [[{"generated_text": o[0]["generated_text"].lstrip()}] for o in ours] == answers
+    assert bench.unique_prompt_tokens(prompts) < sum(map(len, prompts))  # the shared instruction counts once
