@@ -11,7 +11,7 @@ the installed transformers' pipeline does it (that step changed in transformers 
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import transformers

@@ -3,7 +3,6 @@ LogitsProcessor makes transformers' pipeline say exactly the gold answers (as or
 import json
 import sys
 
-import torch
 from conftest import ROOT, records
 
 sys.path.insert(0, str(ROOT / "bench"))
