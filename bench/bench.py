@@ -16,6 +16,7 @@ model would do. "free" mode generates a fixed number of tokens. Our time is test
 """
 import argparse
 import gc
+import itertools
 import json
 import sys
 import tempfile
@@ -371,22 +372,35 @@ def table(res: dict) -> None:
 def passes_stage(w1: Path, records: list) -> dict:
     """Forward passes each request takes part in, scripted W1, with and without speculation. In scripted mode the
     tokens are forced, so the pass structure does not depend on the weights: this runs the tiny model on the CPU
-    with the H200 plan's limits (16384 tokens a pass, 512 sequences, 8 drafts, 128 free draft tokens)."""
+    with the limits of two plans — the H200's (16384 tokens a pass, 512 sequences, 8 drafts) and the one Phi-3-medium
+    gets on a 32 GB Orin (budget 29.5 GiB, an assumed headless MemAvailable; host as measured on the H200) — and
+    prices the Orin plan's passes at 26.7 TFLOP/s and 204.8 GB/s (a projection)."""
     from dataclasses import replace
+    from orinfer.config import Phi3Config
     from orinfer.engine import Engine
+    from orinfer.memory import MiB, plan_memory
     from orinfer.tiny import write_tiny_model
     folder = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     gen = optimize.build(folder, device="cpu", progress=False)
-    plan = replace(gen.engine.plan, max_batched_tokens=16384, max_num_seqs=512, max_drafts=8)
+    medium = Phi3Config.from_folder(ASSETS)
+    weight_bytes = medium.num_parameters * 2
+    flops_per_token = 2 * (medium.num_parameters - 2 * medium.vocab_size * medium.hidden_size)
+    orin = plan_memory(medium, int(29.5 * GiB), weight_bytes, 2, shared_host=True, host_bytes=800 * MiB)
+    limits = ("num_blocks", "block_size", "max_num_seqs", "max_batched_tokens", "max_gather_tokens", "max_drafts")
+    plans = {"h200": replace(gen.engine.plan, max_batched_tokens=16384, max_num_seqs=512, max_drafts=8),
+             "orin": replace(gen.engine.plan, **{k: getattr(orin, k) for k in limits})}
     scripts = [gen.tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [END_TOKEN] for r in records]
-    out = {}
-    for name, speculate in (("speculation", True), ("no_speculation", False)):
+    out = {"orin_plan": orin.describe()}
+    for (plan_name, plan), (name, speculate) in itertools.product(plans.items(), (("speculation", True),
+                                                                                   ("no_speculation", False))):
         gen.engine = Engine(gen.engine.model, gen.engine.eos_ids, plan, speculate)
         gen.engine.free_draft_tokens = 128
         gen([r["message"] for r in test_script.load_records(w1)], scripts=scripts, max_new_tokens=500)
         per = [s.passes for s in gen.last_sequences]
-        out[name] = {"mean": sum(per) / len(per), "max": max(per), "batch_passes": gen.engine.stats["passes"]}
-        print("passes per request", name, out[name], flush=True)
+        tokens = [p[0] for p in gen.engine.runner.pass_log]
+        out[f"{plan_name}_{name}"] = {"mean": sum(per) / len(per), "max": max(per), "batch_passes": len(tokens),
+                                      "orin_projection_s": orin_projection(tokens, flops_per_token, weight_bytes)}
+        print("passes per request", plan_name, name, out[f"{plan_name}_{name}"], flush=True)
     return out
 
 
