@@ -54,6 +54,20 @@ def write_w1(folder: Path) -> Path:
     return path
 
 
+def answer_scripts(tokenizer, records: list) -> list[list[int]]:
+    """Scripted mode's forced output per record: the gold answer's tokens, then <|end|>."""
+    rows = tokenizer([r["answer"] for r in records], add_special_tokens=False)["input_ids"]
+    return [row + [END_TOKEN] for row in rows]
+
+
+def fresh_run(gen) -> int:
+    """Forget cached prefixes and zero the counters before a timed run; returns where its passes start in the log."""
+    gen.engine.reset_prefix_cache()  # nothing of an earlier run may be reused
+    for k in gen.engine.stats:
+        gen.engine.stats[k] = 0
+    return len(gen.engine.runner.pass_log)
+
+
 def model_folder(tmp: Path) -> Path:
     """Config, generation config and tokenizer of Phi-3-medium; no weights (they are made on the GPU)."""
     import shutil
@@ -159,6 +173,12 @@ def count_forwards(model) -> list:
     return counter
 
 
+def pass_costs(cfg) -> tuple[int, int]:
+    """FLOPs per computed token (2 x the parameters a token passes through; the lm_head only runs for sampled
+    positions and is left out) and the bytes of weights one pass reads (bf16)."""
+    return 2 * (cfg.num_parameters - 2 * cfg.vocab_size * cfg.hidden_size), cfg.num_parameters * 2
+
+
 def orin_projection(pass_tokens: list[int], flops_per_token: float, weight_bytes: int) -> float:
     """Each pass costs at least its FLOPs at 26.7 TFLOP/s and at least one read of the weights at 204.8 GB/s."""
     return sum(max(t * flops_per_token / ORIN_TFLOPS, weight_bytes / ORIN_GBPS) for t in pass_tokens)
@@ -248,11 +268,8 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
     gen = optimize.build(folder, device="cuda", init=random_init(0), progress=False)
     model, tok = gen.engine.model, gen.tokenizer
     prompts = gen._prompt_ids([r["message"] for r in records])
-    scripts = [tok(r["answer"], add_special_tokens=False)["input_ids"] + [END_TOKEN] for r in records] \
-        if args.mode == "scripted" else None
-    cfg = model.cfg
-    weight_bytes = cfg.num_parameters * 2
-    flops_per_token = 2 * (cfg.num_parameters - 2 * cfg.vocab_size * cfg.hidden_size)
+    scripts = answer_scripts(tok, records) if args.mode == "scripted" else None
+    flops_per_token, weight_bytes = pass_costs(model.cfg)
     unique = unique_prompt_tokens(prompts)
     res["workload"] = {"items": len(records), "prompt_tokens": sum(map(len, prompts)), "unique_prompt_tokens": unique,
                        "answer_tokens": sum(map(len, scripts)) if scripts else len(records) * max_new,
@@ -267,10 +284,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
     def run_ours(speculate):
         gen.engine.speculate = speculate
         gen.warmup()
-        gen.engine.reset_prefix_cache()  # nothing of an earlier run may be reused
-        for k in gen.engine.stats:
-            gen.engine.stats[k] = 0
-        log_start = len(gen.engine.runner.pass_log)
+        log_start = fresh_run(gen)
         torch.cuda.synchronize()
         t = time.perf_counter()
         data = test_script.load_records(w1)
@@ -383,13 +397,12 @@ def passes_stage(w1: Path, records: list) -> dict:
     folder = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     gen = optimize.build(folder, device="cpu", progress=False)
     medium = Phi3Config.from_folder(ASSETS)
-    weight_bytes = medium.num_parameters * 2
-    flops_per_token = 2 * (medium.num_parameters - 2 * medium.vocab_size * medium.hidden_size)
+    flops_per_token, weight_bytes = pass_costs(medium)
     orin = plan_memory(medium, int(29.5 * GiB), weight_bytes, 2, shared_host=True, host_bytes=800 * MiB)
     limits = ("num_blocks", "block_size", "max_num_seqs", "max_batched_tokens", "max_gather_tokens", "max_drafts")
     plans = {"h200": replace(gen.engine.plan, max_batched_tokens=16384, max_num_seqs=512, max_drafts=8),
              "orin": replace(gen.engine.plan, **{k: getattr(orin, k) for k in limits})}
-    scripts = [gen.tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [END_TOKEN] for r in records]
+    scripts = answer_scripts(gen.tokenizer, records)
     out = {"orin_plan": orin.describe()}
     for (plan_name, plan), (name, speculate) in itertools.product(plans.items(), (("speculation", True),
                                                                                    ("no_speculation", False))):
@@ -445,17 +458,13 @@ def capped(folder: Path, records: list, budget_gib: float) -> dict:
     report["host_rss_after_warmup_gib"] = rss_bytes() / GiB
     report["device_reserved_after_warmup_gib"] = torch.cuda.memory_reserved() / GiB
     print(report, flush=True)
-    tok = gen.tokenizer
-    scripts = [tok(r["answer"], add_special_tokens=False)["input_ids"] + [END_TOKEN] for r in records]
+    scripts = answer_scripts(gen.tokenizer, records)
     longest = test_script.load_records(ROOT / "data" / "sample_longest_data.jsonl")
     runs = [("w1_scripted", [r["message"] for r in records], scripts, 500),
             ("longest_free500", [r["message"] for r in longest], None, 500),
             ("w1_first64_free500", [r["message"] for r in records[:64]], None, 500)]
     for name, chats, script, new in runs:
-        gen.engine.reset_prefix_cache()
-        for k in gen.engine.stats:
-            gen.engine.stats[k] = 0
-        log_start = len(gen.engine.runner.pass_log)
+        log_start = fresh_run(gen)
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         gen(chats, scripts=script, max_new_tokens=new, return_full_text=False)
