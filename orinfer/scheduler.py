@@ -58,11 +58,14 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _requeue(self, seq: Sequence) -> None:
         """Free a sequence's blocks; it is recomputed later from its tokens so far (prompt + generated)."""
         self.running.remove(seq)
         self.blocks.release(seq)
         self.waiting.appendleft(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._requeue(seq)
         self.preemptions += 1
         self.reserve = min(2 * self.reserve, 64)
 
@@ -71,9 +74,9 @@ class Scheduler:
         budget = lim.max_batched_tokens
         works: list[Work] = []
         # 1. decoding sequences: one token each (+ drafts); preempt the newest if the cache is full.
-        start = self.preemptions
         for seq in list(self.running):
-            if seq.num_tokens - seq.num_computed != 1 or (self.preemptions > start and seq not in self.running):
+            # A running sequence always holds blocks; one preempted earlier in this loop holds none.
+            if not seq.block_table or seq.num_tokens - seq.num_computed != 1:
                 continue
             room = min(lim.max_drafts, seq.max_new_tokens - len(seq.generated) - 1)
             drafts = candidate_drafts(seq, room)
@@ -177,11 +180,8 @@ class Scheduler:
         """Undo a pass that failed (out of memory) before anything was committed, then halve the limits."""
         for w in works:
             self.blocks.unpublish(w.published)
-        reserve = self.reserve
         for w in reversed([w for w in works if w.admitted]):
-            self._preempt(w.seq)
-            self.preemptions -= 1
-        self.reserve = reserve
+            self._requeue(w.seq)
         lim = self.limits
         if len(works) <= 1 and sum(len(w.tokens) for w in works) <= 1:
             raise MemoryError("out of memory on a single decode token: the memory budget is too small")
