@@ -17,6 +17,7 @@ import torch
 import transformers
 from transformers import AutoTokenizer
 
+from orinfer import kernels
 from orinfer.config import Phi3Config, eos_token_ids
 from orinfer.drafts import parse_choices
 from orinfer.engine import Engine
@@ -152,12 +153,13 @@ def resolve_dtype(dtype: str, cfg: Phi3Config) -> torch.dtype:
 
 def build(model_dir: str | Path, device: str | None = None, dtype: str = "auto", memory_budget: str | int = "auto",
           speculate: bool = True, progress: bool = True, unified_memory: bool | None = None,
-          init: Callable[[Phi3ForCausalLM], None] | None = None) -> Generator:
+          init: Callable[[Phi3ForCausalLM], None] | None = None, compile: bool | None = None) -> Generator:
     """Load a local HF Phi-3 folder straight onto the device and return the pipe()-compatible generator.
 
     `unified_memory` (default: detected) counts the host process and CUDA context inside the budget, as on a Jetson;
     the benchmark sets it to emulate the Orin on a discrete GPU. `init` fills the weights instead of the folder's
-    checkpoint (benchmarks: random weights; the folder then needs only config and tokenizer files)."""
+    checkpoint (benchmarks: random weights; the folder then needs only config and tokenizer files). `compile` (default:
+    where available, i.e. CUDA with Triton) fuses the elementwise kernels with torch.compile during warm-up."""
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no model at {folder} (config.json not found). Put the HF folder of "
@@ -168,6 +170,11 @@ def build(model_dir: str | Path, device: str | None = None, dtype: str = "auto",
     eos = eos_token_ids(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if compile is None:
+        compile = kernels.compile_available(dev)
+    elif compile and not kernels.compile_available(dev):
+        raise RuntimeError(f"compile=True needs a CUDA device and a torch >= 2.6 with Triton (device: {dev})")
+    kernels.use_compiled(compile)
     torch_dtype = resolve_dtype(dtype, cfg)
     itemsize = torch.finfo(torch_dtype).bits // 8
     plan = plan_memory(cfg, parse_budget(memory_budget, dev), cfg.num_parameters * itemsize, itemsize,

@@ -33,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-speculation", action="store_true", help="decode one token per pass (same output, slower)")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="keep the elementwise kernels eager (compiling needs Triton)")
     p.add_argument("--demo", action="store_true",
                    help="run the embedded tiny random Phi-3 on the CPU instead of --model (answers are nonsense)")
     return p.parse_args(argv)
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     # Section 1: set-up (untimed) — model straight onto the device, tokenizer, generator.
     try:
         gen = optimize.build(model_dir, device=device, dtype=args.dtype, memory_budget=args.memory_budget,
-                             speculate=not args.no_speculation)
+                             speculate=not args.no_speculation, compile=False if args.no_compile else None)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
     print(gen.engine.plan.describe(), file=sys.stderr)

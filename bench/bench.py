@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import optimize  # noqa: E402
 import test_script  # noqa: E402
+from orinfer import kernels  # noqa: E402
 from orinfer.memory import GiB, peak_rss_bytes, rss_bytes  # noqa: E402
 from orinfer.tiny import ASSETS, END_TOKEN  # noqa: E402
 
@@ -189,12 +190,13 @@ def parse_args():
     ap.add_argument("--out", required=True)
     ap.add_argument("--stages", default="systems,free,passes,fp32,capped,uncapped")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--systems", default="ours,ours_nospec,ours_repeat,hf_generate_bs32,hf_pipeline_bs1")
+    ap.add_argument("--systems", default="ours,ours_nospec,ours_repeat,ours_eager,hf_generate_bs32,hf_pipeline_bs1")
     ap.add_argument("--mode", default="scripted", choices=["scripted", "free"])
     ap.add_argument("--free-tokens", type=int, default=32)
     ap.add_argument("--limit", type=int, default=0, help="first N items only")
     ap.add_argument("--fp32-exact", type=int, default=50, help="items for the fp32 full-shape exactness check")
     ap.add_argument("--capped", type=float, default=28.5, help="Orin emulation: total budget in GiB")
+    ap.add_argument("--capped-runs", default="w1_scripted,longest_free500,w1_first64_free500")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one more run of ours")
     return ap.parse_args()
 
@@ -240,9 +242,9 @@ def main():
     elif args.stage == "fp32":
         res["fp32_exact"] = fp32_exact(folder, records[:args.fp32_exact])
     elif args.stage == "capped":
-        res["capped"] = capped(folder, records, args.capped)
+        res["capped"] = capped(folder, records, args.capped, args.capped_runs.split(","))
     elif args.stage == "uncapped":
-        res["uncapped"] = capped(folder, records, 0)
+        res["uncapped"] = capped(folder, records, 0, args.capped_runs.split(","))
     (out / f"{args.stage}.json").write_text(json.dumps(res, indent=1))
 
 
@@ -281,7 +283,10 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
     def score(outs):
         return sum(o[0]["generated_text"].lstrip().replace("\n", "") == r["answer"] for o, r in zip(outs, records))
 
-    def run_ours(speculate):
+    def run_ours(speculate, compiled):
+        if compiled != kernels.compiled():
+            kernels.use_compiled(compiled)
+            gen.engine.runner.graphs.clear()  # captured graphs hold the other kernels: capture again
         gen.engine.speculate = speculate
         gen.warmup()
         log_start = fresh_run(gen)
@@ -302,16 +307,18 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
                 + stats["passes"] * weight_bytes / res["ceilings"]["copy_bytes_per_s"]}
 
     systems = args.systems.split(",") if args.systems else []
+    compiled = kernels.compiled()
+    res["compiled"] = compiled
     for name in [s for s in systems if s.startswith("ours")]:
         torch.cuda.reset_peak_memory_stats()
-        res["systems"][name] = run_ours(speculate=name != "ours_nospec")
+        res["systems"][name] = run_ours(speculate=name != "ours_nospec", compiled=compiled and name != "ours_eager")
         print(name, json.dumps({k: v for k, v in res["systems"][name].items() if k != "breakdown"}), flush=True)
         print("   breakdown", json.dumps({k: v for k, v in res["systems"][name]["breakdown"].items()
                                           if k != "pass_tokens"}), flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            run_ours(True)
+            run_ours(True, compiled)
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
 
     hf_systems = [s for s in systems if s.startswith("hf")]
@@ -440,7 +447,27 @@ def fp32_exact(folder: Path, records: list, new_tokens: int = 32) -> dict:
             "first_mismatch_positions": first_diff}
 
 
-def capped(folder: Path, records: list, budget_gib: float) -> dict:
+def host_rss_split() -> dict:
+    """RssAnon / RssFile / RssShmem in GiB, and the five largest mappings by RSS (what the host memory is)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon", "RssFile", "RssShmem")):
+                key, kb = line.split(":")
+                out[key] = int(kb.split()[0]) / (1 << 20)
+    maps, name = {}, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
+                name = parts[5] if len(parts) > 5 else "[anon]"
+            elif parts[0] == "Rss:":
+                maps[name] = maps.get(name, 0) + int(parts[1]) / (1 << 20)
+    out["top"] = {Path(k).name: round(v, 3) for k, v in sorted(maps.items(), key=lambda kv: -kv[1])[:6]}
+    return out
+
+
+def capped(folder: Path, records: list, budget_gib: float, run_names: list[str]) -> dict:
     """Orin emulation: device reserved + host RSS + 0.5 GiB (the CUDA context the Orin would share) <= budget.
     With budget_gib 0 the same runs go uncapped, for the time lost to the cap."""
     torch.cuda.init()
@@ -450,11 +477,17 @@ def capped(folder: Path, records: list, budget_gib: float) -> dict:
         device_cap = budget_gib * GiB - host - 0.5 * GiB
         torch.cuda.set_per_process_memory_fraction(device_cap / torch.cuda.get_device_properties(0).total_memory)
         report["device_cap_gib"] = device_cap / GiB
+    # compile=False: the Orin's torch has no Triton, and compiling would add inductor's host memory to the count.
     gen = optimize.build(folder, device="cuda", init=random_init(0), progress=False, unified_memory=bool(budget_gib),
-                         memory_budget=int(budget_gib * GiB) if budget_gib else "auto")
+                         memory_budget=int(budget_gib * GiB) if budget_gib else "auto", compile=False)
     report["host_rss_after_load_gib"] = rss_bytes() / GiB
     report["plan"] = gen.engine.plan.describe()
+    report["host_after_load"] = host_rss_split()
+    gen.engine.warmup(cuda_graphs=False)  # the probe alone (kernels, allocator), then the graphs
+    report["host_after_probe"] = host_rss_split()
     gen.warmup()
+    report["host_after_graphs"] = host_rss_split()
+    report["graphs"] = len(gen.engine.runner.graphs)
     report["host_rss_after_warmup_gib"] = rss_bytes() / GiB
     report["device_reserved_after_warmup_gib"] = torch.cuda.memory_reserved() / GiB
     print(report, flush=True)
@@ -463,7 +496,7 @@ def capped(folder: Path, records: list, budget_gib: float) -> dict:
     runs = [("w1_scripted", [r["message"] for r in records], scripts, 500),
             ("longest_free500", [r["message"] for r in longest], None, 500),
             ("w1_first64_free500", [r["message"] for r in records[:64]], None, 500)]
-    for name, chats, script, new in runs:
+    for name, chats, script, new in [r for r in runs if r[0] in run_names]:
         log_start = fresh_run(gen)
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()

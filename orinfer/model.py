@@ -5,9 +5,9 @@ RMSNorm in float32 then cast back before the weight, RoPE tables computed in flo
 fused qkv_proj split as [q | k | v], fused gate_up_proj split as [gate | up] with up * silu(gate).
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .attention import Context, build_bias, paged_attention
 from .config import Phi3Config
 
@@ -19,22 +19,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' x * cos + rotate_half(x) * sin, written half by half: the same roundings in the same order
-    (x1*cos - x2*sin, x2*cos + x1*sin), without materialising rotate_half."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
-    out = torch.empty_like(x)
-    torch.mul(x1, c1, out=out[..., :half]).sub_(x2 * s1)
-    torch.mul(x2, c2, out=out[..., half:]).add_(x1 * s2)
-    return out
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -51,8 +36,8 @@ class Attention(nn.Module):
         q = q.view(tokens, self.heads, self.dim)
         k = k.view(tokens, self.kv_heads, self.dim)
         v = v.view(tokens, self.kv_heads, self.dim)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        q = kernels.rope(q, cos, sin)
+        k = kernels.rope(k, cos, sin)
         return self.o_proj(paged_attention(q, k, v, self.k_cache, self.v_cache, ctx))
 
 
@@ -63,9 +48,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        # In place on the halves of gate_up's output: the same values as up * silu(gate), no extra [T, I] buffers.
-        return self.down_proj(up.mul_(F.silu(gate, inplace=True)))
+        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

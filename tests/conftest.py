@@ -68,3 +68,12 @@ def reference(hf, inputs, **kw):
     """transformers' pipeline, one input at a time (its default), in input order."""
     kw.setdefault("do_sample", False)
     return [hf(x, **kw) for x in inputs]
+
+
+NEW = 40  # new tokens in the exactness tests
+
+
+@pytest.fixture(scope="session")
+def expected(hf, public_chats, longest_chat):
+    """The pipeline's answers to the 30 public items and the 868-token sample."""
+    return reference(hf, public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False)

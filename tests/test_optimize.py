@@ -1,13 +1,6 @@
 """String-exact equality with transformers.pipeline on a tiny random Phi-3 at fp32, for every input kind."""
 import pytest
-from conftest import generator, reference
-
-NEW = 40
-
-
-@pytest.fixture(scope="module")
-def expected(hf, public_chats, longest_chat):
-    return reference(hf, public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False)
+from conftest import NEW, generator, reference
 
 
 def test_public_set_and_longest_sample_equal_pipeline(gen, expected, public_chats, longest_chat):

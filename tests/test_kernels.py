@@ -1,0 +1,50 @@
+"""The compiled (fused) elementwise kernels give eager's values, and the engine's output stays the pipeline's.
+
+On the CPU torch.compile generates C++ rather than Triton, but the graphs it fuses, and the rounding rules it is
+told to follow, are the same ones the GPU path gets.
+"""
+import pytest
+import torch
+from conftest import NEW
+
+from orinfer import kernels
+
+
+@pytest.fixture
+def compiled():
+    eager = dict(kernels._EAGER)
+    kernels.use_compiled(True)
+    yield eager
+    kernels.use_compiled(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernels_equal_eager(compiled, dtype):
+    g = torch.Generator().manual_seed(0)
+    for tokens in (1, 7, 33):  # 1 is specialised by dynamic shapes; 7 and 33 share one kernel
+        def rand(*shape):
+            return torch.randn(*shape, generator=g).to(dtype)
+        qkv = rand(tokens, 5 * 64)
+        q = qkv[:, :192].view(tokens, 3, 64)  # a strided view, as the split of qkv_proj's output is
+        cos, sin = rand(tokens, 1, 64), rand(tokens, 1, 64)
+        gate_up = rand(tokens, 2 * 96)
+        h, w = rand(tokens, 80), rand(80)
+        # Elementwise: bit for bit, half-precision roundings included.
+        assert torch.equal(kernels.rope(q, cos, sin), compiled["rope"](q, cos, sin))
+        assert torch.equal(kernels.silu_mul(gate_up.clone()), compiled["silu_mul"](gate_up.clone()))
+        # A reduction: the mean's summation order may differ, by float32 ulps before the final rounding.
+        a, b = kernels.rms_norm(h, w, 1e-5).float(), compiled["rms_norm"](h, w, 1e-5).float()
+        assert torch.allclose(a, b, rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=0)
+
+
+def test_compiled_engine_equals_pipeline(compiled, gen, expected, public_chats, longest_chat):
+    outs = gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False)
+    assert outs == expected
+    assert kernels.compiled()  # the compiled functions really were the ones called
+
+
+def test_compile_is_refused_without_triton(tiny_dir):
+    import optimize
+    assert not kernels.compile_available(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="Triton"):
+        optimize.build(tiny_dir, device="cpu", compile=True, progress=False)
