@@ -67,10 +67,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     values = v_cache[ctx.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
     qmax = ctx.query_positions.shape[1]
     # One gather builds the folded query [B, Hkv, Qmax * G, D] and one gather reads the output back in token order.
-    # (reshape, not view: the layout an index or SDPA returns differs between devices and kernels.)
-    query = q.view(-1, kv_heads, groups, dim).transpose(0, 1)[:, ctx.query_slots]   # [Hkv, B, Qmax, G, D]
-    query = query.reshape(kv_heads, batch, qmax * groups, dim).transpose(0, 1)
+    # Both move each head's D values as 8-byte words (a dtype view): the index kernel copies one element per thread
+    # step, so 2-byte elements would make it 4x slower. (reshape, not view: the layout an index or SDPA returns
+    # differs between devices and kernels.)
+    word = torch.int64 if dim * q.element_size() % 8 == 0 else q.dtype
+    words = q.reshape(-1, kv_heads, groups, dim).view(word)                         # [T, Hkv, G, W]
+    query = words.transpose(0, 1)[:, ctx.query_slots]                               # [Hkv, B, Qmax, G, W]
+    query = query.reshape(kv_heads, batch, qmax * groups, -1).view(q.dtype).transpose(0, 1)
     with sdpa_kernel(_BACKENDS):
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=ctx.bias, scale=dim ** -0.5)
-    out = out.reshape(batch, kv_heads, qmax, groups, dim).transpose(1, 2)           # [B, Qmax, Hkv, G, D]
-    return out[ctx.token_seq, ctx.token_query].reshape(-1, heads * dim)
+    out = out.reshape(batch, kv_heads, qmax, groups, dim).view(word).transpose(1, 2)  # [B, Qmax, Hkv, G, W]
+    return out[ctx.token_seq, ctx.token_query].view(q.dtype).reshape(-1, heads * dim)

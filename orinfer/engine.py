@@ -41,7 +41,7 @@ class Engine:
         probe = [Sequence(index=-1 - i, token_ids=[100 + (i * 7919 + j * 31) % 30000 for j in range(256)],
                           num_prompt_tokens=256, max_new_tokens=2) for i in range(min(n, p.max_num_seqs))]
         self.generate(probe)
-        if cuda_graphs and not self.runner.graphs:
+        if cuda_graphs and p.cuda_graphs and not self.runner.graphs:
             batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
                                   if b < p.max_num_seqs} | {p.max_num_seqs})
             most_blocks = -(-self.model.cfg.max_position_embeddings // p.block_size)

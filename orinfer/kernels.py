@@ -29,9 +29,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """up * silu(gate) for gate_up = [gate | up], in place on the halves: no extra [tokens, intermediate] buffers."""
-    gate, up = gate_up.chunk(2, dim=-1)
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """up * silu(gate), in place: no extra [tokens, intermediate] buffer."""
     return up.mul_(F.silu(gate, inplace=True))
 
 
@@ -44,8 +43,7 @@ def _rope_functional(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1)
 
 
-def _silu_mul_functional(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
+def _silu_mul_functional(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return up * F.silu(gate)
 
 
@@ -78,7 +76,9 @@ def use_compiled(enabled: bool) -> None:
         return
     import torch._inductor.config as inductor
     inductor.emulate_precision_casts = True
-    # dynamic: one kernel serves every token count instead of a recompile per pass shape.
-    g["rms_norm"] = torch.compile(_EAGER["rms_norm"], dynamic=True)
-    g["rope"] = torch.compile(_rope_functional, dynamic=True)
-    g["silu_mul"] = torch.compile(_silu_mul_functional, dynamic=True)
+    # Default dynamism: the first token count compiles static kernels, the second a kernel whose token count alone is
+    # symbolic, which then serves every pass (warm-up meets several counts). dynamic=True would make the head and
+    # feature sizes symbolic too, and Triton could then no longer prove rows contiguous: scalar loads, 3-5x slower.
+    g["rms_norm"] = torch.compile(_EAGER["rms_norm"])
+    g["rope"] = torch.compile(_rope_functional)
+    g["silu_mul"] = torch.compile(_silu_mul_functional)

@@ -14,10 +14,16 @@ from .config import Phi3Config
 GiB = 1 << 30
 MiB = 1 << 20
 CUDA_CONTEXT_BYTES = 512 * MiB   # the CUDA context lives in the shared DRAM on an integrated GPU
-# Host growth after the plan is made: measured on the H200 (2026-11-28) as 0.78 GiB idle -> 1.71 GiB after warm-up
-# (CUDA kernel images loaded on first use, graph capture, tokenizer and Python objects).
-HOST_MARGIN_BYTES = 1 * GiB
-SAFETY_BYTES = 256 * MiB         # allocator fragmentation and the page cache the OS will not give back at once
+# Host growth after the plan is made, measured on the H200 (2026-11-28, bench run 7): RSS 0.82 GiB at planning ->
+# 1.40 GiB after loading and the warm-up probe (CUDA kernel images loaded on first use, cuBLAS workspaces), and
+# 13 MiB more for each captured decode graph (0.28 GiB for 22 graphs).
+WARMUP_HOST_BYTES = 640 * MiB
+GRAPHS_HOST_BYTES = 512 * MiB
+# Decode graphs save launch time, which matters where a pass is short; on shared memory they are captured only when
+# the budget leaves this much besides them (a 32 GB Orin does not: there a decode pass reads 28 GB at 205 GB/s,
+# 136 ms, far longer than the host needs to launch it).
+GRAPHS_MIN_FREE_BYTES = 2 * GiB
+SAFETY_BYTES = 128 * MiB         # device memory outside the plan: allocator rounding, cuBLAS workspace (0.11 GiB seen)
 
 
 def meminfo_available() -> int:
@@ -85,6 +91,7 @@ class MemoryPlan:
     max_batched_tokens: int
     max_gather_tokens: int
     max_drafts: int
+    cuda_graphs: bool
 
     @property
     def kv_tokens(self) -> int:
@@ -93,7 +100,8 @@ class MemoryPlan:
     def describe(self) -> str:
         return (f"memory plan: budget {self.budget / GiB:.2f} GiB = weights {self.weights / GiB:.2f} + overhead "
                 f"{self.overhead / GiB:.2f} + workspace {self.workspace_bytes / GiB:.2f} + KV {self.kv_bytes / GiB:.2f} "
-                f"({self.kv_tokens} tokens); <= {self.max_num_seqs} sequences, {self.max_batched_tokens} tokens a pass")
+                f"({self.kv_tokens} tokens); <= {self.max_num_seqs} sequences, {self.max_batched_tokens} tokens a pass; "
+                f"decode graphs {'on' if self.cuda_graphs else 'off'}")
 
 
 def activation_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
@@ -113,8 +121,12 @@ def gather_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
 # 32 with 16); the gather and the block tables cost the same bytes per token either way.
 def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, shared_host: bool,
                 host_bytes: int, block_size: int = 4, max_drafts: int | None = None) -> MemoryPlan:
-    overhead = (host_bytes + HOST_MARGIN_BYTES + CUDA_CONTEXT_BYTES) if shared_host else 0
+    overhead = (host_bytes + WARMUP_HOST_BYTES + CUDA_CONTEXT_BYTES) if shared_host else 0
     free = budget - weights - overhead - SAFETY_BYTES
+    cuda_graphs = not shared_host or free >= GRAPHS_HOST_BYTES + GRAPHS_MIN_FREE_BYTES
+    if shared_host and cuda_graphs:
+        overhead += GRAPHS_HOST_BYTES
+        free -= GRAPHS_HOST_BYTES
     act = activation_bytes_per_token(cfg, itemsize)
     gather = gather_bytes_per_token(cfg, itemsize)
     kv_per_token = cfg.kv_bytes_per_token // 2 * itemsize
@@ -140,4 +152,4 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
     return MemoryPlan(budget=budget, weights=weights, overhead=overhead, kv_bytes=(num_blocks - 1) * block_size * kv_per_token,
                       workspace_bytes=tokens * act + gather_tokens * gather + logits, num_blocks=int(num_blocks),
                       block_size=block_size, max_num_seqs=int(max_num_seqs), max_batched_tokens=tokens,
-                      max_gather_tokens=int(gather_tokens), max_drafts=max_drafts)
+                      max_gather_tokens=int(gather_tokens), max_drafts=max_drafts, cuda_graphs=cuda_graphs)

@@ -5,6 +5,7 @@ RMSNorm in float32 then cast back before the weight, RoPE tables computed in flo
 fused qkv_proj split as [q | k | v], fused gate_up_proj split as [gate | up] with up * silu(gate).
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
@@ -48,7 +49,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
+        # gate_up_proj's two halves as two products (views of the one weight, no copy): each output is contiguous,
+        # which lets the elementwise kernels use vector loads (the halves of one [T, 2I] output are strided).
+        gate_w, up_w = self.gate_up_proj.weight.chunk(2, dim=0)
+        return self.down_proj(kernels.silu_mul(F.linear(x, gate_w), F.linear(x, up_w)))
 
 
 class DecoderLayer(nn.Module):

@@ -21,17 +21,17 @@ def compiled():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_kernels_equal_eager(compiled, dtype):
     g = torch.Generator().manual_seed(0)
-    for tokens in (1, 7, 33):  # 1 is specialised by dynamic shapes; 7 and 33 share one kernel
+    for tokens in (1, 7, 33, 50):  # static kernels for 1 and 7, then one with a symbolic token count
         def rand(*shape):
             return torch.randn(*shape, generator=g).to(dtype)
         qkv = rand(tokens, 5 * 64)
         q = qkv[:, :192].view(tokens, 3, 64)  # a strided view, as the split of qkv_proj's output is
         cos, sin = rand(tokens, 1, 64), rand(tokens, 1, 64)
-        gate_up = rand(tokens, 2 * 96)
+        gate, up = rand(tokens, 96), rand(tokens, 96)
         h, w = rand(tokens, 80), rand(80)
         # Elementwise: bit for bit, half-precision roundings included.
         assert torch.equal(kernels.rope(q, cos, sin), compiled["rope"](q, cos, sin))
-        assert torch.equal(kernels.silu_mul(gate_up.clone()), compiled["silu_mul"](gate_up.clone()))
+        assert torch.equal(kernels.silu_mul(gate, up.clone()), compiled["silu_mul"](gate.clone(), up.clone()))
         # A reduction: the mean's summation order may differ, by float32 ulps before the final rounding.
         a, b = kernels.rms_norm(h, w, 1e-5).float(), compiled["rms_norm"](h, w, 1e-5).float()
         assert torch.allclose(a, b, rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=0)
