@@ -1,6 +1,6 @@
 """The elementwise work of a decoder layer: RMSNorm, RoPE and the SiLU gate, in transformers' order and dtypes.
 
-Eager, each is several PyTorch kernels with float32 temporaries (RMSNorm alone is seven); in a 16k-token prefill
+Eager, each is several PyTorch kernels with float32 temporaries (RMSNorm alone is eight); in a 16k-token prefill
 pass that memory traffic costs about a third as much as the GEMMs. `use_compiled(True)` swaps in torch.compile'd
 versions, one fused Triton kernel each, for GPUs whose torch has Triton; NVIDIA's JetPack wheels have none, and the
 CPU path stays eager. The compiled functions round every intermediate as eager does (`emulate_precision_casts`), so
