@@ -49,9 +49,16 @@ class Generator:
         self.timings: dict[str, float] = {}  # host seconds of the last call, by phase (benchmark breakdown)
 
     def warmup(self, cuda_graphs: bool = True) -> None:
-        self.engine.warmup(cuda_graphs)
-        self([{"role": "user", "content": "Can you provide ways to eat combinations of bananas and dragonfruits?"}],
-             max_new_tokens=8, progress=False)
+        try:
+            self.engine.warmup(cuda_graphs)
+            self([{"role": "user", "content": "Can you provide ways to eat combinations of bananas and dragonfruits?"}],
+                 max_new_tokens=8, progress=False)
+        except Exception as e:
+            if not kernels.compiled():
+                raise
+            # torch.compile fails on the first call, here (e.g. no C compiler for Triton's launcher): say the way out.
+            raise RuntimeError(f"warm-up failed while compiling the fused kernels ({type(e).__name__}: {e}); "
+                               "build with compile=False (test_script.py --no-compile)") from e
 
     def __call__(self, inputs, max_new_tokens: int | None = None, return_full_text: bool = True,
                  do_sample: bool = False, temperature: float | None = None, batch_size: int | None = None,

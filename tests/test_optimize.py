@@ -95,3 +95,20 @@ def test_rejects_sampling_and_unknown_arguments(gen, public_chats):
     with pytest.raises(ValueError, match="record 1"):
         gen([public_chats[0], [{"role": "assistant", "content": "hi"}]], max_new_tokens=5)
     assert gen(public_chats[0], max_new_tokens=5, temperature=0.0, batch_size=8)  # accepted, as the card passes them
+
+
+def test_a_failed_compile_names_the_way_out(tiny_dir, monkeypatch):
+    from orinfer import kernels
+    gen = generator(tiny_dir)
+
+    def broken_warmup(cuda_graphs):
+        raise OSError("no cc")
+    monkeypatch.setattr(gen.engine, "warmup", broken_warmup)
+    kernels.use_compiled(True)
+    try:
+        with pytest.raises(RuntimeError, match="no cc.*--no-compile"):
+            gen.warmup()
+    finally:
+        kernels.use_compiled(False)
+    with pytest.raises(OSError):  # eager: the error itself, unwrapped
+        gen.warmup()
