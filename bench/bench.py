@@ -188,7 +188,7 @@ def orin_projection(pass_tokens: list[int], flops_per_token: float, weight_bytes
 def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--stages", default="systems,free,passes,fp32,capped,uncapped")
+    ap.add_argument("--stages", default="systems,free,passes,fp32,capped,uncapped,load")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--systems", default="ours,ours_nospec,ours_repeat,ours_eager,hf_generate_bs32,hf_pipeline_bs1")
     ap.add_argument("--mode", default="scripted", choices=["scripted", "free"])
@@ -245,6 +245,8 @@ def main():
         res["capped"] = capped(folder, records, args.capped, args.capped_runs.split(","))
     elif args.stage == "uncapped":
         res["uncapped"] = capped(folder, records, 0, args.capped_runs.split(","))
+    elif args.stage == "load":
+        res["load"] = load_stage(folder)
     (out / f"{args.stage}.json").write_text(json.dumps(res, indent=1))
 
 
@@ -510,6 +512,56 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
                         "generated_tokens": sum(len(s.generated) for s in gen.last_sequences),
                         "largest_batches": sorted(set(p[1] for p in gen.engine.runner.pass_log[log_start:]))[-3:]}
         print("capped" if budget_gib else "uncapped", name, json.dumps(report[name]), flush=True)
+    return report
+
+
+def write_checkpoint(folder: Path, shard_bytes: int = 4 << 30, device: str = "cuda") -> None:
+    """A full-size random checkpoint in HF's sharded safetensors layout (run in a child process: its host copies of
+    the tensors must not count in the loading process's RSS)."""
+    from safetensors.torch import save_file
+    from orinfer.config import Phi3Config
+    from orinfer.model import Phi3ForCausalLM
+    model = Phi3ForCausalLM(Phi3Config.from_folder(folder), device, torch.bfloat16)
+    random_init(0)(model)
+    shards, current, size = [], {}, 0
+    for name, p in model.named_parameters():
+        if current and size + p.nbytes > shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = p
+        size += p.nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.detach().cpu() for k, v in shard.items()}, str(folder / file))
+        weight_map.update({k: file for k in shard})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def load_stage(folder: Path) -> dict:
+    """The streaming loader on a full-size checkpoint: host RSS at its peak against the idle process, and seconds
+    (the file was just written, so it reads mostly from the page cache: a lower bound on time)."""
+    import multiprocessing
+    t = time.perf_counter()
+    writer = multiprocessing.get_context("spawn").Process(target=write_checkpoint, args=(folder,))
+    writer.start()
+    writer.join()
+    if writer.exitcode:
+        raise RuntimeError(f"writing the checkpoint failed (exit {writer.exitcode})")
+    written = time.perf_counter() - t
+    checkpoint = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    torch.cuda.init()
+    idle, peak_before = rss_bytes(), peak_rss_bytes()
+    t = time.perf_counter()
+    gen = optimize.build(folder, device="cuda", compile=False, progress=False)
+    torch.cuda.synchronize()
+    report = {"checkpoint_gib": checkpoint / GiB, "write_s": written, "load_s": time.perf_counter() - t,
+              "host_rss_idle_gib": idle / GiB, "host_rss_peak_before_load_gib": peak_before / GiB,
+              "host_rss_peak_gib": peak_rss_bytes() / GiB,
+              "host_rss_after_gib": rss_bytes() / GiB, "peak_over_idle_gib": (peak_rss_bytes() - idle) / GiB,
+              "device_allocated_gib": torch.cuda.memory_allocated() / GiB, "plan": gen.engine.plan.describe()}
+    print("load", json.dumps(report), flush=True)
     return report
 
 
