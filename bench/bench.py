@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import optimize  # noqa: E402
 import test_script  # noqa: E402
 from orinfer import kernels  # noqa: E402
-from orinfer.memory import GiB, peak_rss_bytes, rss_bytes  # noqa: E402
+from orinfer.memory import GiB, peak_rss_bytes, proc_kib_fields, rss_bytes  # noqa: E402
 from orinfer.tiny import ASSETS, END_TOKEN  # noqa: E402
 
 PROMPT = ("\nRead the question and answer the following sentence in given multiple choice.\nAnswer only the sentence "
@@ -451,13 +451,8 @@ def fp32_exact(folder: Path, records: list, new_tokens: int = 32) -> dict:
 
 
 def host_rss_split() -> dict:
-    """RssAnon / RssFile / RssShmem in GiB, and the five largest mappings by RSS (what the host memory is)."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("RssAnon", "RssFile", "RssShmem")):
-                key, kb = line.split(":")
-                out[key] = int(kb.split()[0]) / (1 << 20)
+    """RssAnon / RssFile / RssShmem in GiB, and the six largest mappings by RSS (what the host memory is)."""
+    out = {k: v / GiB for k, v in proc_kib_fields("/proc/self/status", ("RssAnon", "RssFile", "RssShmem")).items()}
     maps, name = {}, None
     with open("/proc/self/smaps") as f:
         for line in f:
@@ -505,10 +500,10 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
         t = time.perf_counter()
         gen(chats, scripts=script, max_new_tokens=new, return_full_text=False)
         torch.cuda.synchronize()
-        peak_dev = torch.cuda.max_memory_reserved()
+        peak_dev, peak_host = torch.cuda.max_memory_reserved(), peak_rss_bytes()
         report[name] = {"seconds": time.perf_counter() - t, "peak_device_reserved_gib": peak_dev / GiB,
-                        "peak_host_rss_gib": peak_rss_bytes() / GiB,
-                        "total_gib": (peak_dev + peak_rss_bytes()) / GiB + 0.5, "stats": dict(gen.engine.stats),
+                        "peak_host_rss_gib": peak_host / GiB,
+                        "total_gib": (peak_dev + peak_host) / GiB + 0.5, "stats": dict(gen.engine.stats),
                         "generated_tokens": sum(len(s.generated) for s in gen.last_sequences),
                         "largest_batches": sorted(set(p[1] for p in gen.engine.runner.pass_log[log_start:]))[-3:]}
         print("capped" if budget_gib else "uncapped", name, json.dumps(report[name]), flush=True)
@@ -556,10 +551,11 @@ def load_stage(folder: Path) -> dict:
     t = time.perf_counter()
     gen = optimize.build(folder, device="cuda", compile=False, progress=False)
     torch.cuda.synchronize()
+    peak = peak_rss_bytes()
     report = {"checkpoint_gib": checkpoint / GiB, "write_s": written, "load_s": time.perf_counter() - t,
               "host_rss_idle_gib": idle / GiB, "host_rss_peak_before_load_gib": peak_before / GiB,
-              "host_rss_peak_gib": peak_rss_bytes() / GiB,
-              "host_rss_after_gib": rss_bytes() / GiB, "peak_over_idle_gib": (peak_rss_bytes() - idle) / GiB,
+              "host_rss_peak_gib": peak / GiB,
+              "host_rss_after_gib": rss_bytes() / GiB, "peak_over_idle_gib": (peak - idle) / GiB,
               "device_allocated_gib": torch.cuda.memory_allocated() / GiB, "plan": gen.engine.plan.describe()}
     print("load", json.dumps(report), flush=True)
     return report

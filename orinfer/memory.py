@@ -26,13 +26,23 @@ GRAPHS_MIN_FREE_BYTES = 2 * GiB
 SAFETY_BYTES = 128 * MiB         # device memory outside the plan: allocator rounding, cuBLAS workspace (0.11 GiB seen)
 
 
+def proc_kib_fields(path: str, names: tuple[str, ...]) -> dict[str, int]:
+    """Bytes of the named "Name:   N kB" lines of a /proc file such as /proc/meminfo or /proc/self/status."""
+    found = {}
+    with open(path) as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in names:
+                found[name] = int(value.split()[0]) * 1024
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise RuntimeError(f"{path} has no {', '.join(missing)}")
+    return found
+
+
 def meminfo_available() -> int:
     """MemAvailable: free plus reclaimable page cache (what cudaMemGetInfo misses on unified memory)."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/meminfo has no MemAvailable")
+    return proc_kib_fields("/proc/meminfo", ("MemAvailable",))["MemAvailable"]
 
 
 def rss_bytes() -> int:
@@ -42,11 +52,7 @@ def rss_bytes() -> int:
 
 def peak_rss_bytes() -> int:
     """VmHWM, this address space's RSS high-water mark (ru_maxrss would carry a parent's peak across fork + exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM")
+    return proc_kib_fields("/proc/self/status", ("VmHWM",))["VmHWM"]
 
 
 def is_integrated(device: torch.device) -> bool:
