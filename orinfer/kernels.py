@@ -17,15 +17,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
+def _halves(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """First and second half of the last dimension of each tensor, in order."""
+    half = tensors[0].shape[-1] // 2
+    return [part for t in tensors for part in (t[..., :half], t[..., half:])]
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """transformers' x * cos + rotate_half(x) * sin, written half by half: the same roundings in the same order
     (x1*cos - x2*sin, x2*cos + x1*sin), without materialising rotate_half."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+    x1, x2, c1, c2, s1, s2 = _halves(x, cos, sin)
     out = torch.empty_like(x)
-    torch.mul(x1, c1, out=out[..., :half]).sub_(x2 * s1)
-    torch.mul(x2, c2, out=out[..., half:]).add_(x1 * s2)
+    o1, o2 = _halves(out)
+    torch.mul(x1, c1, out=o1).sub_(x2 * s1)
+    torch.mul(x2, c2, out=o2).add_(x1 * s2)
     return out
 
 
@@ -37,9 +42,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # The forms torch.compile gets for the two functions above: the same operations without `out=` and in-place writes
 # into views (a fused kernel writes its result once; writes into its inputs would be extra stores).
 def _rope_functional(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+    x1, x2, c1, c2, s1, s2 = _halves(x, cos, sin)
     return torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1)
 
 
