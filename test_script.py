@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
     print(gen.engine.plan.describe(), file=sys.stderr)
+    print("attention:", "varlen FlashAttention" if gen.engine.runner.varlen else "padded SDPA", file=sys.stderr)
     generation_args = {"max_new_tokens": args.max_new_tokens, "return_full_text": False, "temperature": 0.0,
                        "do_sample": False}
 

@@ -262,7 +262,7 @@ def breakdown(gen, log_start: int) -> dict:
             "decode_passes": len(decode), "decode_forward_s": sum(p[3] for p in decode),
             "build_inputs_s": sum(p[2] for p in log),
             "scheduler_and_rest_s": t["engine"] - sum(p[2] + p[3] for p in log),
-            "pass_tokens": [p[0] for p in log]}
+            "pass_tokens": [p[0] for p in log], "pass_forward_s": [round(p[3], 4) for p in log]}
 
 
 def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
@@ -285,11 +285,15 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
     def score(outs):
         return sum(o[0]["generated_text"].lstrip().replace("\n", "") == r["answer"] for o, r in zip(outs, records))
 
-    def run_ours(speculate, compiled):
+    varlen = gen.engine.runner.varlen
+    res["attention"] = "varlen (FlashAttention)" if varlen else "padded (SDPA)"
+
+    def run_ours(speculate, compiled, padded=False):
         if compiled != kernels.compiled():
             kernels.use_compiled(compiled)
             gen.engine.runner.graphs.clear()  # captured graphs hold the other kernels: capture again
         gen.engine.speculate = speculate
+        gen.engine.runner.varlen = varlen and not padded
         gen.warmup()
         log_start = fresh_run(gen)
         torch.cuda.synchronize()
@@ -313,10 +317,10 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
     res["compiled"] = compiled
     for name in [s for s in systems if s.startswith("ours")]:
         torch.cuda.reset_peak_memory_stats()
-        res["systems"][name] = run_ours(speculate=name != "ours_nospec", compiled=compiled and name != "ours_eager")
+        res["systems"][name] = run_ours(speculate=name != "ours_nospec", compiled=compiled and name != "ours_eager",
+                                        padded=name == "ours_padded")
         print(name, json.dumps({k: v for k, v in res["systems"][name].items() if k != "breakdown"}), flush=True)
-        print("   breakdown", json.dumps({k: v for k, v in res["systems"][name]["breakdown"].items()
-                                          if k != "pass_tokens"}), flush=True)
+        print("   breakdown", json.dumps(res["systems"][name]["breakdown"]), flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         run_ours(True, compiled)  # unprofiled: any graph recapture after ours_eager stays out of the profile
@@ -369,7 +373,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
 def table(res: dict) -> None:
     ours = res["systems"].get("ours", {}).get("seconds")
     print(f"\nW1 {res['workload']['items']} items ({res['mode']}), {res['gpu']}, torch {res['torch']}, "
-          f"transformers {res['transformers']}")
+          f"transformers {res['transformers']}, attention {res.get('attention', '?')}")
     print(f"{'system':18} {'seconds':>8} {'x ours':>7} {'correct':>8} {'passes':>7} {'peak GiB':>9} {'Orin proj s':>11}")
     for name, r in res["systems"].items():
         ratio = f"{r['seconds'] / ours:7.1f}" if ours else "      -"

@@ -1,11 +1,17 @@
-"""Attention over the paged KV cache, through torch's scaled_dot_product_attention.
+"""Attention over the paged KV cache: FlashAttention's variable-length kernel where torch has it, SDPA elsewhere.
 
 One forward pass carries a flat list of new tokens from several sequences (prefill chunks, single decode tokens or
 decode tokens plus draft tokens). `Context` is the only thing the runner hands to the attention layers: where each
-new token's K/V goes, which cache blocks each sequence owns, and how flat tokens map onto a padded
-[sequences, queries] grid. SDPA is the kernel every torch >= 2.3 build has (NVIDIA's Jetson wheels included, with no
-Triton); the grouped KV heads are handled by folding each KV head's query heads into the query axis, which needs no
-copy of K/V per query head and no `enable_gqa` (torch >= 2.5 only).
+new token's K/V goes, which cache blocks each sequence owns, and one of two layouts for the kernel:
+
+- varlen (CUDA, fp16/bf16, a torch built with FlashAttention): the flat queries as they are, each sequence's keys
+  gathered into one flat run, and cumulative lengths. The kernel aligns the causal mask bottom-right (a query at the
+  end of a cached prefix sees the prefix) and handles the grouped KV heads itself: no padding, no mask, no copies of
+  the queries or the output.
+- padded (every device and dtype, torch >= 2.3, NVIDIA's Jetson wheels included): SDPA over a padded
+  [sequences, queries] grid with an additive mask. The grouped KV heads are handled by folding each KV head's query
+  heads into the query axis, which needs no copy of K/V per query head and no `enable_gqa` (torch >= 2.5 only).
+  CUDA-graph decode steps use this layout (its shapes depend only on the graph's bucket).
 """
 from dataclasses import dataclass
 
@@ -20,29 +26,81 @@ _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBack
 
 
 @dataclass
+class Varlen:
+    cu_q: torch.Tensor       # [B + 1] int32: sequence b's queries are flat tokens cu_q[b]:cu_q[b + 1]
+    cu_k: torch.Tensor       # [B + 1] int32: its keys are gathered rows cu_k[b]:cu_k[b + 1] (positions 0, 1, ...)
+    max_q: int
+    max_k: int
+    key_slots: torch.Tensor  # [cu_k[-1]] row of the flat cache holding each gathered key
+
+
+@dataclass
+class Padded:
+    query_slots: torch.Tensor      # [B, Qmax] flat token index for each cell of the padded query grid (padding: any)
+    query_positions: torch.Tensor  # [B, Qmax] position of each padded query cell, -1 for padding
+    token_seq: torch.Tensor        # [T] grid row (sequence) of each flat token
+    token_query: torch.Tensor      # [T] grid column (query) of each flat token
+    bias: torch.Tensor | None = None  # additive mask [B, 1, Qmax * G, Tk], built once per pass by build_bias
+
+
+@dataclass
 class Context:
     positions: torch.Tensor     # [T] position of each new token
     slots: torch.Tensor         # [T] row of the flat cache (block * block_size + offset) each new K/V is written to
     block_tables: torch.Tensor  # [B, nblocks] cache blocks of each sequence, in order; padding points at block 0
-    query_slots: torch.Tensor   # [B, Qmax] flat token index for each cell of the padded query grid (padding: any)
-    query_positions: torch.Tensor  # [B, Qmax] position of each padded query cell, -1 for padding
-    token_seq: torch.Tensor     # [T] grid row (sequence) of each flat token
-    token_query: torch.Tensor   # [T] grid column (query) of each flat token
     sample_rows: torch.Tensor   # [S] flat tokens whose next-token logits are wanted
+    layout: Varlen | Padded
     sliding_window: int | None = None
-    bias: torch.Tensor | None = None  # additive mask [B, 1, Qmax * G, Tk], built once per pass by build_bias
+
+
+def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    # The private op behind torch's own varlen and nested-tensor attention; these arguments mean the same from
+    # torch 2.3 on (later versions only add keyword arguments). is_causal aligns the mask bottom-right.
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
+                                                   scale=scale)[0]
+
+
+varlen_kernel = _flash_varlen  # out [T, H, D] from q [T, H, D], k/v [Tk, Hkv, D] (tests swap in a reference)
+
+
+def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the varlen kernel runs here and agrees with the padded path on a small case with a cached prefix."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    g = torch.Generator(device=device).manual_seed(0)
+    # Two sequences: 3 new tokens after a 2-token prefix, and 2 new tokens from position 0; 4 query heads, 2 KV.
+    q = torch.randn(5, 4, 128, device=device, dtype=dtype, generator=g)
+    k, v = (torch.randn(7, 2, 128, device=device, dtype=dtype, generator=g) for _ in range(2))
+    cu_q = torch.tensor([0, 3, 5], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 5, 7], dtype=torch.int32, device=device)
+    try:
+        out = varlen_kernel(q, k, v, cu_q, cu_k, 3, 5, 128 ** -0.5)
+    except (RuntimeError, NotImplementedError):  # built without FlashAttention, or not for this GPU
+        return False
+    expected = torch.cat([reference_attention(q[:3], k[:5], v[:5]), reference_attention(q[3:], k[5:], v[5:])])
+    return bool(torch.allclose(out.float(), expected, atol=2e-2, rtol=2e-2))
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One sequence, float32: its queries are its last q.shape[0] positions, its keys positions 0, 1, ..."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (x.float().repeat_interleave(groups, dim=1).transpose(0, 1) for x in (k, v))
+    scores = q.float().transpose(0, 1) @ k.transpose(1, 2) * q.shape[-1] ** -0.5
+    offset = k.shape[1] - q.shape[0]
+    allowed = torch.arange(k.shape[1], device=q.device) <= torch.arange(q.shape[0], device=q.device)[:, None] + offset
+    return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v).transpose(0, 1)
 
 
 def build_bias(ctx: Context, block_size: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """Causal (and sliding-window) mask over the gathered keys, shared by all layers of one pass.
+    """Causal (and sliding-window) mask over the gathered keys, shared by all layers of one padded pass.
 
     Key j of a sequence sits at position j because block tables list blocks in order. A query at position p sees
     keys p - window < j <= p, as transformers' sliding-window mask does. Padding rows see key 0 only, so no row is
     fully masked (that would give NaN).
     """
-    batch, qmax = ctx.query_positions.shape
+    batch, qmax = ctx.layout.query_positions.shape
     keys = torch.arange(ctx.block_tables.shape[1] * block_size, device=ctx.positions.device)
-    qpos = ctx.query_positions[:, :, None]
+    qpos = ctx.layout.query_positions[:, :, None]
     allowed = keys <= qpos
     if ctx.sliding_window is not None:
         allowed &= (qpos - keys) < ctx.sliding_window
@@ -52,29 +110,39 @@ def build_bias(ctx: Context, block_size: int, groups: int, dtype: torch.dtype) -
     return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+def _words(x: torch.Tensor) -> torch.Tensor:
+    """The same bytes as 8-byte words where the last dimension allows: index kernels copy one element per thread
+    step, so gathering 2-byte elements is 4x slower than gathering words."""
+    return x.view(torch.int64) if x.shape[-1] * x.element_size() % 8 == 0 else x
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Context) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D]; caches [num_blocks, block_size, Hkv, D]. Returns [T, H * D]."""
-    _, heads, dim = q.shape
+    tokens, heads, dim = q.shape
     kv_heads = k.shape[1]
-    groups = heads // kv_heads
     # Write first, then read: a sequence may read blocks that another sequence in this same pass is filling
     # (a shared prompt prefix), and its own new tokens must be visible to it.
-    k_cache.view(-1, kv_heads, dim).index_copy_(0, ctx.slots, k)
-    v_cache.view(-1, kv_heads, dim).index_copy_(0, ctx.slots, v)
+    k_rows, v_rows = k_cache.view(-1, kv_heads, dim), v_cache.view(-1, kv_heads, dim)
+    k_rows.index_copy_(0, ctx.slots, k)
+    v_rows.index_copy_(0, ctx.slots, v)
+    lay = ctx.layout
+    if isinstance(lay, Varlen):
+        keys, values = (_words(rows.view(rows.shape[0], -1))[lay.key_slots].view(q.dtype).view(-1, kv_heads, dim)
+                        for rows in (k_rows, v_rows))
+        out = varlen_kernel(q, keys, values, lay.cu_q, lay.cu_k, lay.max_q, lay.max_k, dim ** -0.5)
+        return out.reshape(tokens, heads * dim)
+    groups = heads // kv_heads
     batch, nblocks = ctx.block_tables.shape
     keys = k_cache[ctx.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
     values = v_cache[ctx.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
-    qmax = ctx.query_positions.shape[1]
-    # One gather builds the folded query [B, Hkv, Qmax * G, D] and one gather reads the output back in token order.
-    # Both move each head's D values as 8-byte words (a dtype view): the index kernel copies one element per thread
-    # step, so 2-byte elements would make it 4x slower. (reshape, not view: the layout an index or SDPA returns
-    # differs between devices and kernels.)
-    word = torch.int64 if dim * q.element_size() % 8 == 0 else q.dtype
-    words = q.reshape(-1, kv_heads, groups, dim).view(word)                         # [T, Hkv, G, W]
-    query = words.transpose(0, 1)[:, ctx.query_slots]                               # [Hkv, B, Qmax, G, W]
+    qmax = lay.query_positions.shape[1]
+    # One gather builds the folded query [B, Hkv, Qmax * G, D] and one gather reads the output back in token order,
+    # both as words. (reshape, not view: the layout an index or SDPA returns differs between devices and kernels.)
+    words = _words(q.reshape(-1, kv_heads, groups, dim))                             # [T, Hkv, G, W]
+    query = words.transpose(0, 1)[:, lay.query_slots]                                # [Hkv, B, Qmax, G, W]
     query = query.reshape(kv_heads, batch, qmax * groups, -1).view(q.dtype).transpose(0, 1)
     with sdpa_kernel(_BACKENDS):
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=ctx.bias, scale=dim ** -0.5)
-    out = out.reshape(batch, kv_heads, qmax, groups, dim).view(word).transpose(1, 2)  # [B, Qmax, Hkv, G, W]
-    return out[ctx.token_seq, ctx.token_query].view(q.dtype).reshape(-1, heads * dim)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=lay.bias, scale=dim ** -0.5)
+    out = _words(out.reshape(batch, kv_heads, qmax, groups, dim)).transpose(1, 2)    # [B, Qmax, Hkv, G, W]
+    return out[lay.token_seq, lay.token_query].view(q.dtype).reshape(-1, heads * dim)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .attention import Context, build_bias, paged_attention
+from .attention import Context, Padded, build_bias, paged_attention
 from .config import Phi3Config
 
 
@@ -109,8 +109,9 @@ class Phi3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ctx: Context) -> torch.Tensor:
         """Greedy next token for each of ctx.sample_rows; logits are never formed for the other positions."""
-        groups = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
-        ctx.bias = build_bias(ctx, self.block_size, groups, self.dtype)
+        if isinstance(ctx.layout, Padded):
+            groups = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
+            ctx.layout.bias = build_bias(ctx, self.block_size, groups, self.dtype)
         cos = self.cos_table[ctx.positions][:, None, :]
         sin = self.sin_table[ctx.positions][:, None, :]
         h = self.model.embed_tokens(input_ids)

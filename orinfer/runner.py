@@ -5,10 +5,11 @@ grown. A pass whose every sequence feeds exactly one token replays a CUDA graph 
 bucket when one exists; every other pass runs eagerly through the very same model code.
 """
 import time
+from array import array
 
 import torch
 
-from .attention import Context
+from .attention import Context, Padded, Varlen, varlen_supported
 from .block_manager import SCRATCH_BLOCK
 from .model import Phi3ForCausalLM
 from .scheduler import Work
@@ -29,6 +30,9 @@ class ModelRunner:
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv[i, 0], self.kv[i, 1]
         model.block_size = block_size
         self.sliding_window = cfg.sliding_window
+        # The varlen layout wherever its kernel runs (attention.py); a pass whose keys reach past the sliding window
+        # and every CUDA-graph step use the padded one.
+        self.varlen = varlen_supported(self.device, model.dtype)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
         self.batch_sizes: list[int] = []
         self.block_counts: list[int] = []
@@ -36,52 +40,65 @@ class ModelRunner:
         self.pass_log: list[tuple[int, int, float, float]] = []
 
     def context(self, works: list[Work], batch: int | None = None, nblocks: int | None = None):
-        """Flat input ids and the attention Context of one pass (optionally padded to a graph bucket)."""
-        bs = self.block_size
-        ids, positions, slots, token_seq, token_query, sample_rows = [], [], [], [], [], []
-        qmax = max(len(w.tokens) for w in works)
-        batch = batch or len(works)
-        if nblocks is None:
-            # Whole multiples of 16 keys: the memory-efficient SDPA kernel wants its mask's rows 16-aligned and
-            # otherwise pads a copy of the mask in every layer. The extra keys point at the scratch block, masked.
-            align = max(1, 16 // bs)
-            nblocks = -(-max(-(-(w.start + len(w.tokens)) // bs) for w in works) // align) * align
-        query_slots = [0] * (batch * qmax)
-        query_positions = [-1] * (batch * qmax)
-        tables = []
-        for b, w in enumerate(works):
-            table = w.seq.block_table
-            n, first = len(w.tokens), len(ids)
-            ids.extend(w.tokens)
-            span = range(w.start, w.start + n)
-            positions.extend(span)
-            slots.extend(table[p // bs] * bs + p % bs for p in span)
-            token_seq.extend([b] * n)
-            token_query.extend(range(n))
-            query_slots[b * qmax:b * qmax + n] = range(first, first + n)
-            query_positions[b * qmax:b * qmax + n] = span
+        """Flat input ids and the attention Context of one pass (optionally padded to a graph bucket).
+
+        The host lists per-sequence facts only (start, length, block table); the per-token index tensors are derived
+        from them on the device, so a 16k-token pass costs the host one small copy rather than Python loops."""
+        bs, n = self.block_size, len(works)
+        batch = batch or n
+        starts = [w.start for w in works] + [0] * (batch - n)
+        lens = [len(w.tokens) for w in works] + [1] * (batch - n)  # graph padding: one dummy token at position 0
+        ends = [s + k for s, k in zip(starts, lens)]
+        ids, sample_rows = [], []
+        for w in works:
+            ids += w.tokens
             if w.samples:
-                sample_rows.extend(range(len(ids) - 1 - w.num_drafts, len(ids)))
-            tables.append(table[:nblocks] + [SCRATCH_BLOCK] * (nblocks - min(len(table), nblocks)))
-        tables += [[SCRATCH_BLOCK] * nblocks] * (batch - len(works))
-        for pad in range(len(works), batch):  # graph padding: one dummy token per row, written to the scratch block
-            query_slots[pad * qmax] = len(ids)
-            token_seq.append(pad)
-            token_query.append(0)
-            ids.append(0)
-            positions.append(0)
-            slots.append(SCRATCH_BLOCK * bs)
-        dev = self.device
-
-        def tensor(x):
-            return torch.tensor(x, dtype=torch.long, device=dev)
-
-        ctx = Context(positions=tensor(positions), slots=tensor(slots), block_tables=tensor(tables),
-                      query_slots=tensor(query_slots).view(batch, qmax),
-                      query_positions=tensor(query_positions).view(batch, qmax),
-                      token_seq=tensor(token_seq), token_query=tensor(token_query), sample_rows=tensor(sample_rows),
+                sample_rows += range(len(ids) - 1 - w.num_drafts, len(ids))
+        ids += [0] * (batch - n)
+        varlen = (self.varlen and nblocks is None
+                  and (self.sliding_window is None or max(ends) <= self.sliding_window))
+        if nblocks is None:
+            nblocks = -(-max(ends) // bs)
+            if not varlen:
+                # Whole multiples of 16 keys: the memory-efficient SDPA kernel wants its mask's rows 16-aligned and
+                # otherwise pads a copy of the mask in every layer. The extra keys point at the scratch block, masked.
+                align = max(1, 16 // bs)
+                nblocks = -(-nblocks // align) * align
+        tables = []
+        for w in works:
+            table = w.seq.block_table[:nblocks]
+            tables += table + [SCRATCH_BLOCK] * (nblocks - len(table))
+        tables += [SCRATCH_BLOCK] * (nblocks * (batch - n))
+        host = ids + sample_rows + starts + lens + tables
+        flat = torch.frombuffer(array("q", host), dtype=torch.int64).to(self.device)
+        ids_t, sample_t, starts_t, lens_t, tables_t = flat.split([len(ids), len(sample_rows), batch, batch,
+                                                                  batch * nblocks])
+        tables_t = tables_t.view(batch, nblocks)
+        tokens = len(ids)
+        rows = torch.arange(batch, device=self.device)
+        cu_q = torch.zeros(batch + 1, dtype=torch.int64, device=self.device)
+        torch.cumsum(lens_t, 0, out=cu_q[1:])
+        token_seq = rows.repeat_interleave(lens_t, output_size=tokens)
+        token_query = torch.arange(tokens, device=self.device) - cu_q[token_seq]
+        positions = starts_t[token_seq] + token_query
+        slots = tables_t[token_seq, positions // bs] * bs + positions % bs
+        if varlen:
+            ends_t = starts_t + lens_t
+            cu_k = torch.zeros(batch + 1, dtype=torch.int64, device=self.device)
+            torch.cumsum(ends_t, 0, out=cu_k[1:])
+            key_seq = rows.repeat_interleave(ends_t, output_size=sum(ends))
+            key_pos = torch.arange(sum(ends), device=self.device) - cu_k[key_seq]
+            layout = Varlen(cu_q=cu_q.int(), cu_k=cu_k.int(), max_q=max(lens), max_k=max(ends),
+                            key_slots=tables_t[key_seq, key_pos // bs] * bs + key_pos % bs)
+        else:
+            column = torch.arange(max(lens), device=self.device)
+            valid = column < lens_t[:, None]
+            layout = Padded(query_slots=torch.where(valid, cu_q[:-1, None] + column, 0),
+                            query_positions=torch.where(valid, starts_t[:, None] + column, -1),
+                            token_seq=token_seq, token_query=token_query)
+        ctx = Context(positions=positions, slots=slots, block_tables=tables_t, sample_rows=sample_t, layout=layout,
                       sliding_window=self.sliding_window)
-        return tensor(ids), ctx
+        return ids_t, ctx
 
     @torch.inference_mode()
     def run(self, works: list[Work]) -> list[int]:
@@ -95,8 +112,9 @@ class ModelRunner:
         if graph is not None:
             ids, ctx = self.context(works, *key)
             io["ids"].copy_(ids)
-            for name in ("positions", "slots", "block_tables", "query_positions"):
+            for name in ("positions", "slots", "block_tables"):
                 getattr(io["ctx"], name).copy_(getattr(ctx, name))
+            io["ctx"].layout.query_positions.copy_(ctx.layout.query_positions)
             t1 = time.perf_counter()
             graph.replay()
             tokens = io["out"][:len(works)].tolist()

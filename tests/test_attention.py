@@ -1,11 +1,31 @@
-"""The sliding window is applied as the installed transformers applies it (a query at p sees keys p - window < j <= p;
-before 4.46 Phi-3's SDPA path ignored the window)."""
+"""Attention: the sliding window as the installed transformers applies it, and the varlen layout (the layout the
+FlashAttention kernel gets on GPUs) giving the pipeline's output; the kernel itself is checked where CUDA exists."""
 import pytest
-from conftest import generator, hf_pipeline, reference
+import torch
+from conftest import NEW, generator, hf_pipeline, reference
 
 import optimize
-
+from orinfer import attention
+from orinfer.scheduler import Work
+from orinfer.sequence import Sequence
 from orinfer.tiny import write_tiny_model
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    """The varlen kernel's contract, one sequence at a time in float32 (bottom-right causal, grouped KV heads)."""
+    reference_varlen.calls += 1
+    assert scale == q.shape[-1] ** -0.5 and max_q == int((cu_q[1:] - cu_q[:-1]).max())
+    assert max_k == int((cu_k[1:] - cu_k[:-1]).max()) and cu_q.dtype == cu_k.dtype == torch.int32
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    return torch.cat([attention.reference_attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]])
+                      for b in range(len(cq) - 1)]).to(q.dtype)
+
+
+@pytest.fixture
+def varlen(monkeypatch):
+    """Generators built inside the test use the varlen layout, with the reference kernel (this is the CPU)."""
+    monkeypatch.setattr(attention, "varlen_kernel", reference_varlen)
+    monkeypatch.setattr("orinfer.runner.varlen_supported", lambda device, dtype: True)
 
 
 @pytest.mark.parametrize("window", [24, 50])
@@ -18,3 +38,47 @@ def test_sliding_window_matches_pipeline(tmp_path, public_chats, window):
     same_without_window = generator(unwindowed)(chats, max_new_tokens=30, return_full_text=False) == expected
     # Where the window applies it really changes the answer here, or this test would prove nothing.
     assert same_without_window != optimize.SLIDING_WINDOW_APPLIES
+
+
+def test_keys_past_the_sliding_window_take_the_padded_layout(varlen, tmp_path):
+    gen = generator(write_tiny_model(tmp_path, sliding_window=24))
+    runner = gen.engine.runner
+    seq = Sequence(index=0, token_ids=list(range(100, 130)), num_prompt_tokens=30, max_new_tokens=1,
+                   block_table=list(range(1, 9)))
+    inside = runner.context([Work(seq, seq.token_ids[:24], 0, 0, False, True)])[1]
+    past = runner.context([Work(seq, seq.token_ids[24:], 24, 0, True, False)])[1]
+    assert isinstance(inside.layout, attention.Varlen) and isinstance(past.layout, attention.Padded)
+    assert inside.layout.key_slots.tolist() == [b * 4 + i for b in range(1, 7) for i in range(4)]
+    assert past.slots.tolist() == [7 * 4 + i for i in range(4)] + [8 * 4, 8 * 4 + 1]  # blocks 6 and 7 of the table
+    assert past.positions.tolist() == list(range(24, 30))
+
+
+@pytest.mark.parametrize("plan", [{}, {"max_batched_tokens": 48, "max_num_seqs": 4}])
+def test_varlen_layout_matches_pipeline(varlen, tiny_dir, public_chats, longest_chat, expected, plan):
+    """Whole prompts, shared-prefix reuse, prompts prefilled in chunks behind their own cached tokens, drafts."""
+    gen = generator(tiny_dir, **plan)
+    reference_varlen.calls = 0
+    assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    assert reference_varlen.calls == gen.engine.stats["passes"] * gen.engine.model.cfg.num_hidden_layers
+
+
+def test_varlen_is_not_claimed_on_the_cpu():
+    assert not attention.varlen_supported(torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the FlashAttention kernel needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_varlen_kernel_equals_the_reference(dtype):
+    """Sequences with and without cached prefixes, single tokens and long chunks; fresh random data each time."""
+    dev = torch.device("cuda")
+    assert attention.varlen_supported(dev, dtype)
+    new = [1, 37, 5, 200, 1, 64]
+    prefix = [0, 36, 120, 0, 900, 3]
+    cu_q = torch.tensor([0] + new, device=dev).cumsum(0).int()
+    cu_k = torch.tensor([0] + [n + p for n, p in zip(new, prefix)], device=dev).cumsum(0).int()
+    q = torch.randn(sum(new), 40, 128, device=dev, dtype=dtype)
+    k, v = (torch.randn(int(cu_k[-1]), 10, 128, device=dev, dtype=dtype) for _ in range(2))
+    out = attention.varlen_kernel(q, k, v, cu_q, cu_k, max(new), max(n + p for n, p in zip(new, prefix)), 128 ** -0.5)
+    ref = reference_varlen(q.float(), k.float(), v.float(), cu_q, cu_k, max(new),
+                           max(n + p for n, p in zip(new, prefix)), 128 ** -0.5)
+    assert (out.float() - ref).norm() / ref.norm() < 1e-2
