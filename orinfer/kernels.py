@@ -1,4 +1,5 @@
-"""The elementwise work of a decoder layer: RMSNorm, RoPE and the SiLU gate, in transformers' order and dtypes.
+"""The elementwise work of a decoder layer: the residual adds, RMSNorm, RoPE and the SiLU gate, in transformers'
+order and dtypes.
 
 Eager, each is several PyTorch kernels with float32 temporaries (RMSNorm alone is eight); in a 16k-token prefill
 pass that memory traffic takes ~40 % as long as the GEMMs (H200). `use_compiled(True)` swaps in torch.compile'd
@@ -10,11 +11,18 @@ import torch
 import torch.nn.functional as F
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual stream after adding x, and its RMSNorm: one kernel when compiled (the sum is rounded to x's dtype
+    before the norm reads it, as the two separate operations do)."""
+    total = residual + x
+    return total, _rms_norm(total, weight, eps)
 
 
 def _halves(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -25,7 +33,8 @@ def _halves(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """transformers' x * cos + rotate_half(x) * sin, written half by half: the same roundings in the same order
-    (x1*cos - x2*sin, x2*cos + x1*sin), without materialising rotate_half."""
+    (x1*cos - x2*sin, x2*cos + x1*sin), without materialising rotate_half. x [T, heads, D] may be a strided view:
+    the model passes the query and key heads of qkv_proj's output together, so one kernel rotates both."""
     x1, x2, c1, c2, s1, s2 = _halves(x, cos, sin)
     out = torch.empty_like(x)
     o1, o2 = _halves(out)
@@ -50,7 +59,8 @@ def _silu_mul_functional(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return up * F.silu(gate)
 
 
-_EAGER = {"rms_norm": rms_norm, "rope": rope, "silu_mul": silu_mul}
+rms_norm = _rms_norm
+_EAGER = {"rms_norm": _rms_norm, "add_rms_norm": add_rms_norm, "rope": rope, "silu_mul": silu_mul}
 
 
 def compile_available(device: torch.device) -> bool:
@@ -82,6 +92,7 @@ def use_compiled(enabled: bool) -> None:
     # Default dynamism: the first token count compiles static kernels, the second a kernel whose token count alone is
     # symbolic, which then serves every pass (warm-up meets several counts). dynamic=True would make the head and
     # feature sizes symbolic too, and Triton could then no longer prove rows contiguous: scalar loads, 3-5x slower.
-    g["rms_norm"] = torch.compile(_EAGER["rms_norm"])
+    g["rms_norm"] = torch.compile(_rms_norm)
+    g["add_rms_norm"] = torch.compile(_EAGER["add_rms_norm"])
     g["rope"] = torch.compile(_rope_functional)
     g["silu_mul"] = torch.compile(_silu_mul_functional)

@@ -19,8 +19,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); or, given the residual stream, (residual + x, norm(residual + x)) in one fused step."""
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -33,12 +36,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Context) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.heads * self.dim, self.kv_heads * self.dim, self.kv_heads * self.dim], -1)
-        q = q.view(tokens, self.heads, self.dim)
-        k = k.view(tokens, self.kv_heads, self.dim)
+        qk, v = self.qkv_proj(x).split([(self.heads + self.kv_heads) * self.dim, self.kv_heads * self.dim], -1)
+        # Query and key heads rotate together: one kernel, and the views below need no copy.
+        q, k = kernels.rope(qk.view(tokens, -1, self.dim), cos, sin).split([self.heads, self.kv_heads], dim=1)
         v = v.view(tokens, self.kv_heads, self.dim)
-        q = kernels.rope(q, cos, sin)
-        k = kernels.rope(k, cos, sin)
         return self.o_proj(paged_attention(q, k, v, self.k_cache, self.v_cache, ctx))
 
 
@@ -65,9 +66,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Context) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+        """h is the residual stream before the previous layer's MLP output `delta` is added (None for the first
+        layer): each add is fused into the norm that reads its result. Returns the same pair for the next layer."""
+        if delta is None:
+            x = self.input_layernorm(h)
+        else:
+            h, x = self.input_layernorm(delta, h)
+        h, x = self.post_attention_layernorm(self.self_attn(x, cos, sin, ctx), h)
+        return h, self.mlp(x)
 
 
 class Phi3Model(nn.Module):
@@ -114,8 +122,9 @@ class Phi3ForCausalLM(nn.Module):
             ctx.layout.bias = build_bias(ctx, self.block_size, groups, self.dtype)
         cos = self.cos_table[ctx.positions][:, None, :]
         sin = self.sin_table[ctx.positions][:, None, :]
-        h = self.model.embed_tokens(input_ids)
+        h, delta = self.model.embed_tokens(input_ids), None
         for layer in self.model.layers:
-            h = layer(h, cos, sin, ctx)
-        logits = self.lm_head(self.model.norm(h[ctx.sample_rows]))
+            h, delta = layer(h, delta, cos, sin, ctx)
+        rows = ctx.sample_rows
+        logits = self.lm_head(self.model.norm(delta[rows], h[rows])[1])
         return logits.argmax(dim=-1)

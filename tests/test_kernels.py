@@ -24,8 +24,8 @@ def test_compiled_kernels_equal_eager(compiled, dtype):
     for tokens in (1, 7, 33, 50):  # static kernels for 1 and 7, then one with a symbolic token count
         def rand(*shape):
             return torch.randn(*shape, generator=g).to(dtype)
-        qkv = rand(tokens, 5 * 64)
-        q = qkv[:, :192].view(tokens, 3, 64)  # a strided view, as the split of qkv_proj's output is
+        qkv = rand(tokens, 6 * 64)
+        q = qkv[:, :320].view(tokens, 5, 64)  # query and key heads: a strided view of qkv_proj's output
         cos, sin = rand(tokens, 1, 64), rand(tokens, 1, 64)
         gate, up = rand(tokens, 96), rand(tokens, 96)
         h, w = rand(tokens, 80), rand(80)
@@ -33,8 +33,13 @@ def test_compiled_kernels_equal_eager(compiled, dtype):
         assert torch.equal(kernels.rope(q, cos, sin), compiled["rope"](q, cos, sin))
         assert torch.equal(kernels.silu_mul(gate, up.clone()), compiled["silu_mul"](gate.clone(), up.clone()))
         # A reduction: the mean's summation order may differ, by float32 ulps before the final rounding.
+        tol = {"rtol": 1e-6 if dtype == torch.float32 else 8e-3, "atol": 0}
         a, b = kernels.rms_norm(h, w, 1e-5).float(), compiled["rms_norm"](h, w, 1e-5).float()
-        assert torch.allclose(a, b, rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=0)
+        assert torch.allclose(a, b, **tol)
+        delta = rand(tokens, 80)
+        (sum_a, a), (sum_b, b) = kernels.add_rms_norm(delta, h, w, 1e-5), compiled["add_rms_norm"](delta, h, w, 1e-5)
+        assert torch.equal(sum_a, sum_b) and torch.equal(sum_a, h + delta)
+        assert torch.allclose(a.float(), b.float(), **tol)
 
 
 def test_compiled_engine_equals_pipeline(compiled, gen, expected, public_chats, longest_chat):
