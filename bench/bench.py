@@ -262,7 +262,8 @@ def breakdown(gen, log_start: int) -> dict:
             "decode_passes": len(decode), "decode_forward_s": sum(p[3] for p in decode),
             "build_inputs_s": sum(p[2] for p in log),
             "scheduler_and_rest_s": t["engine"] - sum(p[2] + p[3] for p in log),
-            "pass_tokens": [p[0] for p in log], "pass_forward_s": [round(p[3], 4) for p in log]}
+            "pass_tokens": [p[0] for p in log], "pass_forward_s": [round(p[3], 4) for p in log],
+            "pass_graph": [p[4] for p in log]}
 
 
 def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
@@ -400,7 +401,7 @@ def table(res: dict) -> None:
 def passes_stage(w1: Path, records: list) -> dict:
     """Forward passes each request takes part in, scripted W1, with and without speculation. In scripted mode the
     tokens are forced, so the pass structure does not depend on the weights: this runs the tiny model on the CPU
-    with the limits of two plans — the H200's (16384 tokens a pass, 512 sequences, 8 drafts) and the one Phi-3-medium
+    with the limits of two plans — the H200's (16384 tokens a pass, 512 sequences, 16 drafts) and the one Phi-3-medium
     gets on a 32 GB Orin (budget 29.5 GiB, an assumed headless MemAvailable; host as measured on the H200) — and
     prices the Orin plan's passes at 26.7 TFLOP/s and 204.8 GB/s (a projection)."""
     from dataclasses import replace
@@ -414,7 +415,7 @@ def passes_stage(w1: Path, records: list) -> dict:
     flops_per_token, weight_bytes = pass_costs(medium)
     orin = plan_memory(medium, int(29.5 * GiB), weight_bytes, 2, shared_host=True, host_bytes=800 * MiB)
     limits = ("num_blocks", "block_size", "max_num_seqs", "max_batched_tokens", "max_gather_tokens", "max_drafts")
-    plans = {"h200": replace(gen.engine.plan, max_batched_tokens=16384, max_num_seqs=512, max_drafts=8),
+    plans = {"h200": replace(gen.engine.plan, max_batched_tokens=16384, max_num_seqs=512, max_drafts=16),
              "orin": replace(gen.engine.plan, **{k: getattr(orin, k) for k in limits})}
     scripts = answer_scripts(gen.tokenizer, records)
     out = {"orin_plan": orin.describe()}

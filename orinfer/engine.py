@@ -42,11 +42,18 @@ class Engine:
                           num_prompt_tokens=256, max_new_tokens=2) for i in range(min(n, p.max_num_seqs))]
         self.generate(probe)
         if cuda_graphs and p.cuda_graphs and not self.runner.graphs:
-            batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-                                  if b < p.max_num_seqs} | {p.max_num_seqs})
-            most_blocks = -(-self.model.cfg.max_position_embeddings // p.block_size)
-            block_counts = sorted({min(-(-t // p.block_size), most_blocks) for t in (128, 256, 512, 1024, 2048, 4096)})
-            self.runner.capture_graphs(batch_sizes, block_counts, p.max_gather_tokens)
+            if self.runner.varlen:
+                # Any pass of <= 512 tokens: its launches take longer than its weight reads. Buckets of tokens (the
+                # padding costs GEMM rows) and of gathered keys.
+                sizes = [t for t in (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512) if t <= p.max_batched_tokens]
+                extents = [1024 << i for i in range(8) if 1024 << i <= p.max_gather_tokens]
+            else:
+                # Plain decode steps: buckets of sequences and of blocks.
+                sizes = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+                                if b < p.max_num_seqs} | {p.max_num_seqs})
+                most_blocks = -(-self.model.cfg.max_position_embeddings // p.block_size)
+                extents = sorted({min(-(-t // p.block_size), most_blocks) for t in (128, 256, 512, 1024, 2048, 4096)})
+            self.runner.capture_graphs(sizes, extents, p.max_gather_tokens)
         self.reset_prefix_cache()
 
     def reset_prefix_cache(self) -> None:

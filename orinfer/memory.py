@@ -143,7 +143,7 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
                           f"({weights / GiB:.2f} GiB) and overhead ({overhead / GiB:.2f} GiB); at least "
                           f"{(budget - free + least) / GiB:.2f} GiB is needed")
     if max_drafts is None:  # draft rows need logits; small budgets verify fewer drafts a pass
-        max_drafts = 8 if free > 8 * GiB else 4
+        max_drafts = 16 if free > 8 * GiB else 4
     tokens = 64
     while tokens * 2 <= 16384 and tokens * 2 * act <= free // 4:
         tokens *= 2

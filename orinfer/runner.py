@@ -33,31 +33,65 @@ class ModelRunner:
         # The varlen layout wherever its kernel runs (attention.py); a pass whose keys reach past the sliding window
         # and every CUDA-graph step use the padded one.
         self.varlen = varlen_supported(self.device, model.dtype)
+        self.max_positions = cfg.max_position_embeddings
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
-        self.batch_sizes: list[int] = []
-        self.block_counts: list[int] = []
-        # Per pass: (tokens, sequences, seconds building inputs on the host, seconds of forward until tokens are back).
-        self.pass_log: list[tuple[int, int, float, float]] = []
+        self.graph_dims: tuple[list[int], list[int]] = ([], [])  # the buckets of the two dimensions of a graph's shape
+        # Per pass: (tokens, sequences, seconds building inputs on the host, seconds of forward until tokens are back,
+        # whether a graph was replayed).
+        self.pass_log: list[tuple[int, int, float, float, bool]] = []
 
-    def context(self, works: list[Work], batch: int | None = None, nblocks: int | None = None):
-        """Flat input ids and the attention Context of one pass (optionally padded to a graph bucket).
+    def _graph_shape(self, works: list[Work]) -> tuple[int, int] | None:
+        """The captured graph this pass fits, if any: (tokens, gathered keys) buckets for the varlen layout (any
+        small pass), (sequences, blocks) for the padded one (plain decode steps only)."""
+        if not self.graphs:
+            return None
+        sizes, extents = self.graph_dims
+        if self.varlen:
+            tokens = sum(len(w.tokens) for w in works)
+            ends = [w.start + len(w.tokens) for w in works]
+            if tokens > sizes[-1] or (self.sliding_window is not None and max(ends) > self.sliding_window):
+                return None
+            padded_tokens = _bucket(tokens, sizes)
+            return padded_tokens, _bucket(sum(ends) + padded_tokens - tokens, extents)
+        if not all(len(w.tokens) == 1 and w.samples for w in works):
+            return None
+        return (_bucket(len(works), sizes),
+                _bucket(max(-(-(w.start + 1) // self.block_size) for w in works), extents))
+
+    def context(self, works: list[Work], shape: tuple[int, int] | None = None):
+        """Flat input ids and the attention Context of one pass, optionally padded to a graph's shape.
 
         The host lists per-sequence facts only (start, length, block table); the per-token index tensors are derived
-        from them on the device, so a 16k-token pass costs the host one small copy rather than Python loops."""
+        from them on the device, so a 16k-token pass costs the host one small copy rather than Python loops.
+        Padding: the varlen layout pads to `shape` = (tokens, keys) with one-token sequences (then empty ones), the
+        padded layout to (sequences, blocks) with one-token sequences; padding tokens sit at position 0 in the scratch
+        block, and the varlen kernel's bounds become the graph's."""
         bs, n = self.block_size, len(works)
-        batch = batch or n
-        starts = [w.start for w in works] + [0] * (batch - n)
-        lens = [len(w.tokens) for w in works] + [1] * (batch - n)  # graph padding: one dummy token at position 0
-        ends = [s + k for s, k in zip(starts, lens)]
+        starts = [w.start for w in works]
+        lens = [len(w.tokens) for w in works]
         ids, sample_rows = [], []
         for w in works:
             ids += w.tokens
             if w.samples:
                 sample_rows += range(len(ids) - 1 - w.num_drafts, len(ids))
-        ids += [0] * (batch - n)
-        varlen = (self.varlen and nblocks is None
-                  and (self.sliding_window is None or max(ends) <= self.sliding_window))
-        if nblocks is None:
+        varlen = self.varlen and (shape is not None or self.sliding_window is None
+                                  or max(s + k for s, k in zip(starts, lens)) <= self.sliding_window)
+        if shape is None:
+            batch = n
+        elif varlen:  # `shape` tokens in as many sequences; padding keys are gathered from the scratch block
+            batch = shape[0]
+            lens += [1] * (shape[0] - len(ids)) + [0] * (len(ids) - n)
+            sample_rows += [0] * (shape[0] - len(sample_rows))
+        else:
+            batch = shape[0]
+            lens += [1] * (batch - n)
+            sample_rows += range(len(ids), len(ids) + batch - n)
+        starts += [0] * (batch - n)
+        ids += [0] * (sum(lens) - len(ids))
+        ends = [s + k for s, k in zip(starts, lens)]
+        if shape is not None and not varlen:
+            nblocks = shape[1]
+        else:
             nblocks = -(-max(ends) // bs)
             if not varlen:
                 # Whole multiples of 16 keys: the memory-efficient SDPA kernel wants its mask's rows 16-aligned and
@@ -86,10 +120,14 @@ class ModelRunner:
             ends_t = starts_t + lens_t
             cu_k = torch.zeros(batch + 1, dtype=torch.int64, device=self.device)
             torch.cumsum(ends_t, 0, out=cu_k[1:])
+            keys = shape[1] if shape is not None else sum(ends)
             key_seq = rows.repeat_interleave(ends_t, output_size=sum(ends))
             key_pos = torch.arange(sum(ends), device=self.device) - cu_k[key_seq]
-            layout = Varlen(cu_q=cu_q.int(), cu_k=cu_k.int(), max_q=max(lens), max_k=max(ends),
-                            key_slots=tables_t[key_seq, key_pos // bs] * bs + key_pos % bs)
+            key_slots = tables_t[key_seq, key_pos // bs] * bs + key_pos % bs
+            if keys > sum(ends):
+                key_slots = torch.cat([key_slots, key_slots.new_full((keys - sum(ends),), SCRATCH_BLOCK * bs)])
+            max_q, max_k = (max(lens), max(ends)) if shape is None else (shape[0], min(keys, self.max_positions))
+            layout = Varlen(cu_q=cu_q.int(), cu_k=cu_k.int(), max_q=max_q, max_k=max_k, key_slots=key_slots)
         else:
             column = torch.arange(max(lens), device=self.device)
             valid = column < lens_t[:, None]
@@ -100,42 +138,47 @@ class ModelRunner:
                       sliding_window=self.sliding_window)
         return ids_t, ctx
 
+    # What a graph replay must refresh: every input that depends on the pass, not only on the graph's shape.
+    _GRAPH_INPUTS = {Varlen: ("cu_q", "cu_k", "key_slots"), Padded: ("query_positions",)}
+
     @torch.inference_mode()
     def run(self, works: list[Work]) -> list[int]:
         """One forward pass; the greedy tokens of every sampling row, in order."""
         t0 = time.perf_counter()
-        graph = None
-        if all(len(w.tokens) == 1 and w.samples for w in works):
-            key = (_bucket(len(works), self.batch_sizes),
-                   _bucket(max(-(-(w.start + 1) // self.block_size) for w in works), self.block_counts))
-            graph, io = self.graphs.get(key, (None, None))
+        shape = self._graph_shape(works)
+        graph, io = self.graphs.get(shape, (None, None))
         if graph is not None:
-            ids, ctx = self.context(works, *key)
+            ids, ctx = self.context(works, shape)
             io["ids"].copy_(ids)
-            for name in ("positions", "slots", "block_tables"):
+            for name in ("positions", "slots", "block_tables", "sample_rows"):
                 getattr(io["ctx"], name).copy_(getattr(ctx, name))
-            io["ctx"].layout.query_positions.copy_(ctx.layout.query_positions)
+            for name in self._GRAPH_INPUTS[type(ctx.layout)]:
+                getattr(io["ctx"].layout, name).copy_(getattr(ctx.layout, name))
             t1 = time.perf_counter()
             graph.replay()
-            tokens = io["out"][:len(works)].tolist()
+            sampled = sum(1 + w.num_drafts for w in works if w.samples)
+            tokens = io["out"][:sampled].tolist()
         else:
             ids, ctx = self.context(works)
             t1 = time.perf_counter()
             tokens = self.model(ids, ctx).tolist()
-        self.pass_log.append((len(ids) if graph is None else len(works), len(works), t1 - t0, time.perf_counter() - t1))
+        self.pass_log.append((sum(len(w.tokens) for w in works), len(works), t1 - t0, time.perf_counter() - t1,
+                              graph is not None))
         return tokens
 
     @torch.inference_mode()
-    def capture_graphs(self, batch_sizes: list[int], block_counts: list[int], max_gather_tokens: int) -> None:
-        """Capture decode graphs for each (batch, blocks) bucket whose gathered K/V stays within the bound."""
-        self.batch_sizes, self.block_counts = sorted(batch_sizes), sorted(block_counts)
+    def capture_graphs(self, sizes: list[int], extents: list[int], max_gather_tokens: int) -> None:
+        """Capture a graph for each shape bucket: (tokens, gathered keys) for the varlen layout, (sequences, blocks)
+        for the padded one, each within the gathered-K/V bound."""
+        self.graph_dims = sorted(sizes), sorted(extents)
         pool = None
         stream = torch.cuda.Stream()  # one side stream: each stream keeps its own cached blocks
-        for nblocks in reversed(self.block_counts):
-            for batch in reversed(self.batch_sizes):
-                if batch * nblocks * self.block_size > max_gather_tokens:
+        for extent in reversed(self.graph_dims[1]):
+            for size in reversed(self.graph_dims[0]):
+                gathered = extent if self.varlen else size * extent * self.block_size
+                if gathered > max_gather_tokens or (self.varlen and extent < size):
                     continue
-                ids, ctx = self.context(_dummy_decode(batch), batch, nblocks)
+                ids, ctx = self.context(_dummy_decode(size), (size, extent))
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
                     self.model(ids, ctx)  # warm-up outside the graph (lazy kernel and workspace set-up)
@@ -145,7 +188,7 @@ class ModelRunner:
                     out = self.model(ids, ctx)
                 pool = graph.pool()
                 # The graph reads every ctx tensor by address: all of them must outlive it.
-                self.graphs[(batch, nblocks)] = (graph, {"ids": ids, "ctx": ctx, "out": out})
+                self.graphs[(size, extent)] = (graph, {"ids": ids, "ctx": ctx, "out": out})
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
 

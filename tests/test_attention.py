@@ -12,13 +12,17 @@ from orinfer.tiny import write_tiny_model
 
 
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-    """The varlen kernel's contract, one sequence at a time in float32 (bottom-right causal, grouped KV heads)."""
+    """The varlen kernel's contract, one sequence at a time in float32 (bottom-right causal, grouped KV heads);
+    max_q and max_k are bounds (a graph's), rows past cu_q[-1] are padding the caller ignores."""
     reference_varlen.calls += 1
-    assert scale == q.shape[-1] ** -0.5 and max_q == int((cu_q[1:] - cu_q[:-1]).max())
-    assert max_k == int((cu_k[1:] - cu_k[:-1]).max()) and cu_q.dtype == cu_k.dtype == torch.int32
+    assert scale == q.shape[-1] ** -0.5 and max_q >= int((cu_q[1:] - cu_q[:-1]).max())
+    assert max_k >= int((cu_k[1:] - cu_k[:-1]).max()) and cu_q.dtype == cu_k.dtype == torch.int32
+    assert cu_q[-1] <= q.shape[0] and cu_k[-1] <= k.shape[0]
     cq, ck = cu_q.tolist(), cu_k.tolist()
-    return torch.cat([attention.reference_attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]])
-                      for b in range(len(cq) - 1)]).to(q.dtype)
+    out = torch.zeros_like(q)
+    for b in range(len(cq) - 1):
+        out[cq[b]:cq[b + 1]] = attention.reference_attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]])
+    return out
 
 
 reference_varlen.calls = 0
