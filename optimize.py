@@ -54,7 +54,7 @@ class Generator:
             self([{"role": "user", "content": "Can you provide ways to eat combinations of bananas and dragonfruits?"}],
                  max_new_tokens=8, progress=False)
         except Exception as e:
-            if not kernels.compiled():
+            if not (kernels.compiled() and type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))):
                 raise
             # torch.compile fails on the first call, here (e.g. no C compiler for Triton's launcher): say the way out.
             raise RuntimeError(f"warm-up failed while compiling the fused kernels ({type(e).__name__}: {e}); "

@@ -138,8 +138,10 @@ class ModelRunner:
                       sliding_window=self.sliding_window)
         return ids_t, ctx
 
-    # What a graph replay must refresh: every input that depends on the pass, not only on the graph's shape.
-    _GRAPH_INPUTS = {Varlen: ("cu_q", "cu_k", "key_slots"), Padded: ("query_positions",)}
+    # What a graph replay must refresh: every input its layout reads that depends on the pass, not only on the shape
+    # (the varlen layout reads no block tables: they only served to derive the slots).
+    _GRAPH_INPUTS = {Varlen: (("positions", "slots", "sample_rows"), ("cu_q", "cu_k", "key_slots")),
+                     Padded: (("positions", "slots", "sample_rows", "block_tables"), ("query_positions",))}
 
     @torch.inference_mode()
     def run(self, works: list[Work]) -> list[int]:
@@ -150,9 +152,10 @@ class ModelRunner:
         if graph is not None:
             ids, ctx = self.context(works, shape)
             io["ids"].copy_(ids)
-            for name in ("positions", "slots", "block_tables", "sample_rows"):
+            names, layout_names = self._GRAPH_INPUTS[type(ctx.layout)]
+            for name in names:
                 getattr(io["ctx"], name).copy_(getattr(ctx, name))
-            for name in self._GRAPH_INPUTS[type(ctx.layout)]:
+            for name in layout_names:
                 getattr(io["ctx"].layout, name).copy_(getattr(ctx.layout, name))
             t1 = time.perf_counter()
             graph.replay()

@@ -101,14 +101,20 @@ def test_a_failed_compile_names_the_way_out(tiny_dir, monkeypatch):
     from orinfer import kernels
     gen = generator(tiny_dir)
 
+    from torch._dynamo.exc import TorchDynamoException
+
     def broken_warmup(cuda_graphs):
-        raise OSError("no cc")
+        raise TorchDynamoException("no cc")
     monkeypatch.setattr(gen.engine, "warmup", broken_warmup)
     kernels.use_compiled(True)
     try:
         with pytest.raises(RuntimeError, match="no cc.*--no-compile"):
             gen.warmup()
+        monkeypatch.setattr(gen.engine, "warmup", lambda cuda_graphs: 1 / 0)
+        with pytest.raises(ZeroDivisionError):  # not the compiler's: the error itself, unwrapped
+            gen.warmup()
     finally:
         kernels.use_compiled(False)
-    with pytest.raises(OSError):  # eager: the error itself, unwrapped
+    monkeypatch.setattr(gen.engine, "warmup", broken_warmup)
+    with pytest.raises(TorchDynamoException):  # eager: the error itself, unwrapped
         gen.warmup()
