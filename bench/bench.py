@@ -294,7 +294,9 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
             kernels.use_compiled(compiled)
             gen.engine.runner.graphs.clear()  # captured graphs hold the other kernels: capture again
         gen.engine.speculate = speculate
-        gen.engine.runner.varlen = varlen and not padded
+        if gen.engine.runner.varlen != (varlen and not padded):
+            gen.engine.runner.varlen = varlen and not padded
+            gen.engine.runner.graphs.clear()  # each layout has its own graphs: capture again
         gen.warmup()
         log_start = fresh_run(gen)
         torch.cuda.synchronize()
