@@ -41,17 +41,21 @@ class BlockManager:
         self.refs[block] = 1
         return block
 
-    def _hashes(self, seq: Sequence, num_blocks: int):
-        h = 0
-        for i in range(num_blocks):
-            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+    def _hashes(self, seq: Sequence, num_blocks: int) -> list[tuple[int, tuple]]:
+        """(hash, tokens) of the sequence's first `num_blocks` full blocks. Each is computed once per sequence and
+        kept on it (its tokens only ever grow): admission and publishing both walk the prompt's blocks."""
+        known, bs, ids = seq.block_hashes, self.block_size, seq.token_ids
+        h = known[-1][0] if known else 0
+        for i in range(len(known), num_blocks):
+            tokens = tuple(ids[i * bs:(i + 1) * bs])
             h = hash((h, tokens))
-            yield i, h, tokens
+            known.append((h, tokens))
+        return known[:num_blocks]
 
     def reuse_prefix(self, seq: Sequence) -> None:
         """Give a new sequence the cached blocks of its longest published prefix (leaving >= 1 token to compute)."""
         assert not seq.block_table and seq.num_computed == 0
-        for _, h, tokens in self._hashes(seq, (seq.num_tokens - 1) // self.block_size):
+        for h, tokens in self._hashes(seq, (seq.num_tokens - 1) // self.block_size):
             block = self.by_hash.get(h)
             if block is None or self.block_tokens[block] != tokens:
                 break
@@ -72,7 +76,7 @@ class BlockManager:
     def publish(self, seq: Sequence, num_tokens: int) -> list[int]:
         """Publish the full prompt blocks among the first `num_tokens` tokens; returns the blocks newly published."""
         published = []
-        for i, h, tokens in self._hashes(seq, min(num_tokens, seq.num_prompt_tokens) // self.block_size):
+        for i, (h, tokens) in enumerate(self._hashes(seq, min(num_tokens, seq.num_prompt_tokens) // self.block_size)):
             block = seq.block_table[i]
             if self.block_hash[block] is None and h not in self.by_hash:
                 self.block_hash[block], self.block_tokens[block] = h, tokens

@@ -50,13 +50,17 @@ def test_sliding_window_matches_pipeline(tmp_path, public_chats, window):
 def test_keys_past_the_sliding_window_take_the_padded_layout(varlen, tmp_path):
     gen = generator(write_tiny_model(tmp_path, sliding_window=24))
     runner = gen.engine.runner
-    seq = Sequence(index=0, token_ids=list(range(100, 130)), num_prompt_tokens=30, max_new_tokens=1,
-                   block_table=list(range(1, 9)))
+    bs = runner.block_size
+    table = list(range(40, 40 - (-30 // bs)))[::-1]  # blocks out of order, as a pool hands them out
+    seq = Sequence(index=0, token_ids=list(range(100, 130)), num_prompt_tokens=30, max_new_tokens=1, block_table=table)
+
+    def slot(p):
+        return table[p // bs] * bs + p % bs
     inside = runner.context([Work(seq, seq.token_ids[:24], 0, 0, False, True)])[1]
     past = runner.context([Work(seq, seq.token_ids[24:], 24, 0, True, False)])[1]
     assert isinstance(inside.layout, attention.Varlen) and isinstance(past.layout, attention.Padded)
-    assert inside.layout.key_slots.tolist() == [b * 4 + i for b in range(1, 7) for i in range(4)]
-    assert past.slots.tolist() == [7 * 4 + i for i in range(4)] + [8 * 4, 8 * 4 + 1]  # blocks 6 and 7 of the table
+    assert inside.layout.key_slots.tolist() == [slot(p) for p in range(24)]
+    assert past.slots.tolist() == [slot(p) for p in range(24, 30)]
     assert past.positions.tolist() == list(range(24, 30))
 
 

@@ -19,19 +19,19 @@ def test_long_prompt_prefilled_in_small_chunks(tiny_dir, public_chats, longest_c
 
 def test_small_cache_preempts_and_recomputes(gen, tiny_dir, public_chats):
     # 63 usable blocks of 4 tokens for ~100-token prompts that grow by up to 100: decoding runs out of blocks.
-    g = generator(tiny_dir, num_blocks=64, max_num_seqs=32)
+    g = generator(tiny_dir, block_size=4, num_blocks=64, max_num_seqs=32)
     assert g(public_chats, max_new_tokens=100) == gen(public_chats, max_new_tokens=100)
     assert g.engine.stats["preemptions"] > 0
 
 
 def test_prompt_larger_than_the_cache_is_a_clear_error(tiny_dir, longest_chat):
-    g = generator(tiny_dir, num_blocks=20)
+    g = generator(tiny_dir, block_size=4, num_blocks=20)
     with pytest.raises(ValueError, match="record 0: .* do not fit the KV cache"):
         g([longest_chat], max_new_tokens=4)
 
 
 def test_sequence_outgrowing_the_whole_cache_is_a_clear_error(tiny_dir, public_chats):
-    g = generator(tiny_dir, num_blocks=40)  # 156 tokens: a ~100-token prompt cannot grow by 100
+    g = generator(tiny_dir, block_size=4, num_blocks=40)  # 156 tokens: a ~100-token prompt cannot grow by 100
     with pytest.raises(MemoryError, match=r"record \d+: .* no longer fit the KV cache"):
         g(public_chats, max_new_tokens=100)
 
