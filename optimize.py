@@ -18,6 +18,7 @@ import transformers
 from transformers import AutoTokenizer
 
 from orinfer import kernels
+from orinfer.attention import varlen_supported
 from orinfer.config import Phi3Config, eos_token_ids
 from orinfer.drafts import parse_choices
 from orinfer.engine import Engine
@@ -184,6 +185,9 @@ def build(model_dir: str | Path, device: str | None = None, dtype: str = "auto",
     kernels.use_compiled(compile)
     torch_dtype = resolve_dtype(dtype, cfg)
     itemsize = torch.finfo(torch_dtype).bits // 8
+    # Before planning: loading the attention kernels (and cuBLAS, which the check uses) takes host memory, which a
+    # Jetson's budget must count (measured on the H200: ~0.24 GiB).
+    varlen_supported(dev, torch_dtype)
     plan = plan_memory(cfg, parse_budget(memory_budget, dev), cfg.num_parameters * itemsize, itemsize,
                        shared_host=is_integrated(dev) if unified_memory is None else unified_memory,
                        host_bytes=rss_bytes())

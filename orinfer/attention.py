@@ -14,6 +14,7 @@ new token's K/V goes, which cache blocks each sequence owns, and one of two layo
   CUDA-graph decode steps use this layout (its shapes depend only on the graph's bucket).
 """
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +64,10 @@ def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
 varlen_kernel = _flash_varlen  # out [T, H, D] from q [T, H, D], k/v [Tk, Hkv, D] (tests swap in a reference)
 
 
+@lru_cache
 def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the varlen kernel runs here and agrees with the padded path on a small case with a cached prefix."""
+    """Whether the varlen kernel runs here and agrees with the reference on a small case with a cached prefix
+    (asked once per device and dtype: running it loads the kernel's module, which costs host memory)."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
     g = torch.Generator(device=device).manual_seed(0)
