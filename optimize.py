@@ -18,7 +18,6 @@ import transformers
 from transformers import AutoTokenizer
 
 from orinfer import kernels
-from orinfer.attention import varlen_supported
 from orinfer.config import Phi3Config, eos_token_ids
 from orinfer.drafts import parse_choices
 from orinfer.engine import Engine
@@ -34,6 +33,11 @@ _DECODE_FULL_AND_CUT = _TRANSFORMERS < (5, 0)
 # Phi-3's SDPA and eager attention ignore sliding_window before transformers 4.46 (only flash-attention applied it).
 # It never matters for Phi-3-medium here (2047 > 868 + 500 tokens), but outputs must equal the installed version's.
 SLIDING_WINDOW_APPLIES = _TRANSFORMERS >= (4, 46)
+
+
+# Inputs are tokenised in chunks as the engine asks for them (one tokenizer call each), so that tokenising all but
+# the first pass's worth overlaps the device's work on it.
+_TOKENIZE_CHUNK = 64
 
 
 def _is_chat(x) -> bool:
@@ -80,31 +84,34 @@ class Generator:
                                  self.progress if progress is None else progress)
         return outputs[0] if single else outputs
 
-    def _prompt_ids(self, items: list) -> list[list[int]]:
-        texts = []
+    @staticmethod
+    def _check(items: list) -> None:
+        """Every input is a string or a chat ending with a user turn (before any work starts)."""
         for i, item in enumerate(items):
-            if isinstance(item, str):
-                texts.append(None)
-            elif _is_chat(item):
+            if _is_chat(item):
                 if item[-1]["role"] != "user":
                     raise ValueError(f"record {i}: a chat must end with a user turn (assistant prefill is not supported)")
-                texts.append(self.tokenizer.apply_chat_template(list(item), tokenize=False, add_generation_prompt=True))
-            else:
+            elif not isinstance(item, str):
                 raise TypeError(f"record {i}: expected a string or a chat (list of role/content dicts), got {type(item).__name__}")
+
+    def _prompt_ids(self, items: list, first: int = 0) -> list[list[int]]:
+        """Prompt token ids of checked inputs; `first` is the record number of items[0] (for errors)."""
         ids = [None] * len(items)
-        chats = [i for i, t in enumerate(texts) if t is not None]
-        strings = [i for i, t in enumerate(texts) if t is None]
+        chats = [i for i, item in enumerate(items) if not isinstance(item, str)]
+        strings = [i for i, item in enumerate(items) if isinstance(item, str)]
         # The chat template's text, tokenised without extra special tokens, is what apply_chat_template(tokenize=True)
         # gives; plain strings get the tokenizer's defaults, as the pipeline's preprocess does.
         if chats:
-            for i, row in zip(chats, self.tokenizer([texts[i] for i in chats], add_special_tokens=False)["input_ids"]):
+            texts = [self.tokenizer.apply_chat_template(list(items[i]), tokenize=False, add_generation_prompt=True)
+                     for i in chats]
+            for i, row in zip(chats, self.tokenizer(texts, add_special_tokens=False)["input_ids"]):
                 ids[i] = row
         if strings:
             for i, row in zip(strings, self.tokenizer([items[i] for i in strings])["input_ids"]):
                 ids[i] = row
         for i, row in enumerate(ids):
             if not row:
-                raise ValueError(f"record {i}: the prompt is empty after tokenisation")
+                raise ValueError(f"record {first + i}: the prompt is empty after tokenisation")
         return ids
 
     def _candidates(self, items: list) -> list[list[list[int]]]:
@@ -131,23 +138,35 @@ class Generator:
 
     def _generate(self, items, max_new_tokens, return_full_text, on_result, scripts, progress) -> list:
         t0 = time.perf_counter()
-        prompts = self._prompt_ids(items)
-        seqs = [Sequence(index=i, token_ids=list(p), num_prompt_tokens=len(p), max_new_tokens=max_new_tokens,
-                         candidates=c, script=scripts[i] if scripts else None)
-                for i, (p, c) in enumerate(zip(prompts, self._candidates(items)))]
+        self._check(items)
+        prompts: list = [None] * len(items)
         outputs: list = [None] * len(items)
-        detok = [0.0]
+        spent = {"tokenize": 0.0, "detokenize": 0.0}
+
+        def requests():
+            """Tokenised a chunk at a time, as the engine draws them: most of it overlaps the first pass."""
+            for first in range(0, len(items), _TOKENIZE_CHUNK):
+                t = time.perf_counter()
+                chunk = items[first:first + _TOKENIZE_CHUNK]
+                seqs = []
+                for i, (p, c) in enumerate(zip(self._prompt_ids(chunk, first), self._candidates(chunk)), first):
+                    prompts[i] = p
+                    seqs.append(Sequence(index=i, token_ids=list(p), num_prompt_tokens=len(p),
+                                         max_new_tokens=max_new_tokens, candidates=c,
+                                         script=scripts[i] if scripts else None))
+                spent["tokenize"] += time.perf_counter() - t
+                yield from seqs
 
         def finish(seq: Sequence) -> None:
             t = time.perf_counter()
             outputs[seq.index] = self._output(items[seq.index], prompts[seq.index], seq.generated, return_full_text)
             if on_result is not None:
                 on_result(seq.index, outputs[seq.index])
-            detok[0] += time.perf_counter() - t
+            spent["detokenize"] += time.perf_counter() - t
 
-        t1 = time.perf_counter()
-        self.engine.generate(seqs, on_finish=finish, progress=progress)
-        self.timings = {"tokenize": t1 - t0, "engine": time.perf_counter() - t1 - detok[0], "detokenize": detok[0]}
+        seqs = self.engine.generate(requests(), on_finish=finish, progress=progress, total=len(items))
+        self.timings = {"tokenize": spent["tokenize"], "detokenize": spent["detokenize"],
+                        "engine": time.perf_counter() - t0 - spent["tokenize"] - spent["detokenize"]}
         self.last_sequences = seqs  # token-level view of the last call, for tests and benchmarks
         return outputs
 
@@ -185,9 +204,6 @@ def build(model_dir: str | Path, device: str | None = None, dtype: str = "auto",
     kernels.use_compiled(compile)
     torch_dtype = resolve_dtype(dtype, cfg)
     itemsize = torch.finfo(torch_dtype).bits // 8
-    # Before planning: loading the attention kernels (and cuBLAS, which the check uses) takes host memory, which a
-    # Jetson's budget must count (measured on the H200: ~0.24 GiB).
-    varlen_supported(dev, torch_dtype)
     plan = plan_memory(cfg, parse_budget(memory_budget, dev), cfg.num_parameters * itemsize, itemsize,
                        shared_host=is_integrated(dev) if unified_memory is None else unified_memory,
                        host_bytes=rss_bytes())

@@ -67,7 +67,7 @@ varlen_kernel = _flash_varlen  # out [T, H, D] from q [T, H, D], k/v [Tk, Hkv, D
 @lru_cache
 def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the varlen kernel runs here and agrees with the reference on a small case with a cached prefix
-    (asked once per device and dtype: running it loads the kernel's module, which costs host memory)."""
+    (asked once per device and dtype)."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
     g = torch.Generator(device=device).manual_seed(0)

@@ -1,5 +1,5 @@
 """The generation loop: schedule -> run -> postprocess, until every request has finished."""
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -16,7 +16,7 @@ class Engine:
     def __init__(self, model: Phi3ForCausalLM, eos_ids: list[int], plan: MemoryPlan, speculate: bool = True):
         self.model, self.eos_ids, self.plan = model, eos_ids, plan
         self.speculate = speculate
-        self.runner = ModelRunner(model, plan.num_blocks, plan.block_size)
+        self.runner = ModelRunner(model, plan.num_blocks, plan.block_size, plan.varlen_attention)
         self.blocks = BlockManager(plan.num_blocks, plan.block_size)
         # A decode pass reads every weight once; it stays memory-bound up to roughly this many tokens on GPUs
         # (machine balance ~130 FLOP/byte on Orin, ~200 on H200), so that many prompt-lookup drafts ride along free.
@@ -60,34 +60,59 @@ class Engine:
         """Forget every cached prompt prefix (nothing may be running)."""
         self.blocks = BlockManager(self.plan.num_blocks, self.plan.block_size)
 
-    def generate(self, seqs: list[Sequence], on_finish: Callable[[Sequence], None] | None = None,
-                 progress: bool = False) -> list[Sequence]:
-        """Run every sequence to completion (they are modified in place); returns them in input order."""
+    def generate(self, seqs: Iterable[Sequence], on_finish: Callable[[Sequence], None] | None = None,
+                 progress: bool = False, total: int | None = None) -> list[Sequence]:
+        """Run every sequence to completion (they are modified in place); returns them in input order.
+
+        `seqs` may be lazy (a generator that tokenises as it goes): the engine draws what the first pass can hold,
+        launches it, and draws the rest while the device works. `on_finish` callbacks also run while the device
+        works on the next pass."""
         scheduler = Scheduler(self.blocks, self._limits(), self.eos_ids)
-        for seq in sorted(seqs, key=lambda s: s.num_tokens):
-            scheduler.add(seq)
-        bar = tqdm(total=len(seqs), desc="generate", unit="req", disable=not progress)
+        source, taken = iter(seqs), []
+
+        def draw(tokens: int | None) -> None:
+            """Queue requests, shortest prompt first, until `tokens` prompt tokens are queued (None: all)."""
+            drawn, queued = [], 0
+            for seq in source:
+                drawn.append(seq)
+                queued += seq.num_tokens
+                if tokens is not None and queued >= tokens:
+                    break
+            for seq in sorted(drawn, key=lambda s: s.num_tokens):
+                scheduler.add(seq)
+            taken.extend(drawn)
+
+        draw(self.plan.max_batched_tokens)
+        bar = tqdm(total=total, desc="generate", unit="req", disable=not progress)
+        finished: list[Sequence] = []
         while scheduler.has_work:
             works = scheduler.schedule()
             if not works:
                 raise RuntimeError("the scheduler could not place any sequence (this is a bug)")
             try:
-                tokens = self.runner.run(works)
+                pending = self.runner.launch(works)
             except torch.cuda.OutOfMemoryError:
                 scheduler.rollback(works)
                 self.stats["oom_retries"] += 1
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
-            self.stats["passes"] += 1
-            self.stats["prefill_tokens"] += sum(len(w.tokens) for w in works if not w.decode)
-            self.stats["max_batch"] = max(self.stats["max_batch"], len(works))
-            for seq in scheduler.postprocess(works, tokens):
+            draw(None)  # host work that overlaps the pass: the remaining requests, the last pass's results
+            for seq in finished:
                 if on_finish is not None:
                     on_finish(seq)
                 bar.update(1)
+            tokens = self.runner.collect(pending)
+            self.stats["passes"] += 1
+            self.stats["prefill_tokens"] += sum(len(w.tokens) for w in works if not w.decode)
+            self.stats["max_batch"] = max(self.stats["max_batch"], len(works))
+            finished = scheduler.postprocess(works, tokens)
+        for seq in finished:
+            if on_finish is not None:
+                on_finish(seq)
+            bar.update(1)
         bar.close()
         self.stats["preemptions"] += scheduler.preemptions
         self.stats["draft_tokens"] += scheduler.draft_tokens
         self.stats["accepted_drafts"] += scheduler.accepted_drafts
-        return sorted(seqs, key=lambda s: s.index)
+        return sorted(taken, key=lambda s: s.index)

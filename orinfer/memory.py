@@ -23,6 +23,10 @@ GRAPHS_HOST_BYTES = 512 * MiB
 # the budget leaves this much besides them (a 32 GB Orin does not: there a decode pass reads 28 GB at 205 GB/s,
 # 136 ms, far longer than the host needs to launch it).
 GRAPHS_MIN_FREE_BYTES = 2 * GiB
+# The FlashAttention kernels' module, loaded on first use: +0.34 GiB of host RSS (H200, bench run 17). On shared
+# memory the varlen layout is used only where the budget leaves as much room as for the graphs besides it (a 32 GB
+# Orin does not: there the padded layout keeps ~1,700 more tokens of KV cache).
+VARLEN_HOST_BYTES = 384 * MiB
 SAFETY_BYTES = 128 * MiB         # device memory outside the plan: allocator rounding, cuBLAS workspace (0.11 GiB seen)
 
 
@@ -98,6 +102,7 @@ class MemoryPlan:
     max_gather_tokens: int
     max_drafts: int
     cuda_graphs: bool
+    varlen_attention: bool  # allowed: the runner still checks the kernel runs here
 
     @property
     def kv_tokens(self) -> int:
@@ -107,7 +112,8 @@ class MemoryPlan:
         return (f"memory plan: budget {self.budget / GiB:.2f} GiB = weights {self.weights / GiB:.2f} + overhead "
                 f"{self.overhead / GiB:.2f} + workspace {self.workspace_bytes / GiB:.2f} + KV {self.kv_bytes / GiB:.2f} "
                 f"({self.kv_tokens} tokens); <= {self.max_num_seqs} sequences, {self.max_batched_tokens} tokens a pass; "
-                f"decode graphs {'on' if self.cuda_graphs else 'off'}")
+                f"graphs {'on' if self.cuda_graphs else 'off'}, varlen attention "
+                f"{'allowed' if self.varlen_attention else 'off'}")
 
 
 def activation_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
@@ -134,6 +140,10 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
     if shared_host and cuda_graphs:
         overhead += GRAPHS_HOST_BYTES
         free -= GRAPHS_HOST_BYTES
+    varlen_attention = not shared_host or free >= VARLEN_HOST_BYTES + GRAPHS_MIN_FREE_BYTES
+    if shared_host and varlen_attention:
+        overhead += VARLEN_HOST_BYTES
+        free -= VARLEN_HOST_BYTES
     act = activation_bytes_per_token(cfg, itemsize)
     gather = gather_bytes_per_token(cfg, itemsize)
     kv_per_token = cfg.kv_bytes_per_token // 2 * itemsize
@@ -159,4 +169,5 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
     return MemoryPlan(budget=budget, weights=weights, overhead=overhead, kv_bytes=(num_blocks - 1) * block_size * kv_per_token,
                       workspace_bytes=tokens * act + gather_tokens * gather + logits, num_blocks=int(num_blocks),
                       block_size=block_size, max_num_seqs=int(max_num_seqs), max_batched_tokens=tokens,
-                      max_gather_tokens=int(gather_tokens), max_drafts=max_drafts, cuda_graphs=cuda_graphs)
+                      max_gather_tokens=int(gather_tokens), max_drafts=max_drafts, cuda_graphs=cuda_graphs,
+                      varlen_attention=varlen_attention)

@@ -6,6 +6,7 @@ bucket when one exists; every other pass runs eagerly through the very same mode
 """
 import time
 from array import array
+from dataclasses import dataclass
 
 import torch
 
@@ -16,12 +17,23 @@ from .scheduler import Work
 from .sequence import Sequence
 
 
+@dataclass
+class Pending:
+    """A launched pass: its sampled tokens (on the device until collected) and what the pass log records."""
+    out: torch.Tensor
+    tokens: int
+    seqs: int
+    t0: float
+    t1: float
+    graph: bool
+
+
 def _bucket(n: int, sizes: list[int]) -> int | None:
     return next((s for s in sizes if s >= n), None)
 
 
 class ModelRunner:
-    def __init__(self, model: Phi3ForCausalLM, num_blocks: int, block_size: int):
+    def __init__(self, model: Phi3ForCausalLM, num_blocks: int, block_size: int, varlen: bool = True):
         cfg = model.cfg
         self.model, self.block_size, self.device = model, block_size, model.device
         self.kv = torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads,
@@ -30,14 +42,14 @@ class ModelRunner:
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv[i, 0], self.kv[i, 1]
         model.block_size = block_size
         self.sliding_window = cfg.sliding_window
-        # The varlen layout wherever its kernel runs (attention.py); a pass whose keys reach past the sliding window
-        # and every CUDA-graph step use the padded one.
-        self.varlen = varlen_supported(self.device, model.dtype)
+        # The varlen layout where the plan allows it and its kernel runs (attention.py); a pass whose keys reach past
+        # the sliding window uses the padded one.
+        self.varlen = varlen and varlen_supported(self.device, model.dtype)
         self.max_positions = cfg.max_position_embeddings
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
         self.graph_dims: tuple[list[int], list[int]] = ([], [])  # the buckets of the two dimensions of a graph's shape
-        # Per pass: (tokens, sequences, seconds building inputs on the host, seconds of forward until tokens are back,
-        # whether a graph was replayed).
+        # Per pass: (tokens, sequences, seconds building inputs on the host, seconds from launch until the tokens are
+        # back (host work done meanwhile included), whether a graph was replayed).
         self.pass_log: list[tuple[int, int, float, float, bool]] = []
 
     def _graph_shape(self, works: list[Work]) -> tuple[int, int] | None:
@@ -144,8 +156,9 @@ class ModelRunner:
                      Padded: (("positions", "slots", "sample_rows", "block_tables"), ("query_positions",))}
 
     @torch.inference_mode()
-    def run(self, works: list[Work]) -> list[int]:
-        """One forward pass; the greedy tokens of every sampling row, in order."""
+    def launch(self, works: list[Work]) -> "Pending":
+        """Start one forward pass. The device runs it while the host goes on; `collect` waits for its tokens (the
+        next launch must come after: a graph's output buffer is reused)."""
         t0 = time.perf_counter()
         shape = self._graph_shape(works)
         graph, io = self.graphs.get(shape, (None, None))
@@ -159,14 +172,18 @@ class ModelRunner:
                 getattr(io["ctx"].layout, name).copy_(getattr(ctx.layout, name))
             t1 = time.perf_counter()
             graph.replay()
-            sampled = sum(1 + w.num_drafts for w in works if w.samples)
-            tokens = io["out"][:sampled].tolist()
+            out = io["out"][:sum(1 + w.num_drafts for w in works if w.samples)]
         else:
             ids, ctx = self.context(works)
             t1 = time.perf_counter()
-            tokens = self.model(ids, ctx).tolist()
-        self.pass_log.append((sum(len(w.tokens) for w in works), len(works), t1 - t0, time.perf_counter() - t1,
-                              graph is not None))
+            out = self.model(ids, ctx)
+        return Pending(out, sum(len(w.tokens) for w in works), len(works), t0, t1, graph is not None)
+
+    def collect(self, pending: "Pending") -> list[int]:
+        """The greedy tokens of every sampling row of a launched pass, in order."""
+        tokens = pending.out.tolist()
+        self.pass_log.append((pending.tokens, pending.seqs, pending.t1 - pending.t0, time.perf_counter() - pending.t1,
+                              pending.graph))
         return tokens
 
     @torch.inference_mode()

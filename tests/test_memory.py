@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from orinfer.config import Phi3Config
-from orinfer.memory import GRAPHS_HOST_BYTES, GiB, MiB, parse_budget, plan_memory
+from orinfer.memory import GRAPHS_HOST_BYTES, VARLEN_HOST_BYTES, GiB, MiB, parse_budget, plan_memory
 from orinfer.tiny import ASSETS
 
 MEDIUM = Phi3Config.from_folder(ASSETS)
@@ -37,16 +37,17 @@ def test_orin_emulation_cap_holds_the_longest_sample():
     # The 28.5 GiB cap of the Orin emulation, with the host as measured on the H200 before loading.
     plan = plan_memory(MEDIUM, int(28.5 * GiB), WEIGHTS, 2, shared_host=True, host_bytes=800 * MiB)
     assert plan.kv_tokens >= 868 + 500 + 1
-    assert not plan.cuda_graphs
+    assert not plan.cuda_graphs and not plan.varlen_attention
 
 
-def test_decode_graphs_only_where_the_budget_has_room_for_their_host_memory():
+def test_graphs_and_varlen_attention_only_where_the_budget_has_room_for_their_host_memory():
     orin = plan_memory(MEDIUM, int(29.5 * GiB), WEIGHTS, 2, shared_host=True, host_bytes=800 * MiB)
     orin64 = plan_memory(MEDIUM, 60 * GiB, WEIGHTS, 2, shared_host=True, host_bytes=800 * MiB)
     discrete = plan_memory(MEDIUM, 30 * GiB, WEIGHTS, 2, shared_host=False, host_bytes=800 * MiB)
     assert not orin.cuda_graphs and orin64.cuda_graphs and discrete.cuda_graphs
-    # On shared memory the graphs' host memory is counted in the overhead.
-    assert orin64.overhead - orin.overhead == GRAPHS_HOST_BYTES
+    assert not orin.varlen_attention and orin64.varlen_attention and discrete.varlen_attention
+    # On shared memory the host memory of the graphs and of the FlashAttention kernels is counted in the overhead.
+    assert orin64.overhead - orin.overhead == GRAPHS_HOST_BYTES + VARLEN_HOST_BYTES
 
 
 def test_parse_budget():

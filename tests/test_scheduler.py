@@ -38,16 +38,16 @@ def test_sequence_outgrowing_the_whole_cache_is_a_clear_error(tiny_dir, public_c
 
 def test_out_of_memory_splits_the_batch_and_retries(tiny_dir, public_chats, expected):
     g = generator(tiny_dir)
-    run = g.engine.runner.run
+    launch = g.engine.runner.launch
     failures = []
 
     def flaky(works):  # a pass over more than 200 tokens "runs out of memory"
         if sum(len(w.tokens) for w in works) > 200:
             failures.append(len(works))
             raise torch.cuda.OutOfMemoryError("simulated")
-        return run(works)
+        return launch(works)
 
-    g.engine.runner.run = flaky
+    g.engine.runner.launch = flaky
     finished = []
     outs = g(public_chats, max_new_tokens=NEW, return_full_text=False, on_result=lambda i, o: finished.append(i))
     assert failures and g.engine.stats["oom_retries"] == len(failures)
@@ -61,6 +61,6 @@ def test_out_of_memory_on_a_single_token_is_reported(tiny_dir, public_chats):
     def always(works):
         raise torch.cuda.OutOfMemoryError("simulated")
 
-    g.engine.runner.run = always
+    g.engine.runner.launch = always
     with pytest.raises(MemoryError, match="single decode token"):
         g(public_chats[:1], max_new_tokens=4)
