@@ -1,4 +1,5 @@
-"""The generation loop: schedule -> run -> postprocess, until every request has finished."""
+"""The generation loop: schedule -> launch -> (host work while the device runs) -> collect -> postprocess, until
+every request has finished."""
 from typing import Callable, Iterable
 
 import torch
@@ -31,7 +32,7 @@ class Engine:
                       free_draft_tokens=self.free_draft_tokens if self.speculate else 0)
 
     def warmup(self, cuda_graphs: bool = True) -> None:
-        """Untimed preparation: kernels, allocator pools and decode graphs, before the clock starts."""
+        """Untimed preparation: kernels, allocator pools and CUDA graphs, before the clock starts."""
         if self.model.device.type != "cuda":
             return
         p = self.plan
@@ -82,8 +83,15 @@ class Engine:
                 scheduler.add(seq)
             taken.extend(drawn)
 
-        draw(self.plan.max_batched_tokens)
         bar = tqdm(total=total, desc="generate", unit="req", disable=not progress)
+
+        def report(finished: list[Sequence]) -> None:
+            for seq in finished:
+                if on_finish is not None:
+                    on_finish(seq)
+                bar.update(1)
+
+        draw(self.plan.max_batched_tokens)
         finished: list[Sequence] = []
         while scheduler.has_work:
             works = scheduler.schedule()
@@ -98,19 +106,13 @@ class Engine:
                     torch.cuda.empty_cache()
                 continue
             draw(None)  # host work that overlaps the pass: the remaining requests, the last pass's results
-            for seq in finished:
-                if on_finish is not None:
-                    on_finish(seq)
-                bar.update(1)
+            report(finished)
             tokens = self.runner.collect(pending)
             self.stats["passes"] += 1
             self.stats["prefill_tokens"] += sum(len(w.tokens) for w in works if not w.decode)
             self.stats["max_batch"] = max(self.stats["max_batch"], len(works))
             finished = scheduler.postprocess(works, tokens)
-        for seq in finished:
-            if on_finish is not None:
-                on_finish(seq)
-            bar.update(1)
+        report(finished)
         bar.close()
         self.stats["preemptions"] += scheduler.preemptions
         self.stats["draft_tokens"] += scheduler.draft_tokens

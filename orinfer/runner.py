@@ -1,8 +1,10 @@
-"""Owner of the device: the KV pool, the input tensors of each pass, and CUDA graphs for plain decode steps.
+"""Owner of the device: the KV pool, the input tensors of each pass, and CUDA graphs for small passes.
 
 The pool is allocated once, zero-filled (gathered padding keys must be finite: 0 * NaN would poison SDPA), and never
-grown. A pass whose every sequence feeds exactly one token replays a CUDA graph captured for its (batch, blocks)
-bucket when one exists; every other pass runs eagerly through the very same model code.
+grown. Graphs are captured per shape bucket and replay, with the inputs padded to the bucket: under the varlen layout
+any pass of up to 512 tokens (its launches would take longer than its weight reads), under the padded layout a pass
+whose every sequence feeds exactly one token. Every other pass runs eagerly through the very same model code.
+A pass is launched and collected separately, so the engine can do host work while the device runs it.
 """
 import time
 from array import array
