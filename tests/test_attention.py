@@ -58,7 +58,9 @@ def test_keys_past_the_sliding_window_take_the_padded_layout(varlen, tmp_path):
         return table[p // bs] * bs + p % bs
     inside = runner.context([Work(seq, seq.token_ids[:24], 0, 0, False, True)])[1]
     past = runner.context([Work(seq, seq.token_ids[24:], 24, 0, True, False)])[1]
-    assert isinstance(inside.layout, attention.Varlen) and isinstance(past.layout, attention.Padded)
+    assert isinstance(inside.layout, attention.Varlen)
+    # (transformers < 4.46 ignores the window, and so does the engine then: no reason to leave the varlen layout)
+    assert isinstance(past.layout, attention.Padded) == optimize.SLIDING_WINDOW_APPLIES
     assert inside.layout.key_slots.tolist() == [slot(p) for p in range(24)]
     assert past.slots.tolist() == [slot(p) for p in range(24, 30)]
     assert past.positions.tolist() == list(range(24, 30))
