@@ -4,14 +4,13 @@ One forward pass carries a flat list of new tokens from several sequences (prefi
 decode tokens plus draft tokens). `Context` is the only thing the runner hands to the attention layers: where each
 new token's K/V goes, which cache blocks each sequence owns, and one of two layouts for the kernel:
 
-- varlen (CUDA, fp16/bf16, a torch built with FlashAttention): the flat queries as they are, each sequence's keys
-  gathered into one flat run, and cumulative lengths. The kernel aligns the causal mask bottom-right (a query at the
-  end of a cached prefix sees the prefix) and handles the grouped KV heads itself: no padding, no mask, no copies of
-  the queries or the output.
+- varlen (CUDA, fp16/bf16, a torch built with FlashAttention, and a memory plan that affords its kernels' host
+  memory): the flat queries as they are, each sequence's keys gathered into one flat run, and cumulative lengths.
+  The kernel aligns the causal mask bottom-right (a query at the end of a cached prefix sees the prefix) and handles
+  the grouped KV heads itself: no padding, no mask, no copies of the queries or the output.
 - padded (every device and dtype, torch >= 2.3, NVIDIA's Jetson wheels included): SDPA over a padded
   [sequences, queries] grid with an additive mask. The grouped KV heads are handled by folding each KV head's query
   heads into the query axis, which needs no copy of K/V per query head and no `enable_gqa` (torch >= 2.5 only).
-  CUDA-graph decode steps use this layout (its shapes depend only on the graph's bucket).
 """
 from dataclasses import dataclass
 from functools import lru_cache
