@@ -19,14 +19,13 @@ CUDA_CONTEXT_BYTES = 512 * MiB   # the CUDA context lives in the shared DRAM on 
 # 13 MiB more for each captured decode graph (0.28 GiB for 22 graphs).
 WARMUP_HOST_BYTES = 640 * MiB
 GRAPHS_HOST_BYTES = 512 * MiB
-# Decode graphs save launch time, which matters where a pass is short; on shared memory they are captured only when
-# the budget leaves this much besides them (a 32 GB Orin does not: there a decode pass reads 28 GB at 205 GB/s,
-# 136 ms, far longer than the host needs to launch it).
-GRAPHS_MIN_FREE_BYTES = 2 * GiB
-# The FlashAttention kernels' module, loaded on first use: +0.34 GiB of host RSS (H200, bench run 17). On shared
-# memory the varlen layout is used only where the budget leaves as much room as for the graphs besides it (a 32 GB
-# Orin does not: there the padded layout keeps ~1,700 more tokens of KV cache).
+# The FlashAttention kernels' module, loaded on first use: +0.34 GiB of host RSS (H200, bench run 17).
 VARLEN_HOST_BYTES = 384 * MiB
+# Graphs save launch time, which matters where a pass is short, and the varlen layout saves attention work; on shared
+# memory each is used only where the budget leaves this much besides its host memory (a 32 GB Orin does not: there a
+# decode pass reads 28 GB at 205 GB/s, 136 ms, far longer than the host needs to launch it, and without the
+# FlashAttention kernels the padded layout keeps ~1,700 more tokens of KV cache).
+OPTIONAL_MIN_FREE_BYTES = 2 * GiB
 SAFETY_BYTES = 128 * MiB         # device memory outside the plan: allocator rounding, cuBLAS workspace (0.11 GiB seen)
 
 
@@ -136,14 +135,20 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
                 host_bytes: int, block_size: int = 1, max_drafts: int | None = None) -> MemoryPlan:
     overhead = (host_bytes + WARMUP_HOST_BYTES + CUDA_CONTEXT_BYTES) if shared_host else 0
     free = budget - weights - overhead - SAFETY_BYTES
-    cuda_graphs = not shared_host or free >= GRAPHS_HOST_BYTES + GRAPHS_MIN_FREE_BYTES
-    if shared_host and cuda_graphs:
-        overhead += GRAPHS_HOST_BYTES
-        free -= GRAPHS_HOST_BYTES
-    varlen_attention = not shared_host or free >= VARLEN_HOST_BYTES + GRAPHS_MIN_FREE_BYTES
-    if shared_host and varlen_attention:
-        overhead += VARLEN_HOST_BYTES
-        free -= VARLEN_HOST_BYTES
+
+    def afford(host_cost: int) -> bool:
+        """Whether to use an optional feature that costs host memory; on shared memory its cost is booked."""
+        nonlocal overhead, free
+        if not shared_host:
+            return True
+        if free < host_cost + OPTIONAL_MIN_FREE_BYTES:
+            return False
+        overhead += host_cost
+        free -= host_cost
+        return True
+
+    cuda_graphs = afford(GRAPHS_HOST_BYTES)
+    varlen_attention = afford(VARLEN_HOST_BYTES)
     act = activation_bytes_per_token(cfg, itemsize)
     gather = gather_bytes_per_token(cfg, itemsize)
     kv_per_token = cfg.kv_bytes_per_token // 2 * itemsize
