@@ -54,6 +54,11 @@ class ModelRunner:
         # back (host work done meanwhile included), whether a graph was replayed).
         self.pass_log: list[tuple[int, int, float, float, bool]] = []
 
+    def _uses_varlen(self, ends: list[int]) -> bool:
+        """Whether a pass whose sequences end at `ends` takes the varlen layout (its keys must stay inside the
+        sliding window, which that kernel is not given)."""
+        return self.varlen and (self.sliding_window is None or max(ends) <= self.sliding_window)
+
     def _graph_shape(self, works: list[Work]) -> tuple[int, int] | None:
         """The captured graph this pass fits, if any: (tokens, gathered keys) buckets for the varlen layout (any
         small pass), (sequences, blocks) for the padded one (plain decode steps only)."""
@@ -63,7 +68,7 @@ class ModelRunner:
         if self.varlen:
             tokens = sum(len(w.tokens) for w in works)
             ends = [w.start + len(w.tokens) for w in works]
-            if tokens > sizes[-1] or (self.sliding_window is not None and max(ends) > self.sliding_window):
+            if tokens > sizes[-1] or not self._uses_varlen(ends):
                 return None
             padded_tokens = _bucket(tokens, sizes)
             return padded_tokens, _bucket(sum(ends) + padded_tokens - tokens, extents)
@@ -88,8 +93,7 @@ class ModelRunner:
             ids += w.tokens
             if w.samples:
                 sample_rows += range(len(ids) - 1 - w.num_drafts, len(ids))
-        varlen = self.varlen and (shape is not None or self.sliding_window is None
-                                  or max(s + k for s, k in zip(starts, lens)) <= self.sliding_window)
+        varlen = self._uses_varlen([s + k for s, k in zip(starts, lens)])  # a graph's shape agrees (_graph_shape)
         if shape is None:
             batch = n
         elif varlen:  # `shape` tokens in as many sequences; padding keys are gathered from the scratch block
