@@ -8,7 +8,9 @@ Inputs are tokenised as the pipeline tokenises them (the chat template with the 
 tokenizer for strings), generated greedily by the orinfer engine in one batched run, and turned into text exactly as
 the installed transformers' pipeline does it (that step changed in transformers 5: see `_text`).
 """
+import gc
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -40,6 +42,22 @@ SLIDING_WINDOW_APPLIES = _TRANSFORMERS >= (4, 46)
 _TOKENIZE_CHUNK = 64
 
 
+@contextmanager
+def _collector_paused(pause: bool):
+    """Python's cyclic garbage collector off for one call. A call allocates ~10^5 small objects that live until it
+    returns (token lists, block hashes, tokenizer output) and form no reference cycles; the collector would rescan
+    them, and on the first call after start-up the ~3*10^5 objects of torch and transformers too, on the critical
+    path between passes (tests/test_optimize.py checks that a call leaves no cyclic garbage)."""
+    enabled = gc.isenabled()
+    if pause:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _is_chat(x) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, dict) and "role" in m for m in x)
 
@@ -52,6 +70,7 @@ class Generator:
         self.end_id = tokenizer.convert_tokens_to_ids("<|end|>")
         self.last_sequences: list[Sequence] = []
         self.timings: dict[str, float] = {}  # host seconds of the last call, by phase (benchmark breakdown)
+        self.pause_gc = True  # see _collector_paused; the benchmark switches it off for its A/B
 
     def warmup(self, cuda_graphs: bool = True) -> None:
         try:
@@ -164,7 +183,8 @@ class Generator:
                 on_result(seq.index, outputs[seq.index])
             spent["detokenize"] += time.perf_counter() - t
 
-        seqs = self.engine.generate(requests(), on_finish=finish, progress=progress, total=len(items))
+        with _collector_paused(self.pause_gc):
+            seqs = self.engine.generate(requests(), on_finish=finish, progress=progress, total=len(items))
         self.timings = {"tokenize": spent["tokenize"], "detokenize": spent["detokenize"],
                         "engine": time.perf_counter() - t0 - spent["tokenize"] - spent["detokenize"]}
         self.last_sequences = seqs  # token-level view of the last call, for tests and benchmarks

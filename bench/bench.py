@@ -21,9 +21,11 @@ import json
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -250,12 +252,14 @@ def main():
     (out / f"{args.stage}.json").write_text(json.dumps(res, indent=1))
 
 
-def breakdown(gen, log_start: int, seconds: float) -> dict:
+def breakdown(gen, log_start: int, started: float, seconds: float) -> dict:
     """Where the seconds of one call went. A pass runs from its launch until its tokens are on the host; the host
     tokenises the later requests and turns finished ones into text meanwhile (so those phases overlap passes).
-    `outside_passes_s` is the rest: time with no pass in flight (data load, the first pass's tokenisation,
-    scheduling between passes, the last results)."""
+    `outside_passes_s` is the rest: time with no pass in flight, split into `before_first_pass_s` (data load, the
+    first pass's tokenisation and scheduling), `between_passes_s` (committing a pass and scheduling the next, per
+    gap) and `after_last_pass_s` (the last results)."""
     log = gen.engine.runner.pass_log[log_start:]
+    ends = [p[5] + p[2] + p[3] for p in log]
     prefill = [p for p in log if p[0] > p[1]]
     decode = [p for p in log if p[0] <= p[1]]
     t = gen.timings
@@ -264,6 +268,9 @@ def breakdown(gen, log_start: int, seconds: float) -> dict:
             "decode_passes": len(decode), "decode_forward_s": sum(p[3] for p in decode),
             "build_inputs_s": sum(p[2] for p in log),
             "outside_passes_s": seconds - sum(p[2] + p[3] for p in log),
+            "before_first_pass_s": log[0][5] - started,
+            "between_passes_s": [round(p[5] - end, 4) for p, end in zip(log[1:], ends)],
+            "after_last_pass_s": started + seconds - ends[-1],
             "pass_tokens": [p[0] for p in log], "pass_forward_s": [round(p[3], 4) for p in log],
             "pass_graph": [p[4] for p in log]}
 
@@ -291,7 +298,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
     varlen = gen.engine.runner.varlen
     res["attention"] = "varlen (FlashAttention)" if varlen else "padded (SDPA)"
 
-    def run_ours(speculate, compiled, padded=False):
+    def run_ours(speculate, compiled, padded=False, pause_gc=True, profiled=False):
         if compiled != kernels.compiled():
             kernels.use_compiled(compiled)
             gen.engine.runner.graphs.clear()  # captured graphs hold the other kernels: capture again
@@ -300,15 +307,20 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
             gen.engine.runner.varlen = varlen and not padded
             gen.engine.runner.graphs.clear()  # each layout has its own graphs: capture again
         gen.warmup()
+        gen.pause_gc = pause_gc
         log_start = fresh_run(gen)
         torch.cuda.synchronize()
-        t = time.perf_counter()
-        data = test_script.load_records(w1)
-        outs = gen([r["message"] for r in data], scripts=scripts, **gen_args)
-        torch.cuda.synchronize()
-        secs = time.perf_counter() - t
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if profiled else nullcontext() as prof:
+            t = time.perf_counter()
+            data = test_script.load_records(w1)
+            outs = gen([r["message"] for r in data], scripts=scripts, **gen_args)
+            torch.cuda.synchronize()
+            secs = time.perf_counter() - t
+        if profiled:  # the timed call only (warm-up outside), by kernel
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70),
+                  flush=True)
         stats = dict(gen.engine.stats)
-        brk = breakdown(gen, log_start, secs)
+        brk = breakdown(gen, log_start, t, secs)
         return {"seconds": secs, "correct": score(outs), "passes": stats["passes"],
                 "passes_per_request": sum(s.passes for s in gen.last_sequences) / len(records),
                 "stats": stats, "breakdown": brk,
@@ -323,15 +335,12 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
     for name in [s for s in systems if s.startswith("ours")]:
         torch.cuda.reset_peak_memory_stats()
         res["systems"][name] = run_ours(speculate=name != "ours_nospec", compiled=compiled and name != "ours_eager",
-                                        padded=name == "ours_padded")
+                                        padded=name == "ours_padded", pause_gc=name != "ours_gc")
         print(name, json.dumps({k: v for k, v in res["systems"][name].items() if k != "breakdown"}), flush=True)
         print("   breakdown", json.dumps(res["systems"][name]["breakdown"]), flush=True)
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
         run_ours(True, compiled)  # unprofiled: any graph recapture after ours_eager stays out of the profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            run_ours(True, compiled)
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
+        run_ours(True, compiled, profiled=True)
 
     hf_systems = [s for s in systems if s.startswith("hf")]
     if hf_systems:

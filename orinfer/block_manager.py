@@ -41,6 +41,11 @@ class BlockManager:
         self.refs[block] = 1
         return block
 
+    def hash_prompt(self, seq: Sequence) -> None:
+        """Hash the full blocks of a queued request's prompt now: the engine queues requests while the device runs
+        a pass, so admitting them later (on the critical path between passes) only looks the hashes up."""
+        self._hashes(seq, seq.num_prompt_tokens // self.block_size)
+
     def _hashes(self, seq: Sequence, num_blocks: int) -> list[tuple[int, tuple]]:
         """(hash, tokens) of the sequence's first `num_blocks` full blocks. Each is computed once per sequence and
         kept on it (its tokens only ever grow): admission and publishing both walk the prompt's blocks."""

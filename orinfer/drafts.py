@@ -21,11 +21,15 @@ def parse_choices(text: str) -> list[str]:
     found = _CHOICES.findall(text)
     if not found:
         return []
+    # The list node read directly (not ast.literal_eval, whose helper closures leave reference cycles behind on
+    # every call: garbage that waits for the cyclic collector, which is paused while generating).
     try:
-        values = ast.literal_eval(found[-1])
+        node = ast.parse(found[-1], mode="eval").body
     except (ValueError, SyntaxError):
         return []
-    return [str(v) for v in values] if isinstance(values, (list, tuple)) else []
+    if not isinstance(node, (ast.List, ast.Tuple)) or not all(isinstance(e, ast.Constant) for e in node.elts):
+        return []
+    return [str(e.value) for e in node.elts]
 
 
 def candidate_drafts(seq: Sequence, max_drafts: int) -> list[int]:

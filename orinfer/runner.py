@@ -51,8 +51,8 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
         self.graph_dims: tuple[list[int], list[int]] = ([], [])  # the buckets of the two dimensions of a graph's shape
         # Per pass: (tokens, sequences, seconds building inputs on the host, seconds from launch until the tokens are
-        # back (host work done meanwhile included), whether a graph was replayed).
-        self.pass_log: list[tuple[int, int, float, float, bool]] = []
+        # back (host work done meanwhile included), whether a graph was replayed, perf_counter() when it began).
+        self.pass_log: list[tuple[int, int, float, float, bool, float]] = []
 
     def _uses_varlen(self, ends: list[int]) -> bool:
         """Whether a pass whose sequences end at `ends` takes the varlen layout (its keys must stay inside the
@@ -189,7 +189,7 @@ class ModelRunner:
         """The greedy tokens of every sampling row of a launched pass, in order."""
         tokens = pending.out.tolist()
         self.pass_log.append((pending.tokens, pending.seqs, pending.t1 - pending.t0, time.perf_counter() - pending.t1,
-                              pending.graph))
+                              pending.graph, pending.t0))
         return tokens
 
     @torch.inference_mode()

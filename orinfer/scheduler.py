@@ -52,6 +52,7 @@ class Scheduler:
         if self.blocks.blocks_needed(seq, seq.num_tokens + 1) > len(self.blocks.refs) - 1:
             raise ValueError(f"record {seq.index}: {seq.num_tokens} prompt tokens do not fit the KV cache "
                              f"({(len(self.blocks.refs) - 1) * self.blocks.block_size} tokens); raise the memory budget")
+        self.blocks.hash_prompt(seq)
         self.waiting.append(seq)
 
     @property

@@ -118,3 +118,19 @@ def test_a_failed_compile_names_the_way_out(tiny_dir, monkeypatch):
     monkeypatch.setattr(gen.engine, "warmup", broken_warmup)
     with pytest.raises(TorchDynamoException):  # eager: the error itself, unwrapped
         gen.warmup()
+
+
+def test_a_call_pauses_the_collector_and_leaves_no_cyclic_garbage(gen, public_chats, longest_chat):
+    import gc
+    seen = []
+    gen(public_chats[:3], max_new_tokens=4, on_result=lambda i, o: seen.append(gc.isenabled()))
+    assert seen == [False] * 3 and gc.isenabled()  # paused while generating, on again after
+    # Nothing a call allocates waits for the collector, so pausing it holds no memory: with the collector off
+    # around the call too (no automatic collection when the call re-enables it), a collection finds nothing.
+    gc.collect()
+    gc.disable()
+    try:
+        gen(public_chats + [longest_chat], max_new_tokens=8, return_full_text=False)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
