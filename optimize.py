@@ -67,7 +67,6 @@ class Generator:
 
     def __init__(self, engine: Engine, tokenizer, progress: bool = True):
         self.engine, self.tokenizer, self.progress = engine, tokenizer, progress
-        self.end_id = tokenizer.convert_tokens_to_ids("<|end|>")
         self.last_sequences: list[Sequence] = []
         self.timings: dict[str, float] = {}  # host seconds of the last call, by phase (benchmark breakdown)
         self.pause_gc = True  # see _collector_paused; the benchmark switches it off for its A/B
@@ -83,6 +82,10 @@ class Generator:
             # torch.compile fails on the first call, here (e.g. no C compiler for Triton's launcher): say the way out.
             raise RuntimeError(f"warm-up failed while compiling the fused kernels ({type(e).__name__}: {e}); "
                                "build with compile=False (test_script.py --no-compile)") from e
+        # What exists now (torch, transformers, the model, compiled kernels: ~3*10^5 objects) lives until exit: the
+        # cyclic collector stops rescanning it, which it otherwise does in the timed data load after a call.
+        gc.collect()
+        gc.freeze()
 
     def __call__(self, inputs, max_new_tokens: int | None = None, return_full_text: bool = True,
                  do_sample: bool = False, temperature: float | None = None, batch_size: int | None = None,
@@ -134,13 +137,15 @@ class Generator:
         return ids
 
     def _candidates(self, items: list) -> list[list[list[int]]]:
-        """Token ids of each input's listed choices, each followed by <|end|> (drafts only; one tokenizer call)."""
+        """Token ids of each input's listed choices (drafts only; one tokenizer call). No <|end|> after them: the
+        pass that verifies a whole choice samples the token after it anyway, and feeding <|end|> would compute a
+        position nothing reads."""
         if not self.engine.speculate:
             return [[] for _ in items]
         choices = [parse_choices(item if isinstance(item, str) else item[-1]["content"]) for item in items]
         flat = [c for cs in choices for c in cs]
         rows = iter(self.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
-        return [[row + [self.end_id] for row in (next(rows) for _ in cs) if row] for cs in choices]
+        return [[row for row in (next(rows) for _ in cs) if row] for cs in choices]
 
     def _text(self, prompt_ids: list[int], generated: list[int]) -> str:
         tok = self.tokenizer

@@ -46,23 +46,27 @@ class BlockManager:
         a pass, so admitting them later (on the critical path between passes) only looks the hashes up."""
         self._hashes(seq, seq.num_prompt_tokens // self.block_size)
 
-    def _hashes(self, seq: Sequence, num_blocks: int) -> list[tuple[int, tuple]]:
-        """(hash, tokens) of the sequence's first `num_blocks` full blocks. Each is computed once per sequence and
-        kept on it (its tokens only ever grow): admission and publishing both walk the prompt's blocks."""
+    def _hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """Chained hashes of the sequence's first `num_blocks` full blocks. Each is computed once per sequence and
+        kept on it (its tokens only ever grow): admission and publishing both walk the prompt's blocks. Plain ints:
+        the cyclic collector never scans them (a tuple per block would make 4*10^4 objects for it on W1)."""
         known, bs, ids = seq.block_hashes, self.block_size, seq.token_ids
-        h = known[-1][0] if known else 0
+        h = known[-1] if known else 0
         for i in range(len(known), num_blocks):
-            tokens = tuple(ids[i * bs:(i + 1) * bs])
-            h = hash((h, tokens))
-            known.append((h, tokens))
+            h = hash((h, *ids[i * bs:(i + 1) * bs]))
+            known.append(h)
         return known[:num_blocks]
+
+    def _tokens(self, seq: Sequence, i: int) -> tuple:
+        """The tokens of the sequence's block i: a published block keeps them, so a hash collision is never reuse."""
+        return tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
 
     def reuse_prefix(self, seq: Sequence) -> None:
         """Give a new sequence the cached blocks of its longest published prefix (leaving >= 1 token to compute)."""
         assert not seq.block_table and seq.num_computed == 0
-        for h, tokens in self._hashes(seq, (seq.num_tokens - 1) // self.block_size):
+        for i, h in enumerate(self._hashes(seq, (seq.num_tokens - 1) // self.block_size)):
             block = self.by_hash.get(h)
-            if block is None or self.block_tokens[block] != tokens:
+            if block is None or self.block_tokens[block] != self._tokens(seq, i):
                 break
             seq.block_table.append(self._take(block))
         seq.num_computed = len(seq.block_table) * self.block_size
@@ -81,10 +85,10 @@ class BlockManager:
     def publish(self, seq: Sequence, num_tokens: int) -> list[int]:
         """Publish the full prompt blocks among the first `num_tokens` tokens; returns the blocks newly published."""
         published = []
-        for i, (h, tokens) in enumerate(self._hashes(seq, min(num_tokens, seq.num_prompt_tokens) // self.block_size)):
+        for i, h in enumerate(self._hashes(seq, min(num_tokens, seq.num_prompt_tokens) // self.block_size)):
             block = seq.block_table[i]
             if self.block_hash[block] is None and h not in self.by_hash:
-                self.block_hash[block], self.block_tokens[block] = h, tokens
+                self.block_hash[block], self.block_tokens[block] = h, self._tokens(seq, i)
                 self.by_hash[h] = block
                 published.append(block)
         return published

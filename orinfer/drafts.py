@@ -3,8 +3,9 @@
 A draft is only a guess: the runner scores it in the same pass as the real next token and the scheduler keeps the
 draft tokens that equal the greedy argmax, so the output is what plain greedy decoding gives (see scheduler.py).
 Two sources, in order:
-  1. the answer candidates: multiple-choice prompts list their choices, and the answer is one of them verbatim,
-     followed by the end-of-turn token. If everything generated so far is the start of a candidate, propose the rest.
+  1. the answer candidates: multiple-choice prompts list their choices, and the answer is one of them verbatim.
+     If everything generated so far is the start of a candidate, propose the rest (the pass that verifies it also
+     samples the token after it: the end-of-turn token, if the answer is that choice).
   2. prompt lookup: if the last few generated tokens occurred before (in the prompt or the output), propose what
      followed them there.
 """

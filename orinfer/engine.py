@@ -1,5 +1,5 @@
-"""The generation loop: schedule -> launch -> (host work while the device runs) -> collect -> postprocess, until
-every request has finished."""
+"""The generation loop, one pass ahead: schedule and launch pass n+1, do host work, then collect and commit pass n
+while the device runs pass n+1, until every request has finished."""
 from typing import Callable, Iterable
 
 import torch
@@ -8,8 +8,8 @@ from tqdm.auto import tqdm
 from .block_manager import BlockManager
 from .memory import MemoryPlan
 from .model import Phi3ForCausalLM
-from .runner import ModelRunner
-from .scheduler import Limits, Scheduler
+from .runner import ModelRunner, Pending
+from .scheduler import Limits, Scheduler, Work
 from .sequence import Sequence
 
 
@@ -91,27 +91,46 @@ class Engine:
                     on_finish(seq)
                 bar.update(1)
 
-        draw(self.plan.max_batched_tokens)
+        # A small first pass starts the device early; the rest is tokenised while it runs.
+        draw(self.plan.max_batched_tokens // 4)
+        in_flight: tuple[list[Work], Pending] | None = None
         finished: list[Sequence] = []
-        while scheduler.has_work:
-            works = scheduler.schedule()
-            if not works:
-                raise RuntimeError("the scheduler could not place any sequence (this is a bug)")
-            try:
-                pending = self.runner.launch(works)
-            except torch.cuda.OutOfMemoryError:
-                scheduler.rollback(works)
-                self.stats["oom_retries"] += 1
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            draw(None)  # host work that overlaps the pass: the remaining requests, the last pass's results
-            report(finished)
+
+        def commit(works: list[Work], pending: Pending) -> list[Sequence]:
             tokens = self.runner.collect(pending)
             self.stats["passes"] += 1
             self.stats["prefill_tokens"] += sum(len(w.tokens) for w in works if not w.decode)
             self.stats["max_batch"] = max(self.stats["max_batch"], len(works))
-            finished = scheduler.postprocess(works, tokens)
+            return scheduler.postprocess(works, tokens)
+
+        while scheduler.has_work:
+            # While prompts wait for admission, the next pass is scheduled and launched before the one in flight is
+            # committed (it holds only sequences outside that pass), so the device does not wait for the host. After
+            # that, a pass waits for the last one's tokens: every running sequence then has its next step in it.
+            if in_flight is not None and not scheduler.waiting:
+                finished += commit(*in_flight)
+                in_flight = None
+                continue
+            works = scheduler.schedule()
+            launched = None
+            if works:
+                try:
+                    launched = works, self.runner.launch(works)
+                except torch.cuda.OutOfMemoryError:
+                    if in_flight is not None:
+                        finished += commit(*in_flight)
+                        in_flight = None
+                    scheduler.rollback(works)
+                    self.stats["oom_retries"] += 1
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    continue
+            elif in_flight is None:
+                raise RuntimeError("the scheduler could not place any sequence (this is a bug)")
+            draw(None)  # host work that overlaps the device: the remaining requests, the last pass's results
+            report(finished)
+            finished = commit(*in_flight) if in_flight is not None else []
+            in_flight = launched
         report(finished)
         bar.close()
         self.stats["preemptions"] += scheduler.preemptions

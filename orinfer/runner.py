@@ -21,8 +21,10 @@ from .sequence import Sequence
 
 @dataclass
 class Pending:
-    """A launched pass: its sampled tokens (on the device until collected) and what the pass log records."""
+    """A launched pass: its sampled tokens (on their way to the host) and what the pass log records."""
     out: torch.Tensor
+    began: torch.cuda.Event | None  # recorded before the pass's first copy (None on the CPU)
+    ready: torch.cuda.Event | None  # recorded after the sampled tokens' copy to the host
     tokens: int
     seqs: int
     t0: float
@@ -50,9 +52,10 @@ class ModelRunner:
         self.max_positions = cfg.max_position_embeddings
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
         self.graph_dims: tuple[list[int], list[int]] = ([], [])  # the buckets of the two dimensions of a graph's shape
-        # Per pass: (tokens, sequences, seconds building inputs on the host, seconds from launch until the tokens are
-        # back (host work done meanwhile included), whether a graph was replayed, perf_counter() when it began).
-        self.pass_log: list[tuple[int, int, float, float, bool, float]] = []
+        # Per pass: (tokens, sequences, seconds building inputs on the host, seconds from then until the tokens are
+        # back (host work done meanwhile included, and a pass launched ahead waits for the one before it), whether
+        # a graph was replayed, perf_counter() when it began, seconds the device spent on it (CUDA only)).
+        self.pass_log: list[tuple[int, int, float, float, bool, float, float | None]] = []
 
     def _uses_varlen(self, ends: list[int]) -> bool:
         """Whether a pass whose sequences end at `ends` takes the varlen layout (its keys must stay inside the
@@ -122,7 +125,9 @@ class ModelRunner:
             tables += table + [SCRATCH_BLOCK] * (nblocks - len(table))
         tables += [SCRATCH_BLOCK] * (nblocks * (batch - n))
         host = ids + sample_rows + starts + lens + tables
-        flat = torch.frombuffer(array("q", host), dtype=torch.int64).to(self.device)
+        flat = torch.frombuffer(array("q", host), dtype=torch.int64)
+        if self.device.type == "cuda":  # from pinned memory, so the host need not wait for a pass still running
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
         ids_t, sample_t, starts_t, lens_t, tables_t = flat.split([len(ids), len(sample_rows), batch, batch,
                                                                   batch * nblocks])
         tables_t = tables_t.view(batch, nblocks)
@@ -163,9 +168,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, works: list[Work]) -> "Pending":
-        """Start one forward pass. The device runs it while the host goes on; `collect` waits for its tokens (the
-        next launch must come after: a graph's output buffer is reused)."""
+        """Start one forward pass. The device runs it while the host goes on, which may launch the next pass before
+        collecting this one: nothing here waits for the device, and the sampled tokens are copied out (into pinned
+        host memory) in stream order, before a later replay can reuse a graph's output buffer."""
         t0 = time.perf_counter()
+        began = ready = None
+        if self.device.type == "cuda":
+            began, ready = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            began.record()
         shape = self._graph_shape(works)
         graph, io = self.graphs.get(shape, (None, None))
         if graph is not None:
@@ -183,13 +193,20 @@ class ModelRunner:
             ids, ctx = self.context(works)
             t1 = time.perf_counter()
             out = self.model(ids, ctx)
-        return Pending(out, sum(len(w.tokens) for w in works), len(works), t0, t1, graph is not None)
+        if ready is not None:
+            out = out.to("cpu", non_blocking=True)  # into pinned memory
+            ready.record()
+        return Pending(out, began, ready, sum(len(w.tokens) for w in works), len(works), t0, t1, graph is not None)
 
     def collect(self, pending: "Pending") -> list[int]:
-        """The greedy tokens of every sampling row of a launched pass, in order."""
+        """The greedy tokens of every sampling row of a launched pass, in order (waits for that pass only)."""
+        device_s = None
+        if pending.ready is not None:
+            pending.ready.synchronize()
+            device_s = pending.began.elapsed_time(pending.ready) / 1e3
         tokens = pending.out.tolist()
         self.pass_log.append((pending.tokens, pending.seqs, pending.t1 - pending.t0, time.perf_counter() - pending.t1,
-                              pending.graph, pending.t0))
+                              pending.graph, pending.t0, device_s))
         return tokens
 
     @torch.inference_mode()

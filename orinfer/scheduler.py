@@ -42,6 +42,9 @@ class Scheduler:
         self.blocks, self.limits, self.eos = blocks, limits, set(eos_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
+        # Sequences in a pass that was launched and not yet committed: the engine schedules the next pass while
+        # the device runs one, and such a sequence's next tokens are not known yet (nor may its blocks be touched).
+        self.in_flight: set[Sequence] = set()
         self.preemptions = 0
         # Free blocks kept per running sequence when admitting: 1, doubled after each preemption so that long
         # generations under a small cache stop evicting each other (each eviction recomputes a whole prompt).
@@ -77,10 +80,11 @@ class Scheduler:
         # 1. decoding sequences: one token each (+ drafts); preempt the newest if the cache is full.
         for seq in list(self.running):
             # A running sequence always holds blocks; one preempted earlier in this loop holds none.
-            if not seq.block_table or seq.num_tokens - seq.num_computed != 1:
+            if not seq.block_table or seq.num_tokens - seq.num_computed != 1 or seq in self.in_flight:
                 continue
             room = min(lim.max_drafts, seq.max_new_tokens - len(seq.generated) - 1)
             drafts = candidate_drafts(seq, room)
+            placed = True
             while not self.blocks.grow(seq, seq.num_tokens + len(drafts)):
                 if drafts:
                     drafts = []
@@ -89,11 +93,15 @@ class Scheduler:
                     raise MemoryError(f"record {seq.index}: {seq.num_tokens} tokens no longer fit the KV cache "
                                       f"({(len(self.blocks.refs) - 1) * self.blocks.block_size} tokens); "
                                       "raise the memory budget or lower max_new_tokens")
-                victim = self.running[-1]
+                victim = next((s for s in reversed(self.running) if s not in self.in_flight), None)
+                if victim is None:  # the others are in flight: wait until their pass commits and frees blocks
+                    placed = False
+                    break
                 self._preempt(victim)
                 if victim is seq:
+                    placed = False
                     break
-            if seq.block_table:  # still running (a preempted sequence holds no blocks)
+            if placed:
                 works.append(Work(seq, seq.token_ids[-1:] + drafts, seq.num_tokens - 1, len(drafts), True, False, True))
                 budget -= 1 + len(drafts)
         # Prompt-lookup drafts are worth it only while the pass is memory-bound (they are often wrong).
@@ -111,7 +119,7 @@ class Scheduler:
                     budget -= len(drafts)
         # 2. unfinished prefills, then 3. admissions while the budget, the cache and the gather bound allow.
         longest = max((w.start + len(w.tokens) for w in works), default=0)
-        for seq in [s for s in self.running if s.num_tokens - s.num_computed > 1]:
+        for seq in [s for s in self.running if s.num_tokens - s.num_computed > 1 and s not in self.in_flight]:
             if budget <= 0:
                 break
             works.append(self._chunk(seq, budget, admitted=False))
@@ -133,6 +141,7 @@ class Scheduler:
             works.append(self._chunk(seq, budget, admitted=True))
             budget -= len(works[-1].tokens)
             longest = longest_after
+        self.in_flight.update(w.seq for w in works)
         return works
 
     def _chunk(self, seq: Sequence, budget: int, admitted: bool) -> Work:
@@ -146,6 +155,7 @@ class Scheduler:
 
     def postprocess(self, works: list[Work], sampled: list[int]) -> list[Sequence]:
         """Commit a finished pass. `sampled` holds 1 + num_drafts argmax tokens per sampling work, in order."""
+        self.in_flight.difference_update(w.seq for w in works)
         finished = []
         pos = 0
         for w in works:
@@ -178,7 +188,9 @@ class Scheduler:
         return finished
 
     def rollback(self, works: list[Work]) -> None:
-        """Undo a pass that failed (out of memory) before anything was committed, then halve the limits."""
+        """Undo a pass that failed (out of memory) before anything was committed, then halve the limits (the
+        engine has committed any pass in flight first)."""
+        self.in_flight.difference_update(w.seq for w in works)
         for w in works:
             self.blocks.unpublish(w.published)
         for w in reversed([w for w in works if w.admitted]):

@@ -12,7 +12,7 @@ class Sequence:
     script: list[int] | None = None  # benchmarks only: forced output tokens (bench/ explains)
     num_computed: int = 0           # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[tuple[int, tuple]] = field(default_factory=list)  # (chained hash, tokens) per full block
+    block_hashes: list[int] = field(default_factory=list)  # chained hash per full block (block_manager.py)
     finished: bool = False
     passes: int = 0                 # forward passes this sequence took part in
 

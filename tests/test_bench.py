@@ -29,3 +29,11 @@ def test_scripted_answers_in_pipeline_and_in_orinfer(gen, hf, tmp_path):
     assert [[{"generated_text": o[0]["generated_text"].lstrip()}] for o in theirs] == answers
     assert [[{"generated_text": o[0]["generated_text"].lstrip()}] for o in ours] == answers
     assert bench.unique_prompt_tokens(prompts) < sum(map(len, prompts))  # the shared instruction counts once
+    # Choice drafts: where the answer's first token picks it among the choices, the pass after the prompt's verifies
+    # the whole answer and samples <|end|> (never fed), so such a request takes exactly two passes.
+    picked = 0
+    for seq, script in zip(gen.last_sequences, scripts):
+        if next(c for c in seq.candidates if c[0] == script[0]) == script[:-1]:
+            picked += 1
+            assert seq.passes == 2
+    assert picked >= 3

@@ -40,3 +40,18 @@ def test_freed_blocks_keep_their_prefix_until_reused_oldest_first():
     bm.reuse_prefix(d)
     assert d.num_computed == 0 and not bm.grow(d, 5)        # nothing cached, nothing free: refused, nothing taken
     assert d.block_table == []
+
+
+def test_a_hash_collision_never_reuses_other_tokens(monkeypatch):
+    import orinfer.block_manager as block_manager
+    monkeypatch.setattr(block_manager, "hash", lambda key: 7, raising=False)  # every block hashes alike
+    bm = BlockManager(num_blocks=10, block_size=2)
+    a = seq([1, 2, 3, 4, 5])
+    bm.grow(a, 5)
+    assert bm.publish(a, 5) == a.block_table[:1]  # the second block's hash is taken (by the first)
+    b = seq([9, 9, 3, 4, 5])                      # same hash, other tokens: computed, not reused
+    bm.reuse_prefix(b)
+    assert b.block_table == [] and b.num_computed == 0
+    c = seq([1, 2, 8, 8, 5])                      # the first block is really shared
+    bm.reuse_prefix(c)
+    assert c.block_table == a.block_table[:1] and c.num_computed == 2

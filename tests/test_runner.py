@@ -52,3 +52,26 @@ def test_graph_replays_give_the_eager_passes_tokens_on_cuda(tiny_dir, public_cha
         outs[graphs] = gen(public_chats, max_new_tokens=24, return_full_text=False)
         replayed = sum(log[4] for log in gen.engine.runner.pass_log)
     assert replayed > 10 and outs[True] == outs[False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_launching_a_pass_never_waits_for_the_device(tiny_dir, public_chats):
+    # The engine launches a pass while the one before it runs: building inputs, the forward and the copy of the
+    # sampled tokens must all be queued without a host-device synchronisation (graph replays and eager passes).
+    import optimize
+    gen = optimize.build(tiny_dir, device="cuda", dtype="bfloat16", progress=False)
+    gen.warmup()
+    runner, launch = gen.engine.runner, gen.engine.runner.launch
+
+    def strict_launch(works):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(works)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    runner.launch = strict_launch
+    start = len(runner.pass_log)
+    gen(public_chats, max_new_tokens=24, return_full_text=False)
+    graphs = [log[4] for log in runner.pass_log[start:]]
+    assert any(graphs) and not all(graphs)  # both kinds were launched under the check
