@@ -201,7 +201,8 @@ def parse_args():
     ap.add_argument("--fp32-exact", type=int, default=50, help="items for the fp32 full-shape exactness check")
     ap.add_argument("--capped", type=float, default=28.5, help="Orin emulation: total budget in GiB")
     ap.add_argument("--capped-runs", default="w1_scripted,longest_free500,w1_first64_free500")
-    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one more run of ours")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile the first system's timed call: top CUDA kernels, and where the device sat idle")
     return ap.parse_args()
 
 
@@ -252,6 +253,20 @@ def main():
     elif args.stage == "load":
         res["load"] = load_stage(folder)
     (out / f"{args.stage}.json").write_text(json.dumps(res, indent=1))
+
+
+def device_idle(prof, least_us: float = 20.0) -> dict:
+    """Where the device sat idle between the first and the last thing it ran (kernels, copies) in a profile: the
+    total, and the largest gaps with their offsets from the first activity (ms)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    gaps, end = [], spans[0][1]
+    for start, stop in spans[1:]:
+        if start - end > least_us:
+            gaps.append((round((end - spans[0][0]) / 1e3, 2), round((start - end) / 1e3, 2)))
+        end = max(end, stop)
+    return {"busy_span_ms": round((end - spans[0][0]) / 1e3, 1), "idle_ms": round(sum(g for _, g in gaps), 1),
+            "gaps": len(gaps), "largest_at_ms_gap_ms": sorted(gaps, key=lambda g: -g[1])[:12]}
 
 
 def breakdown(gen, log_start: int, started: float, seconds: float) -> dict:
@@ -309,7 +324,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
         gen.pause_gc = pause_gc
         log_start = fresh_run(gen)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if profiled else nullcontext() as prof:
+        with profile(activities=[ProfilerActivity.CUDA]) if profiled else nullcontext() as prof:
             t = time.perf_counter()
             data = test_script.load_records(w1)
             outs = gen([r["message"] for r in data], scripts=scripts, **gen_args)
@@ -318,6 +333,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
         if profiled:  # the timed call only (warm-up outside), by kernel
             print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70),
                   flush=True)
+            print("device idle:", json.dumps(device_idle(prof)), flush=True)
         stats = dict(gen.engine.stats)
         brk = breakdown(gen, log_start, t, secs)
         return {"seconds": secs, "correct": score(outs), "passes": stats["passes"],
@@ -331,15 +347,13 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
     systems = args.systems.split(",") if args.systems else []
     compiled = kernels.compiled()
     res["compiled"] = compiled
-    for name in [s for s in systems if s.startswith("ours")]:
+    for i, name in enumerate([s for s in systems if s.startswith("ours")]):
         torch.cuda.reset_peak_memory_stats()
         res["systems"][name] = run_ours(speculate=name != "ours_nospec", compiled=compiled and name != "ours_eager",
-                                        padded=name == "ours_padded", pause_gc=name != "ours_gc")
+                                        padded=name == "ours_padded", pause_gc=name != "ours_gc",
+                                        profiled=args.profile and i == 0)
         print(name, json.dumps({k: v for k, v in res["systems"][name].items() if k != "breakdown"}), flush=True)
         print("   breakdown", json.dumps(res["systems"][name]["breakdown"]), flush=True)
-    if args.profile:
-        run_ours(True, compiled)  # unprofiled: any graph recapture after ours_eager stays out of the profile
-        run_ours(True, compiled, profiled=True)
 
     hf_systems = [s for s in systems if s.startswith("hf")]
     if hf_systems:

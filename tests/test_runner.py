@@ -55,7 +55,7 @@ def test_graph_replays_give_the_eager_passes_tokens_on_cuda(tiny_dir, public_cha
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_launching_a_pass_never_waits_for_the_device(tiny_dir, public_chats):
+def test_launching_a_pass_never_waits_for_the_device_on_cuda(tiny_dir, public_chats):
     # The engine launches a pass while the one before it runs: building inputs, the forward and the copy of the
     # sampled tokens must all be queued without a host-device synchronisation (graph replays and eager passes).
     import optimize
