@@ -15,9 +15,11 @@ model would do. "free" mode generates a fixed number of tokens. Our time is test
 (the JSONL file) + inference through optimize.py.
 """
 import argparse
+import cProfile
 import gc
 import itertools
 import json
+import pstats
 import sys
 import tempfile
 import time
@@ -203,6 +205,7 @@ def parse_args():
     ap.add_argument("--capped-runs", default="w1_scripted,longest_free500,w1_first64_free500")
     ap.add_argument("--profile", action="store_true",
                     help="profile the first system's timed call: top CUDA kernels, and where the device sat idle")
+    ap.add_argument("--host-profile", action="store_true", help="cProfile each of our systems' timed calls")
     return ap.parse_args()
 
 
@@ -312,7 +315,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
     varlen = gen.engine.runner.varlen
     res["attention"] = "varlen (FlashAttention)" if varlen else "padded (SDPA)"
 
-    def run_ours(speculate, compiled, padded=False, pause_gc=True, profiled=False):
+    def run_ours(speculate, compiled, padded=False, pause_gc=True, profiled=False, host_profiled=False):
         if compiled != kernels.compiled():
             kernels.use_compiled(compiled)
             gen.engine.runner.graphs.clear()  # captured graphs hold the other kernels: capture again
@@ -324,12 +327,19 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
         gen.pause_gc = pause_gc
         log_start = fresh_run(gen)
         torch.cuda.synchronize()
+        host = cProfile.Profile() if host_profiled else None
         with profile(activities=[ProfilerActivity.CUDA]) if profiled else nullcontext() as prof:
+            if host:
+                host.enable()
             t = time.perf_counter()
             data = test_script.load_records(w1)
             outs = gen([r["message"] for r in data], scripts=scripts, **gen_args)
             torch.cuda.synchronize()
             secs = time.perf_counter() - t
+            if host:
+                host.disable()
+        if host:  # where the host's time went (Python functions; waits for the device show as collect)
+            pstats.Stats(host).sort_stats("tottime").print_stats(18)
         if profiled:  # the timed call only (warm-up outside), by kernel
             print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70),
                   flush=True)
@@ -351,7 +361,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
         torch.cuda.reset_peak_memory_stats()
         res["systems"][name] = run_ours(speculate=name != "ours_nospec", compiled=compiled and name != "ours_eager",
                                         padded=name == "ours_padded", pause_gc=name != "ours_gc",
-                                        profiled=args.profile and i == 0)
+                                        profiled=args.profile and i == 0, host_profiled=args.host_profile)
         print(name, json.dumps({k: v for k, v in res["systems"][name].items() if k != "breakdown"}), flush=True)
         print("   breakdown", json.dumps(res["systems"][name]["breakdown"]), flush=True)
 
