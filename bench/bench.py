@@ -258,6 +258,15 @@ def main():
     (out / f"{args.stage}.json").write_text(json.dumps(res, indent=1))
 
 
+def allocator_counts() -> dict:
+    """cudaMalloc / cudaFree calls of torch's device allocator and cudaHostAlloc calls of its pinned-host one, so far
+    (a timed call that makes any waited for them: they can block until the device is idle)."""
+    dev = torch.cuda.memory_stats()
+    host = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+    return {"device_alloc": dev.get("num_device_alloc", 0), "device_free": dev.get("num_device_free", 0),
+            "host_alloc": host.get("num_host_alloc", 0)}
+
+
 def device_idle(prof, least_us: float = 20.0) -> dict:
     """Where the device sat idle between the first and the last thing it ran (kernels, copies) in a profile: the
     total, and the largest gaps with their offsets from the first activity (ms)."""
@@ -328,6 +337,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
         log_start = fresh_run(gen)
         torch.cuda.synchronize()
         host = cProfile.Profile() if host_profiled else None
+        allocs = allocator_counts()
         with profile(activities=[ProfilerActivity.CUDA]) if profiled else nullcontext() as prof:
             if host:
                 host.enable()
@@ -346,6 +356,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
             print("device idle:", json.dumps(device_idle(prof)), flush=True)
         stats = dict(gen.engine.stats)
         brk = breakdown(gen, log_start, t, secs)
+        brk["allocator_calls"] = {k: v - allocs[k] for k, v in allocator_counts().items()}
         return {"seconds": secs, "correct": score(outs), "passes": stats["passes"],
                 "passes_per_request": sum(s.passes for s in gen.last_sequences) / len(records),
                 "stats": stats, "breakdown": brk,
