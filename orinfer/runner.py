@@ -30,6 +30,7 @@ class Pending:
     t0: float
     t1: float
     graph: bool
+    pinned: torch.Tensor | None = None  # the host buffer `out` lies in, reused once the tokens are read
 
 
 def _bucket(n: int, sizes: list[int]) -> int | None:
@@ -50,6 +51,11 @@ class ModelRunner:
         # the sliding window uses the padded one.
         self.varlen = varlen and varlen_supported(self.device, model.dtype)
         self.max_positions = cfg.max_position_embeddings
+        # Pinned host buffers, reused so that a run allocates none (a pinned allocation can stall the host): inputs
+        # go up through a staging buffer whose last copy is done (its event), tokens come down into a buffer that
+        # no uncollected pass holds.
+        self._staging: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        self._sampled: list[torch.Tensor] = []
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
         self.graph_dims: tuple[list[int], list[int]] = ([], [])  # the buckets of the two dimensions of a graph's shape
         # Per pass: (tokens, sequences, seconds building inputs on the host, seconds from then until the tokens are
@@ -125,9 +131,7 @@ class ModelRunner:
             tables += table + [SCRATCH_BLOCK] * (nblocks - len(table))
         tables += [SCRATCH_BLOCK] * (nblocks * (batch - n))
         host = ids + sample_rows + starts + lens + tables
-        flat = torch.frombuffer(array("q", host), dtype=torch.int64)
-        if self.device.type == "cuda":  # from pinned memory, so the host need not wait for a pass still running
-            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        flat = self._upload(host)
         ids_t, sample_t, starts_t, lens_t, tables_t = flat.split([len(ids), len(sample_rows), batch, batch,
                                                                   batch * nblocks])
         tables_t = tables_t.view(batch, nblocks)
@@ -161,6 +165,23 @@ class ModelRunner:
                       sliding_window=self.sliding_window)
         return ids_t, ctx
 
+    def _upload(self, host: list[int]) -> torch.Tensor:
+        """The pass's integers on the device, sent from pinned memory so the host need not wait for a pass still
+        running."""
+        values = torch.frombuffer(array("q", host), dtype=torch.int64)
+        if self.device.type != "cuda":
+            return values
+        n = len(host)
+        free = [i for i, (buf, copied) in enumerate(self._staging) if buf.numel() >= n and copied.query()]
+        if not free:
+            self._staging.append((_pinned(n), torch.cuda.Event()))
+            free = [len(self._staging) - 1]
+        buf, copied = self._staging[free[0]]
+        buf[:n].copy_(values)
+        on_device = buf[:n].to(self.device, non_blocking=True)
+        copied.record()
+        return on_device
+
     # What a graph replay must refresh: every input its layout reads that depends on the pass, not only on the shape
     # (the varlen layout reads no block tables: they only served to derive the slots).
     _GRAPH_INPUTS = {Varlen: (("positions", "slots", "sample_rows"), ("cu_q", "cu_k", "key_slots")),
@@ -193,10 +214,15 @@ class ModelRunner:
             ids, ctx = self.context(works)
             t1 = time.perf_counter()
             out = self.model(ids, ctx)
+        pinned = None
         if ready is not None:
-            out = out.to("cpu", non_blocking=True)  # into pinned memory
+            fits = [i for i, buf in enumerate(self._sampled) if buf.numel() >= len(out)]
+            pinned = self._sampled.pop(fits[0]) if fits else _pinned(len(out))
+            pinned[:len(out)].copy_(out, non_blocking=True)
             ready.record()
-        return Pending(out, began, ready, sum(len(w.tokens) for w in works), len(works), t0, t1, graph is not None)
+            out = pinned[:len(out)]
+        return Pending(out, began, ready, sum(len(w.tokens) for w in works), len(works), t0, t1, graph is not None,
+                       pinned)
 
     def collect(self, pending: "Pending") -> list[int]:
         """The greedy tokens of every sampling row of a launched pass, in order (waits for that pass only)."""
@@ -205,6 +231,8 @@ class ModelRunner:
             pending.ready.synchronize()
             device_s = pending.began.elapsed_time(pending.ready) / 1e3
         tokens = pending.out.tolist()
+        if pending.pinned is not None:
+            self._sampled.append(pending.pinned)
         self.pass_log.append((pending.tokens, pending.seqs, pending.t1 - pending.t0, time.perf_counter() - pending.t1,
                               pending.graph, pending.t0, device_s))
         return tokens
@@ -234,6 +262,12 @@ class ModelRunner:
                 self.graphs[(size, extent)] = (graph, {"ids": ids, "ctx": ctx, "out": out})
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+def _pinned(n: int) -> torch.Tensor:
+    """A pinned int64 host buffer of >= n elements: a power of two, and at least 2 MiB (a competition run's largest
+    pass needs ~0.6 MiB), so that few sizes are ever allocated."""
+    return torch.empty(max(1 << 18, 1 << (n - 1).bit_length()), dtype=torch.int64, pin_memory=True)
 
 
 def _dummy_decode(batch: int) -> list[Work]:
