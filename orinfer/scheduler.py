@@ -73,9 +73,12 @@ class Scheduler:
         self.preemptions += 1
         self.reserve = min(2 * self.reserve, 64)
 
-    def schedule(self) -> list[Work]:
+    def schedule(self, joining: list[Work] | None = None) -> list[Work]:
+        """The works of the next pass. `joining`: works already scheduled for that same pass (the engine tops up a
+        pass it held back); the new ones share its budgets."""
         lim = self.limits
-        budget = lim.max_batched_tokens
+        joining = joining or []
+        budget = lim.max_batched_tokens - sum(len(w.tokens) for w in joining)
         works: list[Work] = []
         # 1. decoding sequences: one token each (+ drafts); preempt the newest if the cache is full.
         for seq in list(self.running):
@@ -105,7 +108,7 @@ class Scheduler:
                 works.append(Work(seq, seq.token_ids[-1:] + drafts, seq.num_tokens - 1, len(drafts), True, False, True))
                 budget -= 1 + len(drafts)
         # Prompt-lookup drafts are worth it only while the pass is memory-bound (they are often wrong).
-        spare = min(budget, lim.free_draft_tokens - sum(len(w.tokens) for w in works))
+        spare = min(budget, lim.free_draft_tokens - sum(len(w.tokens) for w in joining + works))
         for w in works:
             if spare <= 0:
                 break
@@ -118,7 +121,7 @@ class Scheduler:
                     spare -= len(drafts)
                     budget -= len(drafts)
         # 2. unfinished prefills, then 3. admissions while the budget, the cache and the gather bound allow.
-        longest = max((w.start + len(w.tokens) for w in works), default=0)
+        longest = max((w.start + len(w.tokens) for w in joining + works), default=0)
         for seq in [s for s in self.running if s.num_tokens - s.num_computed > 1 and s not in self.in_flight]:
             if budget <= 0:
                 break

@@ -1,10 +1,10 @@
-"""The generation loop runs one pass ahead while prompts wait: the next pass is launched before the last one is
+"""The generation loop runs one pass ahead when it can fill it: the next pass is launched before the last one is
 committed, never with a sequence of the pass still in flight, and the output stays the pipeline's."""
 from conftest import NEW, generator
 
 
 def test_next_pass_launches_before_the_last_is_committed(tiny_dir, public_chats, longest_chat, expected):
-    gen = generator(tiny_dir, max_batched_tokens=256, max_num_seqs=16)
+    gen = generator(tiny_dir, max_batched_tokens=96, max_num_seqs=16)  # prompts of 85-120 tokens fill a pass
     runner, events = gen.engine.runner, []
     launch, collect = runner.launch, runner.collect
 
@@ -32,4 +32,4 @@ def test_next_pass_launches_before_the_last_is_committed(tiny_dir, public_chats,
             del in_flight[id(pending)]
         assert len(in_flight) <= 2
     assert not in_flight
-    assert overlapped >= 3  # the prompts' passes were launched ahead (the 868-token one alone takes 4)
+    assert overlapped >= 5  # prompt chunks were launched ahead
