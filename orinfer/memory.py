@@ -18,6 +18,8 @@ CUDA_CONTEXT_BYTES = 512 * MiB   # the CUDA context lives in the shared DRAM on 
 # 1.40 GiB after loading and the warm-up probe (CUDA kernel images loaded on first use, cuBLAS workspaces), and
 # 13 MiB more for each captured decode graph (0.28 GiB for 22 graphs).
 WARMUP_HOST_BYTES = 640 * MiB
+# The runner's pinned buffers (inputs up, tokens down; >= 2 MiB each, ~4 of them): page-locked host memory.
+PINNED_HOST_BYTES = 16 * MiB
 GRAPHS_HOST_BYTES = 512 * MiB
 # The FlashAttention kernels' module, loaded on first use: +0.34 GiB of host RSS (H200, bench run 17).
 VARLEN_HOST_BYTES = 384 * MiB
@@ -133,7 +135,7 @@ def gather_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
 # the cache writes move the same bytes either way; the host hashes a block per prompt token, once.
 def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, shared_host: bool,
                 host_bytes: int, block_size: int = 1, max_drafts: int | None = None) -> MemoryPlan:
-    overhead = (host_bytes + WARMUP_HOST_BYTES + CUDA_CONTEXT_BYTES) if shared_host else 0
+    overhead = (host_bytes + WARMUP_HOST_BYTES + PINNED_HOST_BYTES + CUDA_CONTEXT_BYTES) if shared_host else 0
     free = budget - weights - overhead - SAFETY_BYTES
 
     def afford(host_cost: int) -> bool:
