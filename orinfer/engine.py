@@ -1,5 +1,6 @@
-"""The generation loop, one pass ahead: schedule and launch pass n+1, do host work, then collect and commit pass n
-while the device runs pass n+1, until every request has finished."""
+"""The generation loop: while the device runs pass n, the host schedules pass n+1 and, where it can fill it without
+pass n's tokens, launches it before collecting pass n (else it collects first and tops pass n+1 up), until every
+request has finished."""
 import random
 from typing import Callable, Iterable
 
@@ -59,7 +60,7 @@ class Engine:
         # Then a probe shaped like a competition run: prompts of 40-200 tokens sharing a 40-token instruction, three
         # passes of them, then decode steps over all of them. The allocators grow their pools for such passes now,
         # and keep them: graph capture, which empties the device cache, comes first (with the probe before it, the
-        # first timed call made 20 cudaMalloc calls, ~0.1 s: runs 24-25). The probe's cache blocks are then
+        # first timed call made 20 cudaMalloc calls, runs 24-25; 1 after). The probe's cache blocks are then
         # forgotten, leaving the prefix cache empty for the real data.
         rng = random.Random(0)
         shared = [100 + j for j in range(40)]
@@ -76,9 +77,9 @@ class Engine:
     def _meet_gemm_kernels(self) -> None:
         """Run every GEMM of a layer and the LM head once at token counts from 1 to a full pass (steps of 1.25x).
 
-        cuBLAS picks its kernel by the token count, and the driver loads a kernel on first use (lazy loading) while
-        holding the host until the device is idle: a pass meeting a new count mid-run stalls the next pass's launch
-        (run 22: in the first timed call the host spent 0.88 s inside linear, 0.11 s in later calls)."""
+        cuBLAS picks its kernel by the token count, and the driver loads a kernel on its first use (lazy loading),
+        which holds up the host launching a pass. In the first timed call the host spent 0.88 s inside `linear`
+        against 0.11 s in later calls (run 22); 0.23 s after this warm-up (run 24)."""
         p, m = self.plan, self.model
         layer = m.model.layers[0]
 

@@ -4,7 +4,8 @@ Every pass is one flat batch: each admitted sequence contributes the tokens it h
 budget (a decode step is the case of one token; a long prompt is prefilled in chunks). Decoding sequences go first
 so they always advance, then unfinished prefills, then new admissions (shortest prompt first). A sequence that
 decodes may add draft tokens (drafts.py); `postprocess` keeps the drafts that equal the greedy argmax, which makes the
-output exactly that of one-token-at-a-time greedy decoding.
+output exactly that of one-token-at-a-time greedy decoding. A sequence in a pass that was launched and not yet
+committed is in flight: no pass takes it (nor preempts it) until its tokens are back.
 """
 from collections import deque
 from dataclasses import dataclass, field
