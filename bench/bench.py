@@ -283,21 +283,24 @@ def device_idle(prof, least_us: float = 20.0) -> dict:
 
 def breakdown(gen, log_start: int, started: float, seconds: float) -> dict:
     """Where the seconds of one call went. A pass is in flight from its launch until its tokens are on the host;
-    the host tokenises later requests, turns finished ones into text and (while prompts wait) launches the next pass
-    meanwhile. `pass_device_s` is each pass's time on the device (CUDA events; a pass launched ahead starts when the
-    one before it ends). `outside_passes_s` is the time with no pass in flight: `before_first_pass_s` (data load,
-    the first pass's tokenisation and scheduling), `between_passes_s` (per gap: committing a pass and scheduling the
-    next when it depends on it) and `after_last_pass_s` (the last results)."""
+    the host tokenises later requests, turns finished ones into text and launches the next pass meanwhile where it
+    can. `pass_device_s` is each pass's time on the device, from its first event to its tokens' copy (CUDA events);
+    `device_idle_between_s`, per pair of passes, is the device's own idle time from one pass's end to the next one's
+    start (the next was not launched yet). `outside_passes_s` is the host's time with no pass in flight:
+    `before_first_pass_s` (data load, the first pass's tokenisation and scheduling), `between_passes_s` (per gap:
+    committing a pass and scheduling the next when it depends on it) and `after_last_pass_s` (the last results)."""
     log = gen.engine.runner.pass_log[log_start:]
     ends = [p[5] + p[2] + p[3] for p in log]
     gaps = [max(0.0, p[5] - max(ends[:i + 1])) for i, p in enumerate(log[1:])]
     before, after = log[0][5] - started, started + seconds - max(ends)
+    spans = [p[6] for p in log]
     t = gen.timings
     return {"tokenize_s": t["tokenize"], "detokenize_s": t["detokenize"], "passes": len(log),
-            "device_s": sum(p[6] for p in log), "build_inputs_s": sum(p[2] for p in log),
+            "device_s": sum(end - start for start, end in spans), "build_inputs_s": sum(p[2] for p in log),
             "outside_passes_s": before + sum(gaps) + after, "before_first_pass_s": before,
             "between_passes_s": [round(g, 4) for g in gaps], "after_last_pass_s": after,
-            "pass_tokens": [p[0] for p in log], "pass_device_s": [round(p[6], 4) for p in log],
+            "device_idle_between_s": [round(max(0.0, b[0] - a[1]), 4) for a, b in zip(spans, spans[1:])],
+            "pass_tokens": [p[0] for p in log], "pass_device_s": [round(end - start, 4) for start, end in spans],
             "pass_graph": [p[4] for p in log]}
 
 

@@ -60,8 +60,10 @@ class ModelRunner:
         self.graph_dims: tuple[list[int], list[int]] = ([], [])  # the buckets of the two dimensions of a graph's shape
         # Per pass: (tokens, sequences, seconds building inputs on the host, seconds from then until the tokens are
         # back (host work done meanwhile included, and a pass launched ahead waits for the one before it), whether
-        # a graph was replayed, perf_counter() when it began, seconds the device spent on it (CUDA only)).
-        self.pass_log: list[tuple[int, int, float, float, bool, float, float | None]] = []
+        # a graph was replayed, perf_counter() when it began, and on CUDA when the device began and finished it, in
+        # seconds on the device's own clock since the runner's first launch: the device's idle time between passes).
+        self.pass_log: list[tuple[int, int, float, float, bool, float, tuple[float, float] | None]] = []
+        self._epoch: torch.cuda.Event | None = None
 
     def _uses_varlen(self, ends: list[int]) -> bool:
         """Whether a pass whose sequences end at `ends` takes the varlen layout (its keys must stay inside the
@@ -195,6 +197,9 @@ class ModelRunner:
         t0 = time.perf_counter()
         began = ready = None
         if self.device.type == "cuda":
+            if self._epoch is None:
+                self._epoch = torch.cuda.Event(enable_timing=True)
+                self._epoch.record()
             began, ready = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             began.record()
         shape = self._graph_shape(works)
@@ -226,15 +231,15 @@ class ModelRunner:
 
     def collect(self, pending: "Pending") -> list[int]:
         """The greedy tokens of every sampling row of a launched pass, in order (waits for that pass only)."""
-        device_s = None
+        on_device = None
         if pending.ready is not None:
             pending.ready.synchronize()
-            device_s = pending.began.elapsed_time(pending.ready) / 1e3
+            on_device = (self._epoch.elapsed_time(pending.began) / 1e3, self._epoch.elapsed_time(pending.ready) / 1e3)
         tokens = pending.out.tolist()
         if pending.pinned is not None:
             self._sampled.append(pending.pinned)
         self.pass_log.append((pending.tokens, pending.seqs, pending.t1 - pending.t0, time.perf_counter() - pending.t1,
-                              pending.graph, pending.t0, device_s))
+                              pending.graph, pending.t0, on_device))
         return tokens
 
     @torch.inference_mode()

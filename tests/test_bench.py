@@ -37,3 +37,20 @@ def test_scripted_answers_in_pipeline_and_in_orinfer(gen, hf, tmp_path):
             picked += 1
             assert seq.passes == 2
     assert picked >= 3
+
+
+def test_breakdown_splits_host_and_device_idle():
+    from types import SimpleNamespace
+    # Three passes: the second launched ahead (host gap 0) but reaching the device 0.05 s after the first ended;
+    # the third launched 0.02 s after the second's tokens were back.
+    log = [(100, 2, 0.01, 0.30, False, 10.00, (0.00, 0.30)),
+           (200, 3, 0.01, 0.55, False, 10.10, (0.35, 0.60)),
+           (50, 1, 0.01, 0.10, True, 10.68, (0.62, 0.72))]
+    gen = SimpleNamespace(engine=SimpleNamespace(runner=SimpleNamespace(pass_log=log)),
+                          timings={"tokenize": 0.1, "detokenize": 0.01})
+    b = bench.breakdown(gen, 0, started=9.97, seconds=0.83)
+    assert b["device_idle_between_s"] == [0.05, 0.02]
+    assert b["pass_device_s"] == [0.3, 0.25, 0.1] and abs(b["device_s"] - 0.65) < 1e-9
+    assert b["between_passes_s"] == [0.0, 0.02]
+    assert abs(b["before_first_pass_s"] - 0.03) < 1e-9 and abs(b["after_last_pass_s"] - 0.01) < 1e-9
+    assert abs(b["outside_passes_s"] - 0.06) < 1e-9
