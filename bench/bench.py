@@ -20,10 +20,12 @@ import gc
 import itertools
 import json
 import pstats
+import re
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -63,6 +65,12 @@ def answer_scripts(tokenizer, records: list) -> list[list[int]]:
     """Scripted mode's forced output per record: the gold answer's tokens, then <|end|>."""
     rows = tokenizer([r["answer"] for r in records], add_special_tokens=False)["input_ids"]
     return [row + [END_TOKEN] for row in rows]
+
+
+def pass_tokens_of(system: str) -> int | None:
+    """The pass size a system's name asks for: `ours_t24k` runs ours with 24,576 tokens a pass."""
+    found = re.search(r"_t(\d+)k", system)
+    return 1024 * int(found.group(1)) if found else None
 
 
 def fresh_run(gen) -> int:
@@ -324,10 +332,16 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
     def score(outs):
         return sum(o[0]["generated_text"].lstrip().replace("\n", "") == r["answer"] for o, r in zip(outs, records))
 
-    varlen = gen.engine.runner.varlen
-    res["attention"] = "varlen (FlashAttention)" if varlen else "padded (SDPA)"
+    varlen, packed = gen.engine.runner.varlen, gen.engine.runner.packed
+    res["attention"] = ("varlen (FlashAttention" + (" + packed Triton kernel" if packed else "") + ")" if varlen
+                        else "padded (SDPA)")
 
-    def run_ours(speculate, compiled, padded=False, pause_gc=True, profiled=False, host_profiled=False):
+    plan = gen.engine.plan
+
+    def run_ours(speculate, compiled, padded=False, flash_only=False, pause_gc=True, pass_tokens=None, profiled=False,
+                 host_profiled=False):
+        # A/B of the pass size alone: the plan's KV pool stays as it is (W1 leaves ~10 GiB of it unused on an H200).
+        gen.engine.plan = replace(plan, max_batched_tokens=pass_tokens or plan.max_batched_tokens)
         if compiled != kernels.compiled():
             kernels.use_compiled(compiled)
             gen.engine.runner.graphs.clear()  # captured graphs hold the other kernels: capture again
@@ -335,6 +349,9 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
         if gen.engine.runner.varlen != (varlen and not padded):
             gen.engine.runner.varlen = varlen and not padded
             gen.engine.runner.graphs.clear()  # each layout has its own graphs: capture again
+        if gen.engine.runner.packed != (packed and not flash_only):
+            gen.engine.runner.packed = packed and not flash_only
+            gen.engine.runner.graphs.clear()
         gen.warmup()
         gen.pause_gc = pause_gc
         log_start = fresh_run(gen)
@@ -374,7 +391,9 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
     for i, name in enumerate([s for s in systems if s.startswith("ours")]):
         torch.cuda.reset_peak_memory_stats()
         res["systems"][name] = run_ours(speculate=name != "ours_nospec", compiled=compiled and name != "ours_eager",
-                                        padded=name == "ours_padded", pause_gc=name != "ours_gc",
+                                        padded=name == "ours_padded", flash_only=name == "ours_flash",
+                                        pause_gc=name != "ours_gc",
+                                        pass_tokens=pass_tokens_of(name),
                                         profiled=args.profile and i == 0, host_profiled=args.host_profile)
         print(name, json.dumps({k: v for k, v in res["systems"][name].items() if k != "breakdown"}), flush=True)
         print("   breakdown", json.dumps(res["systems"][name]["breakdown"]), flush=True)

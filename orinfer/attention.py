@@ -7,7 +7,8 @@ new token's K/V goes, which cache blocks each sequence owns, and one of two layo
 - varlen (CUDA, fp16/bf16, a torch built with FlashAttention, and a memory plan that affords its kernels' host
   memory): the flat queries as they are, each sequence's keys gathered into one flat run, and cumulative lengths.
   The kernel aligns the causal mask bottom-right (a query at the end of a cached prefix sees the prefix) and handles
-  the grouped KV heads itself: no padding, no mask, no copies of the queries or the output.
+  the grouped KV heads itself: no padding, no mask, no copies of the queries or the output. Where Triton runs,
+  sequences with few new tokens go to the packed kernel instead (packed_attention.py), which fills its tiles better.
 - padded (every device and dtype, torch >= 2.3, NVIDIA's Jetson wheels included): SDPA over a padded
   [sequences, queries] grid with an additive mask. The grouped KV heads are handled by folding each KV head's query
   heads into the query axis, which needs no copy of K/V per query head and no `enable_gqa` (torch >= 2.5 only).
@@ -19,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .packed_attention import packed_attention
+
 # cuDNN's attention (chosen first on Hopper by recent torch) builds an execution plan for every new shape, and every
 # pass here has new shapes: tens of milliseconds each, inside the timed run. The memory-efficient kernel (and the
 # math one on the CPU) take a mask with no such set-up.
@@ -29,9 +32,14 @@ _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBack
 class Varlen:
     cu_q: torch.Tensor       # [B + 1] int32: sequence b's queries are flat tokens cu_q[b]:cu_q[b + 1]
     cu_k: torch.Tensor       # [B + 1] int32: its keys are gathered rows cu_k[b]:cu_k[b + 1] (positions 0, 1, ...)
-    max_q: int
+    max_q: int               # bounds over the sequences FlashAttention takes
     max_k: int
     key_slots: torch.Tensor  # [cu_k[-1]] row of the flat cache holding each gathered key
+    # FlashAttention takes sequences [0, long_seqs) (their queries are the first long_tokens rows), the packed kernel
+    # (packed_attention.py) the next packed_seqs: the runner puts sequences with few new tokens last.
+    long_seqs: int
+    long_tokens: int
+    packed_seqs: int = 0
 
 
 @dataclass
@@ -61,6 +69,7 @@ def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
 
 
 varlen_kernel = _flash_varlen  # out [T, H, D] from q [T, H, D], k/v [Tk, Hkv, D] (tests swap in a reference)
+packed_kernel = packed_attention  # writes its sequences' rows of out (tests swap in a reference)
 
 
 @lru_cache
@@ -132,8 +141,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if isinstance(lay, Varlen):
         keys, values = (_words(rows.view(rows.shape[0], -1))[lay.key_slots].view(q.dtype).view(-1, kv_heads, dim)
                         for rows in (k_rows, v_rows))
-        out = varlen_kernel(q, keys, values, lay.cu_q, lay.cu_k, lay.max_q, lay.max_k, dim ** -0.5)
-        return out.reshape(tokens, heads * dim)
+        if not lay.packed_seqs:
+            out = varlen_kernel(q, keys, values, lay.cu_q, lay.cu_k, lay.max_q, lay.max_k, dim ** -0.5)
+            return out.reshape(tokens, heads * dim)
+        out = q.new_empty(q.shape)
+        if lay.long_seqs:
+            n = lay.long_seqs + 1
+            out[:lay.long_tokens] = varlen_kernel(q[:lay.long_tokens], keys, values, lay.cu_q[:n], lay.cu_k[:n],
+                                                  lay.max_q, lay.max_k, dim ** -0.5)
+        packed_kernel(q, keys, values, out, lay.cu_q, lay.cu_k, lay.long_seqs, lay.packed_seqs, dim ** -0.5)
+        return out.view(tokens, heads * dim)
     groups = heads // kv_heads
     batch, nblocks = ctx.block_tables.shape
     keys = k_cache[ctx.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)

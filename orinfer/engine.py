@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .block_manager import BlockManager
 from .memory import MemoryPlan
 from .model import Phi3ForCausalLM
-from .runner import ModelRunner, Pending
+from .runner import PAD_ABOVE, PAD_MULTIPLE, ModelRunner, Pending
 from .scheduler import Limits, Scheduler, Work
 from .sequence import Sequence
 
@@ -75,16 +75,20 @@ class Engine:
 
     @torch.inference_mode()
     def _meet_gemm_kernels(self) -> None:
-        """Run every GEMM of a layer and the LM head once at token counts from 1 to a full pass (steps of 1.25x).
+        """Run every GEMM of a layer and the LM head once at each token count a pass can bring (runner.PAD_ABOVE).
 
-        cuBLAS picks its kernel by the token count, and the driver loads a kernel on its first use (lazy loading),
-        which holds up the host launching a pass. In the first timed call the host spent 0.88 s inside `linear`
-        against 0.11 s in later calls (run 22); 0.23 s after this warm-up (run 24)."""
+        cuBLAS picks its kernel by the exact token count, and a kernel's first use in a process holds up the host
+        launching a pass. In the first timed call the host spent 0.88 s inside `linear` against 0.11 s in later calls
+        (run 22); 0.23 s after a warm-up at every 1.25x step (run 24), where the device still idled 0.1 s (run 29)."""
         p, m = self.plan, self.model
         layer = m.model.layers[0]
 
         def counts(most: int) -> list[int]:
-            return sorted({int(1.25 ** k) for k in range(64) if 1.25 ** k <= most} | {most})
+            found = {int(1.25 ** k) for k in range(64) if 1.25 ** k <= most} | {most}
+            if self.runner.varlen:  # eager passes above PAD_ABOVE tokens come padded to a multiple of PAD_MULTIPLE
+                padded = range(PAD_MULTIPLE, most + PAD_MULTIPLE, PAD_MULTIPLE)
+                found = {c for c in found if c <= PAD_ABOVE} | set(padded)
+            return sorted(found)
 
         def zeros(n: int, features: int) -> torch.Tensor:
             return torch.zeros(n, features, device=m.device, dtype=m.dtype)

@@ -12,11 +12,20 @@ from dataclasses import dataclass
 
 import torch
 
+from . import packed_attention
 from .attention import Context, Padded, Varlen, varlen_supported
 from .block_manager import SCRATCH_BLOCK
 from .model import Phi3ForCausalLM
 from .scheduler import Work
 from .sequence import Sequence
+
+
+# cuBLAS picks a GEMM kernel by the exact token count, and the first use of a kernel in a process stalls the host
+# until the device is idle, then for milliseconds more (bench run 29: 45-57 ms behind 47 ms of queued work, at 7 of
+# 19 new counts even after a warm-up at every 1.25x step; in a competition run the device idled 0.1 s). So an eager
+# varlen pass of more than PAD_ABOVE tokens (graphs take the smaller ones, at their own sizes) is padded to a
+# multiple of PAD_MULTIPLE tokens and sampled rows, and the warm-up meets every such count.
+PAD_ABOVE, PAD_MULTIPLE = 512, 64
 
 
 @dataclass
@@ -50,6 +59,9 @@ class ModelRunner:
         # The varlen layout where the plan allows it and its kernel runs (attention.py); a pass whose keys reach past
         # the sliding window uses the padded one.
         self.varlen = varlen and varlen_supported(self.device, model.dtype)
+        # With the varlen layout, sequences with few new tokens take the packed kernel where Triton runs.
+        self.packed = self.varlen and packed_attention.supported(self.device, model.dtype, cfg.num_attention_heads,
+                                                                 cfg.num_key_value_heads, cfg.head_dim)
         self.max_positions = cfg.max_position_embeddings
         # Pinned host buffers, reused so that a run allocates none (a pinned allocation can stall the host): inputs
         # go up through a staging buffer whose last copy is done (its event), tokens come down into a buffer that
@@ -95,18 +107,34 @@ class ModelRunner:
         from them on the device, so a 16k-token pass costs the host one small copy rather than Python loops.
         Padding: the varlen layout pads to `shape` = (tokens, keys) with one-token sequences (then empty ones), the
         padded layout to (sequences, blocks) with one-token sequences; padding tokens sit at position 0 in the scratch
-        block, and the varlen kernel's bounds become the graph's."""
+        block, and the varlen kernel's bounds become the graph's. An eager varlen pass of more than PAD_ABOVE tokens
+        is padded with one-token sequences to a multiple of PAD_MULTIPLE tokens (and sampled rows)."""
         bs, n = self.block_size, len(works)
-        starts = [w.start for w in works]
-        lens = [len(w.tokens) for w in works]
-        ids, sample_rows = [], []
-        for w in works:
-            ids += w.tokens
+        varlen = self._uses_varlen([w.start + len(w.tokens) for w in works])  # a graph's shape agrees
+        packed = varlen and self.packed
+        # With the packed kernel, an eager pass lays out its long prompt chunks first (FlashAttention takes them) and
+        # the sequences with few new tokens after them; a graph's pass gives every sequence to the packed kernel.
+        # Sampled rows stay in the works' order, whatever the layout.
+        order = list(range(n))
+        if packed and shape is None:
+            order.sort(key=lambda i: len(works[i].tokens) <= packed_attention.MAX_QUERIES)
+        ids, first_row = [], [0] * n
+        for i in order:
+            first_row[i] = len(ids)
+            ids += works[i].tokens
+        sample_rows = []
+        for i, w in enumerate(works):
             if w.samples:
-                sample_rows += range(len(ids) - 1 - w.num_drafts, len(ids))
-        varlen = self._uses_varlen([s + k for s, k in zip(starts, lens)])  # a graph's shape agrees (_graph_shape)
+                end = first_row[i] + len(w.tokens)
+                sample_rows += range(end - 1 - w.num_drafts, end)
+        starts = [works[i].start for i in order]
+        lens = [len(works[i].tokens) for i in order]
         if shape is None:
             batch = n
+            if varlen and len(ids) > PAD_ABOVE:  # padding: one-token sequences, and row 0 sampled again
+                lens += [1] * (-len(ids) % PAD_MULTIPLE)
+                sample_rows += [0] * (-len(sample_rows) % PAD_MULTIPLE)
+                batch = len(lens)
         elif varlen:  # `shape` tokens in as many sequences; padding keys are gathered from the scratch block
             batch = shape[0]
             lens += [1] * (shape[0] - len(ids)) + [0] * (len(ids) - n)
@@ -128,8 +156,8 @@ class ModelRunner:
                 align = max(1, 16 // bs)
                 nblocks = -(-nblocks // align) * align
         tables = []
-        for w in works:
-            table = w.seq.block_table[:nblocks]
+        for i in order:
+            table = works[i].seq.block_table[:nblocks]
             tables += table + [SCRATCH_BLOCK] * (nblocks - len(table))
         tables += [SCRATCH_BLOCK] * (nblocks * (batch - n))
         host = ids + sample_rows + starts + lens + tables
@@ -155,8 +183,18 @@ class ModelRunner:
             key_slots = tables_t[key_seq, key_pos // bs] * bs + key_pos % bs
             if keys > sum(ends):
                 key_slots = torch.cat([key_slots, key_slots.new_full((keys - sum(ends),), SCRATCH_BLOCK * bs)])
-            max_q, max_k = (max(lens), max(ends)) if shape is None else (shape[0], min(keys, self.max_positions))
-            layout = Varlen(cu_q=cu_q.int(), cu_k=cu_k.int(), max_q=max_q, max_k=max_k, key_slots=key_slots)
+            if not packed:
+                long_seqs = batch
+            elif shape is None:
+                long_seqs = sum(len(w.tokens) > packed_attention.MAX_QUERIES for w in works)
+            else:
+                long_seqs = 0
+            if shape is None:
+                max_q, max_k = max(lens[:long_seqs], default=0), max(ends[:long_seqs], default=0)
+            else:
+                max_q, max_k = shape[0], min(keys, self.max_positions)
+            layout = Varlen(cu_q=cu_q.int(), cu_k=cu_k.int(), max_q=max_q, max_k=max_k, key_slots=key_slots,
+                            long_seqs=long_seqs, long_tokens=sum(lens[:long_seqs]), packed_seqs=batch - long_seqs)
         else:
             column = torch.arange(max(lens), device=self.device)
             valid = column < lens_t[:, None]
@@ -218,7 +256,7 @@ class ModelRunner:
         else:
             ids, ctx = self.context(works)
             t1 = time.perf_counter()
-            out = self.model(ids, ctx)
+            out = self.model(ids, ctx)[:sum(1 + w.num_drafts for w in works if w.samples)]
         pinned = None
         if ready is not None:
             fits = [i for i, buf in enumerate(self._sampled) if buf.numel() >= len(out)]

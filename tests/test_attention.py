@@ -5,7 +5,7 @@ import torch
 from conftest import NEW, generator, hf_pipeline, reference
 
 import optimize
-from orinfer import attention
+from orinfer import attention, packed_attention
 from orinfer.scheduler import Work
 from orinfer.sequence import Sequence
 from orinfer.tiny import write_tiny_model
@@ -28,11 +28,30 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
 reference_varlen.calls = 0
 
 
+def reference_packed(q, k, v, out, cu_q, cu_k, first_seq, num_seqs, scale):
+    """The packed kernel's contract in float32: it writes the rows of sequences first_seq .. + num_seqs, only.
+    Records (first_seq, the most new tokens of its sequences) per call."""
+    assert scale == q.shape[-1] ** -0.5 and cu_q.dtype == cu_k.dtype == torch.int32
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    reference_packed.calls.append((first_seq, max(cq[b + 1] - cq[b] for b in range(first_seq, first_seq + num_seqs))))
+    for b in range(first_seq, first_seq + num_seqs):
+        out[cq[b]:cq[b + 1]] = attention.reference_attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]],
+                                                             v[ck[b]:ck[b + 1]])
+
+
 @pytest.fixture
 def varlen(monkeypatch):
     """Generators built inside the test use the varlen layout, with the reference kernel (this is the CPU)."""
     monkeypatch.setattr(attention, "varlen_kernel", reference_varlen)
     monkeypatch.setattr("orinfer.runner.varlen_supported", lambda device, dtype: True)
+
+
+@pytest.fixture
+def packed(varlen, monkeypatch):
+    """As `varlen`, with sequences of few new tokens given to the packed kernel (its reference here)."""
+    monkeypatch.setattr(attention, "packed_kernel", reference_packed)
+    monkeypatch.setattr(packed_attention, "supported", lambda *shape: True)
+    reference_packed.calls = []
 
 
 @pytest.mark.parametrize("window", [24, 50])
@@ -75,8 +94,22 @@ def test_varlen_layout_matches_pipeline(varlen, tiny_dir, public_chats, longest_
     assert reference_varlen.calls == gen.engine.stats["passes"] * gen.engine.model.cfg.num_hidden_layers
 
 
+@pytest.mark.parametrize("plan", [{}, {"max_batched_tokens": 48, "max_num_seqs": 4}])
+def test_packed_kernel_for_few_new_tokens_matches_pipeline(packed, tiny_dir, public_chats, longest_chat, expected,
+                                                           plan):
+    """Passes whose prompt chunks go to FlashAttention and whose decode and draft tokens go to the packed kernel:
+    the runner lays out long chunks first, and the sampled rows still come back in the works' order."""
+    gen = generator(tiny_dir, **plan)
+    reference_varlen.calls = 0
+    assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    assert reference_varlen.calls > 0 and reference_packed.calls
+    assert all(most <= packed_attention.MAX_QUERIES for _, most in reference_packed.calls)
+    assert any(first > 0 for first, _ in reference_packed.calls), "no pass mixed the two kernels"
+
+
 def test_varlen_is_not_claimed_on_the_cpu():
     assert not attention.varlen_supported(torch.device("cpu"), torch.float32)
+    assert not packed_attention.supported(torch.device("cpu"), torch.bfloat16, 40, 10, 128)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the FlashAttention kernel needs a CUDA GPU")
@@ -95,3 +128,23 @@ def test_flash_varlen_kernel_equals_the_reference(dtype):
     ref = reference_varlen(q.float(), k.float(), v.float(), cu_q, cu_k, max(new),
                            max(n + p for n, p in zip(new, prefix)), 128 ** -0.5)
     assert (out.float() - ref).norm() / ref.norm() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the packed kernel needs a CUDA GPU with Triton")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_kernel_equals_the_reference(dtype):
+    """Decode steps and drafts after cached prefixes, a sequence longer than a tile (a graph's pass may bring one),
+    an empty one (a graph's padding); only the given sequences' rows are written."""
+    dev = torch.device("cuda")
+    assert packed_attention.supported(dev, dtype, 40, 10, 128)
+    new = [40, 1, 17, 5, 0, 33, 1, 2]
+    prefix = [0, 0, 80, 300, 0, 64, 1500, 7]
+    cu_q = torch.tensor([0] + new, device=dev).cumsum(0).int()
+    cu_k = torch.tensor([0] + [n + p for n, p in zip(new, prefix)], device=dev).cumsum(0).int()
+    q = torch.randn(sum(new), 50, 128, device=dev, dtype=dtype)[:, :40]  # the model's query: a view of q and k
+    k, v = (torch.randn(int(cu_k[-1]), 10, 128, device=dev, dtype=dtype) for _ in range(2))
+    out = torch.full_like(q, float("nan"))
+    packed_attention.packed_attention(q, k, v, out, cu_q, cu_k, 1, len(new) - 1, 128 ** -0.5)
+    ref = reference_varlen(q.float(), k.float(), v.float(), cu_q, cu_k, max(new), int(cu_k.diff().max()), 128 ** -0.5)
+    assert out[:new[0]].isnan().all()
+    assert (out[new[0]:].float() - ref[new[0]:]).norm() / ref[new[0]:].norm() < 1e-2

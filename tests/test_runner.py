@@ -2,17 +2,21 @@
 need a GPU; the padded inputs they replay are built and run here, eagerly, on the CPU)."""
 import pytest
 import torch
-from conftest import generator
-from test_attention import reference_varlen
+from conftest import NEW, generator
+from test_attention import packed, reference_packed, reference_varlen, varlen  # noqa: F401 (fixtures)
 
-from orinfer import attention
+from orinfer import attention, packed_attention
 
 
-@pytest.mark.parametrize("layout", ["varlen", "padded"])
+@pytest.mark.parametrize("layout", ["varlen", "packed", "padded"])
 def test_inputs_padded_to_a_graph_shape_give_the_same_tokens(tiny_dir, public_chats, layout, monkeypatch):
-    if layout == "varlen":  # any pass: prefill chunks, decode steps and drafts mixed, in a small token budget
+    if layout != "padded":  # any pass: prefill chunks, decode steps and drafts mixed, in a small token budget
         monkeypatch.setattr(attention, "varlen_kernel", reference_varlen)
         monkeypatch.setattr("orinfer.runner.varlen_supported", lambda device, dtype: True)
+        if layout == "packed":  # a graph gives every sequence to the packed kernel, prompt chunks too
+            monkeypatch.setattr(attention, "packed_kernel", reference_packed)
+            monkeypatch.setattr(packed_attention, "supported", lambda *shape: True)
+            reference_packed.calls = []
         gen = generator(tiny_dir, max_batched_tokens=64, max_num_seqs=6)
     else:  # plain decode steps only
         gen = generator(tiny_dir, speculate=False, max_num_seqs=6)
@@ -23,7 +27,7 @@ def test_inputs_padded_to_a_graph_shape_give_the_same_tokens(tiny_dir, public_ch
     @torch.inference_mode()
     def compare_then_launch(works):
         plain = runner.model(*runner.context(works)).tolist()
-        if layout == "varlen":
+        if layout != "padded":
             tokens = sum(len(w.tokens) for w in works)
             shape = (tokens + 5, sum(w.start + len(w.tokens) for w in works) + 5 + 30)
         elif all(len(w.tokens) == 1 for w in works):
@@ -39,6 +43,31 @@ def test_inputs_padded_to_a_graph_shape_give_the_same_tokens(tiny_dir, public_ch
     monkeypatch.setattr(runner, "launch", compare_then_launch)
     gen(public_chats[:6], max_new_tokens=12, return_full_text=False)
     assert len(compared) >= 5 and max(compared) > 1
+    if layout == "packed":
+        assert any(first == 0 and most > packed_attention.MAX_QUERIES for first, most in reference_packed.calls)
+
+
+def test_eager_passes_padded_to_a_multiple_give_the_pipelines_text(packed, tiny_dir, public_chats, longest_chat,
+                                                                  expected, monkeypatch):
+    """An H200 pads eager passes above 512 tokens to a multiple of 64 (tokens and sampled rows); here passes above 4
+    tokens to a multiple of 16, long prompt chunks and the packed kernel's few new tokens mixed."""
+    monkeypatch.setattr("orinfer.runner.PAD_ABOVE", 4)
+    monkeypatch.setattr("orinfer.runner.PAD_MULTIPLE", 16)
+    gen = generator(tiny_dir)
+    runner, padding = gen.engine.runner, []
+    context = runner.context
+
+    def checked_context(works, shape=None):
+        ids, ctx = context(works, shape)
+        tokens = sum(len(w.tokens) for w in works)
+        if tokens > 4:
+            assert ids.numel() % 16 == 0 and ctx.sample_rows.numel() % 16 == 0
+            padding.append(ids.numel() - tokens)
+        return ids, ctx
+
+    monkeypatch.setattr(runner, "context", checked_context)
+    assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    assert any(padding)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

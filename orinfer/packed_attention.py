@@ -1,0 +1,113 @@
+"""Attention for sequences with few new tokens (decode steps, drafts being verified), as one Triton kernel.
+
+FlashAttention's varlen kernel gives each (sequence, query head) a tile of 128 query rows: a sequence verifying 16
+drafts fills 17 of them, and a pass of 457 such sequences ran 18,280 nearly empty tiles a layer (29 ms of a 1.2 s
+run on an H200, bench run 20). Here the query heads that share a KV head are packed into one tile's rows (row = token
+x groups + head within the group), so a sequence and KV head take one program that reads their keys once. Long
+prompt chunks stay with FlashAttention (attention.py splits a pass between the two). Needs Triton (not in NVIDIA's
+Jetson wheels: there every sequence stays with FlashAttention).
+"""
+from functools import lru_cache
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: `supported` says no, and nothing below is defined
+    triton = None
+
+# Sequences with at most this many new tokens take this kernel: with 4 query heads per KV head, one tile of 128 rows.
+MAX_QUERIES = 32
+_BLOCK_M, _BLOCK_N, _SPLITS = 64, 64, 2  # rows of a tile, keys a step; a sequence's tiles are spread over 2 programs
+
+if triton is not None:
+    # No specialisation on the sequence offset or count: a new value must not compile a new kernel mid-run.
+    @triton.jit(do_not_specialize=["first_seq"])
+    def _attention(Q, K, V, O, CU_Q, CU_K, first_seq, scale_log2,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                   GROUPS: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        seq = first_seq + tl.program_id(0)
+        kv_head = tl.program_id(1)
+        q_start = tl.load(CU_Q + seq)
+        q_len = tl.load(CU_Q + seq + 1) - q_start
+        k_start = tl.load(CU_K + seq)
+        k_len = tl.load(CU_K + seq + 1) - k_start
+        rows = q_len * GROUPS
+        d = tl.arange(0, DIM)
+        for m0 in range(tl.program_id(2) * BLOCK_M, rows, tl.num_programs(2) * BLOCK_M):
+            r = m0 + tl.arange(0, BLOCK_M)
+            valid = r < rows
+            token = r // GROUPS
+            head = kv_head * GROUPS + r % GROUPS
+            q = tl.load(Q + (q_start + token)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                        mask=valid[:, None], other=0.0)
+            last_key = k_len - q_len + token  # bottom-right causal: the queries are the sequence's last positions
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, DIM], tl.float32)
+            keys_end = tl.minimum(k_len, k_len - q_len + (m0 + BLOCK_M - 1) // GROUPS + 1)
+            for n0 in range(0, keys_end, BLOCK_N):
+                n = n0 + tl.arange(0, BLOCK_N)
+                inside = n < k_len
+                k = tl.load(K + (k_start + n)[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
+                            mask=inside[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k)) * scale_log2
+                s = tl.where(n[None, :] <= last_key[:, None], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every row sees key 0 in the first step
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(V + (k_start + n)[:, None] * stride_vt + kv_head * stride_vh + d[None, :],
+                            mask=inside[:, None], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+            out = acc / l_i[:, None]
+            tl.store(O + (q_start + token)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                     out.to(O.dtype.element_ty), mask=valid[:, None])
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, cu_q: torch.Tensor,
+                     cu_k: torch.Tensor, first_seq: int, num_seqs: int, scale: float) -> None:
+    """Writes out[cu_q[b]:cu_q[b + 1]] for sequences b = first_seq .. first_seq + num_seqs - 1: q/out [T, H, D],
+    k/v [Tk, Hkv, D] (the last dimension contiguous), the varlen layout's cumulative lengths (bottom-right causal).
+    Any query count works (a sequence's tiles are looped over); the fewer, the better the tiles are filled."""
+    heads, dim = q.shape[1:]
+    kv_heads = k.shape[1]
+    if num_seqs == 0:
+        return
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == out.stride(-1) == 1
+    _attention[(num_seqs, kv_heads, _SPLITS)](
+        q, k, v, out, cu_q, cu_k, first_seq, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        GROUPS=heads // kv_heads, DIM=dim, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
+
+
+@lru_cache
+def supported(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, dim: int) -> bool:
+    """Whether the kernel runs here for this attention shape and agrees with the reference on a small case (asked
+    once per device, dtype and shape)."""
+    if triton is None or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if dim < 16 or dim & (dim - 1):  # a tile's head dimension must be a power of two
+        return False
+    from .attention import reference_attention
+    g = torch.Generator(device=device).manual_seed(0)
+    # Three sequences: 3 new tokens after a 60-token prefix, 1 after 2, 20 from position 0.
+    cu_q = torch.tensor([0, 3, 4, 24], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 63, 66, 86], dtype=torch.int32, device=device)
+    q = torch.randn(24, heads, dim, device=device, dtype=dtype, generator=g)
+    k, v = (torch.randn(86, kv_heads, dim, device=device, dtype=dtype, generator=g) for _ in range(2))
+    out = torch.zeros_like(q)
+    try:
+        packed_attention(q, k, v, out, cu_q, cu_k, 0, 3, dim ** -0.5)
+    except Exception as e:  # a Triton that cannot build for this GPU: FlashAttention keeps every sequence
+        import warnings
+        warnings.warn(f"packed attention kernel unavailable ({type(e).__name__}: {e}); using FlashAttention only")
+        return False
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    expected = torch.cat([reference_attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]])
+                          for b in range(3)])
+    if not torch.allclose(out.float(), expected, atol=2e-2, rtol=2e-2):
+        raise RuntimeError("the packed attention kernel disagrees with the reference on this GPU (a bug: report it)")
+    return True
