@@ -93,11 +93,13 @@ class Engine:
         def zeros(n: int, features: int) -> torch.Tensor:
             return torch.zeros(n, features, device=m.device, dtype=m.dtype)
 
-        for n in counts(p.max_batched_tokens):
+        # Largest first: each count's tensors then fit in blocks the allocator already holds (ascending, every new
+        # size took new memory, up to the whole GPU: run 30).
+        for n in reversed(counts(p.max_batched_tokens)):
             for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj):
                 linear(zeros(n, linear.in_features))
             layer.mlp(zeros(n, m.cfg.hidden_size))  # its own path: one gate_up product when compiled, two eager
-        for n in counts(p.max_num_seqs * (1 + p.max_drafts)):  # the LM head sees sampled rows only
+        for n in reversed(counts(p.max_num_seqs * (1 + p.max_drafts))):  # the LM head sees sampled rows only
             m.lm_head(zeros(n, m.cfg.hidden_size)).argmax(-1)
         torch.cuda.synchronize()
         # Its many odd-sized blocks would stay cached beside the ones the real passes need: give them back (on a
