@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import optimize  # noqa: E402
 import test_script  # noqa: E402
-from orinfer import kernels  # noqa: E402
+from orinfer import kernels, packed_attention  # noqa: E402
 from orinfer.memory import GiB, peak_rss_bytes, proc_kib_fields, rss_bytes  # noqa: E402
 from orinfer.tiny import ASSETS, END_TOKEN  # noqa: E402
 
@@ -67,10 +67,19 @@ def answer_scripts(tokenizer, records: list) -> list[list[int]]:
     return [row + [END_TOKEN] for row in rows]
 
 
+PACKED_MAX_QUERIES = packed_attention.MAX_QUERIES
+
+
 def pass_tokens_of(system: str) -> int | None:
     """The pass size a system's name asks for: `ours_t24k` runs ours with 24,576 tokens a pass."""
     found = re.search(r"_t(\d+)k", system)
     return 1024 * int(found.group(1)) if found else None
+
+
+def packed_queries_of(system: str) -> int:
+    """The most new tokens of a sequence the packed kernel takes in an eager pass: `ours_q128` gives it 128."""
+    found = re.search(r"_q(\d+)", system)
+    return int(found.group(1)) if found else PACKED_MAX_QUERIES
 
 
 def fresh_run(gen) -> int:
@@ -338,10 +347,11 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
 
     plan = gen.engine.plan
 
-    def run_ours(speculate, compiled, padded=False, flash_only=False, pause_gc=True, pass_tokens=None, profiled=False,
-                 host_profiled=False):
+    def run_ours(speculate, compiled, padded=False, flash_only=False, pause_gc=True, pass_tokens=None,
+                 packed_queries=None, profiled=False, host_profiled=False):
         # A/B of the pass size alone: the plan's KV pool stays as it is (W1 leaves ~10 GiB of it unused on an H200).
         gen.engine.plan = replace(plan, max_batched_tokens=pass_tokens or plan.max_batched_tokens)
+        packed_attention.MAX_QUERIES = packed_queries or PACKED_MAX_QUERIES
         if compiled != kernels.compiled():
             kernels.use_compiled(compiled)
             gen.engine.runner.graphs.clear()  # captured graphs hold the other kernels: capture again
@@ -393,7 +403,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
         res["systems"][name] = run_ours(speculate=name != "ours_nospec", compiled=compiled and name != "ours_eager",
                                         padded=name == "ours_padded", flash_only=name == "ours_flash",
                                         pause_gc=name != "ours_gc",
-                                        pass_tokens=pass_tokens_of(name),
+                                        pass_tokens=pass_tokens_of(name), packed_queries=packed_queries_of(name),
                                         profiled=args.profile and i == 0, host_profiled=args.host_profile)
         print(name, json.dumps({k: v for k, v in res["systems"][name].items() if k != "breakdown"}), flush=True)
         print("   breakdown", json.dumps(res["systems"][name]["breakdown"]), flush=True)
