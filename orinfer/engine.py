@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .block_manager import BlockManager
 from .memory import MemoryPlan
 from .model import Phi3ForCausalLM
-from .runner import PAD_ABOVE, PAD_MULTIPLE, ModelRunner, Pending
+from .runner import PAD_ABOVE, PAD_MULTIPLE, VARLEN_GRAPH_TOKENS, ModelRunner, Pending
 from .scheduler import Limits, Scheduler, Work
 from .sequence import Sequence
 
@@ -46,9 +46,8 @@ class Engine:
         self._meet_gemm_kernels()
         if cuda_graphs and p.cuda_graphs and not self.runner.graphs:
             if self.runner.varlen:
-                # Any pass of <= 512 tokens: its launches take longer than its weight reads. Buckets of tokens (the
-                # padding costs GEMM rows) and of gathered keys.
-                sizes = [t for t in (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512) if t <= p.max_batched_tokens]
+                # Buckets of tokens (runner.VARLEN_GRAPH_TOKENS) and of gathered keys.
+                sizes = [t for t in VARLEN_GRAPH_TOKENS if t <= p.max_batched_tokens]
                 extents = [1024 << i for i in range(8) if 1024 << i <= p.max_gather_tokens]
             else:
                 # Plain decode steps: buckets of sequences and of blocks.

@@ -1,10 +1,11 @@
-"""Attention for sequences with few new tokens (decode steps, drafts being verified), as one Triton kernel.
+"""Attention for sequences with few new tokens (decode steps, drafts being verified, short prompt chunks), as one
+Triton kernel.
 
 FlashAttention's varlen kernel gives each (sequence, query head) a tile of 128 query rows: a sequence verifying 16
 drafts fills 17 of them, and a pass of 457 such sequences ran 18,280 nearly empty tiles a layer (29 ms of a 1.2 s
-run on an H200, bench run 20). Here the query heads that share a KV head are packed into one tile's rows (row = token
-x groups + head within the group), so a sequence and KV head take one program that reads their keys once. Long
-prompt chunks stay with FlashAttention (attention.py splits a pass between the two). Needs Triton (not in NVIDIA's
+run on an H200, bench run 20). Here the query heads that share a KV head are packed into the rows of 64-row tiles
+(row = token x groups + head within the group), so a sequence and KV head take two programs that read their keys
+once per tile. Long prompt chunks stay with FlashAttention (attention.py splits a pass between the two). Needs Triton (not in NVIDIA's
 Jetson wheels: there every sequence stays with FlashAttention).
 """
 from functools import lru_cache
@@ -17,8 +18,10 @@ try:
 except ImportError:  # no Triton: `supported` says no, and nothing below is defined
     triton = None
 
-# Sequences with at most this many new tokens take this kernel: with 4 query heads per KV head, one tile of 128 rows.
-MAX_QUERIES = 32
+# Sequences with at most this many new tokens take this kernel in an eager pass. FlashAttention's one-head tiles of
+# 128 rows are mostly empty for short prompt chunks too: on W1 (chunks of ~45 tokens after the shared prefix) 128 beat
+# 32 by 35-40 ms of device time, 64 and 256 by less (bench run 32).
+MAX_QUERIES = 128
 _BLOCK_M, _BLOCK_N, _SPLITS = 64, 64, 2  # rows of a tile, keys a step; a sequence's tiles are spread over 2 programs
 
 if triton is not None:

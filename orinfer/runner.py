@@ -2,7 +2,7 @@
 
 The pool is allocated once, zero-filled (gathered padding keys must be finite: 0 * NaN would poison SDPA), and never
 grown. Graphs are captured per shape bucket and replay, with the inputs padded to the bucket: under the varlen layout
-any pass of up to 512 tokens (its launches would take longer than its weight reads), under the padded layout a pass
+any pass of up to 1,024 tokens (its launches would take about as long as its work), under the padded layout a pass
 whose every sequence feeds exactly one token. Every other pass runs eagerly through the very same model code.
 A pass is launched and collected separately, so the engine can do host work while the device runs it.
 """
@@ -25,7 +25,11 @@ from .sequence import Sequence
 # 19 new counts even after a warm-up at every 1.25x step; in a competition run the device idled 0.1 s). So an eager
 # varlen pass of more than PAD_ABOVE tokens (graphs take the smaller ones, at their own sizes) is padded to a
 # multiple of PAD_MULTIPLE tokens and sampled rows, and the warm-up meets every such count.
-PAD_ABOVE, PAD_MULTIPLE = 512, 64
+# Graphs under the varlen layout: buckets of tokens (the padding costs GEMM rows). A pass of up to ~1k tokens takes
+# about as long to launch eagerly as to run, and its launches compete with the host's other work (run 32: a 572-token
+# pass took 32-55 ms eagerly).
+VARLEN_GRAPH_TOKENS = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024)
+PAD_ABOVE, PAD_MULTIPLE = VARLEN_GRAPH_TOKENS[-1], 64
 
 
 @dataclass
@@ -92,6 +96,9 @@ class ModelRunner:
             tokens = sum(len(w.tokens) for w in works)
             ends = [w.start + len(w.tokens) for w in works]
             if tokens > sizes[-1] or not self._uses_varlen(ends):
+                return None
+            # A graph gives every sequence to the packed kernel, which is slow on a long prompt chunk: eager then.
+            if self.packed and any(len(w.tokens) > packed_attention.MAX_QUERIES for w in works):
                 return None
             padded_tokens = _bucket(tokens, sizes)
             return padded_tokens, _bucket(sum(ends) + padded_tokens - tokens, extents)

@@ -6,6 +6,8 @@ from conftest import NEW, generator
 from test_attention import packed, reference_packed, reference_varlen, varlen  # noqa: F401 (fixtures)
 
 from orinfer import attention, packed_attention
+from orinfer.scheduler import Work
+from orinfer.sequence import Sequence
 
 
 @pytest.mark.parametrize("layout", ["varlen", "packed", "padded"])
@@ -16,6 +18,7 @@ def test_inputs_padded_to_a_graph_shape_give_the_same_tokens(tiny_dir, public_ch
         if layout == "packed":  # a graph gives every sequence to the packed kernel, prompt chunks too
             monkeypatch.setattr(attention, "packed_kernel", reference_packed)
             monkeypatch.setattr(packed_attention, "supported", lambda *shape: True)
+            monkeypatch.setattr(packed_attention, "MAX_QUERIES", 8)
             reference_packed.calls = []
         gen = generator(tiny_dir, max_batched_tokens=64, max_num_seqs=6)
     else:  # plain decode steps only
@@ -68,6 +71,16 @@ def test_eager_passes_padded_to_a_multiple_give_the_pipelines_text(packed, tiny_
     monkeypatch.setattr(runner, "context", checked_context)
     assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
     assert any(padding)
+
+
+def test_a_pass_with_a_long_prompt_chunk_runs_eagerly(packed, tiny_dir):
+    """A graph gives every sequence to the packed kernel; a pass holding a chunk longer than it takes runs eagerly."""
+    runner = generator(tiny_dir).engine.runner
+    runner.graphs, runner.graph_dims = {(16, 1024): None}, ([16], [1024])  # as if captured
+    seq = Sequence(index=0, token_ids=list(range(100, 120)), num_prompt_tokens=20, max_new_tokens=1,
+                   block_table=list(range(1, 21)))
+    assert runner._graph_shape([Work(seq, seq.token_ids[:8], 0, 0, False, True)]) == (16, 1024)
+    assert runner._graph_shape([Work(seq, seq.token_ids[:9], 0, 0, False, True)]) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
