@@ -27,6 +27,16 @@ def test_draft_sources():
     assert candidate_drafts(seq, 2) == []
 
 
+def test_candidates_that_begin_alike_draft_only_what_they_share():
+    seq = Sequence(index=0, token_ids=[5, 1], num_prompt_tokens=1, max_new_tokens=9,
+                   candidates=[[1, 4, 5, 6], [3, 3], [1, 4, 5, 7, 8], [1, 4, 5, 6, 2]])
+    assert candidate_drafts(seq, 9) == [4, 5]      # [1] begins three candidates: they share 4 5, then differ
+    seq.token_ids += [4, 5, 7]
+    assert candidate_drafts(seq, 9) == [8]         # [1 4 5 7] begins one
+    seq.token_ids[2:] = [4, 5, 6]
+    assert candidate_drafts(seq, 9) == []          # [1 4 5 6] is one candidate whole and begins another: nothing
+
+
 @pytest.fixture(scope="module")
 def plain(tiny_dir, public_chats):
     g = generator(tiny_dir, speculate=False)
