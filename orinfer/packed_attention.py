@@ -5,8 +5,8 @@ FlashAttention's varlen kernel gives each (sequence, query head) a tile of 128 q
 drafts fills 17 of them, and a pass of 457 such sequences ran 18,280 nearly empty tiles a layer (29 ms of a 1.2 s
 run on an H200, bench run 20). Here the query heads that share a KV head are packed into the rows of 64-row tiles
 (row = token x groups + head within the group), so a sequence and KV head take two programs that read their keys
-once per tile. Long prompt chunks stay with FlashAttention (attention.py splits a pass between the two). Needs Triton (not in NVIDIA's
-Jetson wheels: there every sequence stays with FlashAttention).
+once per tile. Long prompt chunks stay with FlashAttention (attention.py splits a pass between the two). Needs
+Triton (not in NVIDIA's Jetson wheels: there every sequence stays with FlashAttention).
 """
 from functools import lru_cache
 
@@ -25,7 +25,8 @@ MAX_QUERIES = 128
 _BLOCK_M, _BLOCK_N, _SPLITS = 64, 64, 2  # rows of a tile, keys a step; a sequence's tiles are spread over 2 programs
 
 if triton is not None:
-    # No specialisation on the sequence offset or count: a new value must not compile a new kernel mid-run.
+    # No specialisation on the first sequence's index (the count is the grid): a new value must not compile a new
+    # kernel in the middle of a run.
     @triton.jit(do_not_specialize=["first_seq"])
     def _attention(Q, K, V, O, CU_Q, CU_K, first_seq, scale_log2,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,

@@ -20,15 +20,15 @@ from .scheduler import Work
 from .sequence import Sequence
 
 
+# Graphs under the varlen layout: buckets of tokens (the padding costs GEMM rows). A pass of up to ~1k tokens takes
+# about as long to launch eagerly as to run, and its launches compete with the host's other work (run 32: a 572-token
+# pass took 32-55 ms eagerly).
+VARLEN_GRAPH_TOKENS = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024)
 # cuBLAS picks a GEMM kernel by the exact token count, and the first use of a kernel in a process stalls the host
 # until the device is idle, then for milliseconds more (bench run 29: 45-57 ms behind 47 ms of queued work, at 7 of
 # 19 new counts even after a warm-up at every 1.25x step; in a competition run the device idled 0.1 s). So an eager
 # varlen pass of more than PAD_ABOVE tokens (graphs take the smaller ones, at their own sizes) is padded to a
 # multiple of PAD_MULTIPLE tokens and sampled rows, and the warm-up meets every such count.
-# Graphs under the varlen layout: buckets of tokens (the padding costs GEMM rows). A pass of up to ~1k tokens takes
-# about as long to launch eagerly as to run, and its launches compete with the host's other work (run 32: a 572-token
-# pass took 32-55 ms eagerly).
-VARLEN_GRAPH_TOKENS = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024)
 PAD_ABOVE, PAD_MULTIPLE = VARLEN_GRAPH_TOKENS[-1], 64
 
 
