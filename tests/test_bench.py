@@ -54,3 +54,9 @@ def test_breakdown_splits_host_and_device_idle():
     assert b["between_passes_s"] == [0.0, 0.02]
     assert abs(b["before_first_pass_s"] - 0.03) < 1e-9 and abs(b["after_last_pass_s"] - 0.01) < 1e-9
     assert abs(b["outside_passes_s"] - 0.06) < 1e-9
+
+
+def test_system_names_carry_their_knobs():
+    assert bench.pass_tokens_of("ours_t24k_repeat") == 24576 and bench.pass_tokens_of("ours_repeat") is None
+    assert bench.packed_queries_of("ours_q64") == 64
+    assert bench.packed_queries_of("ours_flash") == bench.PACKED_MAX_QUERIES == 128
