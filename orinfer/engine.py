@@ -181,8 +181,10 @@ class Engine:
                 break  # the pass just committed finished the last sequences
             draw(None)  # host work that overlaps the device: the remaining requests, the last pass's results
             report(finished)
+            scheduler.release_finished()
             finished = commit(*in_flight) if in_flight is not None else []
             in_flight = launched
+        scheduler.release_finished()
         report(finished)
         bar.close()
         self.stats["preemptions"] += scheduler.preemptions

@@ -46,6 +46,8 @@ class Scheduler:
         # Sequences in a pass that was launched and not yet committed: the engine schedules the next pass while
         # the device runs one, and such a sequence's next tokens are not known yet (nor may its blocks be touched).
         self.in_flight: set[Sequence] = set()
+        # Finished sequences whose blocks are not given back yet (release_finished).
+        self.unreleased: list[Sequence] = []
         self.preemptions = 0
         # Free blocks kept per running sequence when admitting: 1, doubled after each preemption so that long
         # generations under a small cache stop evicting each other (each eviction recomputes a whole prompt).
@@ -69,6 +71,15 @@ class Scheduler:
         self.blocks.release(seq)
         self.waiting.appendleft(seq)
 
+    def release_finished(self) -> bool:
+        """Give back the blocks of the sequences finished since the last call; whether there were any. The engine
+        calls it once the next pass is launched (W1's 500 answers hold ~45k one-token blocks: milliseconds of host
+        time that would otherwise delay that launch), and schedule() as soon as it is short of blocks."""
+        done, self.unreleased = self.unreleased, []
+        for seq in done:
+            self.blocks.release(seq)
+        return bool(done)
+
     def _preempt(self, seq: Sequence) -> None:
         self._requeue(seq)
         self.preemptions += 1
@@ -90,6 +101,8 @@ class Scheduler:
             drafts = candidate_drafts(seq, room)
             placed = True
             while not self.blocks.grow(seq, seq.num_tokens + len(drafts)):
+                if self.release_finished():
+                    continue
                 if drafts:
                     drafts = []
                     continue
@@ -137,6 +150,8 @@ class Scheduler:
             need = self.blocks.blocks_needed(seq, seq.num_tokens)
             if need > self.blocks.num_free or (
                     self.running and need + self.reserve * (len(self.running) + 1) > self.blocks.num_free):
+                if self.release_finished():
+                    continue
                 break
             self.waiting.popleft()
             self.blocks.reuse_prefix(seq)
@@ -187,7 +202,7 @@ class Scheduler:
                     break
             if seq.finished:
                 self.running.remove(seq)
-                self.blocks.release(seq)
+                self.unreleased.append(seq)
                 finished.append(seq)
         return finished
 

@@ -64,3 +64,21 @@ def test_out_of_memory_on_a_single_token_is_reported(tiny_dir, public_chats):
     g.engine.runner.launch = always
     with pytest.raises(MemoryError, match="single decode token"):
         g(public_chats[:1], max_new_tokens=4)
+
+
+def test_finished_sequences_give_their_blocks_back_when_released_or_when_needed():
+    from orinfer.block_manager import BlockManager
+    from orinfer.scheduler import Limits, Scheduler
+    from orinfer.sequence import Sequence
+    blocks = BlockManager(13, 1)  # 12 one-token blocks besides the scratch block
+    sch = Scheduler(blocks, Limits(max_num_seqs=4, max_batched_tokens=64, max_gather_tokens=1000), eos_ids=[0])
+    a = Sequence(index=0, token_ids=[5, 6, 7, 8, 9], num_prompt_tokens=5, max_new_tokens=1)
+    sch.add(a)
+    assert sch.postprocess(sch.schedule(), [3]) == [a]
+    assert blocks.num_free == 7 and a.block_table  # finished, its blocks not given back yet
+    b = Sequence(index=1, token_ids=list(range(10, 20)), num_prompt_tokens=10, max_new_tokens=1)
+    sch.add(b)
+    works = sch.schedule()  # b needs 10 blocks: the scheduler gives a's back first, rather than wait or preempt
+    assert [w.seq for w in works] == [b] and not a.block_table and sch.preemptions == 0
+    sch.postprocess(works, [3])
+    assert sch.release_finished() and blocks.num_free == 12 and not sch.release_finished()
