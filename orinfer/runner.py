@@ -248,6 +248,7 @@ class ModelRunner:
             began, ready = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             began.record()
         shape = self._graph_shape(works)
+        sampled = sum(1 + w.num_drafts for w in works if w.samples)  # the rows past these are padding
         graph, io = self.graphs.get(shape, (None, None))
         if graph is not None:
             ids, ctx = self.context(works, shape)
@@ -259,11 +260,11 @@ class ModelRunner:
                 getattr(io["ctx"].layout, name).copy_(getattr(ctx.layout, name))
             t1 = time.perf_counter()
             graph.replay()
-            out = io["out"][:sum(1 + w.num_drafts for w in works if w.samples)]
+            out = io["out"][:sampled]
         else:
             ids, ctx = self.context(works)
             t1 = time.perf_counter()
-            out = self.model(ids, ctx)[:sum(1 + w.num_drafts for w in works if w.samples)]
+            out = self.model(ids, ctx)[:sampled]
         pinned = None
         if ready is not None:
             fits = [i for i, buf in enumerate(self._sampled) if buf.numel() >= len(out)]
