@@ -11,7 +11,7 @@ the installed transformers' pipeline does it (that step changed in transformers 
 import gc
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +24,7 @@ from orinfer.config import Phi3Config, eos_token_ids
 from orinfer.drafts import parse_choices
 from orinfer.engine import Engine
 from orinfer.loader import load_weights
-from orinfer.memory import is_integrated, parse_budget, plan_memory, rss_bytes
+from orinfer.memory import MemoryPlan, is_integrated, parse_budget, plan_memory, rss_bytes
 from orinfer.model import Phi3ForCausalLM
 from orinfer.sequence import Sequence
 
@@ -62,6 +62,24 @@ def _is_chat(x) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, dict) and "role" in m for m in x)
 
 
+def prompt_ids(tokenizer, items: list) -> list[list[int]]:
+    """Prompt token ids of checked inputs, as the pipeline's preprocessing makes them."""
+    ids = [None] * len(items)
+    chats = [i for i, item in enumerate(items) if not isinstance(item, str)]
+    strings = [i for i, item in enumerate(items) if isinstance(item, str)]
+    # The chat template's text, tokenised without extra special tokens, is what apply_chat_template(tokenize=True)
+    # gives; plain strings get the tokenizer's defaults, as the pipeline's preprocess does.
+    if chats:
+        texts = [tokenizer.apply_chat_template(list(items[i]), tokenize=False, add_generation_prompt=True)
+                 for i in chats]
+        for i, row in zip(chats, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            ids[i] = row
+    if strings:
+        for i, row in zip(strings, tokenizer([items[i] for i in strings])["input_ids"]):
+            ids[i] = row
+    return ids
+
+
 class Generator:
     """pipe()-compatible greedy text generation over the orinfer engine."""
 
@@ -89,11 +107,15 @@ class Generator:
 
     def __call__(self, inputs, max_new_tokens: int | None = None, return_full_text: bool = True,
                  do_sample: bool = False, temperature: float | None = None, batch_size: int | None = None,
-                 on_result: Callable[[int, list], None] | None = None, scripts: list[list[int]] | None = None,
+                 on_result: Callable[[int, list], None] | None = None,
+                 on_error: Callable[[int, str], None] | None = None, scripts: list[list[int]] | None = None,
                  progress: bool | None = None, **unsupported):
         """Same call and same output nesting as pipeline("text-generation"). `batch_size` is accepted and ignored
-        (the engine batches by memory). `on_result(i, output)` is called as each input finishes. `scripts` is a
-        benchmark hook only: forced output tokens per input (bench/README.md)."""
+        (the engine batches by memory). `on_result(i, output)` is called as each input finishes. An input the
+        engine cannot finish (its tokens outgrow the KV cache, its text does not tokenise) does not stop the
+        others: `on_error(i, why)` is called for it and its output is None; without `on_error` the call raises
+        RecordError once every other input has finished. `scripts` is a benchmark hook only: forced output tokens
+        per input (bench/README.md)."""
         if do_sample:
             raise ValueError("only greedy decoding is supported (do_sample=True was given)")
         if unsupported:
@@ -102,8 +124,17 @@ class Generator:
             raise ValueError("pass max_new_tokens (>= 1): the organisers' script uses 500")
         single = isinstance(inputs, str) or _is_chat(inputs)
         items = [inputs] if single else list(inputs)
-        outputs = self._generate(items, max_new_tokens, return_full_text, on_result, scripts,
+        failures: dict[int, str] = {}
+
+        def failed(i: int, why: str) -> None:
+            failures[i] = why
+            if on_error is not None:
+                on_error(i, why)
+
+        outputs = self._generate(items, max_new_tokens, return_full_text, on_result, failed, scripts,
                                  self.progress if progress is None else progress)
+        if failures and on_error is None:
+            raise RecordError(failures)
         return outputs[0] if single else outputs
 
     @staticmethod
@@ -115,26 +146,6 @@ class Generator:
                     raise ValueError(f"record {i}: a chat must end with a user turn (assistant prefill is not supported)")
             elif not isinstance(item, str):
                 raise TypeError(f"record {i}: expected a string or a chat (list of role/content dicts), got {type(item).__name__}")
-
-    def _prompt_ids(self, items: list, first: int = 0) -> list[list[int]]:
-        """Prompt token ids of checked inputs; `first` is the record number of items[0] (for errors)."""
-        ids = [None] * len(items)
-        chats = [i for i, item in enumerate(items) if not isinstance(item, str)]
-        strings = [i for i, item in enumerate(items) if isinstance(item, str)]
-        # The chat template's text, tokenised without extra special tokens, is what apply_chat_template(tokenize=True)
-        # gives; plain strings get the tokenizer's defaults, as the pipeline's preprocess does.
-        if chats:
-            texts = [self.tokenizer.apply_chat_template(list(items[i]), tokenize=False, add_generation_prompt=True)
-                     for i in chats]
-            for i, row in zip(chats, self.tokenizer(texts, add_special_tokens=False)["input_ids"]):
-                ids[i] = row
-        if strings:
-            for i, row in zip(strings, self.tokenizer([items[i] for i in strings])["input_ids"]):
-                ids[i] = row
-        for i, row in enumerate(ids):
-            if not row:
-                raise ValueError(f"record {first + i}: the prompt is empty after tokenisation")
-        return ids
 
     def _candidates(self, items: list) -> list[list[list[int]]]:
         """Token ids of each input's listed choices (drafts only; one tokenizer call). No <|end|> after them: the
@@ -160,7 +171,18 @@ class Generator:
             text = item + text if isinstance(item, str) else list(item) + [{"role": "assistant", "content": text}]
         return [{"generated_text": text}]
 
-    def _generate(self, items, max_new_tokens, return_full_text, on_result, scripts, progress) -> list:
+    def _tokenized(self, items: list, first: int, on_error: Callable[[int, str], None]) -> list:
+        """(prompt ids, candidates) of each input, None for one that fails to tokenise (reported, not raised). One
+        tokenizer call per chunk; only a failing chunk is tokenised again input by input, to find the culprit."""
+        try:
+            return list(zip(prompt_ids(self.tokenizer, items), self._candidates(items)))
+        except Exception as e:
+            if len(items) == 1:
+                on_error(first, f"the input could not be tokenised ({type(e).__name__}: {e})")
+                return [None]
+        return [row for i, item in enumerate(items, first) for row in self._tokenized([item], i, on_error)]
+
+    def _generate(self, items, max_new_tokens, return_full_text, on_result, on_error, scripts, progress) -> list:
         t0 = time.perf_counter()
         self._check(items)
         prompts: list = [None] * len(items)
@@ -173,7 +195,13 @@ class Generator:
                 t = time.perf_counter()
                 chunk = items[first:first + _TOKENIZE_CHUNK]
                 seqs = []
-                for i, (p, c) in enumerate(zip(self._prompt_ids(chunk, first), self._candidates(chunk)), first):
+                for i, row in enumerate(self._tokenized(chunk, first, on_error), first):
+                    if row is None:
+                        continue
+                    p, c = row
+                    if not p:
+                        on_error(i, "the prompt is empty after tokenisation")
+                        continue
                     prompts[i] = p
                     seqs.append(Sequence(index=i, token_ids=list(p), num_prompt_tokens=len(p),
                                          max_new_tokens=max_new_tokens, candidates=c,
@@ -183,9 +211,18 @@ class Generator:
 
         def finish(seq: Sequence) -> None:
             t = time.perf_counter()
-            outputs[seq.index] = self._output(items[seq.index], prompts[seq.index], seq.generated, return_full_text)
-            if on_result is not None:
-                on_result(seq.index, outputs[seq.index])
+            if seq.error is not None:
+                on_error(seq.index, seq.error)
+            else:
+                try:
+                    outputs[seq.index] = self._output(items[seq.index], prompts[seq.index], seq.generated,
+                                                      return_full_text)
+                except Exception as e:
+                    on_error(seq.index, f"its {len(seq.generated)} new tokens could not be turned into text "
+                                        f"({type(e).__name__}: {e})")
+                else:
+                    if on_result is not None:
+                        on_result(seq.index, outputs[seq.index])
             spent["detokenize"] += time.perf_counter() - t
 
         with _collector_paused(self.pause_gc):
@@ -196,6 +233,14 @@ class Generator:
         return outputs
 
 
+class RecordError(RuntimeError):
+    """Some inputs of a call could not be finished (the others were): `failures` maps input index -> why."""
+
+    def __init__(self, failures: dict[int, str]):
+        self.failures = failures
+        super().__init__("; ".join(f"input {i}: {why}" for i, why in sorted(failures.items())))
+
+
 def resolve_dtype(dtype: str, cfg: Phi3Config) -> torch.dtype:
     name = cfg.torch_dtype if dtype == "auto" else dtype
     if name not in _DTYPES:
@@ -203,35 +248,87 @@ def resolve_dtype(dtype: str, cfg: Phi3Config) -> torch.dtype:
     return _DTYPES[name]
 
 
+class SetupError(Exception):
+    """What is wrong with the model folder, the device or an option, found before any weight is loaded."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """All that build() decides before the weights load: the folder's config and tokenizer, the device, the dtype
+    and the memory plan. A caller can check its inputs against it (prompt_ids, plan.kv_tokens) before the load."""
+    folder: Path
+    cfg: Phi3Config
+    eos: list[int]
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    plan: MemoryPlan
+    speculate: bool
+    compile: bool
+
+    def load(self, init: Callable[[Phi3ForCausalLM], None] | None = None, progress: bool = True) -> Generator:
+        """The weights onto the device (or `init` fills them), and the generator."""
+        kernels.use_compiled(self.compile)
+        model = Phi3ForCausalLM(self.cfg, self.device, self.dtype)
+        (init or (lambda m: load_weights(m, self.folder)))(model)
+        return Generator(Engine(model, self.eos, self.plan, self.speculate), self.tokenizer, progress)
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SetupError(f"device {name!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SetupError(f"device {name!r}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SetupError(f"device {name!r}: this torch ({torch.__version__}) sees no CUDA device")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise SetupError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto", memory_budget: str | int = "auto",
+            speculate: bool = True, unified_memory: bool | None = None, compile: bool | None = None) -> Setup:
+    """Read a local HF Phi-3 folder's config and tokenizer and plan the memory, loading no weight: any problem with
+    the folder, the device or an option is a SetupError (one line) here, before the long part of a start."""
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise SetupError(f"no model at {folder} (config.json not found). Put the HF folder of "
+                         "Phi-3-medium-4k-instruct there, pass --model, or try the embedded tiny model with --demo")
+    dev = _device(device)
+    if compile is None:
+        compile = kernels.compile_available(dev)
+    elif compile and not kernels.compile_available(dev):
+        raise SetupError(f"compile=True needs a CUDA device and a torch >= 2.6 with Triton (device: {dev})")
+    try:
+        cfg = Phi3Config.from_folder(folder)
+        if not SLIDING_WINDOW_APPLIES:
+            cfg = replace(cfg, sliding_window=None)
+        eos = eos_token_ids(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        torch_dtype = resolve_dtype(dtype, cfg)
+        itemsize = torch.finfo(torch_dtype).bits // 8
+        plan = plan_memory(cfg, parse_budget(memory_budget, dev), cfg.num_parameters * itemsize, itemsize,
+                           shared_host=is_integrated(dev) if unified_memory is None else unified_memory,
+                           host_bytes=rss_bytes())
+    except (OSError, ValueError, KeyError, MemoryError) as e:
+        raise SetupError(f"{folder}: {e}" if isinstance(e, (OSError, KeyError)) else str(e)) from e
+    return Setup(folder, cfg, eos, tokenizer, dev, torch_dtype, plan, speculate, compile)
+
+
 def build(model_dir: str | Path, device: str | None = None, dtype: str = "auto", memory_budget: str | int = "auto",
           speculate: bool = True, progress: bool = True, unified_memory: bool | None = None,
           init: Callable[[Phi3ForCausalLM], None] | None = None, compile: bool | None = None) -> Generator:
-    """Load a local HF Phi-3 folder straight onto the device and return the pipe()-compatible generator.
+    """Load a local HF Phi-3 folder straight onto the device and return the pipe()-compatible generator
+    (prepare, then Setup.load).
 
     `unified_memory` (default: detected) counts the host process and CUDA context inside the budget, as on a Jetson;
     the benchmark sets it to emulate the Orin on a discrete GPU. `init` fills the weights instead of the folder's
     checkpoint (benchmarks: random weights; the folder then needs only config and tokenizer files). `compile` (default:
     where available, i.e. CUDA with Triton) fuses the elementwise kernels with torch.compile during warm-up."""
-    folder = Path(model_dir)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {folder} (config.json not found). Put the HF folder of "
-                                "Phi-3-medium-4k-instruct there, pass --model, or try the embedded tiny model with --demo")
-    cfg = Phi3Config.from_folder(folder)
-    if not SLIDING_WINDOW_APPLIES:
-        cfg = replace(cfg, sliding_window=None)
-    eos = eos_token_ids(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if compile is None:
-        compile = kernels.compile_available(dev)
-    elif compile and not kernels.compile_available(dev):
-        raise RuntimeError(f"compile=True needs a CUDA device and a torch >= 2.6 with Triton (device: {dev})")
-    kernels.use_compiled(compile)
-    torch_dtype = resolve_dtype(dtype, cfg)
-    itemsize = torch.finfo(torch_dtype).bits // 8
-    plan = plan_memory(cfg, parse_budget(memory_budget, dev), cfg.num_parameters * itemsize, itemsize,
-                       shared_host=is_integrated(dev) if unified_memory is None else unified_memory,
-                       host_bytes=rss_bytes())
-    model = Phi3ForCausalLM(cfg, dev, torch_dtype)
-    (init or (lambda m: load_weights(m, folder)))(model)
-    return Generator(Engine(model, eos, plan, speculate), tokenizer, progress)
+    setup = prepare(model_dir, device, dtype, memory_budget, speculate, unified_memory, compile)
+    return setup.load(init, progress)

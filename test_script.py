@@ -3,28 +3,48 @@
     python test_script.py                # the real model in ./models/Phi-3-medium-4k-instruct, on the GPU
     python test_script.py --demo         # the embedded tiny random Phi-3, on the CPU, in seconds
 
-Section 3 (timed) is data load + inference and yields `outs` in pipe() form and dataset order; Section 4 (untimed)
-scores them exactly as the organisers do. Each result is also appended to --out as it finishes, so an interrupted
-run can be resumed with --resume.
+Before the model loads, the data file and every option are checked: a problem is one line on stderr naming the file
+and line, and exit code 2. Section 3 (timed) is data load + inference and yields `outs` in pipe() form and dataset
+order; Section 4 (untimed) scores them exactly as the organisers do. Each result is appended to OUT.partial as it
+finishes and --out is replaced only at the end, so a run that dies loses nothing: --resume runs only what is missing.
 """
 import argparse
 import json
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 import optimize
+from orinfer.dataset import DataError, read_records, read_results
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block and then the error
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="test_script.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="./models/Phi-3-medium-4k-instruct", help="local HF folder of the model")
     p.add_argument("--data", default="./data/test_dataset.jsonl", help="JSONL records {'message': [...], 'answer': ...}")
-    p.add_argument("--out", default="outputs.jsonl", help="results, one JSON line per record, appended as they finish")
-    p.add_argument("--resume", action="store_true", help="keep the records already in --out and run only the rest")
-    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--out", default="outputs.jsonl", help="results, one JSON line per record, in dataset order")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the results already in --out and OUT.partial and run only the other records")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=500)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto keeps the checkpoint's dtype (bf16), as the organisers' torch_dtype='auto' does")
     p.add_argument("--memory-budget", default="auto",
@@ -39,53 +59,74 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_records(path: Path) -> list[dict]:
-    """The dataset, with a clear error naming the line of any malformed record."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            msg = rec.get("message") if isinstance(rec, dict) else None
-            if not (isinstance(msg, list) and msg and all(isinstance(m, dict) and "role" in m and "content" in m
-                                                           for m in msg)):
-                raise SystemExit(f"{path}:{n}: record needs 'message': a list of {{'role', 'content'}} dicts")
-            records.append(rec)
-    return records
+class Results:
+    """The results of a run. --out is written once, at the end, atomically and in dataset order; until then each
+    result is appended to the journal OUT.partial as it finishes (one flushed line), so a crash keeps every finished
+    result and the previous --out stays as it was."""
+
+    def __init__(self, out: Path, resume: bool, total: int):
+        self.out, self.journal = out, out.with_name(out.name + ".partial")
+        self.done: dict[int, list] = {}
+        if not out.parent.is_dir():
+            raise DataError(out, None, f"cannot be written: the folder {out.parent} does not exist")
+        if resume:
+            for path in (out, self.journal):
+                if path.is_file():
+                    done, note = read_results(path, total)
+                    self.done.update(done)
+                    if note:
+                        print(note, file=sys.stderr)
+        elif self.journal.is_file() and self.journal.stat().st_size:
+            raise DataError(self.journal, None, "holds the results of an interrupted run: pass --resume to keep "
+                                                "them, or delete the file to start afresh")
+        self.resumed = len(self.done)
+        try:  # the journal restarts with exactly the results kept (a cut last line is dropped)
+            self.sink = open(self.journal, "w", encoding="utf-8")
+            self.sink.writelines(self._line(i, o) for i, o in sorted(self.done.items()))
+            self.sink.flush()
+        except OSError as e:
+            raise DataError(self.journal, None, f"cannot be written ({e.strerror})") from None
+
+    @staticmethod
+    def _line(index: int, output: list) -> str:
+        return json.dumps({"index": index, "output": output}, ensure_ascii=False) + "\n"
+
+    def add(self, index: int, output: list) -> None:
+        self.sink.write(self._line(index, output))
+        self.sink.flush()
+        self.done[index] = output
+
+    def finish(self) -> None:
+        """--out replaced by every result, in dataset order; the journal is then no longer needed."""
+        tmp = self.out.with_name(self.out.name + ".tmp")
+        tmp.write_text("".join(self._line(i, o) for i, o in sorted(self.done.items())), encoding="utf-8")
+        tmp.replace(self.out)
+        self.sink.close()
+        self.journal.unlink()
+
+    def saved(self) -> str:
+        kept = len(self.done)
+        return f"{kept} results are kept in {self.journal}; --resume runs the rest" if kept else "no result was lost"
 
 
-def load_done(out: Path, resume: bool, total: int) -> dict[int, list]:
-    if not resume or not out.exists():
-        if out.exists():
-            out.unlink()
-        return {}
-    done = {}
-    for line in out.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            if 0 <= rec["index"] < total:
-                done[rec["index"]] = rec["output"]
-    return done
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args, results: Results, data_path: Path, records: list[dict], lines: list[int], todo: list[int]) -> int:
     model_dir, device = args.model, args.device
     if args.demo:
         from orinfer.tiny import demo_model_dir
         model_dir, device = demo_model_dir(), args.device or "cpu"
 
-    # Section 1: set-up (untimed) — model straight onto the device, tokenizer, generator.
-    try:
-        gen = optimize.build(model_dir, device=device, dtype=args.dtype, memory_budget=args.memory_budget,
+    # Section 1: set-up (untimed). Everything is checked before the weights load: options, device, memory plan,
+    # and that every prompt fits the KV cache the plan leaves.
+    setup = optimize.prepare(model_dir, device=device, dtype=args.dtype, memory_budget=args.memory_budget,
                              speculate=not args.no_speculation, compile=False if args.no_compile else None)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(gen.engine.plan.describe(), file=sys.stderr)
+    lengths = [len(p) for p in optimize.prompt_ids(setup.tokenizer, [records[i]["message"] for i in todo])]
+    for i, n in zip(todo, lengths):
+        if n + 1 > setup.plan.kv_tokens:
+            raise DataError(data_path, lines[i], f"the prompt's {n} tokens do not fit the KV cache, "
+                                                 f"{setup.plan.kv_tokens} tokens at this memory budget: raise "
+                                                 "--memory-budget")
+    print(setup.plan.describe(), file=sys.stderr)
+    gen = setup.load()
     print("attention:", "varlen FlashAttention" if gen.engine.runner.varlen else "padded SDPA", file=sys.stderr)
     generation_args = {"max_new_tokens": args.max_new_tokens, "return_full_text": False, "temperature": 0.0,
                        "do_sample": False}
@@ -94,37 +135,72 @@ def main(argv=None) -> int:
     gen.warmup(cuda_graphs=not args.no_cuda_graphs)
 
     # Section 3: timed — data load + inference.
-    out_path = Path(args.out)
+    failures: dict[int, str] = {}
     start = time.time()
-    data = load_records(Path(args.data))
-    done = load_done(out_path, args.resume, len(data))
-    todo = [i for i in range(len(data)) if i not in done]
-    with open(out_path, "a", encoding="utf-8") as sink:
-        def save(j: int, output: list) -> None:
-            sink.write(json.dumps({"index": todo[j], "output": output}, ensure_ascii=False) + "\n")
-            sink.flush()
-        fresh = gen([data[i]["message"] for i in todo], on_result=save, **generation_args) if todo else []
-    outs = [done.get(i) for i in range(len(data))]
-    for i, out in zip(todo, fresh):
-        outs[i] = out
+    data = read_records(data_path)[0]
+    gen([data[i]["message"] for i in todo], on_result=lambda j, out: results.add(todo[j], out),
+        on_error=lambda j, why: failures.__setitem__(todo[j], why), **generation_args)
+    outs = [results.done.get(i) for i in range(len(data))]
     end = time.time()
 
     # Section 4: untimed — accuracy, scored as the organisers score it.
     correct = 0
     for i, out in enumerate(outs):
+        if out is None:
+            continue
         answer = out[0]["generated_text"].lstrip().replace("\n", "")
         if answer == data[i].get("answer"):
             correct += 1
-    tmp = out_path.with_suffix(out_path.suffix + ".tmp")  # rewritten in dataset order, atomically
-    tmp.write_text("".join(json.dumps({"index": i, "output": o}, ensure_ascii=False) + "\n" for i, o in enumerate(outs)),
-                   encoding="utf-8")
-    tmp.replace(out_path)
+    results.finish()
     print("===== Perf result =====")
     print("Elapsed_time: ", end - start)
     print(f"Correctness: {correct}/{len(data)}")
-    if done:
-        print(f"({len(done)} records were resumed from {out_path}; Elapsed_time covers the other {len(todo)})")
+    if results.resumed:
+        print(f"({results.resumed} records were resumed from {results.out}; Elapsed_time covers the other {len(todo)})")
+    for i, why in sorted(failures.items()):
+        print(f"{data_path}:{lines[i]}: no result: {why}", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} records have no result (scored as wrong; {results.out} holds the others): fix the "
+              "cause above and run again with --resume", file=sys.stderr)
+        return 1
     return 0
+
+
+def main(argv=None) -> int:
+    """The whole run; what goes wrong is one line on stderr and an exit code, never a traceback: 2 for a bad input
+    or option (nothing was run), 1 for records left without a result or a fault inside, 130 for an interrupt."""
+    args = parse_args(argv)
+    results = None
+    try:
+        data_path = Path(args.data)
+        data, lines = read_records(data_path)
+        results = Results(Path(args.out), args.resume, len(data))
+        todo = [i for i in range(len(data)) if i not in results.done]
+        if not todo:
+            results.finish()
+            print(f"every record of {data_path} already has its result in {results.out}: nothing to run",
+                  file=sys.stderr)
+            return 0
+        return run(args, results, data_path, data, lines, todo)
+    except DataError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except optimize.SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {results.saved() if results else 'nothing had started'}", file=sys.stderr)
+        return 130
+    except Exception as e:  # a fault inside the engine: the details go to a file, the user gets what was kept
+        log = Path(args.out).with_name(Path(args.out).name + ".error.log")
+        try:
+            log.write_text(traceback.format_exc(), encoding="utf-8")
+            where = f"traceback in {log}"
+        except OSError:
+            where = "no log could be written"
+        print(f"error: {type(e).__name__}: {e} ({where}); {results.saved() if results else 'nothing had started'}",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import optimize  # noqa: E402
-import test_script  # noqa: E402
+from orinfer.dataset import read_records  # noqa: E402
 from orinfer import kernels, packed_attention  # noqa: E402
 from orinfer.memory import GiB, peak_rss_bytes, proc_kib_fields, rss_bytes  # noqa: E402
 from orinfer.tiny import ASSETS, END_TOKEN  # noqa: E402
@@ -253,7 +253,7 @@ def main():
     tmp = Path(tempfile.mkdtemp())
     w1 = write_w1(tmp)
     folder = model_folder(tmp)
-    records = test_script.load_records(w1)
+    records = read_records(w1)[0]
     if args.limit:
         records = records[:args.limit]
         w1.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -327,7 +327,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
     max_new = 500 if args.mode == "scripted" else args.free_tokens
     gen = optimize.build(folder, device="cuda", init=random_init(0), progress=False)
     model, tok = gen.engine.model, gen.tokenizer
-    prompts = gen._prompt_ids([r["message"] for r in records])
+    prompts = optimize.prompt_ids(gen.tokenizer, [r["message"] for r in records])
     scripts = answer_scripts(tok, records) if args.mode == "scripted" else None
     flops_per_token, weight_bytes = pass_costs(model.cfg)
     unique = unique_prompt_tokens(prompts)
@@ -372,7 +372,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
             if host:
                 host.enable()
             t = time.perf_counter()
-            data = test_script.load_records(w1)
+            data = read_records(w1)[0]
             outs = gen([r["message"] for r in data], scripts=scripts, **gen_args)
             torch.cuda.synchronize()
             secs = time.perf_counter() - t
@@ -423,7 +423,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
                 tok.padding_side = "left"
                 tok.pad_token = "<|endoftext|>"
                 t = time.perf_counter()
-                data = test_script.load_records(w1)
+                data = read_records(w1)[0]
                 texts = [tok.apply_chat_template(r["message"], tokenize=False, add_generation_prompt=True) for r in data]
                 order = sorted(range(len(texts)), key=lambda i: len(prompts[i]))
                 outs = [None] * len(texts)
@@ -439,7 +439,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
                 from transformers.pipelines.pt_utils import KeyDataset
                 pipe = pipeline("text-generation", model=hf, tokenizer=tok)
                 t = time.perf_counter()
-                data = test_script.load_records(w1)
+                data = read_records(w1)[0]
                 outs = list(pipe(KeyDataset(data, "message"), **gen_args, **extra))
                 torch.cuda.synchronize()
             secs = time.perf_counter() - t
@@ -502,7 +502,7 @@ def passes_stage(w1: Path, records: list) -> dict:
                                                                                    ("no_speculation", False))):
         gen.engine = Engine(gen.engine.model, gen.engine.eos_ids, plan, speculate)
         gen.engine.free_draft_tokens = 128
-        gen([r["message"] for r in test_script.load_records(w1)], scripts=scripts, max_new_tokens=500)
+        gen([r["message"] for r in read_records(w1)[0]], scripts=scripts, max_new_tokens=500)
         per = [s.passes for s in gen.last_sequences]
         tokens = [p[0] for p in gen.engine.runner.pass_log]
         out[f"{plan_name}_{name}"] = {"mean": sum(per) / len(per), "max": max(per), "batch_passes": len(tokens),
@@ -518,7 +518,7 @@ def fp32_exact(folder: Path, records: list, new_tokens: int = 32) -> dict:
     chats = [r["message"] for r in records]
     gen(chats, max_new_tokens=new_tokens, return_full_text=False)
     ours = [s.generated for s in gen.last_sequences]
-    prompts = gen._prompt_ids(chats)
+    prompts = optimize.prompt_ids(gen.tokenizer, chats)
     same, first_diff = 0, []
     for p, o in zip(prompts, ours):
         ids = torch.tensor([p], device="cuda")
@@ -574,7 +574,7 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
     report["device_reserved_after_warmup_gib"] = torch.cuda.memory_reserved() / GiB
     print(report, flush=True)
     scripts = answer_scripts(gen.tokenizer, records)
-    longest = test_script.load_records(ROOT / "data" / "sample_longest_data.jsonl")
+    longest = read_records(ROOT / "data" / "sample_longest_data.jsonl")[0]
     runs = [("w1_scripted", [r["message"] for r in records], scripts, 500),
             ("longest_free500", [r["message"] for r in longest], None, 500),
             ("w1_first64_free500", [r["message"] for r in records[:64]], None, 500)]

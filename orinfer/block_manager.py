@@ -24,6 +24,11 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
 
     @property
+    def capacity(self) -> int:
+        """Tokens the cache holds in all (the scratch block aside)."""
+        return (len(self.refs) - 1) * self.block_size
+
+    @property
     def num_free(self) -> int:
         return len(self.free)
 

@@ -152,7 +152,9 @@ class Engine:
             self.stats["max_batch"] = max(self.stats["max_batch"], len(works))
             return scheduler.postprocess(works, tokens)
 
-        while scheduler.has_work:
+        while scheduler.has_work or scheduler.failed:
+            finished += scheduler.failed  # requests given up on (seq.error) are reported like finished ones
+            scheduler.failed = []
             # The next pass is scheduled and launched before the one in flight is committed (it holds only sequences
             # outside that pass), so the device does not wait for the host, if it is nearly full. Otherwise it waits
             # for the pass in flight and is topped up with that pass's sequences' next steps: a pass launched ahead
@@ -176,6 +178,8 @@ class Engine:
                         torch.cuda.empty_cache()
                     continue
             elif in_flight is None:
+                if scheduler.failed:
+                    continue
                 if scheduler.has_work:
                     raise RuntimeError("the scheduler could not place any sequence (this is a bug)")
                 break  # the pass just committed finished the last sequences
@@ -185,7 +189,7 @@ class Engine:
             finished = commit(*in_flight) if in_flight is not None else []
             in_flight = launched
         scheduler.release_finished()
-        report(finished)
+        report(finished + scheduler.failed)
         bar.close()
         self.stats["preemptions"] += scheduler.preemptions
         self.stats["draft_tokens"] += scheduler.draft_tokens

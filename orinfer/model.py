@@ -1,7 +1,7 @@
 """Phi-3 (Phi3ForCausalLM's math and parameter names) over a flat batch of new tokens.
 
 Every operation follows transformers' Phi-3 in order and dtype, so that at float32 the greedy tokens are the same:
-RMSNorm in float32 then cast back before the weight, RoPE tables computed in float32 on the model's device then cast,
+RMSNorm in float32 then cast back before the weight, RoPE angles computed in float32 on the model's device then cast,
 fused qkv_proj split as [q | k | v], fused gate_up_proj split as [gate | up] with up * silu(gate).
 """
 import torch
@@ -98,14 +98,10 @@ class Phi3ForCausalLM(nn.Module):
         self.to(dtype)  # still on meta: no memory is touched until to_empty
         self.to_empty(device=device)
         self.block_size = 0  # set with the KV cache
-        # RoPE tables for every position, computed as transformers computes them on the fly (float32 on the device).
+        # RoPE angles are computed per pass from the positions, as transformers computes them (float32, one product
+        # per position and frequency): any position works, past max_position_embeddings too, as it does there.
         dim = cfg.head_dim
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float32, device=device)
-        freqs = (inv_freq.to(device)[:, None] @ positions[None, :]).t()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos_table = emb.cos().to(dtype)
-        self.sin_table = emb.sin().to(dtype)
+        self.inv_freq = (1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))).to(device)
 
     @property
     def device(self) -> torch.device:
@@ -120,8 +116,9 @@ class Phi3ForCausalLM(nn.Module):
         if isinstance(ctx.layout, Padded):
             groups = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
             ctx.layout.bias = build_bias(ctx, self.block_size, groups, self.dtype)
-        cos = self.cos_table[ctx.positions][:, None, :]
-        sin = self.sin_table[ctx.positions][:, None, :]
+        freqs = ctx.positions.float()[:, None] * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
         h, delta = self.model.embed_tokens(input_ids), None
         for layer in self.model.layers:
             h, delta = layer(h, delta, cos, sin, ctx)

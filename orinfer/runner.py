@@ -95,7 +95,8 @@ class ModelRunner:
         if self.varlen:
             tokens = sum(len(w.tokens) for w in works)
             ends = [w.start + len(w.tokens) for w in works]
-            if tokens > sizes[-1] or not self._uses_varlen(ends):
+            # A graph's kernel bound on one sequence's keys is max_position_embeddings: a longer sequence runs eagerly.
+            if tokens > sizes[-1] or not self._uses_varlen(ends) or max(ends) > self.max_positions:
                 return None
             # A graph gives every sequence to the packed kernel, which is slow on a long prompt chunk: eager then.
             if self.packed and any(len(w.tokens) > packed_attention.MAX_QUERIES for w in works):

@@ -53,13 +53,21 @@ class Scheduler:
         # generations under a small cache stop evicting each other (each eviction recomputes a whole prompt).
         self.reserve = 1
         self.draft_tokens = self.accepted_drafts = 0
+        # Requests given up on (seq.error says why), until the engine reports them.
+        self.failed: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
         if self.blocks.blocks_needed(seq, seq.num_tokens + 1) > len(self.blocks.refs) - 1:
-            raise ValueError(f"record {seq.index}: {seq.num_tokens} prompt tokens do not fit the KV cache "
-                             f"({(len(self.blocks.refs) - 1) * self.blocks.block_size} tokens); raise the memory budget")
+            self._fail(seq, f"its {seq.num_tokens} prompt tokens do not fit the KV cache "
+                            f"({self.blocks.capacity} tokens at this memory budget); raise the memory budget")
+            return
         self.blocks.hash_prompt(seq)
         self.waiting.append(seq)
+
+    def _fail(self, seq: Sequence, why: str) -> None:
+        """Give up on one request (it holds no blocks and is in no queue any more); the others go on."""
+        seq.error, seq.finished = why, True
+        self.failed.append(seq)
 
     @property
     def has_work(self) -> bool:
@@ -107,9 +115,13 @@ class Scheduler:
                     drafts = []
                     continue
                 if self.running == [seq]:
-                    raise MemoryError(f"record {seq.index}: {seq.num_tokens} tokens no longer fit the KV cache "
-                                      f"({(len(self.blocks.refs) - 1) * self.blocks.block_size} tokens); "
-                                      "raise the memory budget or lower max_new_tokens")
+                    self.running.remove(seq)
+                    self.blocks.release(seq)
+                    self._fail(seq, f"after {len(seq.generated)} new tokens its {seq.num_tokens} tokens no longer "
+                                    f"fit the KV cache ({self.blocks.capacity} tokens at this memory budget); raise "
+                                    "the memory budget or lower max_new_tokens")
+                    placed = False
+                    break
                 victim = next((s for s in reversed(self.running) if s not in self.in_flight), None)
                 if victim is None:  # the others are in flight: wait until their pass commits and frees blocks
                     placed = False
@@ -216,7 +228,12 @@ class Scheduler:
             self._requeue(w.seq)
         lim = self.limits
         if len(works) <= 1 and sum(len(w.tokens) for w in works) <= 1:
-            raise MemoryError("out of memory on a single decode token: the memory budget is too small")
+            for w in works:  # nothing smaller can be tried: this request fails, the others still get their turn
+                (self.running if w.seq in self.running else self.waiting).remove(w.seq)
+                self.blocks.release(w.seq)
+                self._fail(w.seq, "out of device memory in a pass of one token of this request alone; free device "
+                                  "memory held by other programs or lower the memory budget")
+            return
         lim.max_num_seqs = max(1, lim.max_num_seqs // 2)
         lim.max_batched_tokens = max(lim.max_num_seqs, lim.max_batched_tokens // 2)
         lim.max_gather_tokens = max(1, lim.max_gather_tokens // 2)

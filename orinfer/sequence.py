@@ -14,6 +14,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hash per full block (block_manager.py)
     finished: bool = False
+    error: str | None = None        # why the engine gave up on this request (it finished without an answer)
     passes: int = 0                 # forward passes this sequence took part in
 
     @property

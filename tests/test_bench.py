@@ -7,6 +7,7 @@ from conftest import ROOT, records
 
 sys.path.insert(0, str(ROOT / "bench"))
 import bench  # noqa: E402
+import optimize  # noqa: E402
 
 
 def test_w1_records_are_in_the_organisers_format():
@@ -20,7 +21,7 @@ def test_scripted_answers_in_pipeline_and_in_orinfer(gen, hf, tmp_path):
     from transformers.pipelines.pt_utils import KeyDataset
     w1 = [json.loads(line) for line in bench.write_w1(tmp_path).read_text().splitlines()][:6]
     scripts = bench.answer_scripts(gen.tokenizer, w1)
-    prompts = gen._prompt_ids([r["message"] for r in w1])
+    prompts = optimize.prompt_ids(gen.tokenizer, [r["message"] for r in w1])
     processor = bench.Scripted({tuple(p): s for p, s in zip(prompts, scripts)}, pad=32000)
     theirs = list(hf(KeyDataset(w1, "message"), max_new_tokens=50, return_full_text=False, do_sample=False,
                      logits_processor=LogitsProcessorList([processor])))

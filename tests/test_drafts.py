@@ -3,6 +3,8 @@ all give exactly what plain greedy decoding gives, and right drafts save forward
 import pytest
 from conftest import generator
 
+import optimize
+
 from orinfer.drafts import candidate_drafts, lookup_drafts, parse_choices
 from orinfer.sequence import Sequence
 
@@ -47,7 +49,7 @@ def plain(tiny_dir, public_chats):
 def run_with_candidates(tiny_dir, public_chats, make_candidate, lookup=0):
     g = generator(tiny_dir, speculate=True)
     g.engine.free_draft_tokens = lookup
-    prompts = g._prompt_ids(public_chats)
+    prompts = optimize.prompt_ids(g.tokenizer, public_chats)
     seqs = [Sequence(index=i, token_ids=list(p), num_prompt_tokens=len(p), max_new_tokens=NEW,
                      candidates=make_candidate(i)) for i, p in enumerate(prompts)]
     g.engine.generate(seqs)

@@ -2,6 +2,9 @@
 import pytest
 from conftest import NEW, generator, reference
 
+import optimize
+from orinfer import kernels
+
 
 def test_public_set_and_longest_sample_equal_pipeline(gen, expected, public_chats, longest_chat):
     outs = gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False)
@@ -81,7 +84,7 @@ def test_prompt_ids_equal_the_recorded_goldens(gen, public_chats, longest_chat):
     chats = public_chats + [longest_chat]
     texts = [gen.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     assert texts == [g["prompt_text"] for g in goldens]
-    assert gen._prompt_ids(chats) == [g["input_ids_transformers_4.44.2_fast"] for g in goldens]
+    assert optimize.prompt_ids(gen.tokenizer, chats) == [g["input_ids_transformers_4.44.2_fast"] for g in goldens]
     bare = AutoTokenizer.from_pretrained(ASSETS / "phi3-tokenizer")
     key = "input_ids_transformers_4.44.2_fast" if transformers.__version__.startswith("4.") else "input_ids_transformers_5.24.0"
     assert [bare(t, add_special_tokens=False)["input_ids"] for t in texts] == [g[key] for g in goldens]
@@ -92,13 +95,13 @@ def test_rejects_sampling_and_unknown_arguments(gen, public_chats):
         gen(public_chats[0], max_new_tokens=5, do_sample=True)
     with pytest.raises(TypeError, match="num_beams"):
         gen(public_chats[0], max_new_tokens=5, num_beams=2)
-    with pytest.raises(ValueError, match="record 1"):
+    with pytest.raises(ValueError, match="record 1: a chat must end with a user turn"):
         gen([public_chats[0], [{"role": "assistant", "content": "hi"}]], max_new_tokens=5)
     assert gen(public_chats[0], max_new_tokens=5, temperature=0.0, batch_size=8)  # accepted, as the card passes them
 
 
+@pytest.mark.skipif(not kernels.compile_supported(), reason="compiled kernels need torch >= 2.6")
 def test_a_failed_compile_names_the_way_out(tiny_dir, monkeypatch):
-    from orinfer import kernels
     gen = generator(tiny_dir)
 
     from torch._dynamo.exc import TorchDynamoException
@@ -134,3 +137,44 @@ def test_a_call_pauses_the_collector_and_leaves_no_cyclic_garbage(gen, public_ch
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_an_input_that_fails_to_tokenise_or_detokenise_fails_alone(gen, public_chats, monkeypatch):
+    """A fault in one input's text handling costs that input only: the chunk is retried input by input."""
+    expected = gen(public_chats[:4], max_new_tokens=6, return_full_text=False)
+    real_template, real_output = gen.tokenizer.apply_chat_template, gen._output
+
+    def template(chat, **kw):
+        if "BROKEN" in chat[-1]["content"]:
+            raise ValueError("unrenderable")
+        return real_template(chat, **kw)
+
+    def output(item, prompt, generated, full):
+        if "UNDECODABLE" in item[-1]["content"]:
+            raise UnicodeError("bad bytes")
+        return real_output(item, prompt, generated, full)
+
+    monkeypatch.setattr(gen.tokenizer, "apply_chat_template", template)
+    monkeypatch.setattr(gen, "_output", output)
+    chats = [public_chats[0], [{"role": "user", "content": "BROKEN"}], public_chats[1],
+             [{"role": "user", "content": "UNDECODABLE"}], public_chats[2], public_chats[3]]
+    failed, done = {}, {}
+    outs = gen(chats, max_new_tokens=6, return_full_text=False, on_error=failed.__setitem__,
+               on_result=done.__setitem__)
+    assert sorted(failed) == [1, 3]
+    assert "could not be tokenised (ValueError: unrenderable)" in failed[1]
+    assert "could not be turned into text (UnicodeError: bad bytes)" in failed[3]
+    assert [outs[i] for i in (0, 2, 4, 5)] == expected and outs[1] is outs[3] is None
+    assert sorted(done) == [0, 2, 4, 5]
+
+
+def test_positions_past_max_position_embeddings_equal_pipeline(tmp_path, public_chats, longest_chat):
+    """Prompts longer than max_position_embeddings and generations that cross it: transformers goes on (with a
+    warning) and so does the engine, with the sliding window (smaller than the prompts) applied as the installed
+    transformers applies it."""
+    from conftest import hf_pipeline
+    from orinfer.tiny import write_tiny_model
+    folder = write_tiny_model(tmp_path, seed=2, std=0.1, max_position_embeddings=96, sliding_window=80)
+    chats = public_chats[:4] + [longest_chat]
+    expected = reference(hf_pipeline(folder), chats, max_new_tokens=40, return_full_text=False)
+    assert generator(folder)(chats, max_new_tokens=40, return_full_text=False) == expected

@@ -3,6 +3,8 @@ import pytest
 import torch
 from conftest import generator
 
+import optimize
+
 NEW = 40
 
 
@@ -24,16 +26,26 @@ def test_small_cache_preempts_and_recomputes(gen, tiny_dir, public_chats):
     assert g.engine.stats["preemptions"] > 0
 
 
-def test_prompt_larger_than_the_cache_is_a_clear_error(tiny_dir, longest_chat):
-    g = generator(tiny_dir, block_size=4, num_blocks=20)
-    with pytest.raises(ValueError, match="record 0: .* do not fit the KV cache"):
-        g([longest_chat], max_new_tokens=4)
+def test_prompt_larger_than_the_cache_fails_alone(tiny_dir, public_chats, longest_chat, gen):
+    g = generator(tiny_dir, block_size=4, num_blocks=40)  # 156 tokens: the 868-token prompt cannot fit
+    failed, done = {}, []
+    outs = g([public_chats[0], longest_chat, public_chats[1]], max_new_tokens=4, return_full_text=False,
+             on_result=lambda i, o: done.append(i), on_error=failed.__setitem__)
+    assert list(failed) == [1] and "868 prompt tokens do not fit the KV cache (156 tokens" in failed[1]
+    assert outs[1] is None and sorted(done) == [0, 2]
+    assert [outs[0], outs[2]] == gen([public_chats[0], public_chats[1]], max_new_tokens=4, return_full_text=False)
+    with pytest.raises(optimize.RecordError, match="input 0: its 868 prompt tokens do not fit"):
+        g([longest_chat], max_new_tokens=4)  # no on_error: the call raises, after the others finished
 
 
-def test_sequence_outgrowing_the_whole_cache_is_a_clear_error(tiny_dir, public_chats):
+def test_sequence_outgrowing_the_whole_cache_fails_alone_and_the_others_finish(tiny_dir, public_chats, gen):
     g = generator(tiny_dir, block_size=4, num_blocks=40)  # 156 tokens: a ~100-token prompt cannot grow by 100
-    with pytest.raises(MemoryError, match=r"record \d+: .* no longer fit the KV cache"):
-        g(public_chats, max_new_tokens=100)
+    failed = {}
+    outs = g(public_chats, max_new_tokens=100, on_error=failed.__setitem__)
+    assert failed and all("no longer fit the KV cache (156 tokens" in why for why in failed.values())
+    full = gen(public_chats, max_new_tokens=100)
+    assert [o for i, o in enumerate(outs) if i not in failed] == [o for i, o in enumerate(full) if i not in failed]
+    assert all(outs[i] is None for i in failed)
 
 
 def test_out_of_memory_splits_the_batch_and_retries(tiny_dir, public_chats, expected):
@@ -55,15 +67,16 @@ def test_out_of_memory_splits_the_batch_and_retries(tiny_dir, public_chats, expe
     assert sorted(finished) == list(range(len(public_chats)))  # nothing lost, nothing run twice
 
 
-def test_out_of_memory_on_a_single_token_is_reported(tiny_dir, public_chats):
+def test_out_of_memory_on_a_single_token_fails_that_request(tiny_dir, public_chats):
     g = generator(tiny_dir)
 
     def always(works):
         raise torch.cuda.OutOfMemoryError("simulated")
 
     g.engine.runner.launch = always
-    with pytest.raises(MemoryError, match="single decode token"):
-        g(public_chats[:1], max_new_tokens=4)
+    failed = {}
+    assert g(public_chats[:2], max_new_tokens=4, on_error=failed.__setitem__) == [None, None]
+    assert sorted(failed) == [0, 1] and all("out of device memory" in why for why in failed.values())
 
 
 def test_finished_sequences_give_their_blocks_back_when_released_or_when_needed():
