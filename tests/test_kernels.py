@@ -10,6 +10,10 @@ from conftest import NEW
 from orinfer import kernels
 
 
+needs_compile = pytest.mark.skipif(not kernels.compile_supported(),
+                                   reason=f"compiled kernels need torch >= 2.6 (this is {torch.__version__})")
+
+
 @pytest.fixture
 def compiled():
     eager = dict(kernels._EAGER)
@@ -18,6 +22,7 @@ def compiled():
     kernels.use_compiled(False)
 
 
+@needs_compile
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_kernels_equal_eager(compiled, dtype):
     g = torch.Generator().manual_seed(0)
@@ -42,6 +47,7 @@ def test_compiled_kernels_equal_eager(compiled, dtype):
         assert torch.allclose(a.float(), b.float(), **tol)
 
 
+@needs_compile
 def test_compiled_engine_equals_pipeline(compiled, gen, expected, public_chats, longest_chat):
     outs = gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False)
     assert outs == expected
@@ -51,5 +57,11 @@ def test_compiled_engine_equals_pipeline(compiled, gen, expected, public_chats, 
 def test_compile_is_refused_without_triton(tiny_dir):
     import optimize
     assert not kernels.compile_available(torch.device("cpu"))
-    with pytest.raises(RuntimeError, match="Triton"):
+    with pytest.raises(optimize.SetupError, match="Triton"):
         optimize.build(tiny_dir, device="cpu", compile=True, progress=False)
+
+
+def test_the_gate_admits_only_proven_versions(monkeypatch):
+    for version, admitted in (("2.3.1+cu121", False), ("2.4.0a0+07cecf4168.nv24.05", False), ("2.5.1", False)):
+        monkeypatch.setattr(torch, "__version__", version)
+        assert kernels.compile_supported() is admitted
