@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from orinfer import kernels
 from orinfer.config import Phi3Config, eos_token_ids
-from orinfer.drafts import parse_choices
+from orinfer.dataset import parse_choices
 from orinfer.engine import Engine
 from orinfer.loader import load_weights
 from orinfer.memory import MemoryPlan, is_integrated, parse_budget, plan_memory, rss_bytes
@@ -88,6 +88,13 @@ class Generator:
         self.last_sequences: list[Sequence] = []
         self.timings: dict[str, float] = {}  # host seconds of the last call, by phase (benchmark breakdown)
         self.pause_gc = True  # see _collector_paused; the benchmark switches it off for its A/B
+
+    def describe(self) -> str:
+        """The attention layout and kernels this generator runs (one line)."""
+        runner = self.engine.runner
+        layout = "varlen FlashAttention" + (" + packed Triton kernel" if runner.packed else "") if runner.varlen \
+            else "padded SDPA"
+        return f"attention: {layout}; elementwise kernels {'compiled' if kernels.compiled() else 'eager'}"
 
     def warmup(self, cuda_graphs: bool = True) -> None:
         try:

@@ -127,7 +127,7 @@ def run(args, results: Results, data_path: Path, records: list[dict], lines: lis
                                                  "--memory-budget")
     print(setup.plan.describe(), file=sys.stderr)
     gen = setup.load()
-    print("attention:", "varlen FlashAttention" if gen.engine.runner.varlen else "padded SDPA", file=sys.stderr)
+    print(gen.describe(), file=sys.stderr)
     generation_args = {"max_new_tokens": args.max_new_tokens, "return_full_text": False, "temperature": 0.0,
                        "do_sample": False}
 

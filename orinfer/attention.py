@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .packed_attention import packed_attention
+from .reference import reference_attention
 
 # cuDNN's attention (chosen first on Hopper by recent torch) builds an execution plan for every new shape, and every
 # pass here has new shapes: tens of milliseconds each, inside the timed run. The memory-efficient kernel (and the
@@ -90,16 +91,6 @@ def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
         return False
     expected = torch.cat([reference_attention(q[:3], k[:5], v[:5]), reference_attention(q[3:], k[5:], v[5:])])
     return bool(torch.allclose(out.float(), expected, atol=2e-2, rtol=2e-2))
-
-
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """One sequence, float32: its queries are its last q.shape[0] positions, its keys positions 0, 1, ..."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = (x.float().repeat_interleave(groups, dim=1).transpose(0, 1) for x in (k, v))
-    scores = q.float().transpose(0, 1) @ k.transpose(1, 2) * q.shape[-1] ** -0.5
-    offset = k.shape[1] - q.shape[0]
-    allowed = torch.arange(k.shape[1], device=q.device) <= torch.arange(q.shape[0], device=q.device)[:, None] + offset
-    return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v).transpose(0, 1)
 
 
 def build_bias(ctx: Context, block_size: int, groups: int, dtype: torch.dtype) -> torch.Tensor:

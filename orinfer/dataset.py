@@ -1,9 +1,12 @@
-"""The competition's files: the dataset (JSONL records of a chat and its answer) and the results file.
+"""The competition's files and prompts: the dataset (JSONL records of a chat and its answer), the results file, and
+the list of choices a prompt gives.
 
 Every way a file can be wrong is a `DataError` naming the file and its 1-based line, so a user learns what to fix
 before a model loads, not from a traceback after it.
 """
+import ast
 import json
+import re
 from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
@@ -113,3 +116,22 @@ def read_results(path: str | Path, total: int) -> tuple[dict[int, list], str | N
                                      "(is this the results file of another dataset?)")
         done[index] = output
     return done, note
+
+
+_CHOICES = re.compile(r"choices:\s*(\[.*\])\s*$", re.MULTILINE)
+
+
+def parse_choices(text: str) -> list[str]:
+    """The `choices: [...]` list of a competition prompt (a Python list literal), or [] if there is none."""
+    found = _CHOICES.findall(text)
+    if not found:
+        return []
+    # The list node read directly (not ast.literal_eval, whose helper closures leave reference cycles behind on
+    # every call: garbage that waits for the cyclic collector, which is paused while generating).
+    try:
+        node = ast.parse(found[-1], mode="eval").body
+    except (ValueError, SyntaxError):
+        return []
+    if not isinstance(node, (ast.List, ast.Tuple)) or not all(isinstance(e, ast.Constant) for e in node.elts):
+        return []
+    return [str(e.value) for e in node.elts]

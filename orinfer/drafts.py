@@ -3,35 +3,14 @@
 A draft is only a guess: the runner scores it in the same pass as the real next token and the scheduler keeps the
 draft tokens that equal the greedy argmax, so the output is what plain greedy decoding gives (see scheduler.py).
 Two sources, in order:
-  1. the answer candidates: multiple-choice prompts list their choices, and the answer is one of them verbatim.
+  1. the answer candidates: multiple-choice prompts list their choices (dataset.parse_choices), and the answer is
+     one of them verbatim.
      If everything generated so far is the start of a candidate, propose the rest (the pass that verifies it also
      samples the token after it: the end-of-turn token, if the answer is that choice); of several, what they share.
   2. prompt lookup: if the last few generated tokens occurred before (in the prompt or the output), propose what
      followed them there.
 """
-import ast
-import re
-
 from .sequence import Sequence
-
-_CHOICES = re.compile(r"choices:\s*(\[.*\])\s*$", re.MULTILINE)
-
-
-def parse_choices(text: str) -> list[str]:
-    """The `choices: [...]` list of a competition prompt (a Python list literal), or [] if there is none."""
-    found = _CHOICES.findall(text)
-    if not found:
-        return []
-    # The list node read directly (not ast.literal_eval, whose helper closures leave reference cycles behind on
-    # every call: garbage that waits for the cyclic collector, which is paused while generating).
-    try:
-        node = ast.parse(found[-1], mode="eval").body
-    except (ValueError, SyntaxError):
-        return []
-    if not isinstance(node, (ast.List, ast.Tuple)) or not all(isinstance(e, ast.Constant) for e in node.elts):
-        return []
-    return [str(e.value) for e in node.elts]
-
 
 def candidate_drafts(seq: Sequence, max_drafts: int) -> list[int]:
     """The rest of the candidate that everything generated so far (at least one token) begins; if several do, only

@@ -10,9 +10,9 @@ from tqdm.auto import tqdm
 from .block_manager import BlockManager
 from .memory import MemoryPlan
 from .model import Phi3ForCausalLM
-from .runner import PAD_ABOVE, PAD_MULTIPLE, VARLEN_GRAPH_TOKENS, ModelRunner, Pending
-from .scheduler import Limits, Scheduler, Work
-from .sequence import Sequence
+from .runner import ModelRunner, Pending
+from .scheduler import Limits, Scheduler
+from .sequence import Sequence, Work
 
 # The share of its token budget a pass launched ahead of the one in flight must fill. On W1 under a 32 GB Orin's plan
 # (256 tokens a pass) 0.5 gave 110 passes, 0.75 gave 104, 0.9 gave 102 like the loop without launching ahead (CPU pass
@@ -43,24 +43,13 @@ class Engine:
         if self.model.device.type != "cuda":
             return
         p = self.plan
-        self._meet_gemm_kernels()
+        self.runner.meet_gemm_kernels(p.max_batched_tokens, p.max_num_seqs * (1 + p.max_drafts))
         if cuda_graphs and p.cuda_graphs and not self.runner.graphs:
-            if self.runner.varlen:
-                # Buckets of tokens (runner.VARLEN_GRAPH_TOKENS) and of gathered keys.
-                sizes = [t for t in VARLEN_GRAPH_TOKENS if t <= p.max_batched_tokens]
-                extents = [1024 << i for i in range(8) if 1024 << i <= p.max_gather_tokens]
-            else:
-                # Plain decode steps: buckets of sequences and of blocks.
-                sizes = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-                                if b < p.max_num_seqs} | {p.max_num_seqs})
-                most_blocks = -(-self.model.cfg.max_position_embeddings // p.block_size)
-                extents = sorted({min(-(-t // p.block_size), most_blocks) for t in (128, 256, 512, 1024, 2048, 4096)})
-            self.runner.capture_graphs(sizes, extents, p.max_gather_tokens)
+            self.runner.capture_graphs(p.max_batched_tokens, p.max_num_seqs, p.max_gather_tokens)
         # Then a probe shaped like a competition run: prompts of 40-200 tokens sharing a 40-token instruction, three
         # passes of them, then decode steps over all of them. The allocators grow their pools for such passes now,
-        # and keep them: graph capture, which empties the device cache, comes first (with the probe before it, the
-        # first timed call made 20 cudaMalloc calls, runs 24-25; 1 after). The probe's cache blocks are then
-        # forgotten, leaving the prefix cache empty for the real data.
+        # and keep them (graph capture empties the device cache, so it comes first). The probe's cache blocks are
+        # then forgotten, leaving the prefix cache empty for the real data.
         rng = random.Random(0)
         shared = [100 + j for j in range(40)]
         probe, queued = [], 0
@@ -71,39 +60,6 @@ class Engine:
             queued += len(tokens)
         self.generate(probe)
         self.reset_prefix_cache()
-
-    @torch.inference_mode()
-    def _meet_gemm_kernels(self) -> None:
-        """Run every GEMM of a layer and the LM head once at each token count a pass can bring (runner.PAD_ABOVE).
-
-        cuBLAS picks its kernel by the exact token count, and a kernel's first use in a process holds up the host
-        launching a pass. In the first timed call the host spent 0.88 s inside `linear` against 0.11 s in later calls
-        (run 22); 0.23 s after a warm-up at every 1.25x step (run 24), where the device still idled 0.1 s (run 29)."""
-        p, m = self.plan, self.model
-        layer = m.model.layers[0]
-
-        def counts(most: int) -> list[int]:
-            found = {int(1.25 ** k) for k in range(64) if 1.25 ** k <= most} | {most}
-            if self.runner.varlen:  # eager passes above PAD_ABOVE tokens come padded to a multiple of PAD_MULTIPLE
-                padded = range(PAD_MULTIPLE, most + PAD_MULTIPLE, PAD_MULTIPLE)
-                found = {c for c in found if c <= PAD_ABOVE} | set(padded)
-            return sorted(found)
-
-        def zeros(n: int, features: int) -> torch.Tensor:
-            return torch.zeros(n, features, device=m.device, dtype=m.dtype)
-
-        # Largest first: each count's tensors then fit in blocks the allocator already holds (ascending, every new
-        # size took new memory, up to the whole GPU: run 30).
-        for n in reversed(counts(p.max_batched_tokens)):
-            for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj):
-                linear(zeros(n, linear.in_features))
-            layer.mlp(zeros(n, m.cfg.hidden_size))  # its own path: one gate_up product when compiled, two eager
-        for n in reversed(counts(p.max_num_seqs * (1 + p.max_drafts))):  # the LM head sees sampled rows only
-            m.lm_head(zeros(n, m.cfg.hidden_size)).argmax(-1)
-        torch.cuda.synchronize()
-        # Its many odd-sized blocks would stay cached beside the ones the real passes need: give them back (on a
-        # 32 GB Orin's plan they raised the device peak by ~30 MiB, run 28).
-        torch.cuda.empty_cache()
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix (nothing may be running)."""

@@ -14,14 +14,14 @@ from .config import Phi3Config
 GiB = 1 << 30
 MiB = 1 << 20
 CUDA_CONTEXT_BYTES = 512 * MiB   # the CUDA context lives in the shared DRAM on an integrated GPU
-# Host growth after the plan is made, measured on the H200 (2026-11-28, bench run 7): RSS 0.82 GiB at planning ->
+# Host growth after the plan is made, measured on the H200 (BENCHMARKS.md, memory): RSS 0.82 GiB at planning ->
 # 1.40 GiB after loading and the warm-up probe (CUDA kernel images loaded on first use, cuBLAS workspaces), and
 # 13 MiB more for each captured decode graph (0.28 GiB for 22 graphs).
 WARMUP_HOST_BYTES = 640 * MiB
 # The runner's pinned buffers (inputs up, tokens down; >= 2 MiB each, ~4 of them): page-locked host memory.
 PINNED_HOST_BYTES = 16 * MiB
 GRAPHS_HOST_BYTES = 512 * MiB
-# The FlashAttention kernels' module, loaded on first use: +0.34 GiB of host RSS (H200, bench run 17).
+# The FlashAttention kernels' module, loaded on first use: +0.34 GiB of host RSS (measured on the H200).
 VARLEN_HOST_BYTES = 384 * MiB
 # Graphs save launch time, which matters where a pass is short, and the varlen layout saves attention work; on shared
 # memory each is used only where the budget leaves this much besides its host memory (a 32 GB Orin does not: there a

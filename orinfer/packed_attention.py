@@ -3,7 +3,7 @@ Triton kernel.
 
 FlashAttention's varlen kernel gives each (sequence, query head) a tile of 128 query rows: a sequence verifying 16
 drafts fills 17 of them, and a pass of 457 such sequences ran 18,280 nearly empty tiles a layer (29 ms of a 1.2 s
-run on an H200, bench run 20). Here the query heads that share a KV head are packed into the rows of 64-row tiles
+run on an H200). Here the query heads that share a KV head are packed into the rows of 64-row tiles
 (row = token x groups + head within the group), so a sequence and KV head take two programs that read their keys
 once per tile. Long prompt chunks stay with FlashAttention (attention.py splits a pass between the two). Needs
 Triton (not in NVIDIA's Jetson wheels: there every sequence stays with FlashAttention).
@@ -11,6 +11,8 @@ Triton (not in NVIDIA's Jetson wheels: there every sequence stays with FlashAtte
 from functools import lru_cache
 
 import torch
+
+from .reference import reference_attention
 
 try:
     import triton
@@ -20,7 +22,7 @@ except ImportError:  # no Triton: `supported` says no, and nothing below is defi
 
 # Sequences with at most this many new tokens take this kernel in an eager pass. FlashAttention's one-head tiles of
 # 128 rows are mostly empty for short prompt chunks too: on W1 (chunks of ~45 tokens after the shared prefix) 128 beat
-# 32 by 35-40 ms of device time, 64 and 256 by less (bench run 32).
+# 32 by 35-40 ms of device time, 64 and 256 by less (measured on the H200).
 MAX_QUERIES = 128
 _BLOCK_M, _BLOCK_N, _SPLITS = 64, 64, 2  # rows of a tile, keys a step; a sequence's tiles are spread over 2 programs
 
@@ -95,7 +97,6 @@ def supported(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: in
         return False
     if dim < 16 or dim & (dim - 1):  # a tile's head dimension must be a power of two
         return False
-    from .attention import reference_attention
     g = torch.Generator(device=device).manual_seed(0)
     # Three sequences: 3 new tokens after a 60-token prefix, 1 after 2, 20 from position 0.
     cu_q = torch.tensor([0, 3, 4, 24], dtype=torch.int32, device=device)

@@ -16,16 +16,15 @@ from . import packed_attention
 from .attention import Context, Padded, Varlen, varlen_supported
 from .block_manager import SCRATCH_BLOCK
 from .model import Phi3ForCausalLM
-from .scheduler import Work
-from .sequence import Sequence
+from .sequence import Sequence, Work
 
 
 # Graphs under the varlen layout: buckets of tokens (the padding costs GEMM rows). A pass of up to ~1k tokens takes
-# about as long to launch eagerly as to run, and its launches compete with the host's other work (run 32: a 572-token
+# about as long to launch eagerly as to run, and its launches compete with the host's other work (a 572-token
 # pass took 32-55 ms eagerly).
 VARLEN_GRAPH_TOKENS = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024)
 # cuBLAS picks a GEMM kernel by the exact token count, and the first use of a kernel in a process stalls the host
-# until the device is idle, then for milliseconds more (bench run 29: 45-57 ms behind 47 ms of queued work, at 7 of
+# until the device is idle, then for milliseconds more (on the H200: 45-57 ms behind 47 ms of queued work, at 7 of
 # 19 new counts even after a warm-up at every 1.25x step; in a competition run the device idled 0.1 s). So an eager
 # varlen pass of more than PAD_ABOVE tokens (graphs take the smaller ones, at their own sizes) is padded to a
 # multiple of PAD_MULTIPLE tokens and sampled rows, and the warm-up meets every such count.
@@ -290,9 +289,51 @@ class ModelRunner:
         return tokens
 
     @torch.inference_mode()
-    def capture_graphs(self, sizes: list[int], extents: list[int], max_gather_tokens: int) -> None:
-        """Capture a graph for each shape bucket: (tokens, gathered keys) for the varlen layout, (sequences, blocks)
-        for the padded one, each within the gathered-K/V bound."""
+    def meet_gemm_kernels(self, max_tokens: int, max_sampled: int) -> None:
+        """Run every GEMM of a layer and the LM head once at each token count a pass can bring (PAD_ABOVE), up to
+        `max_tokens` tokens and `max_sampled` sampled rows.
+
+        cuBLAS picks its kernel by the exact token count, and a kernel's first use in a process holds up the host
+        launching a pass: without this the first timed call spent 0.88 s inside `linear` against 0.11 s in later
+        calls (H200)."""
+        m = self.model
+        layer = m.model.layers[0]
+
+        def counts(most: int) -> list[int]:
+            found = {int(1.25 ** k) for k in range(64) if 1.25 ** k <= most} | {most}
+            if self.varlen:  # eager passes above PAD_ABOVE tokens come padded to a multiple of PAD_MULTIPLE
+                padded = range(PAD_MULTIPLE, most + PAD_MULTIPLE, PAD_MULTIPLE)
+                found = {c for c in found if c <= PAD_ABOVE} | set(padded)
+            return sorted(found)
+
+        def zeros(n: int, features: int) -> torch.Tensor:
+            return torch.zeros(n, features, device=m.device, dtype=m.dtype)
+
+        # Largest first: each count's tensors then fit in blocks the allocator already holds (ascending, every new
+        # size took new memory, up to the whole GPU).
+        for n in reversed(counts(max_tokens)):
+            for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj):
+                linear(zeros(n, linear.in_features))
+            layer.mlp(zeros(n, m.cfg.hidden_size))  # its own path: one gate_up product when compiled, two eager
+        for n in reversed(counts(max_sampled)):  # the LM head sees sampled rows only
+            m.lm_head(zeros(n, m.cfg.hidden_size)).argmax(-1)
+        torch.cuda.synchronize()
+        # Its many odd-sized blocks would stay cached beside the ones the real passes need: give them back (on a
+        # 32 GB Orin's plan they raised the device peak by ~30 MiB).
+        torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def capture_graphs(self, max_tokens: int, max_seqs: int, max_gather_tokens: int) -> None:
+        """Capture a graph for each shape bucket a pass within these bounds can take: (tokens, gathered keys) for the
+        varlen layout (any small pass), (sequences, blocks) for the padded one (plain decode steps)."""
+        if self.varlen:
+            sizes = [t for t in VARLEN_GRAPH_TOKENS if t <= max_tokens]
+            extents = [1024 << i for i in range(8) if 1024 << i <= max_gather_tokens]
+        else:
+            sizes = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if b < max_seqs}
+                           | {max_seqs})
+            most_blocks = -(-self.max_positions // self.block_size)
+            extents = sorted({min(-(-t // self.block_size), most_blocks) for t in (128, 256, 512, 1024, 2048, 4096)})
         self.graph_dims = sorted(sizes), sorted(extents)
         pool = None
         stream = torch.cuda.Stream()  # one side stream: each stream keeps its own cached blocks

@@ -8,23 +8,11 @@ output exactly that of one-token-at-a-time greedy decoding. A sequence in a pass
 committed is in flight: no pass takes it (nor preempts it) until its tokens are back.
 """
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .block_manager import BlockManager
 from .drafts import candidate_drafts, lookup_drafts
-from .sequence import Sequence
-
-
-@dataclass
-class Work:
-    seq: Sequence
-    tokens: list[int]   # fed this pass: a prompt chunk, or the last sampled token plus drafts
-    start: int          # position of tokens[0]
-    num_drafts: int
-    samples: bool       # logits wanted: the chunk reaches the end of the known tokens
-    admitted: bool      # the sequence entered the cache in this pass
-    decode: bool = False  # one sampled token (+ drafts) after the prompt, as opposed to a prompt chunk
-    published: list[int] = field(default_factory=list)
+from .sequence import Sequence, Work
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""One request's state: its tokens, how many of them have K/V in the cache, and the cache blocks it owns."""
+"""One request's state (its tokens, how many of them have K/V in the cache, the cache blocks it owns), and its share
+of one forward pass (Work: what the scheduler hands the runner)."""
 from dataclasses import dataclass, field
 
 
@@ -24,3 +25,16 @@ class Sequence:
     @property
     def generated(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+
+@dataclass
+class Work:
+    """One sequence's tokens in one forward pass."""
+    seq: Sequence
+    tokens: list[int]   # fed this pass: a prompt chunk, or the last sampled token plus drafts
+    start: int          # position of tokens[0]
+    num_drafts: int
+    samples: bool       # logits wanted: the chunk reaches the end of the known tokens
+    admitted: bool      # the sequence entered the cache in this pass
+    decode: bool = False  # one sampled token (+ drafts) after the prompt, as opposed to a prompt chunk
+    published: list[int] = field(default_factory=list)

@@ -6,8 +6,8 @@ from conftest import NEW, generator, hf_pipeline, reference
 
 import optimize
 from orinfer import attention, packed_attention
-from orinfer.scheduler import Work
-from orinfer.sequence import Sequence
+from orinfer.reference import reference_attention
+from orinfer.sequence import Sequence, Work
 from orinfer.tiny import write_tiny_model
 
 
@@ -21,7 +21,7 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     cq, ck = cu_q.tolist(), cu_k.tolist()
     out = torch.zeros_like(q)
     for b in range(len(cq) - 1):
-        out[cq[b]:cq[b + 1]] = attention.reference_attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]])
+        out[cq[b]:cq[b + 1]] = reference_attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]])
     return out
 
 
@@ -35,7 +35,7 @@ def reference_packed(q, k, v, out, cu_q, cu_k, first_seq, num_seqs, scale):
     cq, ck = cu_q.tolist(), cu_k.tolist()
     reference_packed.calls.append((first_seq, max(cq[b + 1] - cq[b] for b in range(first_seq, first_seq + num_seqs))))
     for b in range(first_seq, first_seq + num_seqs):
-        out[cq[b]:cq[b + 1]] = attention.reference_attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]],
+        out[cq[b]:cq[b + 1]] = reference_attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]],
                                                              v[ck[b]:ck[b + 1]])
 
 

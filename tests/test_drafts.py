@@ -5,7 +5,8 @@ from conftest import generator
 
 import optimize
 
-from orinfer.drafts import candidate_drafts, lookup_drafts, parse_choices
+from orinfer.dataset import parse_choices
+from orinfer.drafts import candidate_drafts, lookup_drafts
 from orinfer.sequence import Sequence
 
 NEW = 24

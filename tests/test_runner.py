@@ -6,8 +6,7 @@ from conftest import NEW, generator
 from test_attention import packed, reference_packed, reference_varlen, varlen  # noqa: F401 (fixtures)
 
 from orinfer import attention, packed_attention
-from orinfer.scheduler import Work
-from orinfer.sequence import Sequence
+from orinfer.sequence import Sequence, Work
 
 
 @pytest.mark.parametrize("layout", ["varlen", "packed", "padded"])
