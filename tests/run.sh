@@ -26,10 +26,14 @@ run_tests() {  # name
   "$py" -m pytest -q -p no:cacheprovider tests
 }
 
-py310=$(command -v python3.10 || true)
-if [ -z "$py310" ] && command -v pyenv >/dev/null; then
-  py310=$(ls -d "$(pyenv root)"/versions/3.10*/bin/python3.10 2>/dev/null | tail -n 1 || true)
-fi
+py310=""
+pyenv_310=$(command -v pyenv >/dev/null && ls -d "$(pyenv root)"/versions/3.10*/bin/python3.10 2>/dev/null | tail -n 1 || true)
+for candidate in "$pyenv_310" "$(command -v python3.10 || true)"; do  # a pyenv shim may exist and still not run
+  if [ -n "$candidate" ] && "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/null; then
+    py310=$candidate
+    break
+  fi
+done
 jetpack_log=$(mktemp)
 if [ -n "$py310" ]; then
   # The Jetson image's own pins (requirements-jetson.txt; docker/Dockerfile.jetson installs the same).
