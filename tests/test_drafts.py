@@ -5,20 +5,10 @@ from conftest import generator
 
 import optimize
 
-from orinfer.dataset import parse_choices
 from orinfer.drafts import candidate_drafts, lookup_drafts
 from orinfer.sequence import Sequence
 
 NEW = 24
-
-
-def test_parse_choices_of_competition_prompts(public_chats, longest_chat):
-    assert parse_choices(public_chats[0][0]["content"]) == ["Deep sea animals", "fish", "Long Sea Fish", "Far Sea Animals"]
-    assert parse_choices(longest_chat[0]["content"]) == ["True", "False"]
-    assert parse_choices("no list here") == [] and parse_choices("choices: [unclosed\n") == []
-    quoted = ["it's", 'say "no"', "a\\b"]
-    assert parse_choices(f"question: q\nchoices: {quoted!r}\n") == quoted  # repr's escapes, as the prompt has them
-    assert parse_choices("choices: [open('x')]\n") == [] and parse_choices("choices: {'a': 1}\n") == []
 
 
 def test_draft_sources():
