@@ -26,6 +26,8 @@ from orinfer.engine import Engine
 from orinfer.loader import load_weights
 from orinfer.memory import MemoryPlan, is_integrated, parse_budget, plan_memory, rss_bytes
 from orinfer.model import Phi3ForCausalLM
+from orinfer.observe import Observer
+from orinfer.options import Options
 from orinfer.sequence import Sequence
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -85,28 +87,26 @@ class Generator:
 
     def __init__(self, engine: Engine, tokenizer, progress: bool = True):
         self.engine, self.tokenizer, self.progress = engine, tokenizer, progress
-        self.last_sequences: list[Sequence] = []
-        self.timings: dict[str, float] = {}  # host seconds of the last call, by phase (benchmark breakdown)
-        self.pause_gc = True  # see _collector_paused; the benchmark switches it off for its A/B
 
     def describe(self) -> str:
         """The attention layout and kernels this generator runs (one line)."""
         runner = self.engine.runner
         layout = "varlen FlashAttention" + (" + packed Triton kernel" if runner.packed else "") if runner.varlen \
             else "padded SDPA"
-        return f"attention: {layout}; elementwise kernels {'compiled' if kernels.compiled() else 'eager'}"
+        return f"attention: {layout}; elementwise kernels {'compiled' if self.engine.model.kernels.fused else 'eager'}"
 
-    def warmup(self, cuda_graphs: bool = True) -> None:
+    def warmup(self) -> None:
         try:
-            self.engine.warmup(cuda_graphs)
+            self.engine.warmup()
             self([{"role": "user", "content": "Can you provide ways to eat combinations of bananas and dragonfruits?"}],
                  max_new_tokens=8, progress=False)
         except Exception as e:
-            if not (kernels.compiled() and type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))):
+            compiling = type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))
+            if not (self.engine.model.kernels.fused and compiling):
                 raise
             # torch.compile fails on the first call, here (e.g. no C compiler for Triton's launcher): say the way out.
             raise RuntimeError(f"warm-up failed while compiling the fused kernels ({type(e).__name__}: {e}); "
-                               "build with compile=False (test_script.py --no-compile)") from e
+                               "build with Options(compile=False) (test_script.py --no-compile)") from e
         # What exists now (torch, transformers, the model, compiled kernels: ~3*10^5 objects) lives until exit: the
         # cyclic collector stops rescanning it, which it otherwise does in the timed data load after a call.
         gc.collect()
@@ -115,14 +115,12 @@ class Generator:
     def __call__(self, inputs, max_new_tokens: int | None = None, return_full_text: bool = True,
                  do_sample: bool = False, temperature: float | None = None, batch_size: int | None = None,
                  on_result: Callable[[int, list], None] | None = None,
-                 on_error: Callable[[int, str], None] | None = None, scripts: list[list[int]] | None = None,
-                 progress: bool | None = None, **unsupported):
+                 on_error: Callable[[int, str], None] | None = None, progress: bool | None = None, **unsupported):
         """Same call and same output nesting as pipeline("text-generation"). `batch_size` is accepted and ignored
         (the engine batches by memory). `on_result(i, output)` is called as each input finishes. An input the
         engine cannot finish (its tokens outgrow the KV cache, its text does not tokenise) does not stop the
         others: `on_error(i, why)` is called for it and its output is None; without `on_error` the call raises
-        RecordError once every other input has finished. `scripts` is a benchmark hook only: forced output tokens
-        per input (bench/README.md)."""
+        RecordError once every other input has finished."""
         if do_sample:
             raise ValueError("only greedy decoding is supported (do_sample=True was given)")
         if unsupported:
@@ -138,7 +136,7 @@ class Generator:
             if on_error is not None:
                 on_error(i, why)
 
-        outputs = self._generate(items, max_new_tokens, return_full_text, on_result, failed, scripts,
+        outputs = self._generate(items, max_new_tokens, return_full_text, on_result, failed,
                                  self.progress if progress is None else progress)
         if failures and on_error is None:
             raise RecordError(failures)
@@ -158,7 +156,7 @@ class Generator:
         """Token ids of each input's listed choices (drafts only; one tokenizer call). No <|end|> after them: the
         pass that verifies a whole choice samples the token after it anyway, and feeding <|end|> would compute a
         position nothing reads."""
-        if not self.engine.speculate:
+        if not self.engine.options.speculate:
             return [[] for _ in items]
         choices = [parse_choices(item if isinstance(item, str) else item[-1]["content"]) for item in items]
         flat = [c for cs in choices for c in cs]
@@ -189,7 +187,7 @@ class Generator:
                 return [None]
         return [row for i, item in enumerate(items, first) for row in self._tokenized([item], i, on_error)]
 
-    def _generate(self, items, max_new_tokens, return_full_text, on_result, on_error, scripts, progress) -> list:
+    def _generate(self, items, max_new_tokens, return_full_text, on_result, on_error, progress) -> list:
         t0 = time.perf_counter()
         self._check(items)
         prompts: list = [None] * len(items)
@@ -211,8 +209,7 @@ class Generator:
                         continue
                     prompts[i] = p
                     seqs.append(Sequence(index=i, token_ids=list(p), num_prompt_tokens=len(p),
-                                         max_new_tokens=max_new_tokens, candidates=c,
-                                         script=scripts[i] if scripts else None))
+                                         max_new_tokens=max_new_tokens, candidates=c))
                 spent["tokenize"] += time.perf_counter() - t
                 yield from seqs
 
@@ -232,11 +229,14 @@ class Generator:
                         on_result(seq.index, outputs[seq.index])
             spent["detokenize"] += time.perf_counter() - t
 
-        with _collector_paused(self.pause_gc):
-            seqs = self.engine.generate(requests(), on_finish=finish, progress=progress, total=len(items))
-        self.timings = {"tokenize": spent["tokenize"], "detokenize": spent["detokenize"],
-                        "engine": time.perf_counter() - t0 - spent["tokenize"] - spent["detokenize"]}
-        self.last_sequences = seqs  # token-level view of the last call, for tests and benchmarks
+        observer = self.engine.observer
+        if observer is not None:
+            observer.start_call()
+        with _collector_paused(self.engine.options.pause_gc):
+            self.engine.generate(requests(), on_finish=finish, progress=progress, total=len(items))
+        if observer is not None:
+            observer.phases.update(tokenize=spent["tokenize"], detokenize=spent["detokenize"],
+                                   engine=time.perf_counter() - t0 - spent["tokenize"] - spent["detokenize"])
         return outputs
 
 
@@ -270,15 +270,15 @@ class Setup:
     device: torch.device
     dtype: torch.dtype
     plan: MemoryPlan
-    speculate: bool
-    compile: bool
+    options: Options  # its `compile` resolved to True or False
 
-    def load(self, init: Callable[[Phi3ForCausalLM], None] | None = None, progress: bool = True) -> Generator:
+    def load(self, init: Callable[[Phi3ForCausalLM], None] | None = None, progress: bool = True,
+             observer: Observer | None = None) -> Generator:
         """The weights onto the device (or `init` fills them), and the generator."""
-        kernels.use_compiled(self.compile)
-        model = Phi3ForCausalLM(self.cfg, self.device, self.dtype)
+        model = Phi3ForCausalLM(self.cfg, self.device, self.dtype,
+                                kernels.compiled() if self.options.compile else kernels.EAGER)
         (init or (lambda m: load_weights(m, self.folder)))(model)
-        return Generator(Engine(model, self.eos, self.plan, self.speculate), self.tokenizer, progress)
+        return Generator(Engine(model, self.eos, self.plan, self.options, observer=observer), self.tokenizer, progress)
 
 
 def _device(name: str | None) -> torch.device:
@@ -299,7 +299,7 @@ def _device(name: str | None) -> torch.device:
 
 
 def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto", memory_budget: str | int = "auto",
-            speculate: bool = True, unified_memory: bool | None = None, compile: bool | None = None) -> Setup:
+            options: Options = Options(), unified_memory: bool | None = None) -> Setup:
     """Read a local HF Phi-3 folder's config and tokenizer and plan the memory, loading no weight: any problem with
     the folder, the device or an option is a SetupError (one line) here, before the long part of a start."""
     folder = Path(model_dir)
@@ -307,10 +307,11 @@ def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto
         raise SetupError(f"no model at {folder} (config.json not found). Put the HF folder of "
                          "Phi-3-medium-4k-instruct there, pass --model, or try the embedded tiny model with --demo")
     dev = _device(device)
-    if compile is None:
-        compile = kernels.compile_available(dev)
-    elif compile and not kernels.compile_available(dev):
-        raise SetupError(f"compile=True needs a CUDA device and a torch >= 2.6 with Triton (device: {dev})")
+    if options.compile is None:
+        options = replace(options, compile=kernels.compile_available(dev))
+    elif options.compile and not (kernels.compile_available(dev) if dev.type == "cuda" else kernels.compile_supported()):
+        raise SetupError(f"compile=True needs a torch >= 2.6, with Triton on CUDA (device {dev}, torch "
+                         f"{torch.__version__})")
     try:
         cfg = Phi3Config.from_folder(folder)
         if not SLIDING_WINDOW_APPLIES:
@@ -324,18 +325,17 @@ def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto
                            host_bytes=rss_bytes())
     except (OSError, ValueError, KeyError, MemoryError) as e:
         raise SetupError(f"{folder}: {e}" if isinstance(e, (OSError, KeyError)) else str(e)) from e
-    return Setup(folder, cfg, eos, tokenizer, dev, torch_dtype, plan, speculate, compile)
+    return Setup(folder, cfg, eos, tokenizer, dev, torch_dtype, plan, options)
 
 
 def build(model_dir: str | Path, device: str | None = None, dtype: str = "auto", memory_budget: str | int = "auto",
-          speculate: bool = True, progress: bool = True, unified_memory: bool | None = None,
-          init: Callable[[Phi3ForCausalLM], None] | None = None, compile: bool | None = None) -> Generator:
+          options: Options = Options(), progress: bool = True, unified_memory: bool | None = None,
+          init: Callable[[Phi3ForCausalLM], None] | None = None, observer: Observer | None = None) -> Generator:
     """Load a local HF Phi-3 folder straight onto the device and return the pipe()-compatible generator
     (prepare, then Setup.load).
 
     `unified_memory` (default: detected) counts the host process and CUDA context inside the budget, as on a Jetson;
     the benchmark sets it to emulate the Orin on a discrete GPU. `init` fills the weights instead of the folder's
-    checkpoint (benchmarks: random weights; the folder then needs only config and tokenizer files). `compile` (default:
-    where available, i.e. CUDA with Triton) fuses the elementwise kernels with torch.compile during warm-up."""
-    setup = prepare(model_dir, device, dtype, memory_budget, speculate, unified_memory, compile)
-    return setup.load(init, progress)
+    checkpoint (benchmarks: random weights; the folder then needs only config and tokenizer files). `options`: how the
+    engine runs (orinfer/options.py); `observer`: what a benchmark or test sees of the run (orinfer/observe.py)."""
+    return prepare(model_dir, device, dtype, memory_budget, options, unified_memory).load(init, progress, observer)

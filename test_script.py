@@ -109,7 +109,8 @@ class Results:
         return f"{kept} results are kept in {self.journal}; --resume runs the rest" if kept else "no result was lost"
 
 
-def run(args, results: Results, data_path: Path, records: list[dict], lines: list[int], todo: list[int]) -> int:
+def run(args, results: Results, data_path: Path, records: list[dict], lines: list[int], todo: list[int],
+        prepare) -> int:
     model_dir, device = args.model, args.device
     if args.demo:
         from orinfer.tiny import demo_model_dir
@@ -117,8 +118,9 @@ def run(args, results: Results, data_path: Path, records: list[dict], lines: lis
 
     # Section 1: set-up (untimed). Everything is checked before the weights load: options, device, memory plan,
     # and that every prompt fits the KV cache the plan leaves.
-    setup = optimize.prepare(model_dir, device=device, dtype=args.dtype, memory_budget=args.memory_budget,
-                             speculate=not args.no_speculation, compile=False if args.no_compile else None)
+    options = optimize.Options(speculate=not args.no_speculation, cuda_graphs=not args.no_cuda_graphs,
+                               compile=False if args.no_compile else None)
+    setup = prepare(model_dir, device=device, dtype=args.dtype, memory_budget=args.memory_budget, options=options)
     lengths = [len(p) for p in optimize.prompt_ids(setup.tokenizer, [records[i]["message"] for i in todo])]
     for i, n in zip(todo, lengths):
         if n + 1 > setup.plan.kv_tokens:
@@ -132,7 +134,7 @@ def run(args, results: Results, data_path: Path, records: list[dict], lines: lis
                        "do_sample": False}
 
     # Section 2: warm-up (untimed) — kernels, allocator pools, CUDA graphs.
-    gen.warmup(cuda_graphs=not args.no_cuda_graphs)
+    gen.warmup()
 
     # Section 3: timed — data load + inference.
     failures: dict[int, str] = {}
@@ -166,9 +168,10 @@ def run(args, results: Results, data_path: Path, records: list[dict], lines: lis
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv=None, prepare=optimize.prepare) -> int:
     """The whole run; what goes wrong is one line on stderr and an exit code, never a traceback: 2 for a bad input
-    or option (nothing was run), 1 for records left without a result or a fault inside, 130 for an interrupt."""
+    or option (nothing was run), 1 for records left without a result or a fault inside, 130 for an interrupt.
+    `prepare` makes the set-up (tests hand in one that changes the plan or the generator)."""
     args = parse_args(argv)
     results = None
     try:
@@ -181,7 +184,7 @@ def main(argv=None) -> int:
             print(f"every record of {data_path} already has its result in {results.out}: nothing to run",
                   file=sys.stderr)
             return 0
-        return run(args, results, data_path, data, lines, todo)
+        return run(args, results, data_path, data, lines, todo, prepare)
     except DataError as e:
         print(e, file=sys.stderr)
         return 2

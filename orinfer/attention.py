@@ -15,12 +15,13 @@ new token's K/V goes, which cache blocks each sequence owns, and one of two layo
 """
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .packed_attention import packed_attention
+from . import packed_attention
 from .reference import reference_attention
 
 # cuDNN's attention (chosen first on Hopper by recent torch) builds an execution plan for every new shape, and every
@@ -29,8 +30,17 @@ from .reference import reference_attention
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+@dataclass(frozen=True)
+class AttentionKernels:
+    """The kernels the varlen layout calls, chosen once per runner (`available`; tests give float32 references)."""
+    varlen: Callable | None = None  # out [T, H, D] from q [T, H, D], k/v [Tk, Hkv, D]; None: the padded layout only
+    packed: Callable | None = None  # writes the rows of its sequences of out (packed_attention.py); None: FlashAttention
+    packed_queries: int = 0         # the most new tokens of a sequence the packed kernel takes in an eager pass
+
+
 @dataclass
 class Varlen:
+    kernels: AttentionKernels
     cu_q: torch.Tensor       # [B + 1] int32: sequence b's queries are flat tokens cu_q[b]:cu_q[b + 1]
     cu_k: torch.Tensor       # [B + 1] int32: its keys are gathered rows cu_k[b]:cu_k[b + 1] (positions 0, 1, ...)
     max_q: int               # bounds over the sequences FlashAttention takes
@@ -69,10 +79,6 @@ def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
                                                    scale=scale)[0]
 
 
-varlen_kernel = _flash_varlen  # out [T, H, D] from q [T, H, D], k/v [Tk, Hkv, D] (tests swap in a reference)
-packed_kernel = packed_attention  # writes its sequences' rows of out (tests swap in a reference)
-
-
 @lru_cache
 def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the varlen kernel runs here and agrees with the reference on a small case with a cached prefix
@@ -86,11 +92,22 @@ def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
     cu_q = torch.tensor([0, 3, 5], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 5, 7], dtype=torch.int32, device=device)
     try:
-        out = varlen_kernel(q, k, v, cu_q, cu_k, 3, 5, 128 ** -0.5)
+        out = _flash_varlen(q, k, v, cu_q, cu_k, 3, 5, 128 ** -0.5)
     except (RuntimeError, NotImplementedError):  # built without FlashAttention, or not for this GPU
         return False
     expected = torch.cat([reference_attention(q[:3], k[:5], v[:5]), reference_attention(q[3:], k[5:], v[5:])])
     return bool(torch.allclose(out.float(), expected, atol=2e-2, rtol=2e-2))
+
+
+def available(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, dim: int, varlen: bool,
+              packed_queries: int) -> AttentionKernels:
+    """The kernels that run here and pass their checks, of those asked for (varlen: FlashAttention's layout at all;
+    packed_queries > 0: the packed kernel for sequences with that many new tokens or fewer)."""
+    if not (varlen and varlen_supported(device, dtype)):
+        return AttentionKernels()
+    if packed_queries > 0 and packed_attention.supported(device, dtype, heads, kv_heads, dim):
+        return AttentionKernels(_flash_varlen, packed_attention.packed_attention, packed_queries)
+    return AttentionKernels(_flash_varlen)
 
 
 def build_bias(ctx: Context, block_size: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
@@ -132,15 +149,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if isinstance(lay, Varlen):
         keys, values = (_words(rows.view(rows.shape[0], -1))[lay.key_slots].view(q.dtype).view(-1, kv_heads, dim)
                         for rows in (k_rows, v_rows))
+        kernels = lay.kernels
         if not lay.packed_seqs:
-            out = varlen_kernel(q, keys, values, lay.cu_q, lay.cu_k, lay.max_q, lay.max_k, dim ** -0.5)
+            out = kernels.varlen(q, keys, values, lay.cu_q, lay.cu_k, lay.max_q, lay.max_k, dim ** -0.5)
             return out.reshape(tokens, heads * dim)
         out = q.new_empty(q.shape)
         if lay.long_seqs:
             n = lay.long_seqs + 1
-            out[:lay.long_tokens] = varlen_kernel(q[:lay.long_tokens], keys, values, lay.cu_q[:n], lay.cu_k[:n],
-                                                  lay.max_q, lay.max_k, dim ** -0.5)
-        packed_kernel(q, keys, values, out, lay.cu_q, lay.cu_k, lay.long_seqs, lay.packed_seqs, dim ** -0.5)
+            out[:lay.long_tokens] = kernels.varlen(q[:lay.long_tokens], keys, values, lay.cu_q[:n], lay.cu_k[:n],
+                                                   lay.max_q, lay.max_k, dim ** -0.5)
+        kernels.packed(q, keys, values, out, lay.cu_q, lay.cu_k, lay.long_seqs, lay.packed_seqs, dim ** -0.5)
         return out.view(tokens, heads * dim)
     groups = heads // kv_heads
     batch, nblocks = ctx.block_tables.shape

@@ -6,6 +6,7 @@ whose last owner leaves keeps its hash while it waits in the free list (oldest r
 reusable until the memory is actually needed.
 """
 from collections import OrderedDict
+from typing import Callable
 
 from .sequence import Sequence
 
@@ -13,10 +14,12 @@ SCRATCH_BLOCK = 0  # never handed out: padding tokens write here and padded bloc
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    """`hasher` chains a block's hash from the one before it and its tokens (tests give one that collides)."""
+
+    def __init__(self, num_blocks: int, block_size: int, hasher: Callable[[tuple], int] = hash):
         if num_blocks < 2:
             raise ValueError("the KV cache needs at least two blocks")
-        self.block_size = block_size
+        self.block_size, self.hasher = block_size, hasher
         self.refs = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
         self.block_tokens: list[tuple | None] = [None] * num_blocks
@@ -55,10 +58,10 @@ class BlockManager:
         """Chained hashes of the sequence's first `num_blocks` full blocks. Each is computed once per sequence and
         kept on it (its tokens only ever grow): admission and publishing both walk the prompt's blocks. Plain ints:
         the cyclic collector never scans them (a tuple per block would make 4*10^4 objects for it on W1)."""
-        known, bs, ids = seq.block_hashes, self.block_size, seq.token_ids
+        known, bs, ids, hasher = seq.block_hashes, self.block_size, seq.token_ids, self.hasher
         h = known[-1] if known else 0
         for i in range(len(known), num_blocks):
-            h = hash((h, *ids[i * bs:(i + 1) * bs]))
+            h = hasher((h, *ids[i * bs:(i + 1) * bs]))
             known.append(h)
         return known[:num_blocks]
 

@@ -2,6 +2,7 @@
 pass n's tokens, launches it before collecting pass n (else it collects first and tops pass n+1 up), until every
 request has finished."""
 import random
+from dataclasses import replace
 from typing import Callable, Iterable
 
 import torch
@@ -10,6 +11,9 @@ from tqdm.auto import tqdm
 from .block_manager import BlockManager
 from .memory import MemoryPlan
 from .model import Phi3ForCausalLM
+from .attention import AttentionKernels, available
+from .observe import Observer, PassRecord, Sampled
+from .options import Options
 from .runner import ModelRunner, Pending
 from .scheduler import Limits, Scheduler
 from .sequence import Sequence, Work
@@ -21,30 +25,58 @@ AHEAD_FILL = 0.9
 
 
 class Engine:
-    def __init__(self, model: Phi3ForCausalLM, eos_ids: list[int], plan: MemoryPlan, speculate: bool = True):
-        self.model, self.eos_ids, self.plan = model, eos_ids, plan
-        self.speculate = speculate
-        self.runner = ModelRunner(model, plan.num_blocks, plan.block_size, plan.varlen_attention)
+    """`options`: how it runs (options.py). `attention`: the varlen layout's kernels (default: those that run here,
+    as the plan and options allow); `runner`: the device's owner (default: one built from the plan). `observer`: what
+    a benchmark or a test sees of each pass and request (observe.py); none by default, and then nothing is recorded."""
+
+    def __init__(self, model: Phi3ForCausalLM, eos_ids: list[int], plan: MemoryPlan, options: Options = Options(),
+                 attention: AttentionKernels | None = None, runner: ModelRunner | None = None,
+                 observer: Observer | None = None):
+        if options.pass_tokens:
+            plan = replace(plan, max_batched_tokens=options.pass_tokens)
+        self.model, self.eos_ids, self.plan, self.options, self.observer = model, eos_ids, plan, options, observer
+        if runner is None:
+            cfg = model.cfg
+            if attention is None:
+                attention = available(model.device, model.dtype, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                      cfg.head_dim, options.varlen and plan.varlen_attention, options.packed_queries)
+            runner = ModelRunner(model, plan.num_blocks, plan.block_size, attention)
+        self.runner = runner
         self.blocks = BlockManager(plan.num_blocks, plan.block_size)
         # A decode pass reads every weight once; it stays memory-bound up to roughly this many tokens on GPUs
         # (machine balance ~130 FLOP/byte on Orin, ~200 on H200), so that many prompt-lookup drafts ride along free.
-        self.free_draft_tokens = 128 if model.device.type == "cuda" else 0
+        lookup = options.lookup_draft_tokens
+        self.lookup_draft_tokens = lookup if lookup is not None else 128 if model.device.type == "cuda" else 0
         self.stats = {"passes": 0, "preemptions": 0, "oom_retries": 0, "prefill_tokens": 0, "max_batch": 0,
                       "draft_tokens": 0, "accepted_drafts": 0}
 
     def _limits(self) -> Limits:
-        p = self.plan
+        p, speculate = self.plan, self.options.speculate
         return Limits(max_num_seqs=p.max_num_seqs, max_batched_tokens=p.max_batched_tokens,
-                      max_gather_tokens=p.max_gather_tokens, max_drafts=p.max_drafts if self.speculate else 0,
-                      free_draft_tokens=self.free_draft_tokens if self.speculate else 0)
+                      max_gather_tokens=p.max_gather_tokens, max_drafts=p.max_drafts if speculate else 0,
+                      lookup_draft_tokens=self.lookup_draft_tokens if speculate else 0)
 
-    def warmup(self, cuda_graphs: bool = True) -> None:
+    def _observed(self, works: list[Work], pending: Pending, tokens: list[int]) -> list[int]:
+        """Tell the observer of a collected pass; the tokens to commit (the argmax, unless it forces others)."""
+        obs = self.observer
+        obs.on_pass(PassRecord(tokens=sum(len(w.tokens) for w in works), requests=tuple(w.seq.index for w in works),
+                               build_s=pending.t1 - pending.t0, wait_s=pending.t2 - pending.t1, graph=pending.graph,
+                               started=pending.t0, device=pending.device_span))
+        sampled, pos = [], 0
+        for w in works:
+            if w.samples:
+                sampled.append(Sampled(w.seq.index, len(w.seq.generated), tokens[pos:pos + 1 + w.num_drafts]))
+                pos += 1 + w.num_drafts
+        forced = obs.force(sampled)
+        return tokens if forced is None else [t for row in forced for t in row]
+
+    def warmup(self) -> None:
         """Untimed preparation: kernels, allocator pools and CUDA graphs, before the clock starts."""
         if self.model.device.type != "cuda":
             return
         p = self.plan
         self.runner.meet_gemm_kernels(p.max_batched_tokens, p.max_num_seqs * (1 + p.max_drafts))
-        if cuda_graphs and p.cuda_graphs and not self.runner.graphs:
+        if self.options.cuda_graphs and p.cuda_graphs and not self.runner.graphs:
             self.runner.capture_graphs(p.max_batched_tokens, p.max_num_seqs, p.max_gather_tokens)
         # Then a probe shaped like a competition run: prompts of 40-200 tokens sharing a 40-token instruction, three
         # passes of them, then decode steps over all of them. The allocators grow their pools for such passes now,
@@ -91,6 +123,8 @@ class Engine:
 
         def report(finished: list[Sequence]) -> None:
             for seq in finished:
+                if self.observer is not None:
+                    self.observer.on_finished(seq.index, seq.generated)
                 if on_finish is not None:
                     on_finish(seq)
                 bar.update(1)
@@ -103,6 +137,8 @@ class Engine:
 
         def commit(works: list[Work], pending: Pending) -> list[Sequence]:
             tokens = self.runner.collect(pending)
+            if self.observer is not None:
+                tokens = self._observed(works, pending, tokens)
             self.stats["passes"] += 1
             self.stats["prefill_tokens"] += sum(len(w.tokens) for w in works if not w.decode)
             self.stats["max_batch"] = max(self.stats["max_batch"], len(works))

@@ -2,11 +2,15 @@
 order and dtypes.
 
 Eager, each is several PyTorch kernels with float32 temporaries (RMSNorm alone is eight); in a 16k-token prefill
-pass that memory traffic takes ~40 % as long as the GEMMs (H200). `use_compiled(True)` swaps in torch.compile'd
-versions, one fused Triton kernel each, for GPUs whose torch has Triton; NVIDIA's JetPack wheels have none, and the
-CPU path stays eager. The compiled functions round every intermediate as eager does (`emulate_precision_casts`), so
-half-precision values match eager ones too, not only float32.
+pass that memory traffic takes ~40 % as long as the GEMMs (H200). A model is built with one `Kernels` value: `EAGER`,
+or `compiled()`, torch.compile'd versions, one fused Triton kernel each, for GPUs whose torch has Triton (NVIDIA's
+JetPack wheels have none, and the CPU path stays eager unless asked). The compiled functions round every intermediate
+as eager does (`emulate_precision_casts`), so half-precision values match eager ones too, not only float32.
 """
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -59,15 +63,24 @@ def _silu_mul_functional(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return up * F.silu(gate)
 
 
-rms_norm = _rms_norm
-_EAGER = {"rms_norm": _rms_norm, "add_rms_norm": add_rms_norm, "rope": rope, "silu_mul": silu_mul}
+@dataclass(frozen=True)
+class Kernels:
+    """The elementwise functions a model calls."""
+    rms_norm: Callable
+    add_rms_norm: Callable
+    rope: Callable
+    silu_mul: Callable
+    fused: bool  # compiled: the MLP makes one gate_up product (a fused kernel reads its strided halves at full speed)
 
 
-def compile_supported() -> bool:
+EAGER = Kernels(_rms_norm, add_rms_norm, rope, silu_mul, fused=False)
+
+
+def compile_supported(version: str = torch.__version__) -> bool:
     """This torch fuses the kernels with eager's roundings: torch >= 2.6, whose inductor has emulate_precision_casts
     (2.5 has the setting, but its compiled RoPE and SiLU-gate still differ from eager by an ulp; tests/test_kernels.py
     proves equality on each torch it admits). The one version gate: production and the tests ask it."""
-    major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    major, minor = (int(x) for x in version.split("+")[0].split(".")[:2])
     if (major, minor) < (2, 6):
         return False
     import torch._inductor.config as inductor
@@ -82,23 +95,13 @@ def compile_available(device: torch.device) -> bool:
     return has_triton()
 
 
-def compiled() -> bool:
-    """Whether the compiled functions are the ones in use."""
-    return rms_norm is not _EAGER["rms_norm"]
-
-
-def use_compiled(enabled: bool) -> None:
-    """Process-wide switch between the eager functions and fused torch.compile'd ones (compiled on first call)."""
-    g = globals()
-    if not enabled:
-        g.update(_EAGER)
-        return
+@lru_cache(maxsize=None)
+def compiled() -> Kernels:
+    """The fused versions (compiled on first call, once per process for every model that uses them)."""
     import torch._inductor.config as inductor
-    inductor.emulate_precision_casts = True
+    inductor.emulate_precision_casts = True  # torch's own setting: without it inductor skips eager's roundings
     # Default dynamism: the first token count compiles static kernels, the second a kernel whose token count alone is
     # symbolic, which then serves every pass (warm-up meets several counts). dynamic=True would make the head and
     # feature sizes symbolic too, and Triton could then no longer prove rows contiguous: scalar loads, 3-5x slower.
-    g["rms_norm"] = torch.compile(_rms_norm)
-    g["add_rms_norm"] = torch.compile(_EAGER["add_rms_norm"])
-    g["rope"] = torch.compile(_rope_functional)
-    g["silu_mul"] = torch.compile(_silu_mul_functional)
+    return Kernels(torch.compile(_rms_norm), torch.compile(add_rms_norm), torch.compile(_rope_functional),
+                   torch.compile(_silu_mul_functional), fused=True)

@@ -8,27 +8,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from .kernels import EAGER, Kernels
 from .attention import Context, Padded, build_bias, paged_attention
 from .config import Phi3Config
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
+    def __init__(self, size: int, eps: float, kernels: Kernels):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(size))
-        self.eps = eps
+        self.eps, self.kernels = eps, kernels
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); or, given the residual stream, (residual + x, norm(residual + x)) in one fused step."""
         if residual is None:
-            return kernels.rms_norm(x, self.weight, self.eps)
-        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+            return self.kernels.rms_norm(x, self.weight, self.eps)
+        return self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Phi3Config):
+    def __init__(self, cfg: Phi3Config, kernels: Kernels):
         super().__init__()
+        self.kernels = kernels
         self.heads, self.kv_heads, self.dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.heads + 2 * self.kv_heads) * self.dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.dim, cfg.hidden_size, bias=False)
@@ -38,33 +39,34 @@ class Attention(nn.Module):
         tokens = x.shape[0]
         qk, v = self.qkv_proj(x).split([(self.heads + self.kv_heads) * self.dim, self.kv_heads * self.dim], -1)
         # Query and key heads rotate together: one kernel, and the views below need no copy.
-        q, k = kernels.rope(qk.view(tokens, -1, self.dim), cos, sin).split([self.heads, self.kv_heads], dim=1)
+        q, k = self.kernels.rope(qk.view(tokens, -1, self.dim), cos, sin).split([self.heads, self.kv_heads], dim=1)
         v = v.view(tokens, self.kv_heads, self.dim)
         return self.o_proj(paged_attention(q, k, v, self.k_cache, self.v_cache, ctx))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Phi3Config):
+    def __init__(self, cfg: Phi3Config, kernels: Kernels):
         super().__init__()
+        self.kernels = kernels
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.compiled():  # a fused kernel reads the strided halves of the one product at full speed
+        if self.kernels.fused:  # a fused kernel reads the strided halves of the one product at full speed
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:  # eager kernels use vector loads on contiguous tensors only: two products on views of the one weight
             gate_w, up_w = self.gate_up_proj.weight.chunk(2, dim=0)
             gate, up = F.linear(x, gate_w), F.linear(x, up_w)
-        return self.down_proj(kernels.silu_mul(gate, up))
+        return self.down_proj(self.kernels.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Phi3Config):
+    def __init__(self, cfg: Phi3Config, kernels: Kernels):
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, kernels)
+        self.mlp = MLP(cfg, kernels)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
 
     def forward(self, h: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,21 +81,22 @@ class DecoderLayer(nn.Module):
 
 
 class Phi3Model(nn.Module):
-    def __init__(self, cfg: Phi3Config):
+    def __init__(self, cfg: Phi3Config, kernels: Kernels):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, kernels) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
 
 
 class Phi3ForCausalLM(nn.Module):
-    """Parameters are created uninitialised on `device`; the loader (or a benchmark) must fill every one."""
+    """Parameters are created uninitialised on `device`; the loader (or a benchmark) must fill every one. `kernels`:
+    the elementwise functions every layer calls (kernels.EAGER, or kernels.compiled())."""
 
-    def __init__(self, cfg: Phi3Config, device: torch.device | str, dtype: torch.dtype):
+    def __init__(self, cfg: Phi3Config, device: torch.device | str, dtype: torch.dtype, kernels: Kernels = EAGER):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.kernels = cfg, kernels
         with torch.device("meta"):
-            self.model = Phi3Model(cfg)
+            self.model = Phi3Model(cfg, kernels)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.to(dtype)  # still on meta: no memory is touched until to_empty
         self.to_empty(device=device)

@@ -20,10 +20,6 @@ try:
 except ImportError:  # no Triton: `supported` says no, and nothing below is defined
     triton = None
 
-# Sequences with at most this many new tokens take this kernel in an eager pass. FlashAttention's one-head tiles of
-# 128 rows are mostly empty for short prompt chunks too: on W1 (chunks of ~45 tokens after the shared prefix) 128 beat
-# 32 by 35-40 ms of device time, 64 and 256 by less (measured on the H200).
-MAX_QUERIES = 128
 _BLOCK_M, _BLOCK_N, _SPLITS = 64, 64, 2  # rows of a tile, keys a step; a sequence's tiles are spread over 2 programs
 
 if triton is not None:

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import packed_attention
-from .attention import Context, Padded, Varlen, varlen_supported
+from .attention import AttentionKernels, Context, Padded, Varlen
 from .block_manager import SCRATCH_BLOCK
 from .model import Phi3ForCausalLM
 from .sequence import Sequence, Work
@@ -33,16 +32,31 @@ PAD_ABOVE, PAD_MULTIPLE = VARLEN_GRAPH_TOKENS[-1], 64
 
 @dataclass
 class Pending:
-    """A launched pass: its sampled tokens (on their way to the host) and what the pass log records."""
+    """A launched pass: its sampled tokens (on their way to the host), and its timings for an observer."""
     out: torch.Tensor
     began: torch.cuda.Event | None  # recorded before the pass's first copy (None on the CPU)
     ready: torch.cuda.Event | None  # recorded after the sampled tokens' copy to the host
-    tokens: int
-    seqs: int
-    t0: float
-    t1: float
+    t0: float                       # perf_counter() when the launch began
+    t1: float                       # ... when its inputs were built
     graph: bool
     pinned: torch.Tensor | None = None  # the host buffer `out` lies in, reused once the tokens are read
+    t2: float = 0.0                     # set by collect: when the tokens were on the host
+    device_span: tuple[float, float] | None = None  # set by collect on CUDA: start and end on the device's clock
+
+
+@dataclass
+class _Inputs:
+    """One pass's integers on the device and the per-token indices derived from them there."""
+    ids: torch.Tensor
+    sample_rows: torch.Tensor
+    starts: torch.Tensor
+    lens: torch.Tensor
+    tables: torch.Tensor     # [B, nblocks]
+    cu_q: torch.Tensor       # [B + 1] int64
+    token_seq: torch.Tensor
+    token_query: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
 
 
 def _bucket(n: int, sizes: list[int]) -> int | None:
@@ -50,7 +64,11 @@ def _bucket(n: int, sizes: list[int]) -> int | None:
 
 
 class ModelRunner:
-    def __init__(self, model: Phi3ForCausalLM, num_blocks: int, block_size: int, varlen: bool = True):
+    """`attention`: the varlen layout's kernels (attention.available); `pad_above` and `pad_multiple`: an eager varlen
+    pass of more than pad_above tokens is padded to a multiple of pad_multiple tokens and sampled rows."""
+
+    def __init__(self, model: Phi3ForCausalLM, num_blocks: int, block_size: int, attention: AttentionKernels,
+                 pad_above: int = PAD_ABOVE, pad_multiple: int = PAD_MULTIPLE):
         cfg = model.cfg
         self.model, self.block_size, self.device = model, block_size, model.device
         self.kv = torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads,
@@ -59,12 +77,11 @@ class ModelRunner:
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv[i, 0], self.kv[i, 1]
         model.block_size = block_size
         self.sliding_window = cfg.sliding_window
-        # The varlen layout where the plan allows it and its kernel runs (attention.py); a pass whose keys reach past
-        # the sliding window uses the padded one.
-        self.varlen = varlen and varlen_supported(self.device, model.dtype)
-        # With the varlen layout, sequences with few new tokens take the packed kernel where Triton runs.
-        self.packed = self.varlen and packed_attention.supported(self.device, model.dtype, cfg.num_attention_heads,
-                                                                 cfg.num_key_value_heads, cfg.head_dim)
+        # The varlen layout where its kernel was given; a pass whose keys reach past the sliding window uses the
+        # padded one. With the packed kernel too, sequences with few new tokens take it.
+        self.attention = attention
+        self.varlen, self.packed = attention.varlen is not None, attention.packed is not None
+        self.pad_above, self.pad_multiple = pad_above, pad_multiple
         self.max_positions = cfg.max_position_embeddings
         # Pinned host buffers, reused so that a run allocates none (a pinned allocation can stall the host): inputs
         # go up through a staging buffer whose last copy is done (its event), tokens come down into a buffer that
@@ -73,17 +90,16 @@ class ModelRunner:
         self._sampled: list[torch.Tensor] = []
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
         self.graph_dims: tuple[list[int], list[int]] = ([], [])  # the buckets of the two dimensions of a graph's shape
-        # Per pass: (tokens, sequences, seconds building inputs on the host, seconds from then until the tokens are
-        # back (host work done meanwhile included, and a pass launched ahead waits for the one before it), whether
-        # a graph was replayed, perf_counter() when it began, and on CUDA when the device began and finished it, in
-        # seconds on the device's own clock since the runner's first launch: the device's idle time between passes).
-        self.pass_log: list[tuple[int, int, float, float, bool, float, tuple[float, float] | None]] = []
-        self._epoch: torch.cuda.Event | None = None
+        self._epoch: torch.cuda.Event | None = None  # the device clock's zero (the first launch)
 
     def _uses_varlen(self, ends: list[int]) -> bool:
         """Whether a pass whose sequences end at `ends` takes the varlen layout (its keys must stay inside the
         sliding window, which that kernel is not given)."""
         return self.varlen and (self.sliding_window is None or max(ends) <= self.sliding_window)
+
+    def _long(self, work: Work) -> bool:
+        """A sequence whose new tokens FlashAttention takes in an eager pass (with the packed kernel)."""
+        return len(work.tokens) > self.attention.packed_queries
 
     def _graph_shape(self, works: list[Work]) -> tuple[int, int] | None:
         """The captured graph this pass fits, if any: (tokens, gathered keys) buckets for the varlen layout (any
@@ -98,7 +114,7 @@ class ModelRunner:
             if tokens > sizes[-1] or not self._uses_varlen(ends) or max(ends) > self.max_positions:
                 return None
             # A graph gives every sequence to the packed kernel, which is slow on a long prompt chunk: eager then.
-            if self.packed and any(len(w.tokens) > packed_attention.MAX_QUERIES for w in works):
+            if self.packed and any(self._long(w) for w in works):
                 return None
             padded_tokens = _bucket(tokens, sizes)
             return padded_tokens, _bucket(sum(ends) + padded_tokens - tokens, extents)
@@ -108,24 +124,18 @@ class ModelRunner:
                 _bucket(max(-(-(w.start + 1) // self.block_size) for w in works), extents))
 
     def context(self, works: list[Work], shape: tuple[int, int] | None = None):
-        """Flat input ids and the attention Context of one pass, optionally padded to a graph's shape.
+        """Flat input ids and the attention Context of one pass, optionally padded to a graph's shape; each layout's
+        builder owns its padding. The host lists per-sequence facts only (start, length, block table); the per-token
+        index tensors are derived from them on the device, so a 16k-token pass costs the host one small copy rather
+        than Python loops. Padding tokens sit at position 0 in the scratch block."""
+        if self._uses_varlen([w.start + len(w.tokens) for w in works]):  # a graph's shape agrees
+            return self._varlen_context(works, shape)
+        return self._padded_context(works, shape)
 
-        The host lists per-sequence facts only (start, length, block table); the per-token index tensors are derived
-        from them on the device, so a 16k-token pass costs the host one small copy rather than Python loops.
-        Padding: the varlen layout pads to `shape` = (tokens, keys) with one-token sequences (then empty ones), the
-        padded layout to (sequences, blocks) with one-token sequences; padding tokens sit at position 0 in the scratch
-        block, and the varlen kernel's bounds become the graph's. An eager varlen pass of more than PAD_ABOVE tokens
-        is padded with one-token sequences to a multiple of PAD_MULTIPLE tokens (and sampled rows)."""
-        bs, n = self.block_size, len(works)
-        varlen = self._uses_varlen([w.start + len(w.tokens) for w in works])  # a graph's shape agrees
-        packed = varlen and self.packed
-        # With the packed kernel, an eager pass lays out its long prompt chunks first (FlashAttention takes them) and
-        # the sequences with few new tokens after them; a graph's pass gives every sequence to the packed kernel.
-        # Sampled rows stay in the works' order, whatever the layout.
-        order = list(range(n))
-        if packed and shape is None:
-            order.sort(key=lambda i: len(works[i].tokens) <= packed_attention.MAX_QUERIES)
-        ids, first_row = [], [0] * n
+    @staticmethod
+    def _flat(works: list[Work], order: list[int]) -> tuple[list[int], list[int]]:
+        """The works' tokens laid out in `order`, and the rows to sample, in the works' own order."""
+        ids, first_row = [], [0] * len(works)
         for i in order:
             first_row[i] = len(ids)
             ids += works[i].tokens
@@ -134,83 +144,105 @@ class ModelRunner:
             if w.samples:
                 end = first_row[i] + len(w.tokens)
                 sample_rows += range(end - 1 - w.num_drafts, end)
-        starts = [works[i].start for i in order]
-        lens = [len(works[i].tokens) for i in order]
-        if shape is None:
-            batch = n
-            if varlen and len(ids) > PAD_ABOVE:  # padding: one-token sequences, and row 0 sampled again
-                lens += [1] * (-len(ids) % PAD_MULTIPLE)
-                sample_rows += [0] * (-len(sample_rows) % PAD_MULTIPLE)
-                batch = len(lens)
-        elif varlen:  # `shape` tokens in as many sequences; padding keys are gathered from the scratch block
-            batch = shape[0]
-            lens += [1] * (shape[0] - len(ids)) + [0] * (len(ids) - n)
-            sample_rows += [0] * (shape[0] - len(sample_rows))
-        else:
-            batch = shape[0]
-            lens += [1] * (batch - n)
-            sample_rows += range(len(ids), len(ids) + batch - n)
-        starts += [0] * (batch - n)
-        ids += [0] * (sum(lens) - len(ids))
-        ends = [s + k for s, k in zip(starts, lens)]
-        if shape is not None and not varlen:
-            nblocks = shape[1]
-        else:
-            nblocks = -(-max(ends) // bs)
-            if not varlen:
-                # Whole multiples of 16 keys: the memory-efficient SDPA kernel wants its mask's rows 16-aligned and
-                # otherwise pads a copy of the mask in every layer. The extra keys point at the scratch block, masked.
-                align = max(1, 16 // bs)
-                nblocks = -(-nblocks // align) * align
+        return ids, sample_rows
+
+    def _inputs(self, works: list[Work], order: list[int], ids: list[int], sample_rows: list[int],
+                starts: list[int], lens: list[int], nblocks: int) -> _Inputs:
+        """Upload one pass's integers (sequences past the works are padding) and derive the per-token indices."""
+        bs, batch = self.block_size, len(lens)
         tables = []
         for i in order:
             table = works[i].seq.block_table[:nblocks]
             tables += table + [SCRATCH_BLOCK] * (nblocks - len(table))
-        tables += [SCRATCH_BLOCK] * (nblocks * (batch - n))
-        host = ids + sample_rows + starts + lens + tables
-        flat = self._upload(host)
+        tables += [SCRATCH_BLOCK] * (nblocks * (batch - len(works)))
+        flat = self._upload(ids + sample_rows + starts + lens + tables)
         ids_t, sample_t, starts_t, lens_t, tables_t = flat.split([len(ids), len(sample_rows), batch, batch,
                                                                   batch * nblocks])
         tables_t = tables_t.view(batch, nblocks)
-        tokens = len(ids)
-        rows = torch.arange(batch, device=self.device)
         cu_q = torch.zeros(batch + 1, dtype=torch.int64, device=self.device)
         torch.cumsum(lens_t, 0, out=cu_q[1:])
-        token_seq = rows.repeat_interleave(lens_t, output_size=tokens)
-        token_query = torch.arange(tokens, device=self.device) - cu_q[token_seq]
+        token_seq = torch.arange(batch, device=self.device).repeat_interleave(lens_t, output_size=len(ids))
+        token_query = torch.arange(len(ids), device=self.device) - cu_q[token_seq]
         positions = starts_t[token_seq] + token_query
         slots = tables_t[token_seq, positions // bs] * bs + positions % bs
-        if varlen:
-            ends_t = starts_t + lens_t
-            cu_k = torch.zeros(batch + 1, dtype=torch.int64, device=self.device)
-            torch.cumsum(ends_t, 0, out=cu_k[1:])
-            keys = shape[1] if shape is not None else sum(ends)
-            key_seq = rows.repeat_interleave(ends_t, output_size=sum(ends))
-            key_pos = torch.arange(sum(ends), device=self.device) - cu_k[key_seq]
-            key_slots = tables_t[key_seq, key_pos // bs] * bs + key_pos % bs
-            if keys > sum(ends):
-                key_slots = torch.cat([key_slots, key_slots.new_full((keys - sum(ends),), SCRATCH_BLOCK * bs)])
-            if not packed:
-                long_seqs = batch
-            elif shape is None:
-                long_seqs = sum(len(w.tokens) > packed_attention.MAX_QUERIES for w in works)
-            else:
-                long_seqs = 0
-            if shape is None:
-                max_q, max_k = max(lens[:long_seqs], default=0), max(ends[:long_seqs], default=0)
-            else:
-                max_q, max_k = shape[0], min(keys, self.max_positions)
-            layout = Varlen(cu_q=cu_q.int(), cu_k=cu_k.int(), max_q=max_q, max_k=max_k, key_slots=key_slots,
-                            long_seqs=long_seqs, long_tokens=sum(lens[:long_seqs]), packed_seqs=batch - long_seqs)
+        return _Inputs(ids_t, sample_t, starts_t, lens_t, tables_t, cu_q, token_seq, token_query, positions, slots)
+
+    def _varlen_context(self, works: list[Work], shape: tuple[int, int] | None):
+        """Flat queries, each sequence's keys gathered into one run. With the packed kernel, an eager pass lays out
+        its long prompt chunks first (FlashAttention takes them) and the sequences with few new tokens after them; a
+        graph's pass gives every sequence to the packed kernel. Padding: to `shape` = (tokens, keys) with one-token
+        sequences, then empty ones (the kernels' bounds become the graph's); an eager pass of more than pad_above
+        tokens with one-token sequences to a multiple of pad_multiple tokens, and row 0 sampled again."""
+        bs, n = self.block_size, len(works)
+        order = list(range(n))
+        if self.packed and shape is None:
+            order.sort(key=lambda i: not self._long(works[i]))
+        ids, sample_rows = self._flat(works, order)
+        starts = [works[i].start for i in order]
+        lens = [len(works[i].tokens) for i in order]
+        if shape is None:
+            if len(ids) > self.pad_above:
+                lens += [1] * (-len(ids) % self.pad_multiple)
+                sample_rows += [0] * (-len(sample_rows) % self.pad_multiple)
         else:
-            column = torch.arange(max(lens), device=self.device)
-            valid = column < lens_t[:, None]
-            layout = Padded(query_slots=torch.where(valid, cu_q[:-1, None] + column, 0),
-                            query_positions=torch.where(valid, starts_t[:, None] + column, -1),
-                            token_seq=token_seq, token_query=token_query)
-        ctx = Context(positions=positions, slots=slots, block_tables=tables_t, sample_rows=sample_t, layout=layout,
-                      sliding_window=self.sliding_window)
-        return ids_t, ctx
+            lens += [1] * (shape[0] - len(ids)) + [0] * (len(ids) - n)
+            sample_rows += [0] * (shape[0] - len(sample_rows))
+        starts += [0] * (len(lens) - n)
+        ids += [0] * (sum(lens) - len(ids))
+        ends = [s + k for s, k in zip(starts, lens)]
+        t = self._inputs(works, order, ids, sample_rows, starts, lens, -(-max(ends) // bs))
+        ends_t = t.starts + t.lens
+        cu_k = torch.zeros(len(lens) + 1, dtype=torch.int64, device=self.device)
+        torch.cumsum(ends_t, 0, out=cu_k[1:])
+        key_seq = torch.arange(len(lens), device=self.device).repeat_interleave(ends_t, output_size=sum(ends))
+        key_pos = torch.arange(sum(ends), device=self.device) - cu_k[key_seq]
+        key_slots = t.tables[key_seq, key_pos // bs] * bs + key_pos % bs
+        keys = shape[1] if shape is not None else sum(ends)
+        if keys > sum(ends):  # a graph's padding keys, gathered from the scratch block
+            key_slots = torch.cat([key_slots, key_slots.new_full((keys - sum(ends),), SCRATCH_BLOCK * bs)])
+        if not self.packed:
+            long_seqs = len(lens)
+        else:
+            long_seqs = sum(map(self._long, works)) if shape is None else 0
+        if shape is None:
+            max_q, max_k = max(lens[:long_seqs], default=0), max(ends[:long_seqs], default=0)
+        else:
+            max_q, max_k = shape[0], min(keys, self.max_positions)
+        layout = Varlen(kernels=self.attention, cu_q=t.cu_q.int(), cu_k=cu_k.int(), max_q=max_q, max_k=max_k,
+                        key_slots=key_slots, long_seqs=long_seqs, long_tokens=sum(lens[:long_seqs]),
+                        packed_seqs=len(lens) - long_seqs)
+        return t.ids, Context(positions=t.positions, slots=t.slots, block_tables=t.tables, sample_rows=t.sample_rows,
+                              layout=layout, sliding_window=self.sliding_window)
+
+    def _padded_context(self, works: list[Work], shape: tuple[int, int] | None):
+        """SDPA over a [sequences, queries] grid with a mask. Padding: to `shape` = (sequences, blocks) with
+        one-token sequences; an eager pass's keys to whole multiples of 16."""
+        bs, n = self.block_size, len(works)
+        order = list(range(n))
+        ids, sample_rows = self._flat(works, order)
+        starts = [w.start for w in works]
+        lens = [len(w.tokens) for w in works]
+        if shape is not None:
+            lens += [1] * (shape[0] - n)
+            sample_rows += range(len(ids), len(ids) + shape[0] - n)
+        starts += [0] * (len(lens) - n)
+        ids += [0] * (sum(lens) - len(ids))
+        if shape is not None:
+            nblocks = shape[1]
+        else:
+            # Whole multiples of 16 keys: the memory-efficient SDPA kernel wants its mask's rows 16-aligned and
+            # otherwise pads a copy of the mask in every layer. The extra keys point at the scratch block, masked.
+            align = max(1, 16 // bs)
+            nblocks = -(-max(s + k for s, k in zip(starts, lens)) // bs)
+            nblocks = -(-nblocks // align) * align
+        t = self._inputs(works, order, ids, sample_rows, starts, lens, nblocks)
+        column = torch.arange(max(lens), device=self.device)
+        valid = column < t.lens[:, None]
+        layout = Padded(query_slots=torch.where(valid, t.cu_q[:-1, None] + column, 0),
+                        query_positions=torch.where(valid, t.starts[:, None] + column, -1),
+                        token_seq=t.token_seq, token_query=t.token_query)
+        return t.ids, Context(positions=t.positions, slots=t.slots, block_tables=t.tables, sample_rows=t.sample_rows,
+                              layout=layout, sliding_window=self.sliding_window)
 
     def _upload(self, host: list[int]) -> torch.Tensor:
         """The pass's integers on the device, sent from pinned memory so the host need not wait for a pass still
@@ -272,25 +304,23 @@ class ModelRunner:
             pinned[:len(out)].copy_(out, non_blocking=True)
             ready.record()
             out = pinned[:len(out)]
-        return Pending(out, began, ready, sum(len(w.tokens) for w in works), len(works), t0, t1, graph is not None,
-                       pinned)
+        return Pending(out, began, ready, t0, t1, graph is not None, pinned)
 
     def collect(self, pending: "Pending") -> list[int]:
         """The greedy tokens of every sampling row of a launched pass, in order (waits for that pass only)."""
-        on_device = None
         if pending.ready is not None:
             pending.ready.synchronize()
-            on_device = (self._epoch.elapsed_time(pending.began) / 1e3, self._epoch.elapsed_time(pending.ready) / 1e3)
+            pending.device_span = (self._epoch.elapsed_time(pending.began) / 1e3,
+                                   self._epoch.elapsed_time(pending.ready) / 1e3)
         tokens = pending.out.tolist()
+        pending.t2 = time.perf_counter()
         if pending.pinned is not None:
             self._sampled.append(pending.pinned)
-        self.pass_log.append((pending.tokens, pending.seqs, pending.t1 - pending.t0, time.perf_counter() - pending.t1,
-                              pending.graph, pending.t0, on_device))
         return tokens
 
     @torch.inference_mode()
     def meet_gemm_kernels(self, max_tokens: int, max_sampled: int) -> None:
-        """Run every GEMM of a layer and the LM head once at each token count a pass can bring (PAD_ABOVE), up to
+        """Run every GEMM of a layer and the LM head once at each token count a pass can bring (pad_above), up to
         `max_tokens` tokens and `max_sampled` sampled rows.
 
         cuBLAS picks its kernel by the exact token count, and a kernel's first use in a process holds up the host
@@ -301,9 +331,9 @@ class ModelRunner:
 
         def counts(most: int) -> list[int]:
             found = {int(1.25 ** k) for k in range(64) if 1.25 ** k <= most} | {most}
-            if self.varlen:  # eager passes above PAD_ABOVE tokens come padded to a multiple of PAD_MULTIPLE
-                padded = range(PAD_MULTIPLE, most + PAD_MULTIPLE, PAD_MULTIPLE)
-                found = {c for c in found if c <= PAD_ABOVE} | set(padded)
+            if self.varlen:  # eager passes above pad_above tokens come padded to a multiple of pad_multiple
+                padded = range(self.pad_multiple, most + self.pad_multiple, self.pad_multiple)
+                found = {c for c in found if c <= self.pad_above} | set(padded)
             return sorted(found)
 
         def zeros(n: int, features: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ class Limits:
     max_batched_tokens: int    # tokens in one pass (prefill chunks + decode + drafts)
     max_gather_tokens: int     # sequences x longest context in one pass: bounds attention's gathered K/V
     max_drafts: int = 0        # draft tokens per sequence and pass (0: no speculation)
-    free_draft_tokens: int = 0  # pass size below which speculative prompt-lookup drafts cost ~nothing
+    lookup_draft_tokens: int = 0  # pass size below which speculative prompt-lookup drafts cost ~nothing
 
 
 class Scheduler:
@@ -122,7 +122,7 @@ class Scheduler:
                 works.append(Work(seq, seq.token_ids[-1:] + drafts, seq.num_tokens - 1, len(drafts), True, False, True))
                 budget -= 1 + len(drafts)
         # Prompt-lookup drafts are worth it only while the pass is memory-bound (they are often wrong).
-        spare = min(budget, lim.free_draft_tokens - sum(len(w.tokens) for w in joining + works))
+        spare = min(budget, lim.lookup_draft_tokens - sum(len(w.tokens) for w in joining + works))
         for w in works:
             if spare <= 0:
                 break
@@ -179,15 +179,11 @@ class Scheduler:
         pos = 0
         for w in works:
             seq = w.seq
-            seq.passes += 1
             if not w.samples:
                 seq.num_computed += len(w.tokens)
                 continue
             out = sampled[pos:pos + 1 + w.num_drafts]
             pos += 1 + w.num_drafts
-            if seq.script is not None:  # benchmark hook: the script stands in for the argmax
-                done = len(seq.generated)
-                out = [seq.script[done + j] if done + j < len(seq.script) else t for j, t in enumerate(out)]
             drafts = w.tokens[len(w.tokens) - w.num_drafts:]
             accepted = 0
             while accepted < w.num_drafts and drafts[accepted] == out[accepted]:

@@ -10,13 +10,11 @@ class Sequence:
     num_prompt_tokens: int
     max_new_tokens: int
     candidates: list[list[int]] = field(default_factory=list)  # likely answers, token ids (drafts only, see drafts.py)
-    script: list[int] | None = None  # benchmarks only: forced output tokens (bench/ explains)
     num_computed: int = 0           # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hash per full block (block_manager.py)
     finished: bool = False
     error: str | None = None        # why the engine gave up on this request (it finished without an answer)
-    passes: int = 0                 # forward passes this sequence took part in
 
     @property
     def num_tokens(self) -> int:

@@ -11,7 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import optimize  # noqa: E402
+from orinfer.attention import AttentionKernels  # noqa: E402
 from orinfer.engine import Engine  # noqa: E402
+from orinfer.observe import Observer  # noqa: E402
+from orinfer.options import Options  # noqa: E402
+from orinfer.runner import ModelRunner  # noqa: E402
 from orinfer.tiny import write_tiny_model  # noqa: E402
 
 
@@ -51,11 +55,18 @@ def hf(tiny_dir):
     return hf_pipeline(tiny_dir)
 
 
-def generator(folder, speculate=True, **plan_changes):
-    """optimize.build on the CPU, optionally with a hand-set memory plan (small caches, tiny passes...)."""
-    gen = optimize.build(folder, device="cpu", speculate=speculate, progress=False)
-    if plan_changes:
-        gen.engine = Engine(gen.engine.model, gen.engine.eos_ids, replace(gen.engine.plan, **plan_changes), speculate)
+def generator(folder, options: Options = Options(), attention: AttentionKernels | None = None,
+              padding: tuple[int, int] | None = None, observer: Observer | None = None, **plan_changes):
+    """optimize.build on the CPU; optionally a hand-set memory plan (small caches, tiny passes...), the varlen layout's
+    kernels (float32 references: the CPU has no FlashAttention), the runner's padding of eager varlen passes
+    (pad_above, pad_multiple) and an observer."""
+    gen = optimize.build(folder, device="cpu", options=options, progress=False, observer=observer)
+    if plan_changes or attention or padding:
+        e = gen.engine
+        plan = replace(e.plan, **plan_changes)
+        runner = ModelRunner(e.model, plan.num_blocks, plan.block_size, attention or AttentionKernels(),
+                             *padding) if padding else None
+        gen.engine = Engine(e.model, e.eos_ids, plan, options, attention=attention, runner=runner, observer=observer)
     return gen
 
 

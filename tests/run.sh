@@ -4,7 +4,8 @@
 #   tf4.44   the same torch with transformers 4.44.2 (its tokenisation and pipeline text differ from 5.x)
 #   jetpack  Python 3.10 + torch 2.3.1 + requirements-jetson.txt (transformers 4.44.2): the JetPack 6.0 era (NVIDIA's Jetson wheels are 2.3/2.4;
 #            PyPI's 2.3.1 CUDA wheel runs on the CPU, a ~2.9 GB download)
-# The first two run while the third installs.
+# The first two run while the third installs. In each, the unit tier (tests marked unit: one module's logic, no
+# model run, seconds) runs before the exactness tier.
 # Python 3.10 is found as python3.10 or in pyenv; where there is none the jetpack stack is skipped, loudly, except under
 # CI (CI=true), where it must run. TORCH_SPEC picks the torch of the first two stacks.
 set -euo pipefail
@@ -20,10 +21,13 @@ make_venv() {  # name python torch-spec pip-arguments...: torch first, alone (a 
   "$venv/bin/pip" install $PIP "$@" pytest
 }
 
-run_tests() {  # name
+run_tests() {  # name: the unit tier (seconds), then the exactness tier (the engine against the pipeline)
   local py=".venv-tests-$1/bin/python"
   echo "== $1: $("$py" -c 'import sys, torch, transformers; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}")')"
-  "$py" -m pytest -q -p no:cacheprovider tests
+  echo "-- unit tier"
+  "$py" -m pytest -q -p no:cacheprovider -m unit tests
+  echo "-- exactness tier"
+  "$py" -m pytest -q -p no:cacheprovider -m "not unit" tests
 }
 
 py310=""

@@ -40,20 +40,18 @@ def reference_packed(q, k, v, out, cu_q, cu_k, first_seq, num_seqs, scale):
 
 
 @pytest.fixture
-def varlen(monkeypatch):
-    """Generators built inside the test use the varlen layout, with the reference kernel (this is the CPU)."""
-    monkeypatch.setattr(attention, "varlen_kernel", reference_varlen)
-    monkeypatch.setattr("orinfer.runner.varlen_supported", lambda device, dtype: True)
+def varlen():
+    """The varlen layout's kernels for generators built in a test: the float32 reference (this is the CPU)."""
+    reference_varlen.calls = 0
+    return attention.AttentionKernels(varlen=reference_varlen)
 
 
 @pytest.fixture
-def packed(varlen, monkeypatch):
+def packed():
     """As `varlen`, with sequences of few new tokens given to the packed kernel (its reference here): at most 8, so
     that the tiny model's passes mix the two kernels as W1's do with 128."""
-    monkeypatch.setattr(attention, "packed_kernel", reference_packed)
-    monkeypatch.setattr(packed_attention, "supported", lambda *shape: True)
-    monkeypatch.setattr(packed_attention, "MAX_QUERIES", 8)
-    reference_packed.calls = []
+    reference_varlen.calls, reference_packed.calls = 0, []
+    return attention.AttentionKernels(varlen=reference_varlen, packed=reference_packed, packed_queries=8)
 
 
 @pytest.mark.parametrize("window", [24, 50])
@@ -69,7 +67,7 @@ def test_sliding_window_matches_pipeline(tmp_path, public_chats, window):
 
 
 def test_keys_past_the_sliding_window_take_the_padded_layout(varlen, tmp_path):
-    gen = generator(write_tiny_model(tmp_path, sliding_window=24))
+    gen = generator(write_tiny_model(tmp_path, sliding_window=24), attention=varlen)
     runner = gen.engine.runner
     bs = runner.block_size
     table = list(range(40, 40 - (-30 // bs)))[::-1]  # blocks out of order, as a pool hands them out
@@ -90,8 +88,7 @@ def test_keys_past_the_sliding_window_take_the_padded_layout(varlen, tmp_path):
 @pytest.mark.parametrize("plan", [{}, {"max_batched_tokens": 48, "max_num_seqs": 4}])
 def test_varlen_layout_matches_pipeline(varlen, tiny_dir, public_chats, longest_chat, expected, plan):
     """Whole prompts, shared-prefix reuse, prompts prefilled in chunks behind their own cached tokens, drafts."""
-    gen = generator(tiny_dir, **plan)
-    reference_varlen.calls = 0
+    gen = generator(tiny_dir, attention=varlen, **plan)
     assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
     assert reference_varlen.calls == gen.engine.stats["passes"] * gen.engine.model.cfg.num_hidden_layers
 
@@ -101,11 +98,10 @@ def test_packed_kernel_for_few_new_tokens_matches_pipeline(packed, tiny_dir, pub
                                                            plan):
     """Passes whose prompt chunks go to FlashAttention and whose decode and draft tokens go to the packed kernel:
     the runner lays out long chunks first, and the sampled rows still come back in the works' order."""
-    gen = generator(tiny_dir, **plan)
-    reference_varlen.calls = 0
+    gen = generator(tiny_dir, attention=packed, **plan)
     assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
     assert reference_varlen.calls > 0 and reference_packed.calls
-    assert all(most <= packed_attention.MAX_QUERIES for _, most in reference_packed.calls)
+    assert all(most <= packed.packed_queries for _, most in reference_packed.calls)
     assert any(first > 0 for first, _ in reference_packed.calls), "no pass mixed the two kernels"
 
 
@@ -126,7 +122,7 @@ def test_flash_varlen_kernel_equals_the_reference(dtype):
     cu_k = torch.tensor([0] + [n + p for n, p in zip(new, prefix)], device=dev).cumsum(0).int()
     q = torch.randn(sum(new), 50, 128, device=dev, dtype=dtype)[:, :40]  # the model's query: a view of q and k
     k, v = (torch.randn(int(cu_k[-1]), 10, 128, device=dev, dtype=dtype) for _ in range(2))
-    out = attention.varlen_kernel(q, k, v, cu_q, cu_k, max(new), max(n + p for n, p in zip(new, prefix)), 128 ** -0.5)
+    out = attention._flash_varlen(q, k, v, cu_q, cu_k, max(new), max(n + p for n, p in zip(new, prefix)), 128 ** -0.5)
     ref = reference_varlen(q.float(), k.float(), v.float(), cu_q, cu_k, max(new),
                            max(n + p for n, p in zip(new, prefix)), 128 ** -0.5)
     assert (out.float() - ref).norm() / ref.norm() < 1e-2

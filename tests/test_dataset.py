@@ -6,6 +6,8 @@ import pytest
 
 from orinfer.dataset import DataError, parse_choices, read_records, read_results
 
+pytestmark = pytest.mark.unit
+
 
 def result(i: int, text: str = "x") -> str:
     return json.dumps({"index": i, "output": [{"generated_text": text}]})

@@ -6,11 +6,14 @@ from conftest import generator
 import optimize
 
 from orinfer.drafts import candidate_drafts, lookup_drafts
+from orinfer.observe import Observer
+from orinfer.options import Options
 from orinfer.sequence import Sequence
 
 NEW = 24
 
 
+@pytest.mark.unit
 def test_draft_sources():
     seq = Sequence(index=0, token_ids=[5, 6, 7, 8, 9, 1], num_prompt_tokens=5, max_new_tokens=9,
                    candidates=[[2, 3], [1, 4, 5, 6]])
@@ -20,6 +23,7 @@ def test_draft_sources():
     assert candidate_drafts(seq, 2) == []
 
 
+@pytest.mark.unit
 def test_candidates_that_begin_alike_draft_only_what_they_share():
     seq = Sequence(index=0, token_ids=[5, 1], num_prompt_tokens=1, max_new_tokens=9,
                    candidates=[[1, 4, 5, 6], [3, 3], [1, 4, 5, 7, 8], [1, 4, 5, 6, 2]])
@@ -32,14 +36,14 @@ def test_candidates_that_begin_alike_draft_only_what_they_share():
 
 @pytest.fixture(scope="module")
 def plain(tiny_dir, public_chats):
-    g = generator(tiny_dir, speculate=False)
+    observer = Observer()
+    g = generator(tiny_dir, Options(speculate=False), observer=observer)
     outs = g(public_chats, max_new_tokens=NEW, return_full_text=False)
-    return outs, [list(s.generated) for s in g.last_sequences], g.engine.stats["passes"]
+    return outs, [observer.generated[i] for i in range(len(public_chats))], g.engine.stats["passes"]
 
 
 def run_with_candidates(tiny_dir, public_chats, make_candidate, lookup=0):
-    g = generator(tiny_dir, speculate=True)
-    g.engine.free_draft_tokens = lookup
+    g = generator(tiny_dir, Options(lookup_draft_tokens=lookup))
     prompts = optimize.prompt_ids(g.tokenizer, public_chats)
     seqs = [Sequence(index=i, token_ids=list(p), num_prompt_tokens=len(p), max_new_tokens=NEW,
                      candidates=make_candidate(i)) for i, p in enumerate(prompts)]

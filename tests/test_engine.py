@@ -1,5 +1,7 @@
 """The generation loop runs one pass ahead when it can fill it: the next pass is launched before the last one is
-committed, never with a sequence of the pass still in flight, and the output stays the pipeline's."""
+committed, never with a sequence of the pass still in flight, and the output stays the pipeline's; with a fake
+runner (the unit tier), the loop commits each request's greedy tokens through big, small and starved passes."""
+import pytest
 from conftest import NEW, generator
 
 
@@ -33,3 +35,100 @@ def test_next_pass_launches_before_the_last_is_committed(tiny_dir, public_chats,
         assert len(in_flight) <= 2
     assert not in_flight
     assert overlapped >= 5  # prompt chunks were launched ahead
+
+
+class FakeRunner:
+    """A model in one line, for the loop alone: the greedy token after a sequence is a function of its last token
+    and its length, <|end|> (token 2 here) now and then."""
+    graphs: dict = {}
+
+    @staticmethod
+    def next_token(tokens: list[int]) -> int:
+        t = (tokens[-1] * 7 + len(tokens) * 3) % 61
+        return 2 if t == 5 else 100 + t
+
+    def launch(self, works):
+        import time
+
+        from orinfer.runner import Pending
+        out = []
+        for w in works:
+            if w.samples:  # the argmax after each of the last 1 + num_drafts fed tokens
+                known = w.seq.token_ids[:w.start] + w.tokens
+                out += [self.next_token(known[:w.start + j + 1])
+                        for j in range(len(w.tokens) - 1 - w.num_drafts, len(w.tokens))]
+        now = time.perf_counter()
+        return Pending(out=out, began=None, ready=None, t0=now, t1=now, graph=False)
+
+    def collect(self, pending):
+        pending.t2 = pending.t1
+        return pending.out
+
+
+def fake_engine(observer=None, **plan):
+    from types import SimpleNamespace
+
+    import torch
+
+    from orinfer.engine import Engine
+    from orinfer.memory import MemoryPlan
+    from orinfer.options import Options
+    limits = dict(budget=0, weights=0, overhead=0, kv_bytes=0, workspace_bytes=0, num_blocks=4000, block_size=1,
+                  max_num_seqs=16, max_batched_tokens=256, max_gather_tokens=1 << 20, max_drafts=4,
+                  cuda_graphs=False, varlen_attention=False)
+    model = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+    return Engine(model, [2], MemoryPlan(**{**limits, **plan}), Options(lookup_draft_tokens=64),
+                  runner=FakeRunner(), observer=observer)
+
+
+def greedy(prompt: list[int], new: int) -> list[int]:
+    tokens = list(prompt)
+    while len(tokens) - len(prompt) < new and (len(tokens) == len(prompt) or tokens[-1] != 2):
+        tokens.append(FakeRunner.next_token(tokens))
+    return tokens[len(prompt):]
+
+
+def requests(count: int, new: int, candidates=None):
+    import random
+
+    from orinfer.sequence import Sequence
+    rng = random.Random(1)
+    shared = [100 + j for j in range(12)]  # a shared instruction, as in the competition's prompts
+    prompts = [shared + [rng.randrange(100, 161) for _ in range(rng.randint(1, 40))] for _ in range(count)]
+    return [Sequence(index=i, token_ids=list(p), num_prompt_tokens=len(p), max_new_tokens=new,
+                     candidates=candidates(i, p) if candidates else []) for i, p in enumerate(prompts)]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("plan", [{}, {"max_batched_tokens": 24, "max_num_seqs": 4},
+                                  {"num_blocks": 300, "max_num_seqs": 12}])
+def test_the_loop_commits_each_requests_greedy_tokens(plan):
+    """Big passes, chunked prompts in small ones, and a cache too small for all (preemption and recomputation):
+    every request finishes once, with the greedy tokens, in input order."""
+    engine, seqs = fake_engine(**plan), requests(40, 30)
+    expected = [greedy(s.token_ids, 30) for s in seqs]
+    finished = []
+    out = engine.generate(iter(seqs), on_finish=lambda s: finished.append(s.index))
+    assert [s.generated for s in out] == expected and sorted(finished) == list(range(40))
+    if "num_blocks" in plan:
+        assert engine.stats["preemptions"] > 0
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("wrong_at", [None, 0, 3])
+def test_drafts_are_kept_only_where_they_equal_the_argmax(wrong_at):
+    from orinfer.observe import Observer
+
+    def candidate(i, prompt):
+        answer = greedy(prompt, 12)
+        if wrong_at is not None and len(answer) > wrong_at + 1:
+            answer[wrong_at + 1] += 1
+        return [answer]
+    plain, drafted = fake_engine(), fake_engine(observer=Observer())
+    without = [s.generated for s in plain.generate(requests(30, 12))]
+    assert [s.generated for s in drafted.generate(requests(30, 12, candidate))] == without
+    proposed, accepted = drafted.stats["draft_tokens"], drafted.stats["accepted_drafts"]
+    assert accepted > 0 and (proposed == accepted) == (wrong_at is None)
+    if wrong_at is None:  # right drafts: the answer verified a few tokens a pass (max_drafts 4)
+        assert drafted.stats["passes"] < plain.stats["passes"]
+        assert max(drafted.observer.passes_per_request().values()) <= 4

@@ -45,6 +45,7 @@ def test_missing_and_unknown_tensors_are_errors(tmp_path):
         load(folder)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("change, message", [
     ({"rope_scaling": {"type": "longrope", "long_factor": [1.0]}}, "rope_scaling"),
     ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "Phi3ForCausalLM"),
@@ -55,6 +56,7 @@ def test_unsupported_configs_fail_fast(change, message):
         Phi3Config.from_dict({**tiny_config(), **change})
 
 
+@pytest.mark.unit
 def test_real_phi3_medium_config_is_read():
     from orinfer.tiny import ASSETS
     cfg = Phi3Config.from_folder(ASSETS)

@@ -9,6 +9,8 @@ from orinfer.tiny import ASSETS
 MEDIUM = Phi3Config.from_folder(ASSETS)
 WEIGHTS = 13_960_238_080 * 2  # Phi-3-medium's parameters in bf16 (26.0 GiB)
 
+pytestmark = pytest.mark.unit
+
 
 def test_orin_budget_fits_everything_and_leaves_a_usable_cache():
     # ~29.5 GiB is what a headless 32 GB Orin reports as MemAvailable; host RSS as measured idle on the H200.

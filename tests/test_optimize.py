@@ -4,6 +4,8 @@ from conftest import NEW, generator, reference
 
 import optimize
 from orinfer import kernels
+from orinfer.observe import Observer
+from orinfer.options import Options
 
 
 def test_public_set_and_longest_sample_equal_pipeline(gen, expected, public_chats, longest_chat):
@@ -49,12 +51,14 @@ def test_single_chat_nesting_and_key_dataset(gen, hf, public_chats):
         gen(c, max_new_tokens=10, return_full_text=False) for c in public_chats[:4]]
 
 
-def test_max_new_tokens_reached_exactly(gen, public_chats):
-    outs = gen(public_chats, max_new_tokens=3, return_full_text=False)
-    seqs = gen.last_sequences
-    assert len(outs) == len(seqs) == len(public_chats)
-    assert max(len(s.generated) for s in seqs) == 3
-    assert all(len(s.generated) == 3 or s.generated[-1] in gen.engine.eos_ids for s in seqs)
+def test_max_new_tokens_reached_exactly(tiny_dir, public_chats):
+    observer = Observer()
+    g = generator(tiny_dir, observer=observer)
+    outs = g(public_chats, max_new_tokens=3, return_full_text=False)
+    generated = [observer.generated[i] for i in range(len(public_chats))]
+    assert len(outs) == len(generated) == len(public_chats)
+    assert max(map(len, generated)) == 3
+    assert all(len(t) == 3 or t[-1] in g.engine.eos_ids for t in generated)
 
 
 def test_batch_size_invariance(tiny_dir, public_chats, expected):
@@ -102,25 +106,22 @@ def test_rejects_sampling_and_unknown_arguments(gen, public_chats):
 
 @pytest.mark.skipif(not kernels.compile_supported(), reason="compiled kernels need torch >= 2.6")
 def test_a_failed_compile_names_the_way_out(tiny_dir, monkeypatch):
-    gen = generator(tiny_dir)
-
     from torch._dynamo.exc import TorchDynamoException
 
-    def broken_warmup(cuda_graphs):
+    def broken_warmup():
         raise TorchDynamoException("no cc")
-    monkeypatch.setattr(gen.engine, "warmup", broken_warmup)
-    kernels.use_compiled(True)
-    try:
-        with pytest.raises(RuntimeError, match="no cc.*--no-compile"):
-            gen.warmup()
-        monkeypatch.setattr(gen.engine, "warmup", lambda cuda_graphs: 1 / 0)
-        with pytest.raises(ZeroDivisionError):  # not the compiler's: the error itself, unwrapped
-            gen.warmup()
-    finally:
-        kernels.use_compiled(False)
-    monkeypatch.setattr(gen.engine, "warmup", broken_warmup)
+    compiled = generator(tiny_dir, Options(compile=True))  # on the CPU inductor writes C++: no Triton needed
+    assert compiled.engine.model.kernels.fused
+    monkeypatch.setattr(compiled.engine, "warmup", broken_warmup)
+    with pytest.raises(RuntimeError, match="no cc.*--no-compile"):
+        compiled.warmup()
+    monkeypatch.setattr(compiled.engine, "warmup", lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # not the compiler's: the error itself, unwrapped
+        compiled.warmup()
+    eager = generator(tiny_dir)
+    monkeypatch.setattr(eager.engine, "warmup", broken_warmup)
     with pytest.raises(TorchDynamoException):  # eager: the error itself, unwrapped
-        gen.warmup()
+        eager.warmup()
 
 
 def test_a_call_pauses_the_collector_and_leaves_no_cyclic_garbage(gen, public_chats, longest_chat):

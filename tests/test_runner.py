@@ -5,23 +5,20 @@ import torch
 from conftest import NEW, generator
 from test_attention import packed, reference_packed, reference_varlen, varlen  # noqa: F401 (fixtures)
 
-from orinfer import attention, packed_attention
+from orinfer.observe import Observer
+from orinfer.options import Options
 from orinfer.sequence import Sequence, Work
 
 
 @pytest.mark.parametrize("layout", ["varlen", "packed", "padded"])
-def test_inputs_padded_to_a_graph_shape_give_the_same_tokens(tiny_dir, public_chats, layout, monkeypatch):
+def test_inputs_padded_to_a_graph_shape_give_the_same_tokens(tiny_dir, public_chats, layout, monkeypatch,
+                                                             varlen, packed):
     if layout != "padded":  # any pass: prefill chunks, decode steps and drafts mixed, in a small token budget
-        monkeypatch.setattr(attention, "varlen_kernel", reference_varlen)
-        monkeypatch.setattr("orinfer.runner.varlen_supported", lambda device, dtype: True)
-        if layout == "packed":  # a graph gives every sequence to the packed kernel, prompt chunks too
-            monkeypatch.setattr(attention, "packed_kernel", reference_packed)
-            monkeypatch.setattr(packed_attention, "supported", lambda *shape: True)
-            monkeypatch.setattr(packed_attention, "MAX_QUERIES", 8)
-            reference_packed.calls = []
-        gen = generator(tiny_dir, max_batched_tokens=64, max_num_seqs=6)
+        # (with the packed kernel a graph gives every sequence to it, prompt chunks too)
+        gen = generator(tiny_dir, attention=packed if layout == "packed" else varlen, max_batched_tokens=64,
+                        max_num_seqs=6)
     else:  # plain decode steps only
-        gen = generator(tiny_dir, speculate=False, max_num_seqs=6)
+        gen = generator(tiny_dir, Options(speculate=False), max_num_seqs=6)
     runner = gen.engine.runner
     compared = []
     launch = runner.launch
@@ -46,16 +43,14 @@ def test_inputs_padded_to_a_graph_shape_give_the_same_tokens(tiny_dir, public_ch
     gen(public_chats[:6], max_new_tokens=12, return_full_text=False)
     assert len(compared) >= 5 and max(compared) > 1
     if layout == "packed":
-        assert any(first == 0 and most > packed_attention.MAX_QUERIES for first, most in reference_packed.calls)
+        assert any(first == 0 and most > packed.packed_queries for first, most in reference_packed.calls)
 
 
 def test_eager_passes_padded_to_a_multiple_give_the_pipelines_text(packed, tiny_dir, public_chats, longest_chat,
                                                                   expected, monkeypatch):
     """An H200 pads eager passes above 512 tokens to a multiple of 64 (tokens and sampled rows); here passes above 4
     tokens to a multiple of 16, long prompt chunks and the packed kernel's few new tokens mixed."""
-    monkeypatch.setattr("orinfer.runner.PAD_ABOVE", 4)
-    monkeypatch.setattr("orinfer.runner.PAD_MULTIPLE", 16)
-    gen = generator(tiny_dir)
+    gen = generator(tiny_dir, attention=packed, padding=(4, 16))
     runner, padding = gen.engine.runner, []
     context = runner.context
 
@@ -74,7 +69,7 @@ def test_eager_passes_padded_to_a_multiple_give_the_pipelines_text(packed, tiny_
 
 def test_a_pass_with_a_long_prompt_chunk_runs_eagerly(packed, tiny_dir):
     """A graph gives every sequence to the packed kernel; a pass holding a chunk longer than it takes runs eagerly."""
-    runner = generator(tiny_dir).engine.runner
+    runner = generator(tiny_dir, attention=packed).engine.runner
     runner.graphs, runner.graph_dims = {(16, 1024): None}, ([16], [1024])  # as if captured
     seq = Sequence(index=0, token_ids=list(range(100, 120)), num_prompt_tokens=20, max_new_tokens=1,
                    block_table=list(range(1, 21)))
@@ -87,11 +82,13 @@ def test_graph_replays_give_the_eager_passes_tokens_on_cuda(tiny_dir, public_cha
     import optimize
     outs = {}
     for graphs in (False, True):
-        gen = optimize.build(tiny_dir, device="cuda", dtype="bfloat16", progress=False)
-        gen.warmup(cuda_graphs=graphs)
+        observer = Observer()
+        gen = optimize.build(tiny_dir, device="cuda", dtype="bfloat16", progress=False, observer=observer,
+                             options=Options(cuda_graphs=graphs))
+        gen.warmup()
         assert bool(gen.engine.runner.graphs) == graphs
         outs[graphs] = gen(public_chats, max_new_tokens=24, return_full_text=False)
-        replayed = sum(log[4] for log in gen.engine.runner.pass_log)
+        replayed = sum(record.graph for record in observer.passes)
     assert replayed > 10 and outs[True] == outs[False]
 
 
@@ -100,7 +97,8 @@ def test_launching_a_pass_never_waits_for_the_device_on_cuda(tiny_dir, public_ch
     # The engine launches a pass while the one before it runs: building inputs, the forward and the copy of the
     # sampled tokens must all be queued without a host-device synchronisation (graph replays and eager passes).
     import optimize
-    gen = optimize.build(tiny_dir, device="cuda", dtype="bfloat16", progress=False)
+    observer = Observer()
+    gen = optimize.build(tiny_dir, device="cuda", dtype="bfloat16", progress=False, observer=observer)
     gen.warmup()
     runner, launch = gen.engine.runner, gen.engine.runner.launch
 
@@ -112,7 +110,7 @@ def test_launching_a_pass_never_waits_for_the_device_on_cuda(tiny_dir, public_ch
             torch.cuda.set_sync_debug_mode("default")
 
     runner.launch = strict_launch
-    start = len(runner.pass_log)
+    start = len(observer.passes)
     gen(public_chats, max_new_tokens=24, return_full_text=False)
-    graphs = [log[4] for log in runner.pass_log[start:]]
+    graphs = [record.graph for record in list(observer.passes)[start:]]
     assert any(graphs) and not all(graphs)  # both kinds were launched under the check

@@ -79,6 +79,7 @@ def test_out_of_memory_on_a_single_token_fails_that_request(tiny_dir, public_cha
     assert sorted(failed) == [0, 1] and all("out of device memory" in why for why in failed.values())
 
 
+@pytest.mark.unit
 def test_finished_sequences_give_their_blocks_back_when_released_or_when_needed():
     from orinfer.block_manager import BlockManager
     from orinfer.scheduler import Limits, Scheduler

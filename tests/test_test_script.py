@@ -12,6 +12,7 @@ from conftest import ROOT
 
 import optimize
 import test_script
+from orinfer.tiny import write_tiny_model
 
 
 def run(capsys, *argv):
@@ -92,12 +93,32 @@ if not torch.cuda.is_available():
     FAULTS.append(("cuda without CUDA", [GOOD[0]], ["--device", "cuda"], "device 'cuda': this torch"))
 
 
-@pytest.fixture
-def no_load(monkeypatch):
-    """Fails the test if the weights are loaded: every fault of the table is caught before that."""
-    def load(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-    monkeypatch.setattr(optimize.Setup, "load", load)
+@pytest.fixture(scope="module")
+def weightless(tmp_path_factory):
+    """A model folder without weights: a run that got as far as loading them would fail there, with another
+    message and exit code 1, so every fault of the table below is caught before the load."""
+    folder = write_tiny_model(tmp_path_factory.mktemp("weightless"))
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+class Reshaped:
+    """A set-up as optimize.prepare makes it, with its memory plan changed, or its generator wrapped."""
+
+    def __init__(self, setup, plan_changes=None, wrap=None):
+        self.setup, self.wrap = setup, wrap
+        self.plan = replace(setup.plan, **(plan_changes or {}))
+
+    def __getattr__(self, name):
+        return getattr(self.setup, name)
+
+    def load(self, *args, **kwargs):
+        gen = replace(self.setup, plan=self.plan).load(*args, **kwargs)
+        return self.wrap(gen) if self.wrap else gen
+
+
+def reshaped(**kwargs):
+    return lambda *a, **k: Reshaped(optimize.prepare(*a, **k), **kwargs)
 
 
 def previous_out(tmp_path):
@@ -114,7 +135,7 @@ def assert_one_line_error(capsys, code, expected_code, expected):
 
 
 @pytest.mark.parametrize("name, lines, options, message", FAULTS, ids=[f[0] for f in FAULTS])
-def test_fault_table(tmp_path, capsys, no_load, name, lines, options, message):
+def test_fault_table(tmp_path, capsys, weightless, name, lines, options, message):
     data = tmp_path / "data.jsonl"
     if lines == "folder":
         data.mkdir()
@@ -125,7 +146,8 @@ def test_fault_table(tmp_path, capsys, no_load, name, lines, options, message):
     out, before = previous_out(tmp_path)
     options = [o.replace("{tmp}", str(tmp_path)) for o in options]
     try:
-        code = test_script.main(["--demo", "--data", str(data), "--out", str(out), *options])
+        code = test_script.main(["--model", str(weightless), "--device", "cpu", "--data", str(data), "--out", str(out),
+                                 *options])
     except SystemExit as e:  # argparse's own exit, one line
         code = e.code
     assert_one_line_error(capsys, code, 2, message.replace("{data}", str(data)))
@@ -133,23 +155,22 @@ def test_fault_table(tmp_path, capsys, no_load, name, lines, options, message):
     assert not out.with_name(out.name + ".partial").exists() or not out.with_name(out.name + ".partial").stat().st_size
 
 
-def test_prompt_larger_than_the_kv_cache_is_refused_before_the_load(tmp_path, capsys, no_load, monkeypatch):
-    plan_memory = optimize.plan_memory
-    monkeypatch.setattr(optimize, "plan_memory", lambda *a, **k: replace(plan_memory(*a, **k), num_blocks=301))
+def test_prompt_larger_than_the_kv_cache_is_refused_before_the_load(tmp_path, capsys, weightless):
     data = tmp_path / "data.jsonl"
     longest = (ROOT / "data" / "sample_longest_data.jsonl").read_text().strip()
     data.write_text(GOOD[0] + "\n" + longest + "\n")
     out, before = previous_out(tmp_path)
-    code = test_script.main(["--demo", "--data", str(data), "--out", str(out)])
+    code = test_script.main(["--model", str(weightless), "--device", "cpu", "--data", str(data), "--out", str(out)],
+                            prepare=reshaped(plan_changes={"num_blocks": 301}))
     assert_one_line_error(capsys, code, 2, f"{data}:2: the prompt's 868 tokens do not fit the KV cache, 300 tokens")
     assert out.read_bytes() == before
 
 
-def test_an_interrupted_journal_is_not_overwritten_without_resume(tmp_path, capsys, no_load):
+def test_an_interrupted_journal_is_not_overwritten_without_resume(tmp_path, capsys, weightless):
     out, before = previous_out(tmp_path)
     journal = out.with_name(out.name + ".partial")
     journal.write_text('{"index": 3, "output": [{"generated_text": "kept"}]}\n')
-    code = test_script.main(["--demo", "--out", str(out)])
+    code = test_script.main(["--model", str(weightless), "--device", "cpu", "--out", str(out)])
     assert_one_line_error(capsys, code, 2, f"{journal}: holds the results of an interrupted run: pass --resume")
     assert out.read_bytes() == before and "kept" in journal.read_text()
 
@@ -161,32 +182,40 @@ def test_the_command_line_prints_one_line(tmp_path):
     assert run.returncode == 2 and run.stderr == f"{tmp_path / 'none.jsonl'}: no such file\n" and not run.stdout
 
 
-def crash_after(monkeypatch, results: int, error: BaseException):
+class DiesAfter(optimize.Generator):
     """The engine dies (or the user presses Ctrl-C) once `results` results are on disk."""
-    add = test_script.Results.add
 
-    def add_then_die(self, index, output):
-        add(self, index, output)
-        if len(self.done) >= results:
-            raise error
-    monkeypatch.setattr(test_script.Results, "add", add_then_die)
+    def __init__(self, gen, results: int, error: BaseException):
+        super().__init__(gen.engine, gen.tokenizer, gen.progress)
+        self.results, self.error = results, error
+
+    def __call__(self, inputs, on_result=None, **kwargs):
+        if on_result is None:  # the warm-up's call
+            return super().__call__(inputs, **kwargs)
+        done = []
+
+        def result(i, output):
+            on_result(i, output)
+            done.append(i)
+            if len(done) >= self.results:
+                raise self.error
+        return super().__call__(inputs, on_result=result, **kwargs)
 
 
 @pytest.mark.parametrize("error, code, message", [
     (RuntimeError("device lost"), 1, "error: RuntimeError: device lost (traceback in "),
     (KeyboardInterrupt(), 130, "interrupted: "),
 ])
-def test_a_crash_keeps_the_previous_out_and_every_finished_result(tmp_path, capsys, monkeypatch, error, code, message):
+def test_a_crash_keeps_the_previous_out_and_every_finished_result(tmp_path, capsys, error, code, message):
     clean = tmp_path / "clean.jsonl"
     run(capsys, "--out", str(clean), "--max-new-tokens", "20")
     out, before = previous_out(tmp_path)
-    crash_after(monkeypatch, 7, error)
-    assert_one_line_error(capsys, test_script.main(["--demo", "--out", str(out), "--max-new-tokens", "20"]), code,
-                          message)
+    dies = reshaped(wrap=lambda gen: DiesAfter(gen, 7, error))
+    assert_one_line_error(capsys, test_script.main(["--demo", "--out", str(out), "--max-new-tokens", "20"],
+                                                   prepare=dies), code, message)
     journal = out.with_name(out.name + ".partial")
     assert out.read_bytes() == before  # the old results survive until a whole new set replaces them
     assert len(journal.read_text().splitlines()) == 7
-    monkeypatch.undo()
     printed = run(capsys, "--out", str(out), "--max-new-tokens", "20", "--resume")
     assert "7 records were resumed" in printed and out.read_text() == clean.read_text()
 
@@ -204,11 +233,10 @@ def test_resume_ignores_a_cut_last_line(tmp_path, capsys):
     assert out.read_text() == full
 
 
-def test_records_that_outgrow_the_cache_are_named_and_the_others_kept(tmp_path, capsys, monkeypatch):
-    plan_memory = optimize.plan_memory
-    monkeypatch.setattr(optimize, "plan_memory", lambda *a, **k: replace(plan_memory(*a, **k), num_blocks=157))
+def test_records_that_outgrow_the_cache_are_named_and_the_others_kept(tmp_path, capsys):
     out, data = tmp_path / "out.jsonl", ROOT / "data" / "test_dataset.jsonl"
-    code = test_script.main(["--demo", "--data", str(data), "--out", str(out), "--max-new-tokens", "100"])
+    code = test_script.main(["--demo", "--data", str(data), "--out", str(out), "--max-new-tokens", "100"],
+                            prepare=reshaped(plan_changes={"num_blocks": 157}))
     captured = capsys.readouterr()
     assert code == 1 and "Traceback" not in captured.err
     named = [line for line in captured.err.splitlines() if line.startswith(f"{data}:")]

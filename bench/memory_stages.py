@@ -1,0 +1,113 @@
+"""The memory stages: the Orin emulation (capped: device reserved + host RSS + 0.5 GiB for the CUDA context the Orin
+would share, within a budget; uncapped: the same runs without it) and the streaming loader on a full-size
+checkpoint."""
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import optimize
+from measure import host_rss_split
+from orinfer.dataset import read_records
+from orinfer.memory import GiB, peak_rss_bytes, rss_bytes
+from orinfer.options import Options
+from systems import fresh_run
+from workload import ROOT, ScriptedAnswers, answer_scripts, random_init
+
+
+def capped(folder: Path, records: list, budget_gib: float, run_names: list[str]) -> dict:
+    """Orin emulation: device reserved + host RSS + 0.5 GiB (the CUDA context the Orin would share) <= budget.
+    With budget_gib 0 the same runs go uncapped, for the time lost to the cap."""
+    torch.cuda.init()
+    host = rss_bytes()
+    report = {"budget_gib": budget_gib, "host_rss_idle_gib": host / GiB}
+    if budget_gib:
+        device_cap = budget_gib * GiB - host - 0.5 * GiB
+        torch.cuda.set_per_process_memory_fraction(device_cap / torch.cuda.get_device_properties(0).total_memory)
+        report["device_cap_gib"] = device_cap / GiB
+    # compile=False: the Orin's torch has no Triton, and compiling would add inductor's host memory to the count.
+    observer = ScriptedAnswers()
+    gen = optimize.build(folder, device="cuda", init=random_init(0), progress=False, unified_memory=bool(budget_gib),
+                         memory_budget=int(budget_gib * GiB) if budget_gib else "auto",
+                         options=Options(compile=False), observer=observer)
+    report["host_rss_after_load_gib"] = rss_bytes() / GiB
+    report["plan"] = gen.engine.plan.describe()
+    report["host_after_load"] = host_rss_split()
+    gen.warmup()
+    report["host_after_warmup"] = host_rss_split()
+    report["graphs"] = len(gen.engine.runner.graphs)
+    report["host_rss_after_warmup_gib"] = rss_bytes() / GiB
+    report["device_reserved_after_warmup_gib"] = torch.cuda.memory_reserved() / GiB
+    print(report, flush=True)
+    scripts = answer_scripts(gen.tokenizer, records)
+    longest = read_records(ROOT / "data" / "sample_longest_data.jsonl")[0]
+    runs = [("w1_scripted", [r["message"] for r in records], scripts, 500),
+            ("longest_free500", [r["message"] for r in longest], None, 500),
+            ("w1_first64_free500", [r["message"] for r in records[:64]], None, 500)]
+    for name, chats, script, new in [r for r in runs if r[0] in run_names]:
+        log_start = fresh_run(gen)
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        observer.scripts = script
+        gen(chats, max_new_tokens=new, return_full_text=False)
+        torch.cuda.synchronize()
+        peak_dev, peak_host = torch.cuda.max_memory_reserved(), peak_rss_bytes()
+        report[name] = {"seconds": time.perf_counter() - t, "peak_device_reserved_gib": peak_dev / GiB,
+                        "peak_host_rss_gib": peak_host / GiB,
+                        "total_gib": (peak_dev + peak_host) / GiB + 0.5, "stats": dict(gen.engine.stats),
+                        "generated_tokens": sum(map(len, observer.generated.values())),
+                        "largest_batches": sorted({len(p.requests) for p in list(observer.passes)[log_start:]})[-3:]}
+        print("capped" if budget_gib else "uncapped", name, json.dumps(report[name]), flush=True)
+    return report
+
+
+def write_checkpoint(folder: Path, shard_bytes: int = 4 << 30, device: str = "cuda") -> None:
+    """A full-size random checkpoint in HF's sharded safetensors layout (run in a child process: its host copies of
+    the tensors must not count in the loading process's RSS)."""
+    from safetensors.torch import save_file
+    from orinfer.config import Phi3Config
+    from orinfer.model import Phi3ForCausalLM
+    model = Phi3ForCausalLM(Phi3Config.from_folder(folder), device, torch.bfloat16)
+    random_init(0)(model)
+    shards, current, size = [], {}, 0
+    for name, p in model.named_parameters():
+        if current and size + p.nbytes > shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = p
+        size += p.nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.detach().cpu() for k, v in shard.items()}, str(folder / file))
+        weight_map.update({k: file for k in shard})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def load_stage(folder: Path) -> dict:
+    """The streaming loader on a full-size checkpoint: host RSS at its peak against the idle process, and seconds
+    (the file was just written, so it reads mostly from the page cache: a lower bound on time)."""
+    import multiprocessing
+    t = time.perf_counter()
+    writer = multiprocessing.get_context("spawn").Process(target=write_checkpoint, args=(folder,))
+    writer.start()
+    writer.join()
+    if writer.exitcode:
+        raise RuntimeError(f"writing the checkpoint failed (exit {writer.exitcode})")
+    written = time.perf_counter() - t
+    checkpoint = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    torch.cuda.init()
+    idle, peak_before = rss_bytes(), peak_rss_bytes()
+    t = time.perf_counter()
+    gen = optimize.build(folder, device="cuda", options=Options(compile=False), progress=False)
+    torch.cuda.synchronize()
+    peak = peak_rss_bytes()
+    report = {"checkpoint_gib": checkpoint / GiB, "write_s": written, "load_s": time.perf_counter() - t,
+              "host_rss_idle_gib": idle / GiB, "host_rss_peak_before_load_gib": peak_before / GiB,
+              "host_rss_peak_gib": peak / GiB,
+              "host_rss_after_gib": rss_bytes() / GiB, "peak_over_idle_gib": (peak - idle) / GiB,
+              "device_allocated_gib": torch.cuda.memory_allocated() / GiB, "plan": gen.engine.plan.describe()}
+    print("load", json.dumps(report), flush=True)
+    return report

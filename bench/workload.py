@@ -1,0 +1,143 @@
+"""What the benchmark runs: workload W1 (OpenBookQA test in the competition's format), scripted answers for orinfer
+(an Observer) and for transformers (a LogitsProcessor), and the random Phi-3-medium both share."""
+import json
+from pathlib import Path
+
+import torch
+
+from orinfer.observe import Observer, Sampled
+from orinfer.tiny import ASSETS, END_TOKEN
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+PROMPT = ("\nRead the question and answer the following sentence in given multiple choice.\nAnswer only the sentence "
+          "you chose. Never include a question and other word in your answer.\n\nquestion: {stem}\nchoices: {choices}\n")
+
+
+def competition_record(row: dict) -> dict:
+    """One OpenBookQA row (HF schema) as a competition record: the organisers' prompt, answer = the gold choice."""
+    texts = row["choices"]["text"]
+    content = PROMPT.format(stem=row["question_stem"], choices=repr(texts))
+    return {"message": [{"role": "user", "content": content}],
+            "answer": texts[row["choices"]["label"].index(row["answerKey"])]}
+
+
+def write_w1(folder: Path) -> Path:
+    """W1: OpenBookQA test (500 items) as competition records, written as the JSONL file Section 3 reads."""
+    rows = [json.loads(line) for line in (ROOT / "bench" / "data" / "openbookqa_test.jsonl").read_text().splitlines()]
+    path = folder / "w1.jsonl"
+    path.write_text("".join(json.dumps(competition_record(r)) + "\n" for r in rows))
+    return path
+
+
+def answer_scripts(tokenizer, records: list) -> list[list[int]]:
+    """Scripted mode's forced output per record: the gold answer's tokens, then <|end|>."""
+    rows = tokenizer([r["answer"] for r in records], add_special_tokens=False)["input_ids"]
+    return [row + [END_TOKEN] for row in rows]
+
+
+class ScriptedAnswers(Observer):
+    """Scripted mode in orinfer: each request's committed tokens are its script's (gold answer, then <|end|>) while
+    its script lasts, so drafts are verified against the answer as a correct model's argmax would verify them.
+    `scripts[i]` belongs to request i (None: the argmax, as in free-running mode); other requests (the warm-up's
+    probe) keep the argmax."""
+
+    def __init__(self, scripts: list[list[int]] | None = None):
+        super().__init__()
+        self.scripts = scripts
+
+    def force(self, sampled: list[Sampled]) -> list[list[int]] | None:
+        if self.scripts is None:
+            return None
+        rows = []
+        for s in sampled:
+            script = self.scripts[s.request] if 0 <= s.request < len(self.scripts) else None
+            if script is None:
+                rows.append(s.tokens)
+            else:
+                done = s.generated
+                rows.append([script[done + j] if done + j < len(script) else t for j, t in enumerate(s.tokens)])
+        return rows
+
+
+def model_folder(tmp: Path) -> Path:
+    """Config, generation config and tokenizer of Phi-3-medium; no weights (they are made on the GPU)."""
+    import shutil
+    folder = tmp / "phi3-medium-random"
+    folder.mkdir()
+    for f in ["config.json", "generation_config.json"]:
+        shutil.copy(ASSETS / f, folder / f)
+    for f in (ASSETS / "phi3-tokenizer").iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def random_init(seed: int):
+    def init(model):
+        g = torch.Generator(device=model.device).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=g)
+    return init
+
+
+def unique_prompt_tokens(prompts: list[list[int]]) -> int:
+    """Tokens left to compute if every shared prompt prefix is computed once (nodes of the prompts' trie)."""
+    seen, count = set(), 0
+    for p in prompts:
+        h = 0
+        for t in p:
+            h = hash((h, t))
+            if h not in seen:
+                seen.add(h)
+                count += 1
+    return count
+
+
+class Scripted:
+    """transformers LogitsProcessor forcing each row to its script (gold answer tokens + <|end|>)."""
+
+    def __init__(self, scripts_by_prompt: dict[tuple, list[int]], pad: int):
+        self.by_prompt, self.pad = scripts_by_prompt, pad
+        self.start, self.previous = None, None
+
+    def __call__(self, input_ids, scores):
+        rows, length = input_ids.shape
+        prev = self.previous
+        self.previous = input_ids.clone()
+        if prev is None or prev.shape != (rows, length - 1) or not torch.equal(prev, input_ids[:, :-1]):
+            self.start = length  # a new generate() call: the rows are prompts (left-padded)
+            self.scripts = []
+            for row in input_ids.tolist():
+                i = 0
+                while row[i] == self.pad:
+                    i += 1
+                self.scripts.append(self.by_prompt[tuple(row[i:])])
+        step = length - self.start
+        forced = torch.full_like(scores, float("-inf"))
+        for r, script in enumerate(self.scripts):
+            forced[r, script[min(step, len(script) - 1)]] = 0.0
+        return forced
+
+
+def hf_model(ours, folder: Path, dtype):
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(folder)
+    config._attn_implementation = "sdpa"
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(config, **{key: dtype})
+    hf.load_state_dict(ours.state_dict(), assign=True, strict=True)  # the very same tensors
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=config).to(ours.device)  # its buffers were on meta
+    hf.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+    return hf.eval()
+
+
+def count_forwards(model) -> list:
+    counter = [0]
+    model.register_forward_pre_hook(lambda m, a, kw=None: counter.__setitem__(0, counter[0] + 1))
+    return counter

@@ -1,0 +1,54 @@
+"""What benchmarks and tests see of a run, through one Observer given to optimize.build() (none by default: then
+nothing is recorded). It sees each pass, each finished request's tokens and the host's phases, and may force the
+tokens a pass commits (scripted benchmark runs: the work of a model whose answers are known)."""
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    tokens: int                   # tokens fed to the model
+    requests: tuple[int, ...]     # the request (input index) of each sequence in the pass, in the pass's order
+    build_s: float                # host seconds building the pass's inputs
+    wait_s: float                 # from the launch until its tokens were on the host (host work meanwhile included)
+    graph: bool                   # a CUDA graph was replayed
+    started: float                # time.perf_counter() when its launch began
+    device: tuple[float, float] | None  # CUDA: its start and end on the device's clock (s since the first launch)
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """One request's sampled tokens in a pass, before they are committed."""
+    request: int
+    generated: int        # tokens it had generated before this pass
+    tokens: list[int]     # the argmax at its sampled rows: the next token, then one per draft
+
+
+class Observer:
+    """Keeps the last `keep` passes and, per call, the generated tokens of each request and the host's phases."""
+
+    def __init__(self, keep: int = 100_000):
+        self.passes: deque[PassRecord] = deque(maxlen=keep)
+        self.generated: dict[int, list[int]] = {}  # request -> its generated tokens, this call
+        self.phases: dict[str, float] = {}         # host seconds of this call: tokenize, detokenize, engine
+
+    def start_call(self) -> None:
+        self.generated, self.phases = {}, {}
+
+    def on_pass(self, record: PassRecord) -> None:
+        self.passes.append(record)
+
+    def on_finished(self, request: int, generated: list[int]) -> None:
+        self.generated[request] = list(generated)
+
+    def force(self, sampled: list[Sampled]) -> list[list[int]] | None:
+        """The tokens to commit instead of each request's argmax, or None to commit the argmax (the default)."""
+        return None
+
+    def passes_per_request(self, since: int = 0) -> dict[int, int]:
+        """How many of the passes recorded from index `since` each request took part in."""
+        counts: dict[int, int] = {}
+        for record in list(self.passes)[since:]:
+            for request in record.requests:
+                counts[request] = counts.get(request, 0) + 1
+        return counts

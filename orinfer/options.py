@@ -1,0 +1,18 @@
+"""How the engine runs: one immutable value given to optimize.build() and passed down. Every choice leaves the
+output unchanged (the tests prove each against the pipeline); the defaults are the fastest where they apply."""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Options:
+    speculate: bool = True            # drafts from the prompt verified in the same pass (drafts.py)
+    cuda_graphs: bool = True          # small passes replayed from CUDA graphs, where the memory plan affords them
+    compile: bool | None = None       # elementwise kernels fused by torch.compile (None: where available, kernels.py)
+    varlen: bool = True               # FlashAttention's varlen layout where it runs and the plan affords it
+    # Sequences with at most this many new tokens take the packed Triton kernel in an eager pass (0: never).
+    # FlashAttention's one-head tiles of 128 rows are mostly empty for short prompt chunks too: on W1 (chunks of ~45
+    # tokens after the shared prefix) 128 beat 32 by 35-40 ms of device time on the H200, 64 and 256 by less.
+    packed_queries: int = 128
+    pass_tokens: int | None = None    # tokens a pass (None: the memory plan's)
+    lookup_draft_tokens: int | None = None  # pass size under which prompt-lookup drafts ride along (None: 128 on CUDA)
+    pause_gc: bool = True             # Python's cyclic collector paused during a call (optimize.py says why)
