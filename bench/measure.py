@@ -44,6 +44,19 @@ def orin_projection(pass_tokens: list[int], flops_per_token: float, weight_bytes
     return sum(max(t * flops_per_token / ORIN_TFLOPS, weight_bytes / ORIN_GBPS) for t in pass_tokens)
 
 
+def decode_floor(pass_tokens: list[int], kv_read_bytes: int, flops_per_token: float, weight_bytes: int,
+                 ceil: dict) -> float:
+    """The least time the passes of a run can take here: each at least its FLOPs at the measured GEMM rate or one
+    read of the weights at the measured copy bandwidth, whichever is larger, plus every K/V read once per pass."""
+    gemm, copy = ceil["gemm_flops"], ceil["copy_bytes_per_s"]
+    return sum(max(t * flops_per_token / gemm, weight_bytes / copy) for t in pass_tokens) + kv_read_bytes / copy
+
+
+def kv_read_bytes(prompt_lengths: list[int], generated_lengths: list[int], kv_bytes_per_token: int) -> int:
+    """K/V bytes the decode steps of a run must read: step j of a request attends to its prompt and j tokens."""
+    return kv_bytes_per_token * sum(n * p + n * (n - 1) // 2 for p, n in zip(prompt_lengths, generated_lengths))
+
+
 def allocator_counts() -> dict:
     """cudaMalloc / cudaFree calls of torch's device allocator and cudaHostAlloc calls of its pinned-host one, so far
     (a timed call that makes any waited for them: they can block until the device is idle)."""

@@ -13,6 +13,13 @@ def table(res: dict) -> None:
         ratio = f"{r['seconds'] / ours:7.1f}" if ours else "      -"
         proj = f"{r['orin_projection_s']:11.1f}" if "orin_projection_s" in r else "          -"
         print(f"{name:18} {r['seconds']:8.2f} {ratio} {r['correct']:>8} {r['passes']:>7} {r['peak_reserved_gib']:9.1f} {proj}")
+    for name, r in res["systems"].items():
+        if r.get("decode"):
+            d = r["decode"]
+            print(f"  {name} decode: floor {d['floor_s']:.2f} s ({r['seconds'] / d['floor_s']:.2f}x), "
+                  f"{d['generated_tokens']} tokens, device {d['device_ms_per_pass']:.1f} ms a pass, host with no pass "
+                  f"in flight {d['host_ms_per_pass_no_pass_in_flight']:.2f} ms a pass, building inputs "
+                  f"{d['build_inputs_ms_per_pass']:.2f} ms a pass")
     if "ours" in res["systems"]:
         print(f"floor (unique prompt FLOPs at the measured GEMM rate + ours' passes x weights at copy bandwidth): "
               f"{res['systems']['ours']['floor_s']:.2f} s")

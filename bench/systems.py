@@ -14,7 +14,8 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoTokenizer
 
 import optimize
-from measure import allocator_counts, breakdown, ceilings, device_idle, orin_projection, pass_costs
+from measure import allocator_counts, breakdown, ceilings, decode_floor, device_idle, kv_read_bytes, orin_projection, \
+    pass_costs
 from orinfer.config import Phi3Config
 from orinfer.dataset import read_records
 from orinfer.memory import GiB
@@ -22,6 +23,9 @@ from orinfer.model import Phi3ForCausalLM
 from orinfer.options import Options
 from workload import ScriptedAnswers, Scripted, answer_scripts, count_forwards, hf_model, random_init, \
     unique_prompt_tokens
+
+# transformers generate's batch size, by system name.
+HF_GENERATE = {"hf_generate_bs32": 32, "hf_generate_bs64": 64}
 
 # Our variants: each name's options. `NAME_repeat` is a second call on NAME's generator (the first is timed as NAME
 # where asked for, else run untimed).
@@ -60,7 +64,8 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
     tok = AutoTokenizer.from_pretrained(folder)
     prompts = optimize.prompt_ids(tok, [r["message"] for r in records])
     scripts = answer_scripts(tok, records) if args.mode == "scripted" else None
-    flops_per_token, weight_bytes = pass_costs(Phi3Config.from_folder(folder))
+    cfg = Phi3Config.from_folder(folder)
+    flops_per_token, weight_bytes = pass_costs(cfg)
     unique = unique_prompt_tokens(prompts)
     res["workload"] = {"items": len(records), "prompt_tokens": sum(map(len, prompts)), "unique_prompt_tokens": unique,
                        "answer_tokens": sum(map(len, scripts)) if scripts else len(records) * max_new,
@@ -99,7 +104,17 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
         brk = breakdown(log, observer.phases, t, secs)
         brk["allocator_calls"] = {k: v - allocs[k] for k, v in allocator_counts().items()}
         per_request = observer.passes_per_request(log_start)
-        return {"seconds": secs, "correct": score(outs), "passes": stats["passes"],
+        decode = None
+        if args.mode == "free":  # decode-heavy: the floor counts the K/V every step reads, and the host per pass
+            generated = [len(observer.generated[i]) for i in range(len(records))]
+            floor = decode_floor(brk["pass_tokens"], kv_read_bytes(list(map(len, prompts)), generated,
+                                                                   cfg.kv_bytes_per_token), flops_per_token,
+                                 weight_bytes, res["ceilings"])
+            decode = {"floor_s": floor, "x_floor": secs / floor, "generated_tokens": sum(generated),
+                      "device_ms_per_pass": 1e3 * brk["device_s"] / len(log),
+                      "host_ms_per_pass_no_pass_in_flight": 1e3 * brk["outside_passes_s"] / len(log),
+                      "build_inputs_ms_per_pass": 1e3 * brk["build_inputs_s"] / len(log)}
+        return {"seconds": secs, "correct": score(outs), "passes": stats["passes"], "decode": decode,
                 "passes_per_request": sum(per_request.get(i, 0) for i in range(len(records))) / len(records),
                 "stats": stats, "breakdown": brk,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
@@ -149,7 +164,8 @@ def hf_stage(names, w1, folder, records, prompts, scripts, gen_args, score, max_
     for name in names:
         torch.cuda.reset_peak_memory_stats()
         forwards[0] = 0
-        if name == "hf_generate_bs32":
+        if name in HF_GENERATE:
+            batch = HF_GENERATE[name]
             tok.padding_side = "left"
             tok.pad_token = "<|endoftext|>"
             t = time.perf_counter()
@@ -157,8 +173,8 @@ def hf_stage(names, w1, folder, records, prompts, scripts, gen_args, score, max_
             texts = [tok.apply_chat_template(r["message"], tokenize=False, add_generation_prompt=True) for r in data]
             order = sorted(range(len(texts)), key=lambda i: len(prompts[i]))
             outs = [None] * len(texts)
-            for b in range(0, len(order), 32):
-                idx = order[b:b + 32]
+            for b in range(0, len(order), batch):
+                idx = order[b:b + batch]
                 enc = tok([texts[i] for i in idx], add_special_tokens=False, return_tensors="pt", padding=True).to("cuda")
                 seqs = hf.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=32000, **extra)
                 for i, row in zip(idx, seqs[:, enc["input_ids"].shape[1]:].tolist()):

@@ -79,3 +79,12 @@ def test_variants_are_options_and_every_name_is_built_from_the_table():
     assert systems.VARIANTS["ours_t24k"].pass_tokens == 24576 and systems.VARIANTS["ours_q64"].packed_queries == 64
     assert systems.VARIANTS["ours_flash"].packed_queries == 0 and not systems.VARIANTS["ours_nospec"].speculate
     assert all(name.startswith("ours") and not name.endswith("_repeat") for name in systems.VARIANTS)
+
+
+@pytest.mark.unit
+def test_decode_floor_counts_weights_flops_and_every_kv_read():
+    ceil = {"gemm_flops": 1e3, "copy_bytes_per_s": 1e2}
+    # Two passes: 10 tokens (FLOPs 10 * 50 / 1e3 = 0.5 s > weights 20 / 1e2 = 0.2 s), then 1 token (weights: 0.2 s).
+    assert abs(measure.decode_floor([10, 1], 30, 50, 20, ceil) - (0.5 + 0.2 + 0.3)) < 1e-12
+    # A 4-token prompt generating 3 tokens reads 4 + 5 + 6 tokens' K/V; a 2-token one generating 1 reads 2.
+    assert measure.kv_read_bytes([4, 2], [3, 1], 10) == (4 + 5 + 6 + 2) * 10
