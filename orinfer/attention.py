@@ -46,10 +46,12 @@ class Varlen:
     max_q: int               # bounds over the sequences FlashAttention takes
     max_k: int
     key_slots: torch.Tensor  # [cu_k[-1]] row of the flat cache holding each gathered key
-    # FlashAttention takes sequences [0, long_seqs) (their queries are the first long_tokens rows), the packed kernel
-    # (packed_attention.py) the next packed_seqs: the runner puts sequences with few new tokens last.
+    # FlashAttention takes sequences [0, long_seqs) (their queries are the first long_tokens rows, their keys the
+    # first long_keys gathered rows), the packed kernel (packed_attention.py) the next packed_seqs, reading its keys
+    # in the cache through key_slots: the runner puts sequences with few new tokens last.
     long_seqs: int
     long_tokens: int
+    long_keys: int
     packed_seqs: int = 0
 
 
@@ -147,18 +149,22 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     v_rows.index_copy_(0, ctx.slots, v)
     lay = ctx.layout
     if isinstance(lay, Varlen):
-        keys, values = (_words(rows.view(rows.shape[0], -1))[lay.key_slots].view(q.dtype).view(-1, kv_heads, dim)
-                        for rows in (k_rows, v_rows))
         kernels = lay.kernels
+
+        def gathered(rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+            return _words(rows.view(rows.shape[0], -1))[slots].view(q.dtype).view(-1, kv_heads, dim)
         if not lay.packed_seqs:
+            keys, values = gathered(k_rows, lay.key_slots), gathered(v_rows, lay.key_slots)
             out = kernels.varlen(q, keys, values, lay.cu_q, lay.cu_k, lay.max_q, lay.max_k, dim ** -0.5)
             return out.reshape(tokens, heads * dim)
         out = q.new_empty(q.shape)
         if lay.long_seqs:
-            n = lay.long_seqs + 1
-            out[:lay.long_tokens] = kernels.varlen(q[:lay.long_tokens], keys, values, lay.cu_q[:n], lay.cu_k[:n],
-                                                   lay.max_q, lay.max_k, dim ** -0.5)
-        kernels.packed(q, keys, values, out, lay.cu_q, lay.cu_k, lay.long_seqs, lay.packed_seqs, dim ** -0.5)
+            n, slots = lay.long_seqs + 1, lay.key_slots[:lay.long_keys]
+            out[:lay.long_tokens] = kernels.varlen(q[:lay.long_tokens], gathered(k_rows, slots),
+                                                   gathered(v_rows, slots), lay.cu_q[:n], lay.cu_k[:n], lay.max_q,
+                                                   lay.max_k, dim ** -0.5)
+        kernels.packed(q, k_rows, v_rows, out, lay.cu_q, lay.cu_k, lay.key_slots, lay.long_seqs, lay.packed_seqs,
+                       dim ** -0.5)
         return out.view(tokens, heads * dim)
     groups = heads // kv_heads
     batch, nblocks = ctx.block_tables.shape

@@ -26,7 +26,7 @@ if triton is not None:
     # No specialisation on the first sequence's index (the count is the grid): a new value must not compile a new
     # kernel in the middle of a run.
     @triton.jit(do_not_specialize=["first_seq"])
-    def _attention(Q, K, V, O, CU_Q, CU_K, first_seq, scale_log2,
+    def _attention(Q, K, V, O, CU_Q, CU_K, KEY_SLOTS, first_seq, scale_log2,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                    GROUPS: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         seq = first_seq + tl.program_id(0)
@@ -52,7 +52,9 @@ if triton is not None:
             for n0 in range(0, keys_end, BLOCK_N):
                 n = n0 + tl.arange(0, BLOCK_N)
                 inside = n < k_len
-                k = tl.load(K + (k_start + n)[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
+                # Keys are read where the cache holds them: no gathered copy is written and read back.
+                slot = tl.load(KEY_SLOTS + k_start + n, mask=inside, other=0)
+                k = tl.load(K + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
                             mask=inside[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(k)) * scale_log2
                 s = tl.where(n[None, :] <= last_key[:, None], s, float("-inf"))
@@ -60,7 +62,7 @@ if triton is not None:
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(V + (k_start + n)[:, None] * stride_vt + kv_head * stride_vh + d[None, :],
+                v = tl.load(V + slot[:, None] * stride_vt + kv_head * stride_vh + d[None, :],
                             mask=inside[:, None], other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
                 m_i = m_new
@@ -70,17 +72,18 @@ if triton is not None:
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, cu_q: torch.Tensor,
-                     cu_k: torch.Tensor, first_seq: int, num_seqs: int, scale: float) -> None:
-    """Writes out[cu_q[b]:cu_q[b + 1]] for sequences b = first_seq .. first_seq + num_seqs - 1: q/out [T, H, D],
-    k/v [Tk, Hkv, D] (the last dimension contiguous), the varlen layout's cumulative lengths (bottom-right causal).
-    Any query count works (a sequence's tiles are looped over); the fewer, the better the tiles are filled."""
+                     cu_k: torch.Tensor, key_slots: torch.Tensor, first_seq: int, num_seqs: int, scale: float) -> None:
+    """Writes out[cu_q[b]:cu_q[b + 1]] for sequences b = first_seq .. first_seq + num_seqs - 1: q/out [T, H, D];
+    k/v the cache's rows [slots, Hkv, D] (the last dimension contiguous), key j of sequence b in row
+    key_slots[cu_k[b] + j]; the varlen layout's cumulative lengths (bottom-right causal). Any query count works (a
+    sequence's tiles are looped over); the fewer, the better the tiles are filled."""
     heads, dim = q.shape[1:]
     kv_heads = k.shape[1]
     if num_seqs == 0:
         return
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == out.stride(-1) == 1
     _attention[(num_seqs, kv_heads, _SPLITS)](
-        q, k, v, out, cu_q, cu_k, first_seq, scale * 1.4426950408889634,
+        q, k, v, out, cu_q, cu_k, key_slots, first_seq, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         GROUPS=heads // kv_heads, DIM=dim, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
 
@@ -94,20 +97,23 @@ def supported(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: in
     if dim < 16 or dim & (dim - 1):  # a tile's head dimension must be a power of two
         return False
     g = torch.Generator(device=device).manual_seed(0)
-    # Three sequences: 3 new tokens after a 60-token prefix, 1 after 2, 20 from position 0.
+    # Three sequences: 3 new tokens after a 60-token prefix, 1 after 2, 20 from position 0; their 86 keys lie in a
+    # 100-row cache in shuffled rows.
     cu_q = torch.tensor([0, 3, 4, 24], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 63, 66, 86], dtype=torch.int32, device=device)
     q = torch.randn(24, heads, dim, device=device, dtype=dtype, generator=g)
-    k, v = (torch.randn(86, kv_heads, dim, device=device, dtype=dtype, generator=g) for _ in range(2))
+    k, v = (torch.randn(100, kv_heads, dim, device=device, dtype=dtype, generator=g) for _ in range(2))
+    slots = torch.randperm(100, device=device, generator=g)[:86]
     out = torch.zeros_like(q)
     try:
-        packed_attention(q, k, v, out, cu_q, cu_k, 0, 3, dim ** -0.5)
+        packed_attention(q, k, v, out, cu_q, cu_k, slots, 0, 3, dim ** -0.5)
     except Exception as e:  # a Triton that cannot build for this GPU: FlashAttention keeps every sequence
         import warnings
         warnings.warn(f"packed attention kernel unavailable ({type(e).__name__}: {e}); using FlashAttention only")
         return False
     cq, ck = cu_q.tolist(), cu_k.tolist()
-    expected = torch.cat([reference_attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]])
+    keys, values = k[slots], v[slots]
+    expected = torch.cat([reference_attention(q[cq[b]:cq[b + 1]], keys[ck[b]:ck[b + 1]], values[ck[b]:ck[b + 1]])
                           for b in range(3)])
     if not torch.allclose(out.float(), expected, atol=2e-2, rtol=2e-2):
         raise RuntimeError("the packed attention kernel disagrees with the reference on this GPU (a bug: report it)")

@@ -210,7 +210,7 @@ class ModelRunner:
             max_q, max_k = shape[0], min(keys, self.max_positions)
         layout = Varlen(kernels=self.attention, cu_q=t.cu_q.int(), cu_k=cu_k.int(), max_q=max_q, max_k=max_k,
                         key_slots=key_slots, long_seqs=long_seqs, long_tokens=sum(lens[:long_seqs]),
-                        packed_seqs=len(lens) - long_seqs)
+                        long_keys=sum(ends[:long_seqs]), packed_seqs=len(lens) - long_seqs)
         return t.ids, Context(positions=t.positions, slots=t.slots, block_tables=t.tables, sample_rows=t.sample_rows,
                               layout=layout, sliding_window=self.sliding_window)
 

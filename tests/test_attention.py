@@ -28,15 +28,16 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
 reference_varlen.calls = 0
 
 
-def reference_packed(q, k, v, out, cu_q, cu_k, first_seq, num_seqs, scale):
-    """The packed kernel's contract in float32: it writes the rows of sequences first_seq .. + num_seqs, only.
-    Records (first_seq, the most new tokens of its sequences) per call."""
+def reference_packed(q, k, v, out, cu_q, cu_k, key_slots, first_seq, num_seqs, scale):
+    """The packed kernel's contract in float32: it writes the rows of sequences first_seq .. + num_seqs, only,
+    reading key j of sequence b from the cache's row key_slots[cu_k[b] + j]. Records (first_seq, the most new tokens
+    of its sequences) per call."""
     assert scale == q.shape[-1] ** -0.5 and cu_q.dtype == cu_k.dtype == torch.int32
     cq, ck = cu_q.tolist(), cu_k.tolist()
     reference_packed.calls.append((first_seq, max(cq[b + 1] - cq[b] for b in range(first_seq, first_seq + num_seqs))))
+    keys, values = k[key_slots], v[key_slots]
     for b in range(first_seq, first_seq + num_seqs):
-        out[cq[b]:cq[b + 1]] = reference_attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]],
-                                                             v[ck[b]:ck[b + 1]])
+        out[cq[b]:cq[b + 1]] = reference_attention(q[cq[b]:cq[b + 1]], keys[ck[b]:ck[b + 1]], values[ck[b]:ck[b + 1]])
 
 
 @pytest.fixture
@@ -140,9 +141,12 @@ def test_packed_kernel_equals_the_reference(dtype):
     cu_q = torch.tensor([0] + new, device=dev).cumsum(0).int()
     cu_k = torch.tensor([0] + [n + p for n, p in zip(new, prefix)], device=dev).cumsum(0).int()
     q = torch.randn(sum(new), 50, 128, device=dev, dtype=dtype)[:, :40]  # the model's query: a view of q and k
-    k, v = (torch.randn(int(cu_k[-1]), 10, 128, device=dev, dtype=dtype) for _ in range(2))
+    keys = int(cu_k[-1])
+    k_rows, v_rows = (torch.randn(keys + 500, 10, 128, device=dev, dtype=dtype) for _ in range(2))  # a "cache"
+    slots = torch.randperm(keys + 500, device=dev)[:keys]  # each key's row in it, out of order
     out = torch.full_like(q, float("nan"))
-    packed_attention.packed_attention(q, k, v, out, cu_q, cu_k, 1, len(new) - 1, 128 ** -0.5)
+    packed_attention.packed_attention(q, k_rows, v_rows, out, cu_q, cu_k, slots, 1, len(new) - 1, 128 ** -0.5)
+    k, v = k_rows[slots], v_rows[slots]
     ref = reference_varlen(q.float(), k.float(), v.float(), cu_q, cu_k, max(new), int(cu_k.diff().max()), 128 ** -0.5)
     assert out[:new[0]].isnan().all()
     assert (out[new[0]:].float() - ref[new[0]:]).norm() / ref[new[0]:].norm() < 1e-2
