@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import optimize
-from measure import host_rss_split
+from measure import host_rss_split, orin_projection, pass_costs
 from orinfer.dataset import read_records
 from orinfer.memory import GiB, peak_rss_bytes, rss_bytes
 from orinfer.options import Options
@@ -16,11 +16,32 @@ from systems import fresh_run
 from workload import ROOT, ScriptedAnswers, answer_scripts, random_init
 
 
+def device_outside_torch() -> float:
+    """GiB of device memory in use that torch's allocator does not hold: the CUDA context, library handles and
+    workspaces, kernel modules (on the Orin these live in the same DRAM as everything else)."""
+    free, total = torch.cuda.mem_get_info()
+    return (total - free - torch.cuda.memory_reserved()) / GiB
+
+
+def long_answers(scripts: list[list[int]], count: int, length: int = 500) -> list[list[int]]:
+    """Scripts where `count` answers, spread over the run, go on to `length` tokens without <|end|> (their answer
+    repeated): long generations among short ones."""
+    out = [list(s) for s in scripts]
+    for i in range(0, len(out), max(1, len(out) // count))[:count]:
+        answer = out[i][:-1] or [100]
+        out[i] = (answer * (length // len(answer) + 1))[:length]
+    return out
+
+
 def capped(folder: Path, records: list, budget_gib: float, run_names: list[str]) -> dict:
     """Orin emulation: device reserved + host RSS + 0.5 GiB (the CUDA context the Orin would share) <= budget.
-    With budget_gib 0 the same runs go uncapped, for the time lost to the cap."""
+    With budget_gib 0 the same runs go uncapped, for the time lost to the cap. `overhead` says what the process
+    holds besides the weights and the plan's buffers, step by step."""
+    overhead = {"host_rss_imports_gib": rss_bytes() / GiB}
     torch.cuda.init()
+    torch.empty(1, device="cuda")  # the context itself
     host = rss_bytes()
+    overhead.update(host_rss_cuda_init_gib=host / GiB, device_outside_torch_cuda_init_gib=device_outside_torch())
     report = {"budget_gib": budget_gib, "host_rss_idle_gib": host / GiB}
     if budget_gib:
         device_cap = budget_gib * GiB - host - 0.5 * GiB
@@ -28,9 +49,11 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
         report["device_cap_gib"] = device_cap / GiB
     # compile=False: the Orin's torch has no Triton, and compiling would add inductor's host memory to the count.
     observer = ScriptedAnswers()
-    gen = optimize.build(folder, device="cuda", init=random_init(0), progress=False, unified_memory=bool(budget_gib),
-                         memory_budget=int(budget_gib * GiB) if budget_gib else "auto",
-                         options=Options(compile=False), observer=observer)
+    setup = optimize.prepare(folder, device="cuda", unified_memory=bool(budget_gib),
+                             memory_budget=int(budget_gib * GiB) if budget_gib else "auto",
+                             options=Options(compile=False))
+    overhead["host_rss_after_tokenizer_and_plan_gib"] = rss_bytes() / GiB
+    gen = setup.load(random_init(0), progress=False, observer=observer)
     report["host_rss_after_load_gib"] = rss_bytes() / GiB
     report["plan"] = gen.engine.plan.describe()
     report["host_after_load"] = host_rss_split()
@@ -39,12 +62,21 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
     report["graphs"] = len(gen.engine.runner.graphs)
     report["host_rss_after_warmup_gib"] = rss_bytes() / GiB
     report["device_reserved_after_warmup_gib"] = torch.cuda.memory_reserved() / GiB
+    overhead.update(host_rss_after_load_gib=report["host_rss_after_load_gib"],
+                    host_rss_after_warmup_gib=report["host_rss_after_warmup_gib"],
+                    device_outside_torch_after_warmup_gib=device_outside_torch(),
+                    device_allocated_after_warmup_gib=torch.cuda.memory_allocated() / GiB,
+                    device_reserved_after_warmup_gib=report["device_reserved_after_warmup_gib"])
+    report["overhead"] = overhead
     print(report, flush=True)
     scripts = answer_scripts(gen.tokenizer, records)
     longest = read_records(ROOT / "data" / "sample_longest_data.jsonl")[0]
     runs = [("w1_scripted", [r["message"] for r in records], scripts, 500),
             ("longest_free500", [r["message"] for r in longest], None, 500),
-            ("w1_first64_free500", [r["message"] for r in records[:64]], None, 500)]
+            ("w1_first64_free500", [r["message"] for r in records[:64]], None, 500),
+            ("w1_first16_free256", [r["message"] for r in records[:16]], None, 256),
+            ("w1_long10_scripted", [r["message"] for r in records], long_answers(scripts, 10), 500)]
+    flops_per_token, weight_bytes = pass_costs(setup.cfg)
     for name, chats, script, new in [r for r in runs if r[0] in run_names]:
         log_start = fresh_run(gen)
         torch.cuda.reset_peak_memory_stats()
@@ -53,11 +85,15 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
         gen(chats, max_new_tokens=new, return_full_text=False)
         torch.cuda.synchronize()
         peak_dev, peak_host = torch.cuda.max_memory_reserved(), peak_rss_bytes()
+        log = list(observer.passes)[log_start:]
         report[name] = {"seconds": time.perf_counter() - t, "peak_device_reserved_gib": peak_dev / GiB,
                         "peak_host_rss_gib": peak_host / GiB,
                         "total_gib": (peak_dev + peak_host) / GiB + 0.5, "stats": dict(gen.engine.stats),
+                        "allocator_slack_at_peak_gib": (peak_dev - torch.cuda.max_memory_allocated()) / GiB,
                         "generated_tokens": sum(map(len, observer.generated.values())),
-                        "largest_batches": sorted({len(p.requests) for p in list(observer.passes)[log_start:]})[-3:]}
+                        "largest_batches": sorted({len(p.requests) for p in log})[-3:],
+                        "orin_projection_s": orin_projection([p.tokens for p in log], flops_per_token,
+                                                             weight_bytes)}
         print("capped" if budget_gib else "uncapped", name, json.dumps(report[name]), flush=True)
     return report
 

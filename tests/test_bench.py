@@ -88,3 +88,13 @@ def test_decode_floor_counts_weights_flops_and_every_kv_read():
     assert abs(measure.decode_floor([10, 1], 30, 50, 20, ceil) - (0.5 + 0.2 + 0.3)) < 1e-12
     # A 4-token prompt generating 3 tokens reads 4 + 5 + 6 tokens' K/V; a 2-token one generating 1 reads 2.
     assert measure.kv_read_bytes([4, 2], [3, 1], 10) == (4 + 5 + 6 + 2) * 10
+
+
+@pytest.mark.unit
+def test_long_answers_run_on_without_end_among_short_ones():
+    import memory_stages
+    scripts = [[5, 6, 32007] for _ in range(40)]
+    longs = memory_stages.long_answers(scripts, 4, length=10)
+    stretched = [s for s in longs if len(s) == 10]
+    assert len(stretched) == 4 and all(32007 not in s and s[:4] == [5, 6, 5, 6] for s in stretched)
+    assert sum(s == [5, 6, 32007] for s in longs) == 36
