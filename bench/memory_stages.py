@@ -39,7 +39,6 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
     holds besides the weights and the plan's buffers, step by step."""
     overhead = {"host_rss_imports_gib": rss_bytes() / GiB}
     torch.cuda.init()
-    torch.empty(1, device="cuda")  # the context itself
     host = rss_bytes()
     overhead.update(host_rss_cuda_init_gib=host / GiB, device_outside_torch_cuda_init_gib=device_outside_torch())
     report = {"budget_gib": budget_gib, "host_rss_idle_gib": host / GiB}
@@ -82,7 +81,8 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         observer.scripts = script
-        gen(chats, max_new_tokens=new, return_full_text=False)
+        failed = {}
+        gen(chats, max_new_tokens=new, return_full_text=False, on_error=failed.__setitem__)
         torch.cuda.synchronize()
         peak_dev, peak_host = torch.cuda.max_memory_reserved(), peak_rss_bytes()
         log = list(observer.passes)[log_start:]
@@ -91,6 +91,7 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
                         "total_gib": (peak_dev + peak_host) / GiB + 0.5, "stats": dict(gen.engine.stats),
                         "allocator_slack_at_peak_gib": (peak_dev - torch.cuda.max_memory_allocated()) / GiB,
                         "generated_tokens": sum(map(len, observer.generated.values())),
+                        "failed": {i: why for i, why in failed.items()},
                         "largest_batches": sorted({len(p.requests) for p in log})[-3:],
                         "orin_projection_s": orin_projection([p.tokens for p in log], flops_per_token,
                                                              weight_bytes)}
