@@ -28,7 +28,7 @@ VARLEN_HOST_BYTES = 384 * MiB
 # decode pass reads 28 GB at 205 GB/s, 136 ms, far longer than the host needs to launch it, and without the
 # FlashAttention kernels the padded layout keeps ~1,700 more tokens of KV cache).
 OPTIONAL_MIN_FREE_BYTES = 2 * GiB
-SAFETY_BYTES = 128 * MiB         # device memory outside the plan: allocator rounding, cuBLAS workspace (0.11 GiB seen)
+SAFETY_BYTES = 128 * MiB         # slack: device memory outside the plan (allocator rounding, cuBLAS workspace: 0.11 GiB seen)
 
 
 def proc_kib_fields(path: str, names: tuple[str, ...]) -> dict[str, int]:
@@ -94,6 +94,7 @@ class MemoryPlan:
     budget: int
     weights: int
     overhead: int             # host process and CUDA context, counted only where they share the budget
+    overhead_items: tuple[tuple[str, int], ...]  # what the overhead is, item by item
     kv_bytes: int
     workspace_bytes: int
     num_blocks: int
@@ -110,8 +111,11 @@ class MemoryPlan:
         return (self.num_blocks - 1) * self.block_size
 
     def describe(self) -> str:
+        items = " + ".join(f"{name} {size / GiB:.2f}" for name, size in self.overhead_items)
+        rest = self.budget - self.weights - self.overhead - self.workspace_bytes - self.kv_bytes
         return (f"memory plan: budget {self.budget / GiB:.2f} GiB = weights {self.weights / GiB:.2f} + overhead "
-                f"{self.overhead / GiB:.2f} + workspace {self.workspace_bytes / GiB:.2f} + KV {self.kv_bytes / GiB:.2f} "
+                f"{self.overhead / GiB:.2f}{f' ({items})' if items else ''} + workspace "
+                f"{self.workspace_bytes / GiB:.2f} + KV {self.kv_bytes / GiB:.2f} + slack {rest / GiB:.2f} "
                 f"({self.kv_tokens} tokens); <= {self.max_num_seqs} sequences, {self.max_batched_tokens} tokens a pass; "
                 f"graphs {'on' if self.cuda_graphs else 'off'}, varlen attention "
                 f"{'allowed' if self.varlen_attention else 'off'}")
@@ -135,22 +139,25 @@ def gather_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
 # the cache writes move the same bytes either way; the host hashes a block per prompt token, once.
 def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, shared_host: bool,
                 host_bytes: int, block_size: int = 1, max_drafts: int | None = None) -> MemoryPlan:
-    overhead = (host_bytes + WARMUP_HOST_BYTES + PINNED_HOST_BYTES + CUDA_CONTEXT_BYTES) if shared_host else 0
+    items = [("host at planning", host_bytes), ("host growth to come", WARMUP_HOST_BYTES),
+             ("pinned buffers", PINNED_HOST_BYTES), ("CUDA context", CUDA_CONTEXT_BYTES)] if shared_host else []
+    overhead = sum(size for _, size in items)
     free = budget - weights - overhead - SAFETY_BYTES
 
-    def afford(host_cost: int) -> bool:
+    def afford(name: str, host_cost: int) -> bool:
         """Whether to use an optional feature that costs host memory; on shared memory its cost is booked."""
         nonlocal overhead, free
         if not shared_host:
             return True
         if free < host_cost + OPTIONAL_MIN_FREE_BYTES:
             return False
+        items.append((name, host_cost))
         overhead += host_cost
         free -= host_cost
         return True
 
-    cuda_graphs = afford(GRAPHS_HOST_BYTES)
-    varlen_attention = afford(VARLEN_HOST_BYTES)
+    cuda_graphs = afford("graphs", GRAPHS_HOST_BYTES)
+    varlen_attention = afford("FlashAttention kernels", VARLEN_HOST_BYTES)
     act = activation_bytes_per_token(cfg, itemsize)
     gather = gather_bytes_per_token(cfg, itemsize)
     kv_per_token = cfg.kv_bytes_per_token // 2 * itemsize
@@ -173,7 +180,7 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
     # More cache than max_num_seqs full-length sequences can never be used (and a big pool costs start-up time).
     kv = min(kv, max_num_seqs * cfg.max_position_embeddings * kv_per_token)
     num_blocks = kv // (block_size * kv_per_token) + 1  # +1: the scratch block
-    return MemoryPlan(budget=budget, weights=weights, overhead=overhead, kv_bytes=(num_blocks - 1) * block_size * kv_per_token,
+    return MemoryPlan(budget=budget, weights=weights, overhead=overhead, overhead_items=tuple(items), kv_bytes=(num_blocks - 1) * block_size * kv_per_token,
                       workspace_bytes=tokens * act + gather_tokens * gather + logits, num_blocks=int(num_blocks),
                       block_size=block_size, max_num_seqs=int(max_num_seqs), max_batched_tokens=tokens,
                       max_gather_tokens=int(gather_tokens), max_drafts=max_drafts, cuda_graphs=cuda_graphs,

@@ -73,7 +73,7 @@ def fake_engine(observer=None, **plan):
     from orinfer.engine import Engine
     from orinfer.memory import MemoryPlan
     from orinfer.options import Options
-    limits = dict(budget=0, weights=0, overhead=0, kv_bytes=0, workspace_bytes=0, num_blocks=4000, block_size=1,
+    limits = dict(budget=0, weights=0, overhead=0, overhead_items=(), kv_bytes=0, workspace_bytes=0, num_blocks=4000, block_size=1,
                   max_num_seqs=16, max_batched_tokens=256, max_gather_tokens=1 << 20, max_drafts=4,
                   cuda_graphs=False, varlen_attention=False)
     model = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
