@@ -112,5 +112,5 @@ class BlockManager:
             self.refs[block] -= 1
             if self.refs[block] == 0:
                 self.free[block] = None
-        seq.block_table.clear()
+        del seq.block_table[:]
         seq.num_computed = 0

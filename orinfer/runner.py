@@ -150,12 +150,14 @@ class ModelRunner:
                 starts: list[int], lens: list[int], nblocks: int) -> _Inputs:
         """Upload one pass's integers (sequences past the works are padding) and derive the per-token indices."""
         bs, batch = self.block_size, len(lens)
-        tables = []
-        for i in order:
+        host = array("q", ids + sample_rows + starts + lens)
+        scratch = array("q", [SCRATCH_BLOCK]) * nblocks
+        for i in order:  # array slices and concatenation: memcpy, not a Python int per block
             table = works[i].seq.block_table[:nblocks]
-            tables += table + [SCRATCH_BLOCK] * (nblocks - len(table))
-        tables += [SCRATCH_BLOCK] * (nblocks * (batch - len(works)))
-        flat = self._upload(ids + sample_rows + starts + lens + tables)
+            host += table
+            host += scratch[:nblocks - len(table)]
+        host += scratch * (batch - len(works))
+        flat = self._upload(host)
         ids_t, sample_t, starts_t, lens_t, tables_t = flat.split([len(ids), len(sample_rows), batch, batch,
                                                                   batch * nblocks])
         tables_t = tables_t.view(batch, nblocks)
@@ -244,10 +246,10 @@ class ModelRunner:
         return t.ids, Context(positions=t.positions, slots=t.slots, block_tables=t.tables, sample_rows=t.sample_rows,
                               layout=layout, sliding_window=self.sliding_window)
 
-    def _upload(self, host: list[int]) -> torch.Tensor:
+    def _upload(self, host: array) -> torch.Tensor:
         """The pass's integers on the device, sent from pinned memory so the host need not wait for a pass still
         running."""
-        values = torch.frombuffer(array("q", host), dtype=torch.int64)
+        values = torch.frombuffer(host, dtype=torch.int64)
         if self.device.type != "cuda":
             return values
         n = len(host)

@@ -1,5 +1,6 @@
 """One request's state (its tokens, how many of them have K/V in the cache, the cache blocks it owns), and its share
 of one forward pass (Work: what the scheduler hands the runner)."""
+from array import array
 from dataclasses import dataclass, field
 
 
@@ -11,10 +12,15 @@ class Sequence:
     max_new_tokens: int
     candidates: list[list[int]] = field(default_factory=list)  # likely answers, token ids (drafts only, see drafts.py)
     num_computed: int = 0           # tokens whose K/V are in the cache
-    block_table: list[int] = field(default_factory=list)
+    # Machine integers, not a list: a pass's inputs copy every table it reads, at memcpy speed (runner._inputs).
+    block_table: array = field(default_factory=lambda: array("q"))
     block_hashes: list[int] = field(default_factory=list)  # chained hash per full block (block_manager.py)
     finished: bool = False
     error: str | None = None        # why the engine gave up on this request (it finished without an answer)
+
+    def __post_init__(self):
+        if not isinstance(self.block_table, array):
+            self.block_table = array("q", self.block_table)
 
     @property
     def num_tokens(self) -> int:

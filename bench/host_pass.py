@@ -1,0 +1,54 @@
+"""The host's work to build one decode pass's inputs (runner.context) and to schedule and commit it, on the CPU:
+`python3 bench/host_pass.py [BATCH ...]`. Each sequence holds 300 tokens of context in one-token blocks, and feeds
+one token; the KV pool and the tiny model live on the CPU, so context() here also runs the index arithmetic that a
+GPU does on the device: compare versions on one machine, not with the device's numbers."""
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import optimize  # noqa: E402
+from orinfer.attention import AttentionKernels  # noqa: E402
+from orinfer.block_manager import BlockManager  # noqa: E402
+from orinfer.runner import ModelRunner  # noqa: E402
+from orinfer.scheduler import Limits, Scheduler  # noqa: E402
+from orinfer.sequence import Sequence, Work  # noqa: E402
+from orinfer.tiny import write_tiny_model  # noqa: E402
+
+
+def per_call_ms(fn, reps: int = 20) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def main(batches: list[int]) -> None:
+    model = optimize.build(write_tiny_model(Path(tempfile.mkdtemp()) / "tiny"), device="cpu", progress=False).engine.model
+    unused = AttentionKernels(varlen=lambda *a: None, packed=lambda *a: None, packed_queries=128)  # never called
+    runner = ModelRunner(model, 200_001, 1, unused)
+    for batch in batches:
+        seqs = [Sequence(index=i, token_ids=list(range(100, 400)), num_prompt_tokens=280, max_new_tokens=256,
+                         block_table=range(1 + 300 * i, 301 + 300 * i), num_computed=299) for i in range(batch)]
+        works = [Work(s, s.token_ids[-1:], s.num_tokens - 1, 0, True, False, True) for s in seqs]
+        context = per_call_ms(lambda: runner.context(works))
+        blocks = BlockManager(200_001, 1)
+        scheduler = Scheduler(blocks, Limits(max_num_seqs=512, max_batched_tokens=16384,
+                                             max_gather_tokens=1 << 22), eos_ids=[32000])
+        for s in seqs:
+            s.num_computed = 0
+            del s.block_table[:]
+            scheduler.add(s)
+        scheduler.postprocess(scheduler.schedule(), [5] * batch)
+
+        def step():
+            scheduler.postprocess(scheduler.schedule(), [5] * batch)
+        print(f"batch {batch}: context {context:.2f} ms, schedule + commit {per_call_ms(step):.2f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main([int(b) for b in sys.argv[1:]] or [128, 500])
