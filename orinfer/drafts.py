@@ -16,10 +16,10 @@ def candidate_drafts(seq: Sequence, max_drafts: int) -> list[int]:
     """The rest of the candidate that everything generated so far (at least one token) begins; if several do, only
     the part of their rests they share. Drafting one of them whole wasted its tail whenever another was the answer
     (475 rejected draft tokens on W1); the pass that verifies the shared part samples the token that decides."""
-    generated = seq.generated
-    n = len(generated)
-    if not n or max_drafts <= 0:
+    n = seq.num_generated
+    if not n or max_drafts <= 0 or all(len(c) < n for c in seq.candidates):  # past every candidate: no slice made
         return []
+    generated = seq.generated
     rests = [c[n:] for c in seq.candidates if len(c) >= n and c[:n] == generated]  # a whole one: nothing more
     if not rests:
         return []
@@ -34,11 +34,10 @@ def candidate_drafts(seq: Sequence, max_drafts: int) -> list[int]:
 
 def lookup_drafts(seq: Sequence, max_drafts: int, ngram: int = 3) -> list[int]:
     """What follows the latest earlier occurrence (prompt or output) of the longest generated tail (<= `ngram`)."""
-    generated = seq.generated
     if max_drafts <= 0:
         return []
     tokens = seq.token_ids
-    for size in range(min(ngram, len(generated)), 0, -1):
+    for size in range(min(ngram, seq.num_generated), 0, -1):
         tail = tokens[-size:]
         for start in range(len(tokens) - size - 1, -1, -1):
             if tokens[start:start + size] == tail:

@@ -65,7 +65,7 @@ class Engine:
         sampled, pos = [], 0
         for w in works:
             if w.samples:
-                sampled.append(Sampled(w.seq.index, len(w.seq.generated), tokens[pos:pos + 1 + w.num_drafts]))
+                sampled.append(Sampled(w.seq.index, w.seq.num_generated, tokens[pos:pos + 1 + w.num_drafts]))
                 pos += 1 + w.num_drafts
         forced = obs.force(sampled)
         return tokens if forced is None else [t for row in forced for t in row]

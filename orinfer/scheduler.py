@@ -93,7 +93,7 @@ class Scheduler:
             # A running sequence always holds blocks; one preempted earlier in this loop holds none.
             if not seq.block_table or seq.num_tokens - seq.num_computed != 1 or seq in self.in_flight:
                 continue
-            room = min(lim.max_drafts, seq.max_new_tokens - len(seq.generated) - 1)
+            room = min(lim.max_drafts, seq.max_new_tokens - seq.num_generated - 1)
             drafts = candidate_drafts(seq, room)
             placed = True
             while not self.blocks.grow(seq, seq.num_tokens + len(drafts)):
@@ -105,7 +105,7 @@ class Scheduler:
                 if self.running == [seq]:
                     self.running.remove(seq)
                     self.blocks.release(seq)
-                    self._fail(seq, f"after {len(seq.generated)} new tokens its {seq.num_tokens} tokens no longer "
+                    self._fail(seq, f"after {seq.num_generated} new tokens its {seq.num_tokens} tokens no longer "
                                     f"fit the KV cache ({self.blocks.capacity} tokens at this memory budget); raise "
                                     "the memory budget or lower max_new_tokens")
                     placed = False
@@ -127,7 +127,7 @@ class Scheduler:
             if spare <= 0:
                 break
             if w.num_drafts == 0:
-                room = min(lim.max_drafts, spare, w.seq.max_new_tokens - len(w.seq.generated) - 1)
+                room = min(lim.max_drafts, spare, w.seq.max_new_tokens - w.seq.num_generated - 1)
                 drafts = lookup_drafts(w.seq, room)
                 if drafts and self.blocks.grow(w.seq, w.seq.num_tokens + len(drafts)):
                     w.tokens += drafts
@@ -193,7 +193,7 @@ class Scheduler:
             self.accepted_drafts += accepted
             for token in out[:accepted + 1]:
                 seq.token_ids.append(token)
-                if token in self.eos or len(seq.generated) >= seq.max_new_tokens:
+                if token in self.eos or seq.num_generated >= seq.max_new_tokens:
                     seq.finished = True
                     break
             if seq.finished:

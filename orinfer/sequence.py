@@ -27,6 +27,10 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def num_generated(self) -> int:  # without the slice that `generated` makes
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
     def generated(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
 
