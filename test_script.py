@@ -10,7 +10,6 @@ finishes and --out is replaced only at the end, so a run that dies loses nothing
 """
 import argparse
 import json
-import os
 import sys
 import time
 import traceback

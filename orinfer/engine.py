@@ -8,10 +8,10 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from .attention import AttentionKernels, available
 from .block_manager import BlockManager
 from .memory import MemoryPlan
 from .model import Phi3ForCausalLM
-from .attention import AttentionKernels, available
 from .observe import Observer, PassRecord, Sampled
 from .options import Options
 from .runner import ModelRunner, Pending
