@@ -56,7 +56,7 @@ def check_record(rec, path: Path, n: int) -> None:
         if not isinstance(turn["content"], str):
             raise DataError(path, n, f"turn {t}'s 'content' must be a string, not {_json_type(turn['content'])}")
     if chat[-1]["role"] != "user":
-        raise DataError(path, n, f"the chat ends with a {chat[-1]['role']} turn; it must end with a user turn "
+        raise DataError(path, n, f"the chat's last turn has role {chat[-1]['role']!r}; it must end with a user turn "
                                  "(continuing an assistant's answer is not supported)")
     if "answer" in rec and not isinstance(rec["answer"], str):
         raise DataError(path, n, f"'answer' must be a string, not {_json_type(rec['answer'])}")

@@ -65,7 +65,7 @@ FAULTS = [
     ("content a number", [GOOD[0], chat(7)], [], "{data}:2: turn 1's 'content' must be a string, not a number"),
     ("content null", [chat(None)], [], "{data}:1: turn 1's 'content' must be a string, not null"),
     ("ends with an assistant turn", [GOOD[0], GOOD[1], chat("hi", "assistant")], [],
-     "{data}:3: the chat ends with a assistant turn; it must end with a user turn"),
+     "{data}:3: the chat's last turn has role 'assistant'; it must end with a user turn"),
     ("unknown role", [json.dumps({"message": [{"role": "tool", "content": "x"}]})], [],
      "{data}:1: turn 1 has role 'tool'"),
     ("message not a list", [json.dumps({"message": "hello"})], [], "{data}:1: 'message' must be a non-empty list"),
