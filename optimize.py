@@ -222,7 +222,7 @@ class Generator:
                     outputs[seq.index] = self._output(items[seq.index], prompts[seq.index], seq.generated,
                                                       return_full_text)
                 except Exception as e:
-                    on_error(seq.index, f"its {len(seq.generated)} new tokens could not be turned into text "
+                    on_error(seq.index, f"its {seq.num_generated} new tokens could not be turned into text "
                                         f"({type(e).__name__}: {e})")
                 else:
                     if on_result is not None:
@@ -287,8 +287,8 @@ def _device(name: str | None) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise SetupError(f"device {name!r}: expected cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
         raise SetupError(f"device {name!r}: expected cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():

@@ -12,8 +12,7 @@ from measure import host_rss_split, orin_projection, pass_costs
 from orinfer.dataset import read_records
 from orinfer.memory import GiB, peak_rss_bytes, rss_bytes
 from orinfer.options import Options
-from systems import fresh_run
-from workload import ROOT, ScriptedAnswers, answer_scripts, random_init
+from workload import ROOT, ScriptedAnswers, answer_scripts, fresh_run, random_init
 
 
 def device_outside_torch() -> float:

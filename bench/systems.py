@@ -21,7 +21,7 @@ from orinfer.dataset import read_records
 from orinfer.memory import GiB
 from orinfer.model import Phi3ForCausalLM
 from orinfer.options import Options
-from workload import ScriptedAnswers, Scripted, answer_scripts, count_forwards, hf_model, random_init, \
+from workload import ScriptedAnswers, Scripted, answer_scripts, count_forwards, fresh_run, hf_model, random_init, \
     unique_prompt_tokens
 
 # transformers generate's batch size, by system name.
@@ -45,16 +45,6 @@ VARIANTS = {
 def free_device() -> None:
     gc.collect()
     torch.cuda.empty_cache()
-
-
-def fresh_run(gen) -> int:
-    """Forget cached prefixes and zero the counters before a timed run; returns where its passes start in the log."""
-    gen.engine.reset_prefix_cache()  # nothing of an earlier run may be reused
-    for k in gen.engine.stats:
-        gen.engine.stats[k] = 0
-    gc.collect()
-    gc.freeze()  # as Generator.warmup leaves it in test_script.py: the new prefix cache's tables are not rescanned
-    return len(gen.engine.observer.passes)
 
 
 def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:

@@ -1,5 +1,6 @@
 """What the benchmark runs: workload W1 (OpenBookQA test in the competition's format), scripted answers for orinfer
 (an Observer) and for transformers (a LogitsProcessor), and the random Phi-3-medium both share."""
+import gc
 import json
 from pathlib import Path
 
@@ -141,3 +142,13 @@ def count_forwards(model) -> list:
     counter = [0]
     model.register_forward_pre_hook(lambda m, a, kw=None: counter.__setitem__(0, counter[0] + 1))
     return counter
+
+
+def fresh_run(gen) -> int:
+    """Forget cached prefixes and zero the counters before a timed run; returns where its passes start in the log."""
+    gen.engine.reset_prefix_cache()  # nothing of an earlier run may be reused
+    for k in gen.engine.stats:
+        gen.engine.stats[k] = 0
+    gc.collect()
+    gc.freeze()  # as Generator.warmup leaves it in test_script.py: the new prefix cache's tables are not rescanned
+    return len(gen.engine.observer.passes)

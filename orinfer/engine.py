@@ -181,7 +181,7 @@ class Engine:
             finished = commit(*in_flight) if in_flight is not None else []
             in_flight = launched
         scheduler.release_finished()
-        report(finished + scheduler.failed)
+        report(finished)  # the loop ends only once every failed request is in `finished`
         bar.close()
         self.stats["preemptions"] += scheduler.preemptions
         self.stats["draft_tokens"] += scheduler.draft_tokens

@@ -170,7 +170,8 @@ class ModelRunner:
         return _Inputs(ids_t, sample_t, starts_t, lens_t, tables_t, cu_q, token_seq, token_query, positions, slots)
 
     def _varlen_context(self, works: list[Work], shape: tuple[int, int] | None):
-        """Flat queries, each sequence's keys gathered into one run. With the packed kernel, an eager pass lays out
+        """Flat queries, and each sequence's keys as one run of cache slots (key_slots): FlashAttention's sequences
+        have theirs gathered, the packed kernel reads them in place. With the packed kernel, an eager pass lays out
         its long prompt chunks first (FlashAttention takes them) and the sequences with few new tokens after them; a
         graph's pass gives every sequence to the packed kernel. Padding: to `shape` = (tokens, keys) with one-token
         sequences, then empty ones (the kernels' bounds become the graph's); an eager pass of more than pad_above
