@@ -1,7 +1,9 @@
 """The memory stages: the Orin emulation (capped: device reserved + host RSS + 0.5 GiB for the CUDA context the Orin
 would share, within a budget; uncapped: the same runs without it) and the streaming loader on a full-size
 checkpoint."""
+import ctypes
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -55,8 +57,19 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
     overhead["device_outside_torch_after_load_gib"] = device_outside_torch()
     report["plan"] = gen.engine.plan.describe()
     report["host_after_load"] = host_rss_split()
+    # The warm-up's parts one at a time (each is repeated by gen.warmup(), at no further cost in memory): which
+    # of them the host memory it adds belongs to, and how much of it a heap trim would give back.
+    plan = gen.engine.plan
+    gen.engine.runner.meet_gemm_kernels(plan.max_batched_tokens, plan.max_num_seqs * (1 + plan.max_drafts))
+    report["host_after_gemms"] = host_rss_split()
+    gen.engine.warmup()
+    report["host_after_probe"] = host_rss_split()
     gen.warmup()
     report["host_after_warmup"] = host_rss_split()
+    report["host_peak_after_warmup_gib"] = peak_rss_bytes() / GiB
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    report["host_after_trim"] = host_rss_split()
+    report["modules_loaded"] = sorted(m for m in ("triton", "torch._inductor", "sympy") if m in sys.modules)
     report["graphs"] = len(gen.engine.runner.graphs)
     report["host_rss_after_warmup_gib"] = rss_bytes() / GiB
     report["device_reserved_after_warmup_gib"] = torch.cuda.memory_reserved() / GiB
