@@ -23,7 +23,7 @@ from orinfer import kernels
 from orinfer.config import Phi3Config, eos_token_ids
 from orinfer.dataset import parse_choices
 from orinfer.engine import Engine
-from orinfer.loader import load_weights
+from orinfer.loader import load_weights, map_weights, tensor_dtype
 from orinfer.memory import MemoryPlan, is_integrated, parse_budget, plan_memory, rss_bytes
 from orinfer.model import Phi3ForCausalLM
 from orinfer.observe import Observer
@@ -274,10 +274,16 @@ class Setup:
 
     def load(self, init: Callable[[Phi3ForCausalLM], None] | None = None, progress: bool = True,
              observer: Observer | None = None) -> Generator:
-        """The weights onto the device (or `init` fills them), and the generator."""
+        """The weights onto the device (or `init` fills those on the device), and the generator. A token table the
+        plan keeps in host memory is mapped from the checkpoint either way."""
         model = Phi3ForCausalLM(self.cfg, self.device, self.dtype,
-                                kernels.compiled() if self.options.compile else kernels.EAGER)
-        (init or (lambda m: load_weights(m, self.folder)))(model)
+                                kernels.compiled() if self.options.compile else kernels.EAGER,
+                                embedding_on_host=self.plan.embedding_on_host)
+        if init is None:
+            load_weights(model, self.folder)
+        else:
+            init(model)
+            map_weights(model, self.folder)
         return Generator(Engine(model, self.eos, self.plan, self.options, observer=observer), self.tokenizer, progress)
 
 
@@ -322,7 +328,8 @@ def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto
         itemsize = torch.finfo(torch_dtype).bits // 8
         plan = plan_memory(cfg, parse_budget(memory_budget, dev), cfg.num_parameters * itemsize, itemsize,
                            shared_host=is_integrated(dev) if unified_memory is None else unified_memory,
-                           host_bytes=rss_bytes())
+                           host_bytes=rss_bytes(),
+                           embedding_mappable=tensor_dtype(folder, "model.embed_tokens.weight") == torch_dtype)
     except (OSError, ValueError, KeyError, MemoryError) as e:
         raise SetupError(f"{folder}: {e}" if isinstance(e, (OSError, KeyError)) else str(e)) from e
     return Setup(folder, cfg, eos, tokenizer, dev, torch_dtype, plan, options)

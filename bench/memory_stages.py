@@ -34,10 +34,38 @@ def long_answers(scripts: list[list[int]], count: int, length: int = 500) -> lis
     return out
 
 
+def write_token_table(folder: Path, seed: int = 1) -> None:
+    """The random token table as the folder's one-tensor checkpoint (run in a child process: its host copy must not
+    count in the measured process), for a plan that reads the table in place from its file pages."""
+    from safetensors.torch import save_file
+    from orinfer.config import Phi3Config
+    cfg = Phi3Config.from_folder(folder)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    table = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02, generator=g)
+    save_file({"model.embed_tokens.weight": table.cpu()}, str(folder / "model.safetensors"))
+
+
+def with_token_table(folder: Path) -> Path:
+    """A copy of the model folder whose checkpoint holds the token table only (the other weights are made on the
+    GPU by random_init)."""
+    import multiprocessing
+    import shutil
+    table_folder = folder.parent / (folder.name + "-with-table")
+    if not table_folder.exists():
+        shutil.copytree(folder, table_folder)
+        writer = multiprocessing.get_context("spawn").Process(target=write_token_table, args=(table_folder,))
+        writer.start()
+        writer.join()
+        if writer.exitcode:
+            raise RuntimeError(f"writing the token table failed (exit {writer.exitcode})")
+    return table_folder
+
+
 def capped(folder: Path, records: list, budget_gib: float, run_names: list[str]) -> dict:
     """Orin emulation: device reserved + host RSS + 0.5 GiB (the CUDA context the Orin would share) <= budget.
     With budget_gib 0 the same runs go uncapped, for the time lost to the cap. `overhead` says what the process
     holds besides the weights and the plan's buffers, step by step."""
+    folder = with_token_table(folder)  # the checkpoint's token table, as a real one would hold it
     torch.cuda.init()  # no context yet: on a Jetson the plan is made before one exists, and counts it apart
     host = rss_bytes()
     overhead = {"host_rss_before_plan_gib": host / GiB}

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import packed_attention
 from .reference import reference_attention
 
 # cuDNN's attention (chosen first on Hopper by recent torch) builds an execution plan for every new shape, and every
@@ -107,6 +106,7 @@ def available(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: in
     packed_queries > 0: the packed kernel for sequences with that many new tokens or fewer)."""
     if not (varlen and varlen_supported(device, dtype)):
         return AttentionKernels()
+    from . import packed_attention  # imports Triton: only where the varlen layout runs (~0.1 GiB of host memory)
     if packed_queries > 0 and packed_attention.supported(device, dtype, heads, kv_heads, dim):
         return AttentionKernels(_flash_varlen, packed_attention.packed_attention, packed_queries)
     return AttentionKernels(_flash_varlen)

@@ -4,7 +4,12 @@ safetensors' own `safe_open` always memory-maps the file; on a unified-memory bo
 the device copy share the same DRAM, so the peak doubles (safetensors#758). Here each tensor is read with plain
 file reads into one reusable host buffer, copied to the device, and its page-cache pages are dropped, so the host
 holds at most one tensor at a time. The file format is just a JSON header followed by raw little-endian data.
+
+A parameter the model leaves on the meta device (the token table, when the memory plan keeps it off the GPU) is
+instead mapped from the file in place (map_weights): its pages are read from the page cache only when a row is used,
+and being clean file pages, the kernel can take them back under pressure.
 """
+import mmap
 import json
 import os
 import struct
@@ -40,23 +45,68 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def tensor_dtype(folder: str | Path, name: str) -> torch.dtype | None:
+    """The dtype `name` is stored in, or None where the folder has no checkpoint holding it."""
+    try:
+        files = checkpoint_files(folder)
+    except FileNotFoundError:
+        return None
+    for path in files:
+        entry = read_header(path)[0].get(name)
+        if entry is not None:
+            return _DTYPES.get(entry["dtype"])
+    return None
+
+
+def map_weights(model: torch.nn.Module, folder: str | Path) -> set[str]:
+    """Map every parameter still on the meta device from the checkpoint's file pages (a private mapping, only ever
+    read); returns their names. Needs the stored dtype to be the parameter's."""
+    wanted = {name: p for name, p in model.named_parameters() if p.is_meta}
+    mapped = set(wanted)
+    for path in checkpoint_files(folder) if wanted else []:
+        header, data_start = read_header(path)
+        for name in sorted(set(header) & set(wanted)):
+            entry, param = header[name], wanted.pop(name)
+            dtype = _DTYPES.get(entry["dtype"])
+            if dtype != param.dtype or list(param.shape) != entry["shape"]:
+                raise ValueError(f"{path.name}: {name} is {entry['dtype']} {entry['shape']}, mapping it in place "
+                                 f"needs {param.dtype} {list(param.shape)}")
+            begin, end = (data_start + o for o in entry["data_offsets"])
+            base = begin - begin % mmap.ALLOCATIONGRANULARITY
+            with open(path, "rb") as f:
+                pages = mmap.mmap(f.fileno(), end - base, offset=base, access=mmap.ACCESS_COPY)
+            if hasattr(mmap, "MADV_RANDOM"):
+                pages.madvise(mmap.MADV_RANDOM)  # a row at a time: no read-ahead of rows nobody asked for
+            table = torch.frombuffer(pages, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin - base)
+            module_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(table.view(entry["shape"]),
+                                                                               requires_grad=False))
+    if wanted:
+        raise KeyError(f"{folder}: checkpoint lacks {len(wanted)} weights, e.g. {sorted(wanted)[:3]}")
+    return mapped
+
+
 def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
     """Fill every parameter of `model` (names as in transformers' Phi3ForCausalLM) from the checkpoint.
 
-    Each tensor is converted to the parameter's dtype on the device. Unknown or missing names are an error: a
-    silently uninitialised weight would still produce text.
+    Each tensor is converted to the parameter's dtype on the device; those left on the meta device are mapped in
+    place (map_weights). Unknown or missing names are an error: a silently uninitialised weight would still produce
+    text.
     """
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
+    mapped = map_weights(model, folder)
+    params, loaded = dict(model.named_parameters()), set(mapped)
     files = [(path, *read_header(path)) for path in checkpoint_files(folder)]
     # One buffer of the largest tensor's size, allocated once: growing it as bigger tensors come would briefly hold
     # the old and the new buffer (measured on the H200: host peak 0.87 GiB over idle instead of ~0.6).
-    largest = max((e["data_offsets"][1] - e["data_offsets"][0] for _, h, _ in files for e in h.values()), default=0)
+    largest = max((e["data_offsets"][1] - e["data_offsets"][0] for _, h, _ in files for n, e in h.items()
+                   if n not in mapped), default=0)
     buffer = bytearray(largest)
     for path, header, data_start in files:
         fd = os.open(path, os.O_RDONLY)
         try:
             for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                if name in mapped:
+                    continue
                 if name not in params:
                     raise KeyError(f"{path.name}: tensor {name!r} has no place in the Phi-3 model")
                 param = params[name]

@@ -28,6 +28,10 @@ VARLEN_HOST_BYTES = 384 * MiB
 # decode pass reads 28 GB at 205 GB/s, 136 ms, far longer than the host needs to launch it, and without the
 # FlashAttention kernels the padded layout keeps ~1,700 more tokens of KV cache).
 OPTIONAL_MIN_FREE_BYTES = 2 * GiB
+# The token table read in place from the checkpoint's file pages (embedding_on_host): each token a run meets makes
+# its row's 3-4 pages resident (Phi-3-medium's rows are 10 KiB): W1's prompts and answers meet 3,567 distinct tokens,
+# 40 MiB of pages; the rest is for answers that range wider (clean file pages: past this the kernel can evict them).
+EMBEDDING_ROWS_HOST_BYTES = 96 * MiB
 SAFETY_BYTES = 128 * MiB         # slack: device memory outside the plan (allocator rounding, cuBLAS workspace: 0.11 GiB seen)
 
 
@@ -105,6 +109,11 @@ class MemoryPlan:
     max_drafts: int
     cuda_graphs: bool
     varlen_attention: bool  # allowed: the runner still checks the kernel runs here
+    embedding_table: int = 0  # bytes of the token table when it stays in the checkpoint's file pages, else 0
+
+    @property
+    def embedding_on_host(self) -> bool:
+        return self.embedding_table > 0
 
     @property
     def kv_tokens(self) -> int:
@@ -112,8 +121,9 @@ class MemoryPlan:
 
     def describe(self) -> str:
         items = " + ".join(f"{name} {size / GiB:.2f}" for name, size in self.overhead_items)
-        rest = self.budget - self.weights - self.overhead - self.workspace_bytes - self.kv_bytes
-        return (f"memory plan: budget {self.budget / GiB:.2f} GiB = weights {self.weights / GiB:.2f} + overhead "
+        rest = self.budget - self.weights + self.embedding_table - self.overhead - self.workspace_bytes - self.kv_bytes
+        table = f" - token table {self.embedding_table / GiB:.2f} in file pages" if self.embedding_on_host else ""
+        return (f"memory plan: budget {self.budget / GiB:.2f} GiB = weights {self.weights / GiB:.2f}{table} + overhead "
                 f"{self.overhead / GiB:.2f}{f' ({items})' if items else ''} + workspace "
                 f"{self.workspace_bytes / GiB:.2f} + KV {self.kv_bytes / GiB:.2f} + slack {rest / GiB:.2f} "
                 f"({self.kv_tokens} tokens); <= {self.max_num_seqs} sequences, {self.max_batched_tokens} tokens a pass; "
@@ -122,10 +132,11 @@ class MemoryPlan:
 
 
 def activation_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
-    """Live activations of one token at the peak of a layer (the MLP: gate_up, silu(gate), product, residuals),
-    plus float32 norm temporaries, with a quarter on top for allocator rounding."""
+    """Live activations of one token at the peak of a layer (the MLP: gate_up, the gated product, residuals),
+    plus float32 norm temporaries, with a quarter on top for allocator rounding. The SiLU gate is written in place
+    (eager) or once (compiled): at most three [tokens, intermediate] tensors live."""
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-    elems = 4 * cfg.hidden_size + 2 * qkv + 4 * cfg.intermediate_size
+    elems = 4 * cfg.hidden_size + 2 * qkv + 3 * cfg.intermediate_size
     return (elems * itemsize + 2 * cfg.hidden_size * 4) * 5 // 4
 
 
@@ -138,7 +149,9 @@ def gather_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
 # instead of 23,131 with 4-token blocks (the 37th shared token, and stems that begin alike). The K/V gathers and
 # the cache writes move the same bytes either way; the host hashes a block per prompt token, once.
 def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, shared_host: bool,
-                host_bytes: int, block_size: int = 1, max_drafts: int | None = None) -> MemoryPlan:
+                host_bytes: int, block_size: int = 1, max_drafts: int | None = None,
+                embedding_mappable: bool = False) -> MemoryPlan:
+    """`embedding_mappable`: the checkpoint stores the token table in the run's dtype, so it can be read in place."""
     items = [("host at planning", host_bytes), ("host growth to come", WARMUP_HOST_BYTES),
              ("pinned buffers", PINNED_HOST_BYTES), ("CUDA context", CUDA_CONTEXT_BYTES)] if shared_host else []
     overhead = sum(size for _, size in items)
@@ -158,6 +171,14 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
 
     cuda_graphs = afford("graphs", GRAPHS_HOST_BYTES)
     varlen_attention = afford("FlashAttention kernels", VARLEN_HOST_BYTES)
+    # Shared memory without graphs (a graph replays device reads; these rows come from the host): the token table
+    # leaves the GPU's pool for its file pages, of which only the rows a run reads become resident.
+    table = cfg.vocab_size * cfg.hidden_size * itemsize if shared_host and embedding_mappable and not cuda_graphs else 0
+    if table:
+        rows = min(table, EMBEDDING_ROWS_HOST_BYTES)
+        items.append(("embedding rows read", rows))
+        overhead += rows
+        free += table - rows
     act = activation_bytes_per_token(cfg, itemsize)
     gather = gather_bytes_per_token(cfg, itemsize)
     kv_per_token = cfg.kv_bytes_per_token // 2 * itemsize
@@ -175,7 +196,7 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
     gather_tokens = max(2048, min(1 << 20, free // 10 // gather))
     kv = free - tokens * act - gather_tokens * gather
     max_num_seqs = max(1, min(512, tokens, kv // kv_per_token // 64))
-    logits = max_num_seqs * (1 + max_drafts) * cfg.vocab_size * (itemsize + 8)
+    logits = max_num_seqs * (1 + max_drafts) * cfg.vocab_size * itemsize * 2  # the LM head's rows, and argmax's
     kv -= logits
     # More cache than max_num_seqs full-length sequences can never be used (and a big pool costs start-up time).
     kv = min(kv, max_num_seqs * cfg.max_position_embeddings * kv_per_token)
@@ -184,4 +205,4 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
                       workspace_bytes=tokens * act + gather_tokens * gather + logits, num_blocks=int(num_blocks),
                       block_size=block_size, max_num_seqs=int(max_num_seqs), max_batched_tokens=tokens,
                       max_gather_tokens=int(gather_tokens), max_drafts=max_drafts, cuda_graphs=cuda_graphs,
-                      varlen_attention=varlen_attention)
+                      varlen_attention=varlen_attention, embedding_table=table)

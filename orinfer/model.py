@@ -13,6 +13,30 @@ from .attention import Context, Padded, build_bias, paged_attention
 from .config import Phi3Config
 
 
+class Linear(nn.Module):
+    """x @ weight.T with the weight left uninitialised: every weight comes from the checkpoint, and initialising
+    nn.Linear's even on the meta device imports torch's compiler stack (~0.1 GiB of host memory) for nothing."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Embedding(nn.Module):
+    """Rows of the table by token id, the table left uninitialised as Linear's."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, kernels: Kernels):
         super().__init__()
@@ -31,8 +55,8 @@ class Attention(nn.Module):
         super().__init__()
         self.kernels = kernels
         self.heads, self.kv_heads, self.dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.heads + 2 * self.kv_heads) * self.dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.dim, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.heads + 2 * self.kv_heads) * self.dim)
+        self.o_proj = Linear(self.heads * self.dim, cfg.hidden_size)
         self.k_cache = self.v_cache = None  # bound by the runner to this layer's slice of the KV pool
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -48,8 +72,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: Phi3Config, kernels: Kernels):
         super().__init__()
         self.kernels = kernels
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels.fused:  # a fused kernel reads the strided halves of the one product at full speed
@@ -83,23 +107,32 @@ class DecoderLayer(nn.Module):
 class Phi3Model(nn.Module):
     def __init__(self, cfg: Phi3Config, kernels: Kernels):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, kernels) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
 
 
 class Phi3ForCausalLM(nn.Module):
     """Parameters are created uninitialised on `device`; the loader (or a benchmark) must fill every one. `kernels`:
-    the elementwise functions every layer calls (kernels.EAGER, or kernels.compiled())."""
+    the elementwise functions every layer calls (kernels.EAGER, or kernels.compiled()).
 
-    def __init__(self, cfg: Phi3Config, device: torch.device | str, dtype: torch.dtype, kernels: Kernels = EAGER):
+    `embedding_on_host`: the token table stays on the meta device until the loader maps it from the checkpoint's
+    file pages (loader.map_weights). A pass reads one row a token, so on a unified-memory board the table's 0.31 GiB
+    need not sit in the GPU's pool: only the pages of the rows a run reads become resident. forward() is then given
+    the ids on the host, looks the rows up there and sends them up."""
+
+    def __init__(self, cfg: Phi3Config, device: torch.device | str, dtype: torch.dtype, kernels: Kernels = EAGER,
+                 embedding_on_host: bool = False):
         super().__init__()
-        self.cfg, self.kernels = cfg, kernels
+        self.cfg, self.kernels, self.embedding_on_host = cfg, kernels, embedding_on_host
         with torch.device("meta"):
             self.model = Phi3Model(cfg, kernels)
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.to(dtype)  # still on meta: no memory is touched until to_empty
-        self.to_empty(device=device)
+        self.lm_head.to_empty(device=device)
+        for name, module in self.model.named_children():
+            if not (embedding_on_host and name == "embed_tokens"):
+                module.to_empty(device=device)
         self.block_size = 0  # set with the KV cache
         # RoPE angles are computed per pass from the positions, as transformers computes them (float32, one product
         # per position and frequency): any position works, past max_position_embeddings too, as it does there.
@@ -122,7 +155,7 @@ class Phi3ForCausalLM(nn.Module):
         freqs = ctx.positions.float()[:, None] * self.inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
-        h, delta = self.model.embed_tokens(input_ids), None
+        h, delta = self.model.embed_tokens(input_ids).to(self.device), None  # sent up if the table is on the host
         for layer in self.model.layers:
             h, delta = layer(h, delta, cos, sin, ctx)
         rows = ctx.sample_rows

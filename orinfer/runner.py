@@ -161,6 +161,8 @@ class ModelRunner:
         ids_t, sample_t, starts_t, lens_t, tables_t = flat.split([len(ids), len(sample_rows), batch, batch,
                                                                   batch * nblocks])
         tables_t = tables_t.view(batch, nblocks)
+        if self.model.embedding_on_host:  # the token table's rows are looked up where it lives
+            ids_t = torch.frombuffer(host, dtype=torch.int64, count=len(ids))
         cu_q = torch.zeros(batch + 1, dtype=torch.int64, device=self.device)
         torch.cumsum(lens_t, 0, out=cu_q[1:])
         token_seq = torch.arange(batch, device=self.device).repeat_interleave(lens_t, output_size=len(ids))
@@ -367,6 +369,8 @@ class ModelRunner:
                            | {max_seqs})
             most_blocks = -(-self.max_positions // self.block_size)
             extents = sorted({min(-(-t // self.block_size), most_blocks) for t in (128, 256, 512, 1024, 2048, 4096)})
+        if self.model.embedding_on_host:
+            raise ValueError("a graph cannot replay a token table read on the host (the memory plan keeps them apart)")
         self.graph_dims = sorted(sizes), sorted(extents)
         pool = None
         stream = torch.cuda.Stream()  # one side stream: each stream keeps its own cached blocks

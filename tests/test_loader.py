@@ -95,3 +95,24 @@ def test_loading_stages_one_tensor_at_a_time(tmp_path):
     largest = 32064 * 1024 * 2
     assert params > 500 * 2**20                      # a checkpoint big enough for a full copy to show
     assert extra < largest + 128 * 2**20, f"{extra / 2**20:.0f} MiB staged beyond the parameters"
+
+
+def test_a_table_left_on_meta_is_mapped_in_place_from_the_file(tmp_path):
+    folder = write_tiny_model(tmp_path, seed=5)
+    model = Phi3ForCausalLM(Phi3Config.from_folder(folder), "cpu", torch.float32, embedding_on_host=True)
+    assert model.model.embed_tokens.weight.is_meta and not model.lm_head.weight.is_meta
+    load_weights(model, folder)
+    table = model.model.embed_tokens.weight
+    assert torch.equal(table, load(folder).model.embed_tokens.weight)
+    # Its memory is the checkpoint's file pages (a mapping of the file), not a copy.
+    start = table.data_ptr()
+    with open("/proc/self/maps") as f:
+        spans = [line.split() for line in f if line.rstrip().endswith("model.safetensors")]
+    assert any(int(s[0].split("-")[0], 16) <= start < int(s[0].split("-")[1], 16) for s in spans)
+
+
+def test_mapping_in_place_needs_the_stored_dtype(tmp_path):
+    folder = write_tiny_model(tmp_path, seed=6, dtype=torch.bfloat16)
+    model = Phi3ForCausalLM(Phi3Config.from_folder(folder), "cpu", torch.float32, embedding_on_host=True)
+    with pytest.raises(ValueError, match="mapping it in place needs torch.float32"):
+        load_weights(model, folder)
