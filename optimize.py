@@ -23,7 +23,7 @@ from orinfer import kernels
 from orinfer.config import Phi3Config, eos_token_ids
 from orinfer.dataset import parse_choices
 from orinfer.engine import Engine
-from orinfer.loader import load_weights, map_weights, tensor_dtype
+from orinfer.loader import load_weights, serve_from_file, tensor_dtype
 from orinfer.memory import MemoryPlan, is_integrated, parse_budget, plan_memory, rss_bytes
 from orinfer.model import Phi3ForCausalLM
 from orinfer.observe import Observer
@@ -275,7 +275,7 @@ class Setup:
     def load(self, init: Callable[[Phi3ForCausalLM], None] | None = None, progress: bool = True,
              observer: Observer | None = None) -> Generator:
         """The weights onto the device (or `init` fills those on the device), and the generator. A token table the
-        plan keeps in host memory is mapped from the checkpoint either way."""
+        plan keeps off the device is read from the checkpoint's file either way."""
         model = Phi3ForCausalLM(self.cfg, self.device, self.dtype,
                                 kernels.compiled() if self.options.compile else kernels.EAGER,
                                 embedding_on_host=self.plan.embedding_on_host)
@@ -283,7 +283,7 @@ class Setup:
             load_weights(model, self.folder)
         else:
             init(model)
-            map_weights(model, self.folder)
+            serve_from_file(model, self.folder)
         return Generator(Engine(model, self.eos, self.plan, self.options, observer=observer), self.tokenizer, progress)
 
 

@@ -28,12 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exactness import fp32_exact  # noqa: E402
-from memory_stages import capped, load_stage  # noqa: E402
+# Each stage's module is imported in the stage's own process only: the capped stage measures the host memory of
+# what the product imports, not the profiler's, transformers' model code's or the chart's.
 from orinfer.dataset import read_records  # noqa: E402
-from passes import passes_stage  # noqa: E402
-from report import chart, table  # noqa: E402
-from systems import systems_stage  # noqa: E402
 from workload import model_folder, write_w1  # noqa: E402
 
 
@@ -72,10 +69,11 @@ def main():
                 merged.setdefault("errors", []).append(f"stage {stage} exited {rc}")
         (out / "results.json").write_text(json.dumps(merged, indent=1))
         if "systems" in merged:
+            from report import chart, table
             chart(merged, out)
             table(merged)
         return
-    import transformers
+    import transformers  # the version only: the top-level package imports no model code
     res = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "transformers": transformers.__version__}
@@ -87,19 +85,26 @@ def main():
         records = records[:args.limit]
         w1.write_text("".join(json.dumps(r) + "\n" for r in records))
     if args.stage == "systems":
+        from systems import systems_stage
         res.update(systems_stage(args, w1, folder, records))
     elif args.stage == "free":  # speculation where drafts rarely match: fixed-length free-running generation
         args.mode, args.systems, args.profile = "free", "ours,ours_nospec", False
+        from systems import systems_stage
         res["free"] = systems_stage(args, w1, folder, records)
     elif args.stage == "passes":
+        from passes import passes_stage
         res["passes_per_request"] = passes_stage(w1, records)
     elif args.stage == "fp32":
+        from exactness import fp32_exact
         res["fp32_exact"] = fp32_exact(folder, records[:args.fp32_exact])
     elif args.stage == "capped":
+        from memory_stages import capped
         res["capped"] = capped(folder, records, args.capped, args.capped_runs.split(","))
     elif args.stage == "uncapped":
+        from memory_stages import capped
         res["uncapped"] = capped(folder, records, 0, args.capped_runs.split(","))
     elif args.stage == "load":
+        from memory_stages import load_stage
         res["load"] = load_stage(folder)
     (out / f"{args.stage}.json").write_text(json.dumps(res, indent=1))
 

@@ -79,7 +79,7 @@ def random_init(seed: int):
         g = torch.Generator(device=model.device).manual_seed(seed)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if p.is_meta:  # read from the folder's checkpoint in place (loader.map_weights)
+                if p.is_meta:  # read from the folder's checkpoint instead (loader.serve_from_file)
                     continue
                 if "norm" in name:
                     p.fill_(1.0)

@@ -5,11 +5,11 @@ the device copy share the same DRAM, so the peak doubles (safetensors#758). Here
 file reads into one reusable host buffer, copied to the device, and its page-cache pages are dropped, so the host
 holds at most one tensor at a time. The file format is just a JSON header followed by raw little-endian data.
 
-A parameter the model leaves on the meta device (the token table, when the memory plan keeps it off the GPU) is
-instead mapped from the file in place (map_weights): its pages are read from the page cache only when a row is used,
-and being clean file pages, the kernel can take them back under pressure.
+A table the model leaves on the meta device (the token table, when the memory plan keeps it off the GPU) is instead
+read from the file a row at a time, when a pass needs the row (FileRows): the rows read stay in the kernel's page
+cache, which it reclaims under pressure, and never in this process's memory beyond one pass. (A memory map would
+make its pages the process's own, and the kernel maps a fault's neighbours too: 0.2 GiB resident on W1.)
 """
-import mmap
 import json
 import os
 import struct
@@ -58,54 +58,80 @@ def tensor_dtype(folder: str | Path, name: str) -> torch.dtype | None:
     return None
 
 
-def map_weights(model: torch.nn.Module, folder: str | Path) -> set[str]:
-    """Map every parameter still on the meta device from the checkpoint's file pages (a private mapping, only ever
-    read); returns their names. Needs the stored dtype to be the parameter's."""
+class FileRows:
+    """Rows of a 2-D tensor stored at `offset` in a checkpoint file, read by token id: `rows(ids)` is
+    `table[ids]` (each distinct row read once, with read-ahead off: a pass needs scattered rows)."""
+
+    def __init__(self, path: Path, offset: int, shape: list[int], dtype: torch.dtype):
+        self.path, self.offset, self.shape, self.dtype = path, offset, shape, dtype
+        self.row_bytes = shape[1] * dtype.itemsize
+        self.fd = os.open(path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        if len(unique) and not 0 <= int(unique[0]) <= int(unique[-1]) < self.shape[0]:
+            raise IndexError(f"token id out of range for the {self.shape[0]}-row table")
+        size = self.row_bytes
+        buffer = bytearray(len(unique) * size)
+        view = memoryview(buffer)
+        for i, row in enumerate(unique.tolist()):
+            part, got = view[i * size:(i + 1) * size], 0
+            while got < size:
+                n = os.preadv(self.fd, [part[got:]], self.offset + row * size + got)
+                if n <= 0:
+                    raise EOFError(f"{self.path.name}: the table ends before row {row}")
+                got += n
+        table = torch.frombuffer(buffer, dtype=self.dtype) if buffer else torch.empty(0, dtype=self.dtype)
+        return table.view(len(unique), self.shape[1])[inverse]
+
+    def __del__(self):
+        os.close(self.fd)
+
+
+def serve_from_file(model: torch.nn.Module, folder: str | Path) -> set[str]:
+    """Give every table still on the meta device (an Embedding's weight) FileRows over its place in the checkpoint,
+    in place of the parameter; returns their names. The stored dtype must be the run's."""
     wanted = {name: p for name, p in model.named_parameters() if p.is_meta}
-    mapped = set(wanted)
+    served = set(wanted)
     for path in checkpoint_files(folder) if wanted else []:
         header, data_start = read_header(path)
         for name in sorted(set(header) & set(wanted)):
             entry, param = header[name], wanted.pop(name)
             dtype = _DTYPES.get(entry["dtype"])
-            if dtype != param.dtype or list(param.shape) != entry["shape"]:
-                raise ValueError(f"{path.name}: {name} is {entry['dtype']} {entry['shape']}, mapping it in place "
+            if dtype != param.dtype or list(param.shape) != entry["shape"] or len(entry["shape"]) != 2:
+                raise ValueError(f"{path.name}: {name} is {entry['dtype']} {entry['shape']}, reading it from the file "
                                  f"needs {param.dtype} {list(param.shape)}")
-            begin, end = (data_start + o for o in entry["data_offsets"])
-            base = begin - begin % mmap.ALLOCATIONGRANULARITY
-            with open(path, "rb") as f:
-                pages = mmap.mmap(f.fileno(), end - base, offset=base, access=mmap.ACCESS_COPY)
-            if hasattr(mmap, "MADV_RANDOM"):
-                pages.madvise(mmap.MADV_RANDOM)  # a row at a time: no read-ahead of rows nobody asked for
-            table = torch.frombuffer(pages, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin - base)
             module_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(table.view(entry["shape"]),
-                                                                               requires_grad=False))
+            module = model.get_submodule(module_name)
+            delattr(module, attr)
+            module.rows = FileRows(path, data_start + entry["data_offsets"][0], entry["shape"], dtype)
     if wanted:
         raise KeyError(f"{folder}: checkpoint lacks {len(wanted)} weights, e.g. {sorted(wanted)[:3]}")
-    return mapped
+    return served
 
 
 def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
     """Fill every parameter of `model` (names as in transformers' Phi3ForCausalLM) from the checkpoint.
 
-    Each tensor is converted to the parameter's dtype on the device; those left on the meta device are mapped in
-    place (map_weights). Unknown or missing names are an error: a silently uninitialised weight would still produce
+    Each tensor is converted to the parameter's dtype on the device; tables left on the meta device are read from
+    the file as needed (serve_from_file). Unknown or missing names are an error: a silently uninitialised weight would still produce
     text.
     """
-    mapped = map_weights(model, folder)
-    params, loaded = dict(model.named_parameters()), set(mapped)
+    served = serve_from_file(model, folder)
+    params, loaded = dict(model.named_parameters()), set(served)
     files = [(path, *read_header(path)) for path in checkpoint_files(folder)]
     # One buffer of the largest tensor's size, allocated once: growing it as bigger tensors come would briefly hold
     # the old and the new buffer (measured on the H200: host peak 0.87 GiB over idle instead of ~0.6).
     largest = max((e["data_offsets"][1] - e["data_offsets"][0] for _, h, _ in files for n, e in h.items()
-                   if n not in mapped), default=0)
+                   if n not in served), default=0)
     buffer = bytearray(largest)
     for path, header, data_start in files:
         fd = os.open(path, os.O_RDONLY)
         try:
             for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                if name in mapped:
+                if name in served:
                     continue
                 if name not in params:
                     raise KeyError(f"{path.name}: tensor {name!r} has no place in the Phi-3 model")

@@ -28,10 +28,6 @@ VARLEN_HOST_BYTES = 384 * MiB
 # decode pass reads 28 GB at 205 GB/s, 136 ms, far longer than the host needs to launch it, and without the
 # FlashAttention kernels the padded layout keeps ~1,700 more tokens of KV cache).
 OPTIONAL_MIN_FREE_BYTES = 2 * GiB
-# The token table read in place from the checkpoint's file pages (embedding_on_host): each token a run meets makes
-# its row's 3-4 pages resident (Phi-3-medium's rows are 10 KiB): W1's prompts and answers meet 3,567 distinct tokens,
-# 40 MiB of pages; the rest is for answers that range wider (clean file pages: past this the kernel can evict them).
-EMBEDDING_ROWS_HOST_BYTES = 96 * MiB
 SAFETY_BYTES = 128 * MiB         # slack: device memory outside the plan (allocator rounding, cuBLAS workspace: 0.11 GiB seen)
 
 
@@ -109,7 +105,7 @@ class MemoryPlan:
     max_drafts: int
     cuda_graphs: bool
     varlen_attention: bool  # allowed: the runner still checks the kernel runs here
-    embedding_table: int = 0  # bytes of the token table when it stays in the checkpoint's file pages, else 0
+    embedding_table: int = 0  # bytes of the token table when it is read from the checkpoint's file, else 0
 
     @property
     def embedding_on_host(self) -> bool:
@@ -122,7 +118,7 @@ class MemoryPlan:
     def describe(self) -> str:
         items = " + ".join(f"{name} {size / GiB:.2f}" for name, size in self.overhead_items)
         rest = self.budget - self.weights + self.embedding_table - self.overhead - self.workspace_bytes - self.kv_bytes
-        table = f" - token table {self.embedding_table / GiB:.2f} in file pages" if self.embedding_on_host else ""
+        table = f" - token table {self.embedding_table / GiB:.2f} read from the file" if self.embedding_on_host else ""
         return (f"memory plan: budget {self.budget / GiB:.2f} GiB = weights {self.weights / GiB:.2f}{table} + overhead "
                 f"{self.overhead / GiB:.2f}{f' ({items})' if items else ''} + workspace "
                 f"{self.workspace_bytes / GiB:.2f} + KV {self.kv_bytes / GiB:.2f} + slack {rest / GiB:.2f} "
@@ -151,7 +147,7 @@ def gather_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
 def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, shared_host: bool,
                 host_bytes: int, block_size: int = 1, max_drafts: int | None = None,
                 embedding_mappable: bool = False) -> MemoryPlan:
-    """`embedding_mappable`: the checkpoint stores the token table in the run's dtype, so it can be read in place."""
+    """`embedding_mappable`: the checkpoint stores the token table in the run's dtype, so it can be read from there."""
     items = [("host at planning", host_bytes), ("host growth to come", WARMUP_HOST_BYTES),
              ("pinned buffers", PINNED_HOST_BYTES), ("CUDA context", CUDA_CONTEXT_BYTES)] if shared_host else []
     overhead = sum(size for _, size in items)
@@ -172,13 +168,9 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
     cuda_graphs = afford("graphs", GRAPHS_HOST_BYTES)
     varlen_attention = afford("FlashAttention kernels", VARLEN_HOST_BYTES)
     # Shared memory without graphs (a graph replays device reads; these rows come from the host): the token table
-    # leaves the GPU's pool for its file pages, of which only the rows a run reads become resident.
+    # leaves the GPU's pool, read row by row from the checkpoint's file (the rows stay in the reclaimable page cache).
     table = cfg.vocab_size * cfg.hidden_size * itemsize if shared_host and embedding_mappable and not cuda_graphs else 0
-    if table:
-        rows = min(table, EMBEDDING_ROWS_HOST_BYTES)
-        items.append(("embedding rows read", rows))
-        overhead += rows
-        free += table - rows
+    free += table
     act = activation_bytes_per_token(cfg, itemsize)
     gather = gather_bytes_per_token(cfg, itemsize)
     kv_per_token = cfg.kv_bytes_per_token // 2 * itemsize
@@ -195,6 +187,11 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
         tokens *= 2
     gather_tokens = max(2048, min(1 << 20, free // 10 // gather))
     kv = free - tokens * act - gather_tokens * gather
+    if table:  # a pass's rows, read into a host buffer and indexed once
+        rows = 2 * tokens * cfg.hidden_size * itemsize
+        items.append(("token table rows of a pass", rows))
+        overhead += rows
+        kv -= rows
     max_num_seqs = max(1, min(512, tokens, kv // kv_per_token // 64))
     logits = max_num_seqs * (1 + max_drafts) * cfg.vocab_size * itemsize * 2  # the LM head's rows, and argmax's
     kv -= logits

@@ -27,14 +27,16 @@ class Linear(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Rows of the table by token id, the table left uninitialised as Linear's."""
+    """Rows of the table by token id, the table left uninitialised as Linear's; or, once the loader gives it `rows`
+    (loader.FileRows), read from the checkpoint's file in place of the parameter."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+        self.rows = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        return self.rows(ids) if self.rows is not None else F.embedding(ids, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -116,23 +118,23 @@ class Phi3ForCausalLM(nn.Module):
     """Parameters are created uninitialised on `device`; the loader (or a benchmark) must fill every one. `kernels`:
     the elementwise functions every layer calls (kernels.EAGER, or kernels.compiled()).
 
-    `embedding_on_host`: the token table stays on the meta device until the loader maps it from the checkpoint's
-    file pages (loader.map_weights). A pass reads one row a token, so on a unified-memory board the table's 0.31 GiB
-    need not sit in the GPU's pool: only the pages of the rows a run reads become resident. forward() is then given
-    the ids on the host, looks the rows up there and sends them up."""
+    `embedding_on_host`: the token table stays on the meta device until the loader has it read from the checkpoint's
+    file row by row (loader.serve_from_file). A pass reads one row a token, so on a unified-memory board the table's
+    0.31 GiB need not sit in the GPU's pool. forward() is then given the ids on the host, reads their rows there and
+    sends them up."""
 
     def __init__(self, cfg: Phi3Config, device: torch.device | str, dtype: torch.dtype, kernels: Kernels = EAGER,
                  embedding_on_host: bool = False):
         super().__init__()
         self.cfg, self.kernels, self.embedding_on_host = cfg, kernels, embedding_on_host
-        with torch.device("meta"):
+        with torch.device("meta"):  # shapes only; each parameter is then made once, on its device, in `dtype`
             self.model = Phi3Model(cfg, kernels)
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
-        self.to(dtype)  # still on meta: no memory is touched until to_empty
-        self.lm_head.to_empty(device=device)
-        for name, module in self.model.named_children():
-            if not (embedding_on_host and name == "embed_tokens"):
-                module.to_empty(device=device)
+        # torch.empty rather than to_empty(): that goes through torch._refs, which imports sympy (host memory).
+        for module in self.modules():
+            place = "meta" if embedding_on_host and module is self.model.embed_tokens else device
+            for name, p in list(module.named_parameters(recurse=False)):
+                setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=dtype, device=place), requires_grad=False))
         self.block_size = 0  # set with the KV cache
         # RoPE angles are computed per pass from the positions, as transformers computes them (float32, one product
         # per position and frequency): any position works, past max_position_embeddings too, as it does there.

@@ -37,9 +37,6 @@ class Scheduler:
         # Finished sequences whose blocks are not given back yet (release_finished).
         self.unreleased: list[Sequence] = []
         self.preemptions = 0
-        # Free blocks kept per running sequence when admitting: 1, doubled after each preemption so that long
-        # generations under a small cache stop evicting each other (each eviction recomputes a whole prompt).
-        self.reserve = 1
         self.draft_tokens = self.accepted_drafts = 0
         # Requests given up on (seq.error says why), until the engine reports them.
         self.failed: list[Sequence] = []
@@ -79,7 +76,14 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self._requeue(seq)
         self.preemptions += 1
-        self.reserve = min(2 * self.reserve, 64)
+
+    def _expected_growth(self, seq: Sequence) -> int:
+        """Blocks a running sequence is expected to add before it ends: as many tokens again as it has generated (at
+        least one, at most what max_new_tokens leaves). Admission keeps them free, so a sequence that turns out long
+        books more room as it goes, and new ones wait instead of being admitted only to be evicted again (each
+        eviction recomputes a whole prompt)."""
+        tokens = min(seq.max_new_tokens - seq.num_generated, max(1, seq.num_generated))
+        return -(-tokens // self.blocks.block_size)
 
     def schedule(self, joining: list[Work] | None = None) -> list[Work]:
         """The works of the next pass. `joining`: works already scheduled for that same pass (the engine tops up a
@@ -142,17 +146,19 @@ class Scheduler:
             works.append(self._chunk(seq, budget, admitted=False))
             budget -= len(works[-1].tokens)
             longest = max(longest, seq.num_tokens)
+        booked = sum(map(self._expected_growth, self.running)) if self.waiting else 0
         while self.waiting and budget > 0 and len(self.running) < lim.max_num_seqs:
             seq = self.waiting[0]
             longest_after = max(longest, seq.num_tokens)
             if self.running and (len(self.running) + 1) * longest_after > lim.max_gather_tokens:
                 break
             need = self.blocks.blocks_needed(seq, seq.num_tokens)
-            if need > self.blocks.num_free or (
-                    self.running and need + self.reserve * (len(self.running) + 1) > self.blocks.num_free):
+            growth = self._expected_growth(seq)
+            if need > self.blocks.num_free or (self.running and need + booked + growth > self.blocks.num_free):
                 if self.release_finished():
                     continue
                 break
+            booked += growth
             self.waiting.popleft()
             self.blocks.reuse_prefix(seq)
             self.blocks.grow(seq, seq.num_tokens)

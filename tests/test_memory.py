@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from orinfer.config import Phi3Config
-from orinfer.memory import (EMBEDDING_ROWS_HOST_BYTES, GRAPHS_HOST_BYTES, VARLEN_HOST_BYTES, GiB, MiB, parse_budget,
-                            plan_memory)
+from orinfer.memory import GRAPHS_HOST_BYTES, VARLEN_HOST_BYTES, GiB, MiB, parse_budget, plan_memory
 from orinfer.tiny import ASSETS
 
 MEDIUM = Phi3Config.from_folder(ASSETS)
@@ -66,17 +65,20 @@ def test_parse_budget():
 
 def test_token_table_leaves_the_pool_where_memory_is_shared_and_graphs_are_off():
     tight = plan_memory(MEDIUM, int(28.5 * GiB), WEIGHTS, 2, shared_host=True, host_bytes=800 * MiB)
-    mapped = plan_memory(MEDIUM, int(28.5 * GiB), WEIGHTS, 2, shared_host=True, host_bytes=800 * MiB,
+    served = plan_memory(MEDIUM, int(28.5 * GiB), WEIGHTS, 2, shared_host=True, host_bytes=800 * MiB,
                          embedding_mappable=True)
     table = MEDIUM.vocab_size * MEDIUM.hidden_size * 2
-    assert not tight.embedding_on_host and mapped.embedding_table == table
-    assert ("embedding rows read", EMBEDDING_ROWS_HOST_BYTES) in mapped.overhead_items
-    assert "weights 26.00 - token table 0.31 in file pages" in mapped.describe()
-    # What the table frees goes to the cache (less the pages its rows make resident), and every byte is counted.
-    grown = mapped.kv_bytes + mapped.workspace_bytes - tight.kv_bytes - tight.workspace_bytes
-    assert 0 <= table - EMBEDDING_ROWS_HOST_BYTES - grown < MEDIUM.kv_bytes_per_token  # a block's rounding
-    assert mapped.weights - table + mapped.overhead + mapped.workspace_bytes + mapped.kv_bytes <= mapped.budget
-    # Where graphs are afforded, or on a discrete GPU, the table stays in the GPU's pool.
-    for roomy in (plan_memory(MEDIUM, 60 * GiB, WEIGHTS, 2, True, 800 * MiB, embedding_mappable=True),
-                  plan_memory(MEDIUM, 30 * GiB, WEIGHTS, 2, False, 800 * MiB, embedding_mappable=True)):
-        assert not roomy.embedding_on_host
+    assert not tight.embedding_on_host and served.embedding_table == table
+    rows = 2 * served.max_batched_tokens * MEDIUM.hidden_size * 2
+    assert ("token table rows of a pass", rows) in served.overhead_items
+    assert "weights 26.00 - token table 0.31 read from the file" in served.describe()
+    # What the table leaves goes to the cache and the passes (less its rows' buffer), to a block's rounding.
+    grown = served.kv_bytes + served.workspace_bytes - tight.kv_bytes - tight.workspace_bytes
+    assert abs(table - rows - grown) < MEDIUM.kv_bytes_per_token and served.kv_tokens > tight.kv_tokens
+    assert served.weights - table + served.overhead + served.workspace_bytes + served.kv_bytes <= served.budget
+    assert served.overhead == sum(size for _, size in served.overhead_items)
+    # Where graphs are afforded, or on a discrete GPU, or where the file holds another dtype, the table stays.
+    for kept in (plan_memory(MEDIUM, 60 * GiB, WEIGHTS, 2, True, 800 * MiB, embedding_mappable=True),
+                 plan_memory(MEDIUM, 30 * GiB, WEIGHTS, 2, False, 800 * MiB, embedding_mappable=True),
+                 plan_memory(MEDIUM, int(28.5 * GiB), WEIGHTS, 2, True, 800 * MiB, embedding_mappable=False)):
+        assert not kept.embedding_on_host
