@@ -8,6 +8,7 @@ A pass is launched and collected separately, so the engine can do host work whil
 """
 import time
 from array import array
+from itertools import accumulate
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,8 @@ class Pending:
 
 @dataclass
 class _Inputs:
-    """One pass's integers on the device and the per-token indices derived from them there."""
+    """One pass's integers on the device: per sequence, and per token (its sequence, its place there, its
+    position and cache slot)."""
     ids: torch.Tensor
     sample_rows: torch.Tensor
     starts: torch.Tensor
@@ -91,6 +93,7 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
         self.graph_dims: tuple[list[int], list[int]] = ([], [])  # the buckets of the two dimensions of a graph's shape
         self._epoch: torch.cuda.Event | None = None  # the device clock's zero (the first launch)
+        self._count = array("q", range(1024))
 
     def _uses_varlen(self, ends: list[int]) -> bool:
         """Whether a pass whose sequences end at `ends` takes the varlen layout (its keys must stay inside the
@@ -125,9 +128,10 @@ class ModelRunner:
 
     def context(self, works: list[Work], shape: tuple[int, int] | None = None):
         """Flat input ids and the attention Context of one pass, optionally padded to a graph's shape; each layout's
-        builder owns its padding. The host lists per-sequence facts only (start, length, block table); the per-token
-        index tensors are derived from them on the device, so a 16k-token pass costs the host one small copy rather
-        than Python loops. Padding tokens sit at position 0 in the scratch block."""
+        builder owns its padding. The host lays out per-sequence facts (start, length, block table) and each
+        token's sequence and place in it, as machine-integer arrays copied in one upload (no Python int per token);
+        positions and cache slots are derived on the device. Padding tokens sit at position 0 in the scratch
+        block."""
         if self._uses_varlen([w.start + len(w.tokens) for w in works]):  # a graph's shape agrees
             return self._varlen_context(works, shape)
         return self._padded_context(works, shape)
@@ -148,9 +152,22 @@ class ModelRunner:
 
     def _inputs(self, works: list[Work], order: list[int], ids: list[int], sample_rows: list[int],
                 starts: list[int], lens: list[int], nblocks: int) -> _Inputs:
-        """Upload one pass's integers (sequences past the works are padding) and derive the per-token indices."""
+        """Upload one pass's integers (sequences past the works are padding) and derive the per-token indices.
+        Each token's sequence and place in it are laid out here, by array concatenation: on the device they took
+        a scan and repeat_interleave, whose kernel module costs ~0.1 GiB of host memory when first loaded (H200),
+        too much for an Orin's plan."""
         bs, batch = self.block_size, len(lens)
+        counting = self._counting(max(lens, default=0))
         host = array("q", ids + sample_rows + starts + lens)
+        host += array("q", accumulate(lens, initial=0))  # cu_q
+        if len(ids) == batch and max(lens, default=1) == 1:  # one token a sequence (decode): no runs to lay out
+            host += counting[:batch]
+            host += array("q", bytes(8 * batch))
+        else:
+            for i, n in enumerate(lens):
+                host += array("q", [i]) * n
+            for n in lens:
+                host += counting[:n]
         scratch = array("q", [SCRATCH_BLOCK]) * nblocks
         for i in order:  # array slices and concatenation: memcpy, not a Python int per block
             table = works[i].seq.block_table[:nblocks]
@@ -158,18 +175,20 @@ class ModelRunner:
             host += scratch[:nblocks - len(table)]
         host += scratch * (batch - len(works))
         flat = self._upload(host)
-        ids_t, sample_t, starts_t, lens_t, tables_t = flat.split([len(ids), len(sample_rows), batch, batch,
-                                                                  batch * nblocks])
+        ids_t, sample_t, starts_t, lens_t, cu_q, token_seq, token_query, tables_t = flat.split(
+            [len(ids), len(sample_rows), batch, batch, batch + 1, len(ids), len(ids), batch * nblocks])
         tables_t = tables_t.view(batch, nblocks)
         if self.model.embedding_on_host:  # the token table's rows are looked up where it lives
             ids_t = torch.frombuffer(host, dtype=torch.int64, count=len(ids))
-        cu_q = torch.zeros(batch + 1, dtype=torch.int64, device=self.device)
-        torch.cumsum(lens_t, 0, out=cu_q[1:])
-        token_seq = torch.arange(batch, device=self.device).repeat_interleave(lens_t, output_size=len(ids))
-        token_query = torch.arange(len(ids), device=self.device) - cu_q[token_seq]
         positions = starts_t[token_seq] + token_query
         slots = tables_t[token_seq, positions // bs] * bs + positions % bs
         return _Inputs(ids_t, sample_t, starts_t, lens_t, tables_t, cu_q, token_seq, token_query, positions, slots)
+
+    def _counting(self, n: int) -> array:
+        """0, 1, 2, ... as a machine-integer array of at least n entries (kept, and grown when a pass needs more)."""
+        if len(self._count) < n:
+            self._count = array("q", range(max(n, 2 * len(self._count))))
+        return self._count
 
     def _varlen_context(self, works: list[Work], shape: tuple[int, int] | None):
         """Flat queries, and each sequence's keys as one run of cache slots (key_slots): FlashAttention's sequences
