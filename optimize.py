@@ -9,6 +9,7 @@ tokenizer for strings), generated greedily by the orinfer engine in one batched 
 the installed transformers' pipeline does it (that step changed in transformers 5: see `_text`).
 """
 import gc
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -16,19 +17,24 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import transformers
-from transformers import AutoTokenizer
 
-from orinfer import kernels
-from orinfer.config import Phi3Config, eos_token_ids
-from orinfer.dataset import parse_choices
-from orinfer.engine import Engine
-from orinfer.loader import load_weights, serve_from_file, tensor_dtype
-from orinfer.memory import MemoryPlan, is_integrated, parse_budget, plan_memory, rss_bytes
-from orinfer.model import Phi3ForCausalLM
-from orinfer.observe import Observer
-from orinfer.options import Options
-from orinfer.sequence import Sequence
+# transformers 4.x otherwise imports TensorFlow, or JAX when Flax is installed, on its first tensor-type check: host
+# memory for nothing (0.1 GiB seen), which a Jetson's budget would take from the KV cache. Only torch is used here.
+os.environ.setdefault("USE_TF", "0")
+os.environ.setdefault("USE_FLAX", "0")
+import transformers  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from orinfer import kernels  # noqa: E402
+from orinfer.config import Phi3Config, eos_token_ids  # noqa: E402
+from orinfer.dataset import parse_choices  # noqa: E402
+from orinfer.engine import Engine  # noqa: E402
+from orinfer.loader import load_weights, serve_from_file, tensor_dtype  # noqa: E402
+from orinfer.memory import MemoryPlan, is_integrated, parse_budget, plan_memory, rss_bytes  # noqa: E402
+from orinfer.model import Phi3ForCausalLM  # noqa: E402
+from orinfer.observe import Observer  # noqa: E402
+from orinfer.options import Options  # noqa: E402
+from orinfer.sequence import Sequence  # noqa: E402
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # transformers < 5 decodes prompt + answer and cuts the decoded prompt's length; 5.x decodes the new tokens alone.
@@ -276,6 +282,12 @@ class Setup:
              observer: Observer | None = None) -> Generator:
         """The weights onto the device (or `init` fills those on the device), and the generator. A token table the
         plan keeps off the device is read from the checkpoint's file either way."""
+        if self.device.type == "cuda" and self.plan.device_cap is not None:
+            # Fragmentation can grow torch's cache past the plan (0.2-0.3 GiB seen with 512-token passes); capped,
+            # the allocator first frees cached blocks, and only then fails (the engine then halves its passes),
+            # rather than take memory the host's share needs.
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.plan.device_cap / total), self.device)
         model = Phi3ForCausalLM(self.cfg, self.device, self.dtype,
                                 kernels.compiled() if self.options.compile else kernels.EAGER,
                                 embedding_on_host=self.plan.embedding_on_host)

@@ -73,10 +73,10 @@ def main():
             chart(merged, out)
             table(merged)
         return
-    import transformers  # the version only: the top-level package imports no model code
+    from importlib.metadata import version  # not `import transformers`: optimize sets its import options first
     res = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "transformers": transformers.__version__}
+           "transformers": version("transformers")}
     tmp = Path(tempfile.mkdtemp())
     w1 = write_w1(tmp)
     folder = model_folder(tmp)

@@ -108,10 +108,17 @@ class MemoryPlan:
     cuda_graphs: bool
     varlen_attention: bool  # allowed: the runner still checks the kernel runs here
     embedding_table: int = 0  # bytes of the token table when it is read from the checkpoint's file, else 0
+    shared_host: bool = False  # the budget covers the host process too (a Jetson)
 
     @property
     def embedding_on_host(self) -> bool:
         return self.embedding_table > 0
+
+    @property
+    def device_cap(self) -> int | None:
+        """Bytes torch's allocator may hold where memory is shared: the budget less the host's share (its weights,
+        workspace, KV cache and slack); None on a discrete GPU."""
+        return self.budget - self.overhead if self.shared_host else None
 
     @property
     def kv_tokens(self) -> int:
@@ -204,4 +211,4 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
                       workspace_bytes=tokens * act + gather_tokens * gather + logits, num_blocks=int(num_blocks),
                       block_size=block_size, max_num_seqs=int(max_num_seqs), max_batched_tokens=tokens,
                       max_gather_tokens=int(gather_tokens), max_drafts=max_drafts, cuda_graphs=cuda_graphs,
-                      varlen_attention=varlen_attention, embedding_table=table)
+                      varlen_attention=varlen_attention, embedding_table=table, shared_host=shared_host)

@@ -30,6 +30,9 @@ def test_discrete_gpu_budget_ignores_host_memory():
     shared = plan_memory(MEDIUM, 40 * GiB, WEIGHTS, 2, shared_host=True, host_bytes=GiB)
     discrete = plan_memory(MEDIUM, 40 * GiB, WEIGHTS, 2, shared_host=False, host_bytes=GiB)
     assert discrete.overhead == 0 and discrete.kv_tokens > shared.kv_tokens
+    # Shared memory caps torch's allocator at what the plan gives the device; a discrete GPU is not capped.
+    assert shared.device_cap == shared.budget - shared.overhead and discrete.device_cap is None
+    assert shared.weights + shared.workspace_bytes + shared.kv_bytes <= shared.device_cap
 
 
 def test_too_small_a_budget_is_a_clear_error():
