@@ -286,8 +286,9 @@ class Setup:
             # Fragmentation can grow torch's cache past the plan (0.2-0.3 GiB seen with 512-token passes); capped,
             # the allocator first frees cached blocks, and only then fails (the engine then halves its passes),
             # rather than take memory the host's share needs.
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, self.plan.device_cap / total), self.device)
+            index = torch.cuda.current_device() if self.device.index is None else self.device.index
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.plan.device_cap / total), index)
         model = Phi3ForCausalLM(self.cfg, self.device, self.dtype,
                                 kernels.compiled() if self.options.compile else kernels.EAGER,
                                 embedding_on_host=self.plan.embedding_on_host)
