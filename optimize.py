@@ -99,7 +99,8 @@ class Generator:
         runner = self.engine.runner
         layout = "varlen FlashAttention" + (" + packed Triton kernel" if runner.packed else "") if runner.varlen \
             else "padded SDPA"
-        return f"attention: {layout}; elementwise kernels {'compiled' if self.engine.model.kernels.fused else 'eager'}"
+        return (f"attention: {layout}; elementwise kernels {'compiled' if self.engine.model.kernels.fused else 'eager'}"
+                f"; lookup drafts while a pass has < {self.engine.lookup_draft_tokens} tokens")
 
     def warmup(self) -> None:
         try:

@@ -14,7 +14,7 @@ from measure import host_rss_split, orin_projection, pass_costs
 from orinfer.dataset import read_records
 from orinfer.memory import GiB, peak_rss_bytes, rss_bytes
 from orinfer.options import Options
-from workload import ROOT, ScriptedAnswers, answer_scripts, fresh_run, random_init
+from workload import ROOT, ScriptedAnswers, answer_scripts, fresh_run, long_answers, random_init
 
 
 def device_outside_torch() -> float:
@@ -22,16 +22,6 @@ def device_outside_torch() -> float:
     workspaces, kernel modules (on the Orin these live in the same DRAM as everything else)."""
     free, total = torch.cuda.mem_get_info()
     return (total - free - torch.cuda.memory_reserved()) / GiB
-
-
-def long_answers(scripts: list[list[int]], count: int, length: int = 500) -> list[list[int]]:
-    """Scripts where `count` answers, spread over the run, go on to `length` tokens without <|end|> (their answer
-    repeated): long generations among short ones."""
-    out = [list(s) for s in scripts]
-    for i in range(0, len(out), max(1, len(out) // count))[:count]:
-        answer = out[i][:-1] or [100]
-        out[i] = (answer * (length // len(answer) + 1))[:length]
-    return out
 
 
 def write_token_table(folder: Path, seed: int = 1) -> None:

@@ -1,8 +1,14 @@
-"""The passes stage (CPU): forward passes each request takes part in, scripted W1, with and without speculation.
-In scripted mode the tokens are forced, so the pass structure does not depend on the weights: this runs the tiny
-model on the CPU with the limits of two plans — the H200's (16384 tokens a pass, 512 sequences, 16 drafts) and the
-one Phi-3-medium gets on a 32 GB Orin (budget 29.5 GiB, an assumed headless MemAvailable; host as measured on the
-H200) — and prices the Orin plan's passes at 26.7 TFLOP/s and 204.8 GB/s (a projection)."""
+"""The passes stage (CPU): forward passes on scripted workloads, with and without speculation. In scripted mode the
+tokens are forced, so the pass structure does not depend on the weights: this runs the tiny model on the CPU with the
+limits of two plans — the H200's (16384 tokens a pass, 512 sequences, 16 drafts) and the Orin emulation's (28.5 GiB,
+the host as the capped stage measured it under the Jetson's transformers pin, the token table read from the file) —
+and prices each plan's passes on an Orin at 26.7 TFLOP/s and 204.8 GB/s (a projection), with and without an assumed
+host time per pass.
+
+The workloads (the speculation table of BENCHMARKS.md): W1 scripted (short answers, drafts from the choices);
+answers that copy a span of their own prompt; answers that repeat one explanation with the item's answer in it
+(drafts from earlier requests' outputs, the run's n-gram pool); and W1 with 10 answers that run to 500 tokens
+repeating themselves."""
 import itertools
 import tempfile
 from dataclasses import replace
@@ -13,10 +19,26 @@ from measure import orin_projection, pass_costs
 from orinfer.config import Phi3Config
 from orinfer.dataset import read_records
 from orinfer.engine import Engine
-from orinfer.memory import GiB, MiB, plan_memory
+from orinfer.memory import GiB, plan_memory
 from orinfer.options import Options
-from orinfer.tiny import ASSETS, write_tiny_model
-from workload import ScriptedAnswers, answer_scripts
+from orinfer.tiny import ASSETS, END_TOKEN, write_tiny_model
+from workload import ScriptedAnswers, answer_scripts, long_answers
+
+# Host time a decode pass takes with no pass in flight, measured on the H200's host at batch 128 (W3, run 44), and
+# how much slower an Orin's Cortex-A78AE cores are assumed to be (an assumption: no Orin was measured).
+HOST_S_PER_PASS, ORIN_HOST_SLOWER = 4.4e-3, 3.0
+EXPLANATION = ("The correct choice follows from the facts stated in the question: each of the other options "
+               "contradicts one of them, so the answer is")
+
+
+def workloads(tokenizer, records: list) -> dict[str, list[list[int]]]:
+    scripts = answer_scripts(tokenizer, records)
+    prompts = optimize.prompt_ids(tokenizer, [r["message"] for r in records])
+    explained = tokenizer([f"{EXPLANATION} {r['answer']}." for r in records], add_special_tokens=False)["input_ids"]
+    # The span of the prompt after the shared 37-token instruction: the question's own words.
+    copied = [list(p[40:104]) + [END_TOKEN] for p in prompts]
+    return {"w1_scripted": scripts, "copy_prompt_64": copied,
+            "repeat_explanation": [e + [END_TOKEN] for e in explained], "w1_long10": long_answers(scripts, 10)}
 
 
 def passes_stage(w1: Path, records: list) -> dict:
@@ -25,23 +47,30 @@ def passes_stage(w1: Path, records: list) -> dict:
     model = setup.load(progress=False).engine.model
     medium = Phi3Config.from_folder(ASSETS)
     flops_per_token, weight_bytes = pass_costs(medium)
-    orin = plan_memory(medium, int(29.5 * GiB), weight_bytes, 2, shared_host=True, host_bytes=800 * MiB)
+    orin = plan_memory(medium, int(28.5 * GiB), weight_bytes, 2, shared_host=True, host_bytes=int(0.535 * GiB),
+                       embedding_mappable=True)
     limits = ("num_blocks", "block_size", "max_num_seqs", "max_batched_tokens", "max_gather_tokens", "max_drafts")
     plans = {"h200": replace(setup.plan, max_batched_tokens=16384, max_num_seqs=512, max_drafts=16),
              "orin": replace(setup.plan, **{k: getattr(orin, k) for k in limits})}
-    scripts = answer_scripts(setup.tokenizer, records)
-    out = {"orin_plan": orin.describe()}
-    for (plan_name, plan), (name, speculate) in itertools.product(plans.items(), (("speculation", True),
-                                                                                   ("no_speculation", False))):
-        # Prompt-lookup drafts as on a GPU (the CPU's default has none).
+    chats = [r["message"] for r in read_records(w1)[0]]
+    out = {"orin_plan": orin.describe(), "host_s_per_pass": HOST_S_PER_PASS, "orin_host_slower": ORIN_HOST_SLOWER}
+    for (work, scripts), (plan_name, plan), (name, speculate) in itertools.product(
+            workloads(setup.tokenizer, records).items(), plans.items(),
+            (("speculation", True), ("no_speculation", False))):
+        # Lookup drafts as on a GPU (the CPU's default has none), under 128 tokens a pass (an Orin's balance).
         observer = ScriptedAnswers(scripts)
         engine = Engine(model, setup.eos, plan, Options(speculate=speculate, lookup_draft_tokens=128),
                         observer=observer)
-        optimize.Generator(engine, setup.tokenizer, progress=False)([r["message"] for r in read_records(w1)[0]],
-                                                                     max_new_tokens=500)
+        optimize.Generator(engine, setup.tokenizer, progress=False)(chats, max_new_tokens=500)
         per = list(observer.passes_per_request().values())
+        generated = [len(observer.generated[i]) for i in range(len(chats))]
         tokens = [p.tokens for p in observer.passes]
-        out[f"{plan_name}_{name}"] = {"mean": sum(per) / len(per), "max": max(per), "batch_passes": len(tokens),
-                                      "orin_projection_s": orin_projection(tokens, flops_per_token, weight_bytes)}
-        print("passes per request", plan_name, name, out[f"{plan_name}_{name}"], flush=True)
+        device = orin_projection(tokens, flops_per_token, weight_bytes)
+        out[f"{work}_{plan_name}_{name}"] = {
+            "mean_passes_per_request": sum(per) / len(per), "max": max(per), "batch_passes": len(tokens),
+            "generated_tokens": sum(generated),
+            "passes_per_generated_token": sum(per) / sum(generated), "stats": dict(engine.stats),
+            "orin_projection_s": device,
+            "orin_projection_with_host_s": device + len(tokens) * HOST_S_PER_PASS * ORIN_HOST_SLOWER}
+        print("passes", work, plan_name, name, out[f"{work}_{plan_name}_{name}"], flush=True)
     return out

@@ -62,6 +62,16 @@ class ScriptedAnswers(Observer):
         return rows
 
 
+def long_answers(scripts: list[list[int]], count: int, length: int = 500) -> list[list[int]]:
+    """Scripts where `count` answers, spread over the run, go on to `length` tokens without <|end|> (their answer
+    repeated): long generations among short ones."""
+    out = [list(s) for s in scripts]
+    for i in range(0, len(out), max(1, len(out) // count))[:count]:
+        answer = out[i][:-1] or [100]
+        out[i] = (answer * (length // len(answer) + 1))[:length]
+    return out
+
+
 def model_folder(tmp: Path) -> Path:
     """Config, generation config and tokenizer of Phi-3-medium; no weights (they are made on the GPU)."""
     import shutil

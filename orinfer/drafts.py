@@ -7,10 +7,58 @@ Two sources, in order:
      one of them verbatim.
      If everything generated so far is the start of a candidate, propose the rest (the pass that verifies it also
      samples the token after it: the end-of-turn token, if the answer is that choice); of several, what they share.
-  2. prompt lookup: if the last few generated tokens occurred before (in the prompt or the output), propose what
-     followed them there.
+  2. lookup: if the last few tokens occurred before, in this request's prompt or output (its own n-gram index) or
+     in another request's output in this run (NgramPool: the model's own words, nothing from outside), propose
+     what followed them there. How many: the sequence's draft length, which doubles while its drafts are all
+     accepted and falls to one more than were (scheduler.postprocess), within what a longer match allows.
 """
 from .sequence import Sequence
+
+NGRAM = 4          # the longest tail looked up
+PER_MATCHED = 4    # draft tokens a matched tail token allows: a one-token match proposes at most 4
+
+
+def _index(seq: Sequence) -> dict[tuple, int]:
+    """The sequence's n-gram index (every n <= NGRAM: the position after the latest occurrence), brought up to
+    date: built on its first lookup, then extended by the tokens added since."""
+    index, tokens = seq.ngram_index, seq.token_ids
+    for end in range(seq.ngram_indexed + 1, len(tokens)):  # the tail itself (end == len) is what is looked up
+        for n in range(1, min(NGRAM, end) + 1):
+            index[tuple(tokens[end - n:end])] = end
+    seq.ngram_indexed = max(seq.ngram_indexed, len(tokens) - 1)
+    return index
+
+
+def _continuation(tokens: list[int], end: int, count: int) -> list[int]:
+    """`count` tokens from tokens[end] on; where they run past the last token, the match's period repeats (a tail that
+    matched one period back predicts the period again: "a b c a b c a b" drafts "c a b c ...", not just "c")."""
+    out = tokens[end:end + count]
+    period = len(tokens) - end
+    while len(out) < count:
+        out.append(out[len(out) - period])
+    return out
+
+
+class NgramPool:
+    """Continuations of the NGRAM-token n-grams this run's requests have generated, shared by every request (answers
+    often repeat an earlier answer's phrasing). Holds positions into the requests' token lists, not copies."""
+
+    def __init__(self):
+        self.table: dict[tuple, tuple[list[int], int]] = {}
+
+    def add(self, seq: Sequence, first_new: int) -> None:
+        """Index the n-grams followed by seq's tokens from `first_new` on, its generated tokens past the first (the
+        n-gram may reach back into the prompt: a request that starts its answer alike finds the rest)."""
+        tokens = seq.token_ids
+        for end in range(max(first_new, seq.num_prompt_tokens + 1, NGRAM), len(tokens)):
+            self.table[tuple(tokens[end - NGRAM:end])] = (tokens, end)
+
+    def get(self, tail: list[int], room: int) -> list[int]:
+        found = self.table.get(tuple(tail[-NGRAM:])) if len(tail) >= NGRAM else None
+        if found is None:
+            return []
+        tokens, end = found
+        return tokens[end:end + room]
 
 def candidate_drafts(seq: Sequence, max_drafts: int) -> list[int]:
     """The rest of the candidate that everything generated so far (at least one token) begins; if several do, only
@@ -32,14 +80,19 @@ def candidate_drafts(seq: Sequence, max_drafts: int) -> list[int]:
     return shared[:max_drafts]
 
 
-def lookup_drafts(seq: Sequence, max_drafts: int, ngram: int = 3) -> list[int]:
-    """What follows the latest earlier occurrence (prompt or output) of the longest generated tail (<= `ngram`)."""
-    if max_drafts <= 0:
+def lookup_drafts(seq: Sequence, max_drafts: int, pool: NgramPool | None = None) -> list[int]:
+    """What followed the latest earlier occurrence of the longest tail (<= NGRAM tokens): in the sequence itself, or
+    for a whole NGRAM-token tail in the pool; at most max_drafts, its draft length and PER_MATCHED a matched token."""
+    room = min(max_drafts, seq.draft_length)
+    if room <= 0 or not seq.num_generated:
         return []
-    tokens = seq.token_ids
-    for size in range(min(ngram, seq.num_generated), 0, -1):
-        tail = tokens[-size:]
-        for start in range(len(tokens) - size - 1, -1, -1):
-            if tokens[start:start + size] == tail:
-                return tokens[start + size:start + size + max_drafts]
+    tokens, index = seq.token_ids, _index(seq)
+    for n in range(min(NGRAM, len(tokens) - 1), 0, -1):
+        end = index.get(tuple(tokens[-n:]))
+        if end is not None:
+            return _continuation(tokens, end, min(room, PER_MATCHED * n))
+        if n == NGRAM and pool is not None:  # a whole NGRAM-token match elsewhere beats a shorter one here
+            found = pool.get(tokens, room)
+            if found:
+                return found
     return []

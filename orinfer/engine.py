@@ -44,7 +44,8 @@ class Engine:
         self.runner = runner
         self.blocks = BlockManager(plan.num_blocks, plan.block_size)
         # A decode pass reads every weight once; it stays memory-bound up to roughly this many tokens on GPUs
-        # (machine balance ~130 FLOP/byte on Orin, ~200 on H200), so that many prompt-lookup drafts ride along free.
+        # (machine balance ~130 FLOP/byte on Orin, ~200 on H200), so that many lookup drafts ride along free. The
+        # warm-up measures it on this device (runner.tokens_at_one_token_cost); 128 until then.
         lookup = options.lookup_draft_tokens
         self.lookup_draft_tokens = lookup if lookup is not None else 128 if model.device.type == "cuda" else 0
         self.stats = {"passes": 0, "preemptions": 0, "oom_retries": 0, "prefill_tokens": 0, "max_batch": 0,
@@ -76,6 +77,8 @@ class Engine:
             return
         p = self.plan
         self.runner.meet_gemm_kernels(p.max_batched_tokens, p.max_num_seqs * (1 + p.max_drafts))
+        if self.options.lookup_draft_tokens is None:
+            self.lookup_draft_tokens = self.runner.tokens_at_one_token_cost(p.max_batched_tokens)
         if self.options.cuda_graphs and p.cuda_graphs and not self.runner.graphs:
             self.runner.capture_graphs(p.max_batched_tokens, p.max_num_seqs, p.max_gather_tokens)
         # Then a probe shaped like a competition run: prompts of 40-200 tokens sharing a 40-token instruction, three

@@ -14,5 +14,5 @@ class Options:
     # tokens after the shared prefix) 128 beat 32 by 35-40 ms of device time on the H200, 64 and 256 by less.
     packed_queries: int = 128
     pass_tokens: int | None = None    # tokens a pass (None: the memory plan's)
-    lookup_draft_tokens: int | None = None  # pass size under which prompt-lookup drafts ride along (None: 128 on CUDA)
+    lookup_draft_tokens: int | None = None  # pass size under which lookup drafts ride along (None: measured on CUDA)
     pause_gc: bool = True             # Python's cyclic collector paused during a call (optimize.py says why)

@@ -377,6 +377,31 @@ class ModelRunner:
         torch.cuda.empty_cache()
 
     @torch.inference_mode()
+    def tokens_at_one_token_cost(self, most: int, slack: float = 1.1) -> int:
+        """The most tokens (of a few sizes up to `most`) whose pass through one layer's GEMMs takes no longer than one
+        token's, within `slack`, timed here: a pass reads every weight once whatever its size, so up to there more
+        tokens cost nothing (the device's FLOP-to-byte ratio: ~130 on an Orin, more on an H200)."""
+        layer = self.model.model.layers[0]
+        linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+        m = self.model
+
+        def seconds(n: int) -> float:
+            xs = [torch.randn(n, linear.in_features, device=m.device, dtype=m.dtype) for linear in linears]
+            for linear, x in zip(linears, xs):  # its kernel met, outside the timing
+                linear(x)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                for linear, x in zip(linears, xs):
+                    linear(x)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+
+        one = seconds(1)
+        return max([1] + [n for n in (16, 32, 64, 96, 128, 192, 256, 384, 512) if n <= most and seconds(n) <= slack * one])
+
+    @torch.inference_mode()
     def capture_graphs(self, max_tokens: int, max_seqs: int, max_gather_tokens: int) -> None:
         """Capture a graph for each shape bucket a pass within these bounds can take: (tokens, gathered keys) for the
         varlen layout (any small pass), (sequences, blocks) for the padded one (plain decode steps)."""

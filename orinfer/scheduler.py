@@ -11,8 +11,11 @@ from collections import deque
 from dataclasses import dataclass
 
 from .block_manager import BlockManager
-from .drafts import candidate_drafts, lookup_drafts
+from .drafts import NgramPool, candidate_drafts, lookup_drafts
 from .sequence import Sequence, Work
+
+
+MAX_DRAFT_LENGTH = 64  # lookup drafts a sequence may propose in one pass, however well its drafts do
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Scheduler:
         self.unreleased: list[Sequence] = []
         self.preemptions = 0
         self.draft_tokens = self.accepted_drafts = 0
+        self.pool = NgramPool()  # what this run's requests have generated, for each other's lookup drafts
         # Requests given up on (seq.error says why), until the engine reports them.
         self.failed: list[Sequence] = []
 
@@ -125,18 +129,22 @@ class Scheduler:
             if placed:
                 works.append(Work(seq, seq.token_ids[-1:] + drafts, seq.num_tokens - 1, len(drafts), True, False, True))
                 budget -= 1 + len(drafts)
-        # Prompt-lookup drafts are worth it only while the pass is memory-bound (they are often wrong).
+        # Lookup drafts are worth it only while the pass stays memory-bound (they are often wrong): the tokens up to
+        # lookup_draft_tokens ride along at no cost. A small batch may then draft far more than max_drafts each,
+        # within the sampled rows the plan sized the LM head's output for.
         spare = min(budget, lim.lookup_draft_tokens - sum(len(w.tokens) for w in joining + works))
+        rows = lim.max_num_seqs * (1 + lim.max_drafts) - sum(1 + w.num_drafts for w in joining + works if w.samples)
         for w in works:
-            if spare <= 0:
+            if spare <= 0 or rows <= 0:
                 break
             if w.num_drafts == 0:
-                room = min(lim.max_drafts, spare, w.seq.max_new_tokens - w.seq.num_generated - 1)
-                drafts = lookup_drafts(w.seq, room)
+                room = min(spare, rows, w.seq.max_new_tokens - w.seq.num_generated - 1)
+                drafts = lookup_drafts(w.seq, room, self.pool)
                 if drafts and self.blocks.grow(w.seq, w.seq.num_tokens + len(drafts)):
                     w.tokens += drafts
-                    w.num_drafts = len(drafts)
+                    w.num_drafts, w.looked_up = len(drafts), True
                     spare -= len(drafts)
+                    rows -= len(drafts)
                     budget -= len(drafts)
         # 2. unfinished prefills, then 3. admissions while the budget, the cache and the gather bound allow.
         longest = max((w.start + len(w.tokens) for w in joining + works), default=0)
@@ -197,12 +205,17 @@ class Scheduler:
             seq.num_computed += len(w.tokens) - w.num_drafts + accepted
             self.draft_tokens += w.num_drafts
             self.accepted_drafts += accepted
+            if w.looked_up:  # all right: draft twice as many next time; else one more than were right
+                seq.draft_length = min(MAX_DRAFT_LENGTH, 2 * w.num_drafts if accepted == w.num_drafts else accepted + 1)
+            first_new = seq.num_tokens
             for token in out[:accepted + 1]:
                 seq.token_ids.append(token)
                 if token in self.eos or seq.num_generated >= seq.max_new_tokens:
                     seq.finished = True
                     break
+            self.pool.add(seq, first_new)
             if seq.finished:
+                seq.ngram_index.clear()  # its own lookups are over (the pool still points into its tokens)
                 self.running.remove(seq)
                 self.unreleased.append(seq)
                 finished.append(seq)

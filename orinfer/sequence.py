@@ -17,6 +17,10 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chained hash per full block (block_manager.py)
     finished: bool = False
     error: str | None = None        # why the engine gave up on this request (it finished without an answer)
+    # Lookup drafts (drafts.py): how many to propose next, and the n-gram index over its tokens (built on first use).
+    draft_length: int = 4
+    ngram_index: dict = field(default_factory=dict)
+    ngram_indexed: int = 0          # tokens[:ngram_indexed + 1] are in the index
 
     def __post_init__(self):
         if not isinstance(self.block_table, array):
@@ -45,4 +49,5 @@ class Work:
     samples: bool       # logits wanted: the chunk reaches the end of the known tokens
     admitted: bool      # the sequence entered the cache in this pass
     decode: bool = False  # one sampled token (+ drafts) after the prompt, as opposed to a prompt chunk
+    looked_up: bool = False  # its drafts came from a lookup (their acceptance sets the sequence's draft length)
     published: list[int] = field(default_factory=list)

@@ -5,7 +5,7 @@ from conftest import generator
 
 import optimize
 
-from orinfer.drafts import candidate_drafts, lookup_drafts
+from orinfer.drafts import PER_MATCHED, NgramPool, candidate_drafts, lookup_drafts
 from orinfer.observe import Observer
 from orinfer.options import Options
 from orinfer.sequence import Sequence
@@ -21,6 +21,56 @@ def test_draft_sources():
     seq.token_ids[5:] = [6, 7]                     # generated [6, 7] occurred in the prompt, followed by 8 9 ...
     assert lookup_drafts(seq, 3) == [8, 9, 6]
     assert candidate_drafts(seq, 2) == []
+
+
+@pytest.mark.unit
+def test_lookup_takes_the_longest_tail_then_the_pool_within_the_draft_length():
+    seq = Sequence(index=0, token_ids=[1, 2, 3, 9, 1, 2, 7, 5, 1, 2, 3], num_prompt_tokens=8, max_new_tokens=40)
+    seq.draft_length = 8
+    # The tail [1 2 3] occurred at the start (followed by 9 ...), [1 2] later (followed by 7): the longest wins.
+    assert lookup_drafts(seq, 8) == [9, 1, 2, 7, 5, 1, 2, 3][:min(8, 3 * PER_MATCHED)]
+    periodic = Sequence(index=5, token_ids=[9, 5, 6, 7, 5, 6, 7, 5, 6], num_prompt_tokens=2, max_new_tokens=40,
+                        draft_length=8)
+    assert lookup_drafts(periodic, 7) == [7, 5, 6, 7, 5, 6, 7]  # one period back: the period goes on
+    seq.token_ids.append(4)                        # [.. 3 4]: only [4] is new, and nothing before has it
+    assert lookup_drafts(seq, 8) == []
+    other = Sequence(index=1, token_ids=[8, 8, 3, 4, 6, 6, 6, 2, 3, 4], num_prompt_tokens=2, max_new_tokens=40)
+    pool = NgramPool()
+    pool.add(other, 0)                             # another request generated [3 4 6 6 6 2 3 4]
+    seq.token_ids[-4:] = [6, 6, 6, 2, 3, 4][-4:]   # the tail [6 2 3 4] is in the pool, followed by nothing yet
+    assert lookup_drafts(seq, 8, pool) == []
+    seq.token_ids[-4:] = [4, 6, 6, 6]              # [4 6 6 6] is in the pool, followed by 2 3 4
+    assert lookup_drafts(Sequence(index=2, token_ids=[0, 0, 4, 6, 6, 6], num_prompt_tokens=3, max_new_tokens=9),
+                         8, pool) == [2, 3, 4]
+    seq.draft_length = 2                           # the draft length bounds every source
+    assert len(lookup_drafts(Sequence(index=3, token_ids=[0, 0, 4, 6, 6, 6], num_prompt_tokens=3, max_new_tokens=9,
+                                      draft_length=2), 8, pool)) == 2
+
+
+@pytest.mark.unit
+def test_the_draft_length_doubles_while_drafts_are_right_and_falls_when_not():
+    from orinfer.block_manager import BlockManager
+    from orinfer.scheduler import Limits, Scheduler
+    from orinfer.sequence import Work
+    seq = Sequence(index=0, token_ids=[1, 2, 3, 1, 2], num_prompt_tokens=3, max_new_tokens=40)
+    sch = Scheduler(BlockManager(64, 1), Limits(max_num_seqs=4, max_batched_tokens=64, max_gather_tokens=1024,
+                                                max_drafts=2, lookup_draft_tokens=64), eos_ids=[0])
+    sch.add(seq)
+    sch.postprocess(sch.schedule(), [3])           # the prompt's pass: its token is 3
+    works = sch.schedule()                         # [1 2 3 1 2 3]: what followed [1 2 3], its period going on
+    w = works[0]
+    assert w.looked_up and w.tokens == [3, 1, 2, 3, 1] and w.num_drafts == 4  # past max_drafts: a small pass
+    sch.postprocess(works, [1, 2, 3, 1, 7])        # all four right
+    assert seq.draft_length == 8 and seq.generated[-5:] == [1, 2, 3, 1, 7]
+    for _ in range(8):                             # until a pass drafts two or more: the first right, then wrong
+        works = sch.schedule()
+        drafts = works[0].tokens[1:]
+        if len(drafts) < 2:
+            sch.postprocess(works, drafts + [1])   # (1 occurred before: the next lookup finds what followed it)
+            continue
+        sch.postprocess(works, drafts[:1] + [99] + drafts[2:] + [9])
+        break
+    assert seq.draft_length == 2
 
 
 @pytest.mark.unit
@@ -76,6 +126,19 @@ def test_prompt_lookup_drafts_keep_output(tiny_dir, public_chats, plain):
     tokens, stats = run_with_candidates(tiny_dir, public_chats, lambda i: [], lookup=64)
     assert tokens == plain[1]
     assert stats["draft_tokens"] > 0
+
+
+def test_drafts_from_other_requests_outputs_keep_output_and_save_passes(tiny_dir, public_chats):
+    # The same prompts twice, one request at a time: each copy runs after its original (requests of one length
+    # are taken in input order), so its drafts come from the original's output (the run's n-gram pool).
+    chats = public_chats[:8] * 2
+    plain = generator(tiny_dir, Options(speculate=False), max_num_seqs=1)
+    drafted = generator(tiny_dir, Options(lookup_draft_tokens=64), max_num_seqs=1)
+    outs = drafted(chats, max_new_tokens=NEW, return_full_text=False)
+    assert outs == plain(chats, max_new_tokens=NEW, return_full_text=False)
+    stats = drafted.engine.stats
+    # A copy's greedy output is its original's: every pool draft is right, and the copies take fewer passes.
+    assert 0 < stats["accepted_drafts"] == stats["draft_tokens"] and stats["passes"] < plain.engine.stats["passes"]
 
 
 def test_generator_with_speculation_equals_without(gen, public_chats, plain):
