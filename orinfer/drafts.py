@@ -10,12 +10,14 @@ Two sources, in order:
   2. lookup: if the last few tokens occurred before, in this request's prompt or output (its own n-gram index) or
      in another request's output in this run (NgramPool: the model's own words, nothing from outside), propose
      what followed them there. How many: the sequence's draft length, which doubles while its drafts are all
-     accepted and falls to one more than were (scheduler.postprocess), within what a longer match allows.
+     accepted, falls to one more than were when some were, and halves when none were (to 0: no drafting, and
+     no host work for it, but a retry now and then; scheduler.postprocess), within what a longer match allows.
 """
 from .sequence import Sequence
 
 NGRAM = 4          # the longest tail looked up
 PER_MATCHED = 4    # draft tokens a matched tail token allows: a one-token match proposes at most 4
+RETRY = 32         # generated tokens between tries of a sequence that stopped drafting
 
 
 def _index(seq: Sequence) -> dict[tuple, int]:
@@ -83,7 +85,10 @@ def candidate_drafts(seq: Sequence, max_drafts: int) -> list[int]:
 def lookup_drafts(seq: Sequence, max_drafts: int, pool: NgramPool | None = None) -> list[int]:
     """What followed the latest earlier occurrence of the longest tail (<= NGRAM tokens): in the sequence itself, or
     for a whole NGRAM-token tail in the pool; at most max_drafts, its draft length and PER_MATCHED a matched token."""
-    room = min(max_drafts, seq.draft_length)
+    # A sequence whose drafts keep missing stops drafting (its length fell to 0); it tries one token again every
+    # RETRY generated tokens, in case its text turns repetitive.
+    length = seq.draft_length or (1 if seq.num_generated % RETRY == 0 else 0)
+    room = min(max_drafts, length)
     if room <= 0 or not seq.num_generated:
         return []
     tokens, index = seq.token_ids, _index(seq)

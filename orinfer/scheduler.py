@@ -205,8 +205,9 @@ class Scheduler:
             seq.num_computed += len(w.tokens) - w.num_drafts + accepted
             self.draft_tokens += w.num_drafts
             self.accepted_drafts += accepted
-            if w.looked_up:  # all right: draft twice as many next time; else one more than were right
-                seq.draft_length = min(MAX_DRAFT_LENGTH, 2 * w.num_drafts if accepted == w.num_drafts else accepted + 1)
+            if w.looked_up:  # all right: twice as many next time; some: one more than were right; none: half
+                seq.draft_length = min(MAX_DRAFT_LENGTH, 2 * w.num_drafts if accepted == w.num_drafts else
+                                       accepted + 1 if accepted else seq.draft_length // 2)
             first_new = seq.num_tokens
             for token in out[:accepted + 1]:
                 seq.token_ids.append(token)
