@@ -92,9 +92,8 @@ def test_decode_floor_counts_weights_flops_and_every_kv_read():
 
 @pytest.mark.unit
 def test_long_answers_run_on_without_end_among_short_ones():
-    import memory_stages
     scripts = [[5, 6, 32007] for _ in range(40)]
-    longs = memory_stages.long_answers(scripts, 4, length=10)
+    longs = workload.long_answers(scripts, 4, length=10)
     stretched = [s for s in longs if len(s) == 10]
     assert len(stretched) == 4 and all(32007 not in s and s[:4] == [5, 6, 5, 6] for s in stretched)
     assert sum(s == [5, 6, 32007] for s in longs) == 36

@@ -51,7 +51,6 @@ def test_lookup_takes_the_longest_tail_then_the_pool_within_the_draft_length():
 def test_the_draft_length_doubles_while_drafts_are_right_and_falls_when_not():
     from orinfer.block_manager import BlockManager
     from orinfer.scheduler import Limits, Scheduler
-    from orinfer.sequence import Work
     seq = Sequence(index=0, token_ids=[1, 2, 3, 1, 2], num_prompt_tokens=3, max_new_tokens=40)
     sch = Scheduler(BlockManager(64, 1), Limits(max_num_seqs=4, max_batched_tokens=64, max_gather_tokens=1024,
                                                 max_drafts=2, lookup_draft_tokens=64), eos_ids=[0])
