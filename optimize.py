@@ -99,8 +99,9 @@ class Generator:
         runner = self.engine.runner
         layout = "varlen FlashAttention" + (" + packed Triton kernel" if runner.packed else "") if runner.varlen \
             else "padded SDPA"
+        lookup = self.engine.lookup_draft_tokens if self.engine.options.speculate else 0
         return (f"attention: {layout}; elementwise kernels {'compiled' if self.engine.model.kernels.fused else 'eager'}"
-                f"; lookup drafts while a pass has < {self.engine.lookup_draft_tokens} tokens")
+                + (f"; lookup drafts while a pass has < {lookup} tokens" if lookup else "; no lookup drafts"))
 
     def warmup(self) -> None:
         try:
