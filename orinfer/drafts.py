@@ -43,17 +43,32 @@ def _continuation(tokens: list[int], end: int, count: int) -> list[int]:
 
 class NgramPool:
     """Continuations of the NGRAM-token n-grams this run's requests have generated, shared by every request (answers
-    often repeat an earlier answer's phrasing). Holds positions into the requests' token lists, not copies."""
+    often repeat an earlier answer's phrasing). Holds positions into the requests' token lists, not copies, and
+    indexes them only when a lookup asks (a large batch, which drafts nothing, pays nothing for it)."""
 
     def __init__(self):
         self.table: dict[tuple, tuple[list[int], int]] = {}
+        self.sequences: list[Sequence] = []
+        self.indexed: dict[int, int] = {}  # id(seq) -> the first position not yet indexed
 
-    def add(self, seq: Sequence, first_new: int) -> None:
-        """Index the n-grams followed by seq's tokens from `first_new` on, its generated tokens past the first (the
-        n-gram may reach back into the prompt: a request that starts its answer alike finds the rest)."""
-        tokens = seq.token_ids
-        for end in range(max(first_new, seq.num_prompt_tokens + 1, NGRAM), len(tokens)):
-            self.table[tuple(tokens[end - NGRAM:end])] = (tokens, end)
+    def add(self, seq: Sequence) -> None:
+        """Follow this request's generated tokens from now on."""
+        self.sequences.append(seq)
+        self.indexed[id(seq)] = seq.num_prompt_tokens + 1
+
+    def catch_up(self) -> None:
+        """Index what the requests generated since the last call (once a pass that looks drafts up): the n-grams
+        followed by each one's generated tokens past its first (the n-gram may reach back into the prompt: a request
+        that starts its answer alike finds the rest). Finished requests are indexed one last time and dropped."""
+        following = []
+        for seq in self.sequences:
+            tokens, start = seq.token_ids, self.indexed[id(seq)]
+            for end in range(max(start, NGRAM), len(tokens)):
+                self.table[tuple(tokens[end - NGRAM:end])] = (tokens, end)
+            self.indexed[id(seq)] = max(start, len(tokens))
+            if not seq.finished:
+                following.append(seq)
+        self.sequences = following
 
     def get(self, tail: list[int], room: int) -> list[int]:
         found = self.table.get(tuple(tail[-NGRAM:])) if len(tail) >= NGRAM else None
@@ -61,6 +76,7 @@ class NgramPool:
             return []
         tokens, end = found
         return tokens[end:end + room]
+
 
 def candidate_drafts(seq: Sequence, max_drafts: int) -> list[int]:
     """The rest of the candidate that everything generated so far (at least one token) begins; if several do, only

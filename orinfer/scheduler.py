@@ -52,6 +52,7 @@ class Scheduler:
             return
         self.blocks.hash_prompt(seq)
         self.waiting.append(seq)
+        self.pool.add(seq)
 
     def _fail(self, seq: Sequence, why: str) -> None:
         """Give up on one request (it holds no blocks and is in no queue any more); the others go on."""
@@ -134,6 +135,8 @@ class Scheduler:
         # within the sampled rows the plan sized the LM head's output for.
         spare = min(budget, lim.lookup_draft_tokens - sum(len(w.tokens) for w in joining + works))
         rows = lim.max_num_seqs * (1 + lim.max_drafts) - sum(1 + w.num_drafts for w in joining + works if w.samples)
+        if spare > 0 and rows > 0:
+            self.pool.catch_up()
         for w in works:
             if spare <= 0 or rows <= 0:
                 break
@@ -208,13 +211,11 @@ class Scheduler:
             if w.looked_up:  # all right: twice as many next time; some: one more than were right; none: half
                 seq.draft_length = min(MAX_DRAFT_LENGTH, 2 * w.num_drafts if accepted == w.num_drafts else
                                        accepted + 1 if accepted else seq.draft_length // 2)
-            first_new = seq.num_tokens
             for token in out[:accepted + 1]:
                 seq.token_ids.append(token)
                 if token in self.eos or seq.num_generated >= seq.max_new_tokens:
                     seq.finished = True
                     break
-            self.pool.add(seq, first_new)
             if seq.finished:
                 seq.ngram_index.clear()  # its own lookups are over (the pool still points into its tokens)
                 self.running.remove(seq)

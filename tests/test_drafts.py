@@ -36,7 +36,8 @@ def test_lookup_takes_the_longest_tail_then_the_pool_within_the_draft_length():
     assert lookup_drafts(seq, 8) == []
     other = Sequence(index=1, token_ids=[8, 8, 3, 4, 6, 6, 6, 2, 3, 4], num_prompt_tokens=2, max_new_tokens=40)
     pool = NgramPool()
-    pool.add(other, 0)                             # another request generated [3 4 6 6 6 2 3 4]
+    pool.add(other)
+    pool.catch_up()                                # another request generated [3 4 6 6 6 2 3 4]
     seq.token_ids[-4:] = [6, 6, 6, 2, 3, 4][-4:]   # the tail [6 2 3 4] is in the pool, followed by nothing yet
     assert lookup_drafts(seq, 8, pool) == []
     seq.token_ids[-4:] = [4, 6, 6, 6]              # [4 6 6 6] is in the pool, followed by 2 3 4
