@@ -15,8 +15,9 @@ GiB = 1 << 30
 MiB = 1 << 20
 CUDA_CONTEXT_BYTES = 512 * MiB   # the CUDA context lives in the shared DRAM on an integrated GPU
 # Host growth after the plan is made, measured in the Orin emulation on the H200 (bench capped stage, BENCHMARKS.md):
-# RSS 0.82 GiB at planning -> 1.49 GiB at the runs' peak (load, then kernel modules loaded on first use: cuBLAS
-# +0.2 GiB, the elementwise and index kernels +0.3, attention's <0.05; the heap +0.15).
+# RSS 0.53 GiB at planning -> 1.20 GiB at the runs' peak under the Jetson's transformers (0.82 -> 1.49 under 5.17):
+# the load, then kernel modules loaded on first use (cuBLAS +0.2 GiB, the elementwise and index kernels +0.3,
+# attention's < 0.05) and the heap.
 WARMUP_HOST_BYTES = 704 * MiB
 # The runner's pinned buffers (inputs up, tokens down; >= 2 MiB each, ~4 of them): page-locked host memory.
 PINNED_HOST_BYTES = 16 * MiB
@@ -28,8 +29,8 @@ VARLEN_HOST_BYTES = 384 * MiB
 # decode pass reads 28 GB at 205 GB/s, 136 ms, far longer than the host needs to launch it, and without the
 # FlashAttention kernels the padded layout keeps ~1,700 more tokens of KV cache).
 OPTIONAL_MIN_FREE_BYTES = 2 * GiB
-# Slack for the allocator's rounding and fragmentation: reserved minus allocated at the capped runs' peaks, 0.11-0.16
-# GiB with 512-token passes (bench capped stage).
+# Slack for the allocator's rounding and fragmentation: reserved minus allocated at the capped runs' peaks, 0.09-0.19
+# GiB with 512-token passes, the allocator capped at the plan's device share (bench capped stage).
 SAFETY_BYTES = 192 * MiB
 
 
