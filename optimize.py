@@ -344,7 +344,7 @@ def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto
         plan = plan_memory(cfg, parse_budget(memory_budget, dev), cfg.num_parameters * itemsize, itemsize,
                            shared_host=is_integrated(dev) if unified_memory is None else unified_memory,
                            host_bytes=rss_bytes(),
-                           embedding_mappable=tensor_dtype(folder, "model.embed_tokens.weight") == torch_dtype)
+                           table_in_checkpoint=tensor_dtype(folder, "model.embed_tokens.weight") == torch_dtype)
     except (OSError, ValueError, KeyError, MemoryError) as e:
         raise SetupError(f"{folder}: {e}" if isinstance(e, (OSError, KeyError)) else str(e)) from e
     return Setup(folder, cfg, eos, tokenizer, dev, torch_dtype, plan, options)
@@ -357,7 +357,8 @@ def build(model_dir: str | Path, device: str | None = None, dtype: str = "auto",
     (prepare, then Setup.load).
 
     `unified_memory` (default: detected) counts the host process and CUDA context inside the budget, as on a Jetson;
-    the benchmark sets it to emulate the Orin on a discrete GPU. `init` fills the weights instead of the folder's
-    checkpoint (benchmarks: random weights; the folder then needs only config and tokenizer files). `options`: how the
-    engine runs (orinfer/options.py); `observer`: what a benchmark or test sees of the run (orinfer/observe.py)."""
+    the benchmark sets it to emulate the Orin on a discrete GPU. `init` fills the weights on the device instead of the
+    folder's checkpoint (benchmarks: random weights; the folder then needs only config and tokenizer files, and the
+    token table where the plan reads it from the file). `options`: how the engine runs (orinfer/options.py);
+    `observer`: what a benchmark or test sees of the run (orinfer/observe.py)."""
     return prepare(model_dir, device, dtype, memory_budget, options, unified_memory).load(init, progress, observer)

@@ -48,7 +48,7 @@ def passes_stage(w1: Path, records: list) -> dict:
     medium = Phi3Config.from_folder(ASSETS)
     flops_per_token, weight_bytes = pass_costs(medium)
     orin = plan_memory(medium, int(28.5 * GiB), weight_bytes, 2, shared_host=True, host_bytes=int(0.535 * GiB),
-                       embedding_mappable=True)
+                       table_in_checkpoint=True)
     limits = ("num_blocks", "block_size", "max_num_seqs", "max_batched_tokens", "max_gather_tokens", "max_drafts")
     plans = {"h200": replace(setup.plan, max_batched_tokens=16384, max_num_seqs=512, max_drafts=16),
              "orin": replace(setup.plan, **{k: getattr(orin, k) for k in limits})}

@@ -48,27 +48,24 @@ class NgramPool:
 
     def __init__(self):
         self.table: dict[tuple, tuple[list[int], int]] = {}
-        self.sequences: list[Sequence] = []
-        self.indexed: dict[int, int] = {}  # id(seq) -> the first position not yet indexed
+        self.following: list[tuple[Sequence, int]] = []  # each request, and its first position not yet indexed
 
     def add(self, seq: Sequence) -> None:
         """Follow this request's generated tokens from now on."""
-        self.sequences.append(seq)
-        self.indexed[id(seq)] = seq.num_prompt_tokens + 1
+        self.following.append((seq, seq.num_prompt_tokens + 1))
 
     def catch_up(self) -> None:
         """Index what the requests generated since the last call (once a pass that looks drafts up): the n-grams
         followed by each one's generated tokens past its first (the n-gram may reach back into the prompt: a request
         that starts its answer alike finds the rest). Finished requests are indexed one last time and dropped."""
         following = []
-        for seq in self.sequences:
-            tokens, start = seq.token_ids, self.indexed[id(seq)]
+        for seq, start in self.following:
+            tokens = seq.token_ids
             for end in range(max(start, NGRAM), len(tokens)):
                 self.table[tuple(tokens[end - NGRAM:end])] = (tokens, end)
-            self.indexed[id(seq)] = max(start, len(tokens))
             if not seq.finished:
-                following.append(seq)
-        self.sequences = following
+                following.append((seq, max(start, len(tokens))))
+        self.following = following
 
     def get(self, tail: list[int], room: int) -> list[int]:
         found = self.table.get(tuple(tail[-NGRAM:])) if len(tail) >= NGRAM else None

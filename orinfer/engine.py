@@ -89,8 +89,7 @@ class Engine:
         shared = [100 + j for j in range(40)]
         probe, queued = [], 0
         while queued < 3 * p.max_batched_tokens and len(probe) < p.max_num_seqs:
-            # Ids from a narrow range: a token table read from file pages then makes few of them resident.
-            tokens = shared + [rng.randrange(200, 1200) for _ in range(rng.randint(0, 160))]
+            tokens = shared + [rng.randrange(200, 30000) for _ in range(rng.randint(0, 160))]
             probe.append(Sequence(index=-1 - len(probe), token_ids=tokens, num_prompt_tokens=len(tokens),
                                   max_new_tokens=3))
             queued += len(tokens)

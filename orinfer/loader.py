@@ -7,8 +7,8 @@ holds at most one tensor at a time. The file format is just a JSON header follow
 
 A table the model leaves on the meta device (the token table, when the memory plan keeps it off the GPU) is instead
 read from the file a row at a time, when a pass needs the row (FileRows): the rows read stay in the kernel's page
-cache, which it reclaims under pressure, and never in this process's memory beyond one pass. (A memory map would
-make its pages the process's own, and the kernel maps a fault's neighbours too: 0.2 GiB resident on W1.)
+cache, which it reclaims under pressure, and never in this process's memory beyond one pass (a memory map would make
+the pages the process's own, and the kernel maps a fault's neighbours in too).
 """
 import json
 import os
@@ -56,6 +56,13 @@ def tensor_dtype(folder: str | Path, name: str) -> torch.dtype | None:
         if entry is not None:
             return _DTYPES.get(entry["dtype"])
     return None
+
+
+def _check_complete(folder: str | Path, missing) -> None:
+    """A weight left unfilled is an error: a silently uninitialised one would still produce text."""
+    if missing:
+        missing = sorted(missing)
+        raise KeyError(f"{folder}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
 
 
 class FileRows:
@@ -107,8 +114,7 @@ def serve_from_file(model: torch.nn.Module, folder: str | Path) -> set[str]:
             module = model.get_submodule(module_name)
             delattr(module, attr)
             module.rows = FileRows(path, data_start + entry["data_offsets"][0], entry["shape"], dtype)
-    if wanted:
-        raise KeyError(f"{folder}: checkpoint lacks {len(wanted)} weights, e.g. {sorted(wanted)[:3]}")
+    _check_complete(folder, wanted)
     return served
 
 
@@ -116,8 +122,7 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
     """Fill every parameter of `model` (names as in transformers' Phi3ForCausalLM) from the checkpoint.
 
     Each tensor is converted to the parameter's dtype on the device; tables left on the meta device are read from
-    the file as needed (serve_from_file). Unknown or missing names are an error: a silently uninitialised weight would still produce
-    text.
+    the file as needed (serve_from_file). Unknown or missing names are an error (_check_complete).
     """
     served = serve_from_file(model, folder)
     params, loaded = dict(model.named_parameters()), set(served)
@@ -156,6 +161,4 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
                 loaded.add(name)
         finally:
             os.close(fd)
-    missing = sorted(set(params) - loaded)
-    if missing:
-        raise KeyError(f"{folder}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+    _check_complete(folder, set(params) - loaded)

@@ -156,8 +156,9 @@ def gather_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
 # the cache writes move the same bytes either way; the host hashes a block per prompt token, once.
 def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, shared_host: bool,
                 host_bytes: int, block_size: int = 1, max_drafts: int | None = None,
-                embedding_mappable: bool = False) -> MemoryPlan:
-    """`embedding_mappable`: the checkpoint stores the token table in the run's dtype, so it can be read from there."""
+                table_in_checkpoint: bool = False) -> MemoryPlan:
+    """`table_in_checkpoint`: the checkpoint stores the token table in the run's dtype, so a pass can read its rows
+    from there."""
     items = [("host at planning", host_bytes), ("host growth to come", WARMUP_HOST_BYTES),
              ("pinned buffers", PINNED_HOST_BYTES), ("CUDA context", CUDA_CONTEXT_BYTES)] if shared_host else []
     overhead = sum(size for _, size in items)
@@ -179,7 +180,7 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
     varlen_attention = afford("FlashAttention kernels", VARLEN_HOST_BYTES)
     # Shared memory without graphs (a graph replays device reads; these rows come from the host): the token table
     # leaves the GPU's pool, read row by row from the checkpoint's file (the rows stay in the reclaimable page cache).
-    table = cfg.vocab_size * cfg.hidden_size * itemsize if shared_host and embedding_mappable and not cuda_graphs else 0
+    table = cfg.vocab_size * cfg.hidden_size * itemsize if shared_host and table_in_checkpoint and not cuda_graphs else 0
     free += table
     act = activation_bytes_per_token(cfg, itemsize)
     gather = gather_bytes_per_token(cfg, itemsize)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Options:
-    speculate: bool = True            # drafts from the prompt verified in the same pass (drafts.py)
+    speculate: bool = True            # drafts (listed choices, lookups) verified in the same pass (drafts.py)
     cuda_graphs: bool = True          # small passes replayed from CUDA graphs, where the memory plan affords them
     compile: bool | None = None       # elementwise kernels fused by torch.compile (None: where available, kernels.py)
     varlen: bool = True               # FlashAttention's varlen layout where it runs and the plan affords it

@@ -385,7 +385,7 @@ class ModelRunner:
         linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
         m = self.model
 
-        def seconds(n: int) -> float:
+        def elapsed_ms(n: int) -> float:
             xs = [torch.randn(n, linear.in_features, device=m.device, dtype=m.dtype) for linear in linears]
             for linear, x in zip(linears, xs):  # its kernel met, outside the timing
                 linear(x)
@@ -398,13 +398,16 @@ class ModelRunner:
             end.synchronize()
             return start.elapsed_time(end)
 
-        one = seconds(1)
-        return max([1] + [n for n in (16, 32, 64, 96, 128, 192, 256, 384, 512) if n <= most and seconds(n) <= slack * one])
+        one = elapsed_ms(1)
+        sizes = (16, 32, 64, 96, 128, 192, 256, 384, 512)
+        return max([1] + [n for n in sizes if n <= most and elapsed_ms(n) <= slack * one])
 
     @torch.inference_mode()
     def capture_graphs(self, max_tokens: int, max_seqs: int, max_gather_tokens: int) -> None:
         """Capture a graph for each shape bucket a pass within these bounds can take: (tokens, gathered keys) for the
         varlen layout (any small pass), (sequences, blocks) for the padded one (plain decode steps)."""
+        if self.model.embedding_on_host:
+            raise ValueError("a graph cannot replay a token table read on the host (the memory plan keeps them apart)")
         if self.varlen:
             sizes = [t for t in VARLEN_GRAPH_TOKENS if t <= max_tokens]
             extents = [1024 << i for i in range(8) if 1024 << i <= max_gather_tokens]
@@ -413,8 +416,6 @@ class ModelRunner:
                            | {max_seqs})
             most_blocks = -(-self.max_positions // self.block_size)
             extents = sorted({min(-(-t // self.block_size), most_blocks) for t in (128, 256, 512, 1024, 2048, 4096)})
-        if self.model.embedding_on_host:
-            raise ValueError("a graph cannot replay a token table read on the host (the memory plan keeps them apart)")
         self.graph_dims = sorted(sizes), sorted(extents)
         pool = None
         stream = torch.cuda.Stream()  # one side stream: each stream keeps its own cached blocks

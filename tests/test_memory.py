@@ -44,7 +44,7 @@ def test_orin_emulation_cap_holds_the_longest_sample():
     # The 28.5 GiB cap of the Orin emulation, with the host as measured on the H200 before loading, and the token
     # table read from the bf16 checkpoint as the real one stores it.
     plan = plan_memory(MEDIUM, int(28.5 * GiB), WEIGHTS, 2, shared_host=True, host_bytes=800 * MiB,
-                       embedding_mappable=True)
+                       table_in_checkpoint=True)
     assert plan.kv_tokens >= 868 + 500 + 1 and plan.max_batched_tokens >= 512
     assert not plan.cuda_graphs and not plan.varlen_attention
 
@@ -71,7 +71,7 @@ def test_parse_budget():
 def test_token_table_leaves_the_pool_where_memory_is_shared_and_graphs_are_off():
     tight = plan_memory(MEDIUM, int(28.5 * GiB), WEIGHTS, 2, shared_host=True, host_bytes=800 * MiB)
     served = plan_memory(MEDIUM, int(28.5 * GiB), WEIGHTS, 2, shared_host=True, host_bytes=800 * MiB,
-                         embedding_mappable=True)
+                         table_in_checkpoint=True)
     table = MEDIUM.vocab_size * MEDIUM.hidden_size * 2
     assert not tight.embedding_on_host and served.embedding_table == table
     rows = 2 * served.max_batched_tokens * MEDIUM.hidden_size * 2
@@ -83,7 +83,7 @@ def test_token_table_leaves_the_pool_where_memory_is_shared_and_graphs_are_off()
     assert served.weights - table + served.overhead + served.workspace_bytes + served.kv_bytes <= served.budget
     assert served.overhead == sum(size for _, size in served.overhead_items)
     # Where graphs are afforded, or on a discrete GPU, or where the file holds another dtype, the table stays.
-    for kept in (plan_memory(MEDIUM, 60 * GiB, WEIGHTS, 2, True, 800 * MiB, embedding_mappable=True),
-                 plan_memory(MEDIUM, 30 * GiB, WEIGHTS, 2, False, 800 * MiB, embedding_mappable=True),
-                 plan_memory(MEDIUM, int(28.5 * GiB), WEIGHTS, 2, True, 800 * MiB, embedding_mappable=False)):
+    for kept in (plan_memory(MEDIUM, 60 * GiB, WEIGHTS, 2, True, 800 * MiB, table_in_checkpoint=True),
+                 plan_memory(MEDIUM, 30 * GiB, WEIGHTS, 2, False, 800 * MiB, table_in_checkpoint=True),
+                 plan_memory(MEDIUM, int(28.5 * GiB), WEIGHTS, 2, True, 800 * MiB, table_in_checkpoint=False)):
         assert not kept.embedding_on_host
