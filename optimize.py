@@ -293,7 +293,7 @@ class Setup:
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.plan.device_cap / total), index)
         model = Phi3ForCausalLM(self.cfg, self.device, self.dtype,
                                 kernels.compiled() if self.options.compile else kernels.EAGER,
-                                embedding_on_host=self.plan.embedding_on_host)
+                                embedding_on_host=self.plan.embedding_on_host, mlp_rows=self.plan.mlp_rows)
         if init is None:
             load_weights(model, self.folder)
         else:

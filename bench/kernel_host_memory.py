@@ -51,6 +51,9 @@ steps.update({
     'e_where': lambda: torch.where(x > 0, x, 0), 'e_masked_fill': lambda: x.masked_fill(x > 0, 1),
     'e_index': lambda: x[i], 'e_embedding': lambda: F.embedding(i, x), 'e_cmp': lambda: (i <= ones) & (i < 3) | (i == 0),
     'e_zeros': lambda: torch.zeros(100, device=dev), 'e_copy_strided': lambda: x.t().contiguous(),
+    'e_floordiv': lambda: i // 3, 'e_rem': lambda: i % 3, 'e_full': lambda: torch.full((99,), -1.0, device=dev),
+    'e_unfold_index': lambda: torch.zeros(99, device=dev, dtype=torch.bfloat16).unfold(0, 50, 1)[i[:, None]],
+    'e_int_add': lambda: (i + 1) * 2 - ones, 'e_slice_fill': lambda: torch.zeros(99, device=dev).__setitem__(slice(3, 9), 0),
 })
 for name in sys.argv[1].split(','):
     steps[name]()

@@ -57,7 +57,7 @@ class Varlen:
 @dataclass
 class Padded:
     query_slots: torch.Tensor      # [B, Qmax] flat token index for each cell of the padded query grid (padding: any)
-    query_positions: torch.Tensor  # [B, Qmax] position of each padded query cell, -1 for padding
+    mask_rows: torch.Tensor        # [B, Qmax] each padded query cell's row of the mask table (build_bias)
     token_seq: torch.Tensor        # [T] grid row (sequence) of each flat token
     token_query: torch.Tensor      # [T] grid column (query) of each flat token
     bias: torch.Tensor | None = None  # additive mask [B, 1, Qmax * G, Tk], built once per pass by build_bias
@@ -116,19 +116,18 @@ def build_bias(ctx: Context, block_size: int, groups: int, dtype: torch.dtype) -
     """Causal (and sliding-window) mask over the gathered keys, shared by all layers of one padded pass.
 
     Key j of a sequence sits at position j because block tables list blocks in order. A query at position p sees
-    keys p - window < j <= p, as transformers' sliding-window mask does. Padding rows see key 0 only, so no row is
-    fully masked (that would give NaN).
+    keys p - window < j <= p, as transformers' sliding-window mask does; padding cells see key 0 only, so no row is
+    fully masked (that would give NaN). The mask depends on p - j alone, so each row is a slice of one table of
+    2K - 1 values over p - j (the runner gives each cell its row, K - 1 - p): built with fills and one gather,
+    where comparisons and `where` would load two more kernel modules (host memory an Orin's plan counts).
     """
-    batch, qmax = ctx.layout.query_positions.shape
-    keys = torch.arange(ctx.block_tables.shape[1] * block_size, device=ctx.positions.device)
-    qpos = ctx.layout.query_positions[:, :, None]
-    allowed = keys <= qpos
-    if ctx.sliding_window is not None:
-        allowed &= (qpos - keys) < ctx.sliding_window
-    allowed |= (qpos < 0) & (keys == 0)
-    allowed = allowed[:, :, None, :].expand(batch, qmax, groups, keys.numel()).reshape(batch, 1, qmax * groups, -1)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    keys = ctx.block_tables.shape[1] * block_size
+    window = keys if ctx.sliding_window is None else min(keys, ctx.sliding_window)
+    table = torch.full((2 * keys - 1,), torch.finfo(dtype).min, dtype=dtype, device=ctx.positions.device)
+    table[keys - window:keys] = 0  # entry u is for p - j = K - 1 - u
+    rows = ctx.layout.mask_rows
+    rows = rows[:, :, None].expand(-1, -1, groups).reshape(rows.shape[0], -1)
+    return table.unfold(0, keys, 1)[rows][:, None]
 
 
 def _words(x: torch.Tensor) -> torch.Tensor:
@@ -170,7 +169,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch, nblocks = ctx.block_tables.shape
     keys = k_cache[ctx.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
     values = v_cache[ctx.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
-    qmax = lay.query_positions.shape[1]
+    qmax = lay.query_slots.shape[1]
     # One gather builds the folded query [B, Hkv, Qmax * G, D] and one gather reads the output back in token order,
     # both as words. (reshape, not view: the layout an index or SDPA returns differs between devices and kernels.)
     words = _words(q.reshape(-1, kv_heads, groups, dim))                             # [T, Hkv, G, W]

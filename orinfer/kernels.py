@@ -18,7 +18,7 @@ import torch.nn.functional as F
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    x = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)  # x * x: pow(2)'s own result, without its kernel module
     return weight * x.to(dtype)
 
 

@@ -110,6 +110,7 @@ class MemoryPlan:
     varlen_attention: bool  # allowed: the runner still checks the kernel runs here
     embedding_table: int = 0  # bytes of the token table when it is read from the checkpoint's file, else 0
     shared_host: bool = False  # the budget covers the host process too (a Jetson)
+    mlp_rows: int | None = None  # the most rows one MLP product takes (None: a pass's every token at once)
 
     @property
     def embedding_on_host(self) -> bool:
@@ -137,13 +138,22 @@ class MemoryPlan:
                 f"{'allowed' if self.varlen_attention else 'off'}")
 
 
-def activation_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
-    """Live activations of one token at the peak of a layer (the MLP: gate_up, the gated product, residuals),
-    plus float32 norm temporaries, with a quarter on top for allocator rounding. The SiLU gate is written in place
-    (eager) or once (compiled): at most three [tokens, intermediate] tensors live."""
+# A shared-memory plan runs the MLP over at most this many rows at a time, so that its [rows, intermediate]
+# activations (most of a layer's) do not grow with the pass: an Orin's GEMMs stay compute-bound down to ~130 rows
+# (26.7 TFLOP/s against 204.8 GB/s), so 256-row products cost a prefill pass nothing, while the cache gains.
+SHARED_MLP_ROWS = 256
+
+
+def activation_bytes(cfg: Phi3Config, itemsize: int, tokens: int, mlp_rows: int) -> int:
+    """Live activations at the peak of a layer in a pass of `tokens` tokens whose MLP takes `mlp_rows` rows at a time:
+    per token the residual stream, norms, qkv and attention (float32 norm temporaries too, and the MLP's joined
+    output where it is taken in parts), per MLP row its three [rows, intermediate] tensors (the SiLU gate is written
+    in place eager, once compiled), with a quarter on top for allocator rounding."""
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-    elems = 4 * cfg.hidden_size + 2 * qkv + 3 * cfg.intermediate_size
-    return (elems * itemsize + 2 * cfg.hidden_size * 4) * 5 // 4
+    hidden = 5 if tokens > mlp_rows else 4
+    per_token = (hidden * cfg.hidden_size + 2 * qkv) * itemsize + 2 * cfg.hidden_size * 4
+    per_row = 3 * cfg.intermediate_size * itemsize
+    return (tokens * per_token + min(tokens, mlp_rows) * per_row) * 5 // 4
 
 
 def gather_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
@@ -182,11 +192,14 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
     # leaves the GPU's pool, read row by row from the checkpoint's file (the rows stay in the reclaimable page cache).
     table = cfg.vocab_size * cfg.hidden_size * itemsize if shared_host and table_in_checkpoint and not cuda_graphs else 0
     free += table
-    act = activation_bytes_per_token(cfg, itemsize)
+    mlp_rows = SHARED_MLP_ROWS if shared_host else None
+
+    def act(n: int) -> int:
+        return activation_bytes(cfg, itemsize, n, mlp_rows or n)
     gather = gather_bytes_per_token(cfg, itemsize)
     kv_per_token = cfg.kv_bytes_per_token // 2 * itemsize
     # Room for at least one 64-token chunk and 256 cached tokens, or the budget is simply too small.
-    least = 64 * act + 512 * gather + 256 * kv_per_token
+    least = act(64) + 512 * gather + 256 * kv_per_token
     if free < least:
         raise MemoryError(f"memory budget {budget / GiB:.2f} GiB leaves {free / GiB:.2f} GiB after weights "
                           f"({weights / GiB:.2f} GiB) and overhead ({overhead / GiB:.2f} GiB); at least "
@@ -194,10 +207,10 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
     if max_drafts is None:  # draft rows need logits; small budgets verify fewer drafts a pass
         max_drafts = 16 if free > 8 * GiB else 4
     tokens = 64
-    while tokens * 2 <= 16384 and tokens * 2 * act <= free // 4:
+    while tokens * 2 <= 16384 and act(tokens * 2) <= free // 4:
         tokens *= 2
     gather_tokens = max(2048, min(1 << 20, free // 10 // gather))
-    kv = free - tokens * act - gather_tokens * gather
+    kv = free - act(tokens) - gather_tokens * gather
     if table:  # a pass's rows, read into a host buffer and indexed once
         rows = 2 * tokens * cfg.hidden_size * itemsize
         items.append(("token table rows of a pass", rows))
@@ -210,7 +223,8 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
     kv = min(kv, max_num_seqs * cfg.max_position_embeddings * kv_per_token)
     num_blocks = kv // (block_size * kv_per_token) + 1  # +1: the scratch block
     return MemoryPlan(budget=budget, weights=weights, overhead=overhead, overhead_items=tuple(items), kv_bytes=(num_blocks - 1) * block_size * kv_per_token,
-                      workspace_bytes=tokens * act + gather_tokens * gather + logits, num_blocks=int(num_blocks),
+                      workspace_bytes=act(tokens) + gather_tokens * gather + logits, num_blocks=int(num_blocks),
                       block_size=block_size, max_num_seqs=int(max_num_seqs), max_batched_tokens=tokens,
                       max_gather_tokens=int(gather_tokens), max_drafts=max_drafts, cuda_graphs=cuda_graphs,
-                      varlen_attention=varlen_attention, embedding_table=table, shared_host=shared_host)
+                      varlen_attention=varlen_attention, embedding_table=table, shared_host=shared_host,
+                      mlp_rows=mlp_rows)

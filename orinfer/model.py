@@ -71,13 +71,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Phi3Config, kernels: Kernels):
+    """`rows`: the most tokens one product takes (a longer pass goes through in parts: the same products row by row,
+    rounded as a batch of another size would be), which bounds the [tokens, intermediate] activations; None: all at
+    once."""
+
+    def __init__(self, cfg: Phi3Config, kernels: Kernels, rows: int | None = None):
         super().__init__()
-        self.kernels = kernels
+        self.kernels, self.rows = kernels, rows
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None and x.shape[0] > self.rows:
+            return torch.cat([self._rows(part) for part in x.split(self.rows)])
+        return self._rows(x)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels.fused:  # a fused kernel reads the strided halves of the one product at full speed
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:  # eager kernels use vector loads on contiguous tensors only: two products on views of the one weight
@@ -87,10 +96,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Phi3Config, kernels: Kernels):
+    def __init__(self, cfg: Phi3Config, kernels: Kernels, mlp_rows: int | None):
         super().__init__()
         self.self_attn = Attention(cfg, kernels)
-        self.mlp = MLP(cfg, kernels)
+        self.mlp = MLP(cfg, kernels, mlp_rows)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
 
@@ -107,10 +116,10 @@ class DecoderLayer(nn.Module):
 
 
 class Phi3Model(nn.Module):
-    def __init__(self, cfg: Phi3Config, kernels: Kernels):
+    def __init__(self, cfg: Phi3Config, kernels: Kernels, mlp_rows: int | None):
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, kernels) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, kernels, mlp_rows) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
 
 
@@ -121,14 +130,16 @@ class Phi3ForCausalLM(nn.Module):
     `embedding_on_host`: the token table stays on the meta device until the loader has it read from the checkpoint's
     file row by row (loader.serve_from_file). A pass reads one row a token, so on a unified-memory board the table's
     0.31 GiB need not sit in the GPU's pool. forward() is then given the ids on the host, reads their rows there and
-    sends them up."""
+    sends them up.
+
+    `mlp_rows`: the most tokens one MLP product takes (the memory plan's; None: a pass's all)."""
 
     def __init__(self, cfg: Phi3Config, device: torch.device | str, dtype: torch.dtype, kernels: Kernels = EAGER,
-                 embedding_on_host: bool = False):
+                 embedding_on_host: bool = False, mlp_rows: int | None = None):
         super().__init__()
         self.cfg, self.kernels, self.embedding_on_host = cfg, kernels, embedding_on_host
         with torch.device("meta"):  # shapes only; each parameter is then made once, on its device, in `dtype`
-            self.model = Phi3Model(cfg, kernels)
+            self.model = Phi3Model(cfg, kernels, mlp_rows)
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         # torch.empty rather than to_empty(): that goes through torch._refs, which imports sympy (host memory).
         for module in self.modules():

@@ -59,6 +59,7 @@ class _Inputs:
     token_query: torch.Tensor
     positions: torch.Tensor
     slots: torch.Tensor
+    layout: torch.Tensor     # the layout's own integers (_padded_context's)
 
 
 def _bucket(n: int, sizes: list[int]) -> int | None:
@@ -151,38 +152,47 @@ class ModelRunner:
         return ids, sample_rows
 
     def _inputs(self, works: list[Work], order: list[int], ids: list[int], sample_rows: list[int],
-                starts: list[int], lens: list[int], nblocks: int) -> _Inputs:
-        """Upload one pass's integers (sequences past the works are padding) and derive the per-token indices.
-        Each token's sequence and place in it are laid out here, by array concatenation: on the device they took
-        a scan and repeat_interleave, whose kernel module costs ~0.1 GiB of host memory when first loaded (H200),
-        too much for an Orin's plan."""
+                starts: list[int], lens: list[int], nblocks: int, layout: array | None = None) -> _Inputs:
+        """Upload one pass's integers (sequences past the works are padding, at position 0 in the scratch block),
+        with the layout's own (`layout`, appended). The host lays out every per-token index (each token's sequence,
+        its place there, its position and cache slot) by array slices and concatenation: derived on the device they
+        took a scan, repeat_interleave, integer division and remainder, whose kernel modules cost host memory when
+        first loaded (~0.1 GiB for the scan alone, H200), too much for an Orin's plan."""
         bs, batch = self.block_size, len(lens)
-        counting = self._counting(max(lens, default=0))
+        counting = self._counting(max((s + n for s, n in zip(starts, lens)), default=0))
+        scratch = array("q", [SCRATCH_BLOCK]) * nblocks
+        tables = [works[i].seq.block_table for i in order] + [scratch] * (batch - len(works))
         host = array("q", ids + sample_rows + starts + lens)
         host += array("q", accumulate(lens, initial=0))  # cu_q
         if len(ids) == batch and max(lens, default=1) == 1:  # one token a sequence (decode): no runs to lay out
             host += counting[:batch]
             host += array("q", bytes(8 * batch))
+            host += array("q", starts)
+            host += array("q", [t[s // bs] * bs + s % bs for t, s in zip(tables, starts)])
         else:
             for i, n in enumerate(lens):
                 host += array("q", [i]) * n
             for n in lens:
                 host += counting[:n]
-        scratch = array("q", [SCRATCH_BLOCK]) * nblocks
-        for i in order:  # array slices and concatenation: memcpy, not a Python int per block
-            table = works[i].seq.block_table[:nblocks]
-            host += table
-            host += scratch[:nblocks - len(table)]
-        host += scratch * (batch - len(works))
+            for s, n in zip(starts, lens):
+                host += counting[s:s + n]
+            for t, s, n in zip(tables, starts, lens):
+                host += t[s:s + n] if bs == 1 else array("q", [t[p // bs] * bs + p % bs for p in range(s, s + n)])
+        for t in tables:  # array slices and concatenation: memcpy, not a Python int per block
+            host += t[:nblocks]
+            host += scratch[:max(0, nblocks - len(t))]
+        extra = len(layout) if layout is not None else 0
+        if layout is not None:
+            host += layout
         flat = self._upload(host)
-        ids_t, sample_t, starts_t, lens_t, cu_q, token_seq, token_query, tables_t = flat.split(
-            [len(ids), len(sample_rows), batch, batch, batch + 1, len(ids), len(ids), batch * nblocks])
-        tables_t = tables_t.view(batch, nblocks)
+        tokens = len(ids)
+        ids_t, sample_t, starts_t, lens_t, cu_q, token_seq, token_query, positions, slots, tables_t, layout_t = \
+            flat.split([tokens, len(sample_rows), batch, batch, batch + 1, tokens, tokens, tokens, tokens,
+                        batch * nblocks, extra])
         if self.model.embedding_on_host:  # the token table's rows are looked up where it lives
-            ids_t = torch.frombuffer(host, dtype=torch.int64, count=len(ids))
-        positions = starts_t[token_seq] + token_query
-        slots = tables_t[token_seq, positions // bs] * bs + positions % bs
-        return _Inputs(ids_t, sample_t, starts_t, lens_t, tables_t, cu_q, token_seq, token_query, positions, slots)
+            ids_t = torch.frombuffer(host, dtype=torch.int64, count=tokens)
+        return _Inputs(ids_t, sample_t, starts_t, lens_t, tables_t.view(batch, nblocks), cu_q, token_seq,
+                       token_query, positions, slots, layout_t)
 
     def _counting(self, n: int) -> array:
         """0, 1, 2, ... as a machine-integer array of at least n entries (kept, and grown when a pass needs more)."""
@@ -259,12 +269,22 @@ class ModelRunner:
             align = max(1, 16 // bs)
             nblocks = -(-max(s + k for s, k in zip(starts, lens)) // bs)
             nblocks = -(-nblocks // align) * align
-        t = self._inputs(works, order, ids, sample_rows, starts, lens, nblocks)
-        column = torch.arange(max(lens), device=self.device)
-        valid = column < t.lens[:, None]
-        layout = Padded(query_slots=torch.where(valid, t.cu_q[:-1, None] + column, 0),
-                        query_positions=torch.where(valid, t.starts[:, None] + column, -1),
-                        token_seq=t.token_seq, token_query=t.token_query)
+        # Each cell of the [sequences, queries] grid: its flat token (padding: any), and its row of the mask table
+        # (attention.build_bias): keys - 1 - its position, a padding cell taken at position 0 (it sees key 0).
+        keys, qmax, counting = nblocks * bs, max(lens), self._counting(len(ids))
+        if qmax == 1:
+            grid = counting[:len(lens)] + array("q", [keys - 1 - s for s in starts])
+        else:
+            query_slots, mask_rows, cu = array("q"), array("q"), 0
+            for s, n in zip(starts, lens):
+                query_slots += counting[cu:cu + n] + array("q", bytes(8 * (qmax - n)))
+                mask_rows += array("q", range(keys - 1 - s, keys - 1 - s - n, -1)) + array("q", [keys - 1]) * (qmax - n)
+                cu += n
+            grid = query_slots + mask_rows
+        t = self._inputs(works, order, ids, sample_rows, starts, lens, nblocks, grid)
+        query_slots, mask_rows = t.layout.view(2, len(lens), qmax)
+        layout = Padded(query_slots=query_slots, mask_rows=mask_rows, token_seq=t.token_seq,
+                        token_query=t.token_query)
         return t.ids, Context(positions=t.positions, slots=t.slots, block_tables=t.tables, sample_rows=t.sample_rows,
                               layout=layout, sliding_window=self.sliding_window)
 
@@ -288,7 +308,7 @@ class ModelRunner:
     # What a graph replay must refresh: every input its layout reads that depends on the pass, not only on the shape
     # (the varlen layout reads no block tables: they only served to derive the slots).
     _GRAPH_INPUTS = {Varlen: (("positions", "slots", "sample_rows"), ("cu_q", "cu_k", "key_slots")),
-                     Padded: (("positions", "slots", "sample_rows", "block_tables"), ("query_positions",))}
+                     Padded: (("positions", "slots", "sample_rows", "block_tables"), ("mask_rows",))}
 
     @torch.inference_mode()
     def launch(self, works: list[Work]) -> "Pending":

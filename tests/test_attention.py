@@ -86,12 +86,68 @@ def test_keys_past_the_sliding_window_take_the_padded_layout(varlen, tmp_path):
     assert past.positions.tolist() == list(range(24, 30))
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_padded_mask_is_causal_within_the_window(tiny_dir, window):
+    """The mask the runner's grid rows pick out of one table (build_bias) against the rule written out: a query at
+    position p sees keys p - window < j <= p of its own sequence, a padding cell key 0 only."""
+    runner = generator(tiny_dir).engine.runner
+    runner.sliding_window = window
+    bs = runner.block_size
+    seqs = [Sequence(index=i, token_ids=list(range(n)), num_prompt_tokens=n, max_new_tokens=1,
+                     block_table=list(range(1 + 10 * i, 1 + 10 * i - (-n // bs))))
+            for i, n in enumerate((7, 3, 9))]
+    works = [Work(seqs[0], seqs[0].token_ids[4:], 4, 0, True, False), Work(seqs[1], seqs[1].token_ids, 0, 0, True, True),
+             Work(seqs[2], seqs[2].token_ids[8:], 8, 0, True, False)]
+    ids, ctx = runner.context(works)
+    assert isinstance(ctx.layout, attention.Padded)
+    groups = 2
+    bias = attention.build_bias(ctx, bs, groups, torch.float32)
+    batch, _, rows, keys = bias.shape
+    qmax = rows // groups
+    assert (batch, qmax) == (3, 3) and keys >= 9
+    for b, w in enumerate(works):
+        for q in range(qmax):
+            p = w.start + q if q < len(w.tokens) else None
+            seen = [j for j in range(keys)
+                    if (j == 0 if p is None else j <= p and (window is None or p - j < window))]
+            for g in range(groups):
+                assert (bias[b, 0, q * groups + g] == 0).nonzero().flatten().tolist() == seen
+
+
 @pytest.mark.parametrize("plan", [{}, {"max_batched_tokens": 48, "max_num_seqs": 4}])
 def test_varlen_layout_matches_pipeline(varlen, tiny_dir, public_chats, longest_chat, expected, plan):
     """Whole prompts, shared-prefix reuse, prompts prefilled in chunks behind their own cached tokens, drafts."""
     gen = generator(tiny_dir, attention=varlen, **plan)
     assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
     assert reference_varlen.calls == gen.engine.stats["passes"] * gen.engine.model.cfg.num_hidden_layers
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_padded_mask_is_causal_within_the_window(tiny_dir, window):
+    """The mask the runner's grid rows pick out of one table (build_bias) against the rule written out: a query at
+    position p sees keys p - window < j <= p of its own sequence, a padding cell key 0 only."""
+    runner = generator(tiny_dir).engine.runner
+    runner.sliding_window = window
+    bs = runner.block_size
+    seqs = [Sequence(index=i, token_ids=list(range(n)), num_prompt_tokens=n, max_new_tokens=1,
+                     block_table=list(range(1 + 10 * i, 1 + 10 * i - (-n // bs))))
+            for i, n in enumerate((7, 3, 9))]
+    works = [Work(seqs[0], seqs[0].token_ids[4:], 4, 0, True, False), Work(seqs[1], seqs[1].token_ids, 0, 0, True, True),
+             Work(seqs[2], seqs[2].token_ids[8:], 8, 0, True, False)]
+    ids, ctx = runner.context(works)
+    assert isinstance(ctx.layout, attention.Padded)
+    groups = 2
+    bias = attention.build_bias(ctx, bs, groups, torch.float32)
+    batch, _, rows, keys = bias.shape
+    qmax = rows // groups
+    assert (batch, qmax) == (3, 3) and keys >= 9
+    for b, w in enumerate(works):
+        for q in range(qmax):
+            p = w.start + q if q < len(w.tokens) else None
+            seen = [j for j in range(keys)
+                    if (j == 0 if p is None else j <= p and (window is None or p - j < window))]
+            for g in range(groups):
+                assert (bias[b, 0, q * groups + g] == 0).nonzero().flatten().tolist() == seen
 
 
 @pytest.mark.parametrize("plan", [{}, {"max_batched_tokens": 48, "max_num_seqs": 4}])

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from orinfer.config import Phi3Config
-from orinfer.memory import GRAPHS_HOST_BYTES, VARLEN_HOST_BYTES, GiB, MiB, parse_budget, plan_memory
+from orinfer.memory import (GRAPHS_HOST_BYTES, SHARED_MLP_ROWS, VARLEN_HOST_BYTES, GiB, MiB, activation_bytes,
+                            parse_budget, plan_memory)
 from orinfer.tiny import ASSETS
 
 MEDIUM = Phi3Config.from_folder(ASSETS)
@@ -47,6 +48,19 @@ def test_orin_emulation_cap_holds_the_longest_sample():
                        table_in_checkpoint=True)
     assert plan.kv_tokens >= 868 + 500 + 1 and plan.max_batched_tokens >= 512
     assert not plan.cuda_graphs and not plan.varlen_attention
+
+
+def test_shared_memory_takes_the_mlp_in_parts_and_passes_of_1024_tokens():
+    # Host at planning as measured under the Jetson pin (run 48), the table read from the checkpoint.
+    orin = plan_memory(MEDIUM, int(28.5 * GiB), WEIGHTS, 2, shared_host=True, host_bytes=int(0.53 * GiB),
+                       table_in_checkpoint=True)
+    discrete = plan_memory(MEDIUM, 80 * GiB, WEIGHTS, 2, shared_host=False, host_bytes=0)
+    assert orin.mlp_rows == SHARED_MLP_ROWS and discrete.mlp_rows is None
+    assert orin.max_batched_tokens >= 1024
+    # The parts bound the MLP's activations: a 1,024-token pass books less than two 512-token passes would.
+    parted = activation_bytes(MEDIUM, 2, 1024, SHARED_MLP_ROWS)
+    assert parted < 2 * activation_bytes(MEDIUM, 2, 512, SHARED_MLP_ROWS) < 2 * activation_bytes(MEDIUM, 2, 512, 512)
+    assert parted + orin.max_gather_tokens * 2 * 2 * 10 * 128 * 2 <= orin.workspace_bytes
 
 
 def test_graphs_and_varlen_attention_only_where_the_budget_has_room_for_their_host_memory():
