@@ -88,7 +88,7 @@ def main():
         from systems import systems_stage
         res.update(systems_stage(args, w1, folder, records))
     elif args.stage == "free":  # speculation where drafts rarely match: fixed-length free-running generation
-        args.mode, args.systems, args.profile = "free", "ours,ours_nospec", False
+        args.mode, args.systems, args.profile = "free", "ours,ours_repeat,ours_nospec,ours_nospec_repeat", False
         from systems import systems_stage
         res["free"] = systems_stage(args, w1, folder, records)
     elif args.stage == "passes":

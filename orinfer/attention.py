@@ -55,12 +55,22 @@ class Varlen:
 
 
 @dataclass
+class PaddedGroup:
+    """Sequences whose keys are gathered together: rows of the pass's block tables and grid (views)."""
+    block_tables: torch.Tensor     # [b, nblocks] cache blocks of each of its sequences (padding: the scratch block)
+    query_slots: torch.Tensor      # [b, Qmax] flat token index for each cell of its padded query grid (padding: any)
+    mask_rows: torch.Tensor        # [b, Qmax] each cell's row of the group's mask table (build_bias)
+    token_seq: torch.Tensor        # [tokens] grid row of each of its flat tokens (they are a run of the pass's)
+    token_query: torch.Tensor      # [tokens] grid column of each
+    bias: torch.Tensor | None = None  # additive mask [b, 1, Qmax * G, keys], built once per pass by build_bias
+
+
+@dataclass
 class Padded:
-    query_slots: torch.Tensor      # [B, Qmax] flat token index for each cell of the padded query grid (padding: any)
-    mask_rows: torch.Tensor        # [B, Qmax] each padded query cell's row of the mask table (build_bias)
-    token_seq: torch.Tensor        # [T] grid row (sequence) of each flat token
-    token_query: torch.Tensor      # [T] grid column (query) of each flat token
-    bias: torch.Tensor | None = None  # additive mask [B, 1, Qmax * G, Tk], built once per pass by build_bias
+    """The pass's sequences in groups (the longest first) whose gathered keys, sequences x the longest's keys, stay
+    within the plan's bound however many sequences the pass holds; each group's tokens follow the previous one's."""
+    mask_rows: torch.Tensor        # every group's mask rows, flat (the groups' are views: a graph refreshes these)
+    groups: tuple[PaddedGroup, ...]
 
 
 @dataclass
@@ -112,8 +122,9 @@ def available(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: in
     return AttentionKernels(_flash_varlen)
 
 
-def build_bias(ctx: Context, block_size: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """Causal (and sliding-window) mask over the gathered keys, shared by all layers of one padded pass.
+def build_bias(group: PaddedGroup, block_size: int, groups: int, dtype: torch.dtype,
+               sliding_window: int | None) -> torch.Tensor:
+    """Causal (and sliding-window) mask over a group's gathered keys, shared by all layers of one padded pass.
 
     Key j of a sequence sits at position j because block tables list blocks in order. A query at position p sees
     keys p - window < j <= p, as transformers' sliding-window mask does; padding cells see key 0 only, so no row is
@@ -121,11 +132,11 @@ def build_bias(ctx: Context, block_size: int, groups: int, dtype: torch.dtype) -
     2K - 1 values over p - j (the runner gives each cell its row, K - 1 - p): built with fills and one gather,
     where comparisons and `where` would load two more kernel modules (host memory an Orin's plan counts).
     """
-    keys = ctx.block_tables.shape[1] * block_size
-    window = keys if ctx.sliding_window is None else min(keys, ctx.sliding_window)
-    table = torch.full((2 * keys - 1,), torch.finfo(dtype).min, dtype=dtype, device=ctx.positions.device)
+    keys = group.block_tables.shape[1] * block_size
+    window = keys if sliding_window is None else min(keys, sliding_window)
+    table = torch.full((2 * keys - 1,), torch.finfo(dtype).min, dtype=dtype, device=group.mask_rows.device)
     table[keys - window:keys] = 0  # entry u is for p - j = K - 1 - u
-    rows = ctx.layout.mask_rows
+    rows = group.mask_rows
     rows = rows[:, :, None].expand(-1, -1, groups).reshape(rows.shape[0], -1)
     return table.unfold(0, keys, 1)[rows][:, None]
 
@@ -166,16 +177,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        dim ** -0.5)
         return out.view(tokens, heads * dim)
     groups = heads // kv_heads
-    batch, nblocks = ctx.block_tables.shape
-    keys = k_cache[ctx.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
-    values = v_cache[ctx.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
-    qmax = lay.query_slots.shape[1]
-    # One gather builds the folded query [B, Hkv, Qmax * G, D] and one gather reads the output back in token order,
-    # both as words. (reshape, not view: the layout an index or SDPA returns differs between devices and kernels.)
-    words = _words(q.reshape(-1, kv_heads, groups, dim))                             # [T, Hkv, G, W]
-    query = words.transpose(0, 1)[:, lay.query_slots]                                # [Hkv, B, Qmax, G, W]
-    query = query.reshape(kv_heads, batch, qmax * groups, -1).view(q.dtype).transpose(0, 1)
-    with sdpa_kernel(_BACKENDS):
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=lay.bias, scale=dim ** -0.5)
-    out = _words(out.reshape(batch, kv_heads, qmax, groups, dim)).transpose(1, 2)    # [B, Qmax, Hkv, G, W]
-    return out[lay.token_seq, lay.token_query].view(q.dtype).reshape(-1, heads * dim)
+    words = _words(q.reshape(-1, kv_heads, groups, dim)).transpose(0, 1)             # [Hkv, T, G, W]
+    outs = []
+    for group in lay.groups:
+        batch, qmax = group.query_slots.shape
+        keys = k_cache[group.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
+        values = v_cache[group.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
+        # One gather builds the folded query [b, Hkv, Qmax * G, D] and one gather reads the output back in token
+        # order, both as words. (reshape, not view: the layout an index or SDPA returns differs between devices.)
+        query = words[:, group.query_slots]                                          # [Hkv, b, Qmax, G, W]
+        query = query.reshape(kv_heads, batch, qmax * groups, -1).view(q.dtype).transpose(0, 1)
+        with sdpa_kernel(_BACKENDS):
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.bias, scale=dim ** -0.5)
+        out = _words(out.reshape(batch, kv_heads, qmax, groups, dim)).transpose(1, 2)  # [b, Qmax, Hkv, G, W]
+        outs.append(out[group.token_seq, group.token_query].view(q.dtype).reshape(-1, heads * dim))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)

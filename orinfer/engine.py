@@ -40,7 +40,8 @@ class Engine:
             if attention is None:
                 attention = available(model.device, model.dtype, cfg.num_attention_heads, cfg.num_key_value_heads,
                                       cfg.head_dim, options.varlen and plan.varlen_attention, options.packed_queries)
-            runner = ModelRunner(model, plan.num_blocks, plan.block_size, attention)
+            runner = ModelRunner(model, plan.num_blocks, plan.block_size, attention,
+                                 max_gather_tokens=plan.max_gather_tokens)
         self.runner = runner
         self.blocks = BlockManager(plan.num_blocks, plan.block_size)
         # A decode pass reads every weight once; it stays memory-bound up to roughly this many tokens on GPUs
@@ -54,7 +55,8 @@ class Engine:
     def _limits(self) -> Limits:
         p, speculate = self.plan, self.options.speculate
         return Limits(max_num_seqs=p.max_num_seqs, max_batched_tokens=p.max_batched_tokens,
-                      max_gather_tokens=p.max_gather_tokens, max_drafts=p.max_drafts if speculate else 0,
+                      max_gather_tokens=p.max_gather_tokens if self.runner.varlen else None,
+                      max_drafts=p.max_drafts if speculate else 0,
                       lookup_draft_tokens=self.lookup_draft_tokens if speculate else 0)
 
     def _observed(self, works: list[Work], pending: Pending, tokens: list[int]) -> list[int]:

@@ -15,10 +15,10 @@ GiB = 1 << 30
 MiB = 1 << 20
 CUDA_CONTEXT_BYTES = 512 * MiB   # the CUDA context lives in the shared DRAM on an integrated GPU
 # Host growth after the plan is made, measured in the Orin emulation on the H200 (bench capped stage, BENCHMARKS.md):
-# RSS 0.53 GiB at planning -> 1.20 GiB at the runs' peak under the Jetson's transformers (0.82 -> 1.49 under 5.17):
-# the load, then kernel modules loaded on first use (cuBLAS +0.2 GiB, the elementwise and index kernels +0.3,
-# attention's < 0.05) and the heap.
-WARMUP_HOST_BYTES = 704 * MiB
+# RSS 0.53 GiB at planning -> 0.97-0.98 GiB at the runs' peak under the Jetson's transformers (run 50): the load, then
+# kernel modules loaded on first use (cuBLAS +0.15 GiB, the elementwise and index kernels the Orin path runs ~0.1)
+# and the heap; booked with 58 MiB to spare.
+WARMUP_HOST_BYTES = 512 * MiB
 # The runner's pinned buffers (inputs up, tokens down; >= 2 MiB each, ~4 of them): page-locked host memory.
 PINNED_HOST_BYTES = 16 * MiB
 GRAPHS_HOST_BYTES = 512 * MiB
@@ -209,7 +209,12 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
     tokens = 64
     while tokens * 2 <= 16384 and act(tokens * 2) <= free // 4:
         tokens *= 2
-    gather_tokens = max(2048, min(1 << 20, free // 10 // gather))
+    # The varlen layout gathers a whole pass's keys at once; the padded one in groups, so on shared memory its bound
+    # need only hold two sequences of the longest context (more groups a pass cost launches, not memory).
+    if shared_host and not varlen_attention:
+        gather_tokens = 2 * cfg.max_position_embeddings
+    else:
+        gather_tokens = max(2048, min(1 << 20, free // 10 // gather))
     kv = free - act(tokens) - gather_tokens * gather
     if table:  # a pass's rows, read into a host buffer and indexed once
         rows = 2 * tokens * cfg.hidden_size * itemsize

@@ -164,7 +164,8 @@ class Phi3ForCausalLM(nn.Module):
         """Greedy next token for each of ctx.sample_rows; logits are never formed for the other positions."""
         if isinstance(ctx.layout, Padded):
             groups = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
-            ctx.layout.bias = build_bias(ctx, self.block_size, groups, self.dtype)
+            for group in ctx.layout.groups:
+                group.bias = build_bias(group, self.block_size, groups, self.dtype, ctx.sliding_window)
         freqs = ctx.positions.float()[:, None] * self.inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)

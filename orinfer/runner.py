@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import AttentionKernels, Context, Padded, Varlen
+from .attention import AttentionKernels, Context, Padded, PaddedGroup, Varlen
 from .block_manager import SCRATCH_BLOCK
 from .model import Phi3ForCausalLM
 from .sequence import Sequence, Work
@@ -68,10 +68,11 @@ def _bucket(n: int, sizes: list[int]) -> int | None:
 
 class ModelRunner:
     """`attention`: the varlen layout's kernels (attention.available); `pad_above` and `pad_multiple`: an eager varlen
-    pass of more than pad_above tokens is padded to a multiple of pad_multiple tokens and sampled rows."""
+    pass of more than pad_above tokens is padded to a multiple of pad_multiple tokens and sampled rows;
+    `max_gather_tokens`: the keys the padded layout gathers at once (the memory plan's), its groups' bound."""
 
     def __init__(self, model: Phi3ForCausalLM, num_blocks: int, block_size: int, attention: AttentionKernels,
-                 pad_above: int = PAD_ABOVE, pad_multiple: int = PAD_MULTIPLE):
+                 pad_above: int = PAD_ABOVE, pad_multiple: int = PAD_MULTIPLE, max_gather_tokens: int = 1 << 30):
         cfg = model.cfg
         self.model, self.block_size, self.device = model, block_size, model.device
         self.kv = torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads,
@@ -85,6 +86,7 @@ class ModelRunner:
         self.attention = attention
         self.varlen, self.packed = attention.varlen is not None, attention.packed is not None
         self.pad_above, self.pad_multiple = pad_above, pad_multiple
+        self.max_gather_tokens = max_gather_tokens
         self.max_positions = cfg.max_position_embeddings
         # Pinned host buffers, reused so that a run allocates none (a pinned allocation can stall the host): inputs
         # go up through a staging buffer whose last copy is done (its event), tokens come down into a buffer that
@@ -249,44 +251,57 @@ class ModelRunner:
                               layout=layout, sliding_window=self.sliding_window)
 
     def _padded_context(self, works: list[Work], shape: tuple[int, int] | None):
-        """SDPA over a [sequences, queries] grid with a mask. Padding: to `shape` = (sequences, blocks) with
-        one-token sequences; an eager pass's keys to whole multiples of 16."""
-        bs, n = self.block_size, len(works)
-        order = list(range(n))
+        """SDPA over [sequences, queries] grids with a mask, in groups (attention.Padded): the sequences by their keys,
+        the longest first, as many a group as keep its gathered keys within max_gather_tokens. Padding: to `shape` =
+        (sequences, blocks) with one-token sequences, in one group; an eager pass's keys to whole multiples of 16
+        (the memory-efficient SDPA kernel wants its mask's rows 16-aligned, and otherwise pads a copy of the mask in
+        every layer; the extra keys point at the scratch block, masked)."""
+        bs, n, align = self.block_size, len(works), max(1, 16 // self.block_size)
+        blocks = [-(-(-(-(w.start + len(w.tokens)) // bs)) // align) * align for w in works]
+        order = list(range(n)) if shape is not None else sorted(range(n), key=lambda i: -blocks[i])
         ids, sample_rows = self._flat(works, order)
-        starts = [w.start for w in works]
-        lens = [len(w.tokens) for w in works]
+        starts = [works[i].start for i in order]
+        lens = [len(works[i].tokens) for i in order]
         if shape is not None:
             lens += [1] * (shape[0] - n)
             sample_rows += range(len(ids), len(ids) + shape[0] - n)
         starts += [0] * (len(lens) - n)
         ids += [0] * (sum(lens) - len(ids))
-        if shape is not None:
-            nblocks = shape[1]
-        else:
-            # Whole multiples of 16 keys: the memory-efficient SDPA kernel wants its mask's rows 16-aligned and
-            # otherwise pads a copy of the mask in every layer. The extra keys point at the scratch block, masked.
-            align = max(1, 16 // bs)
-            nblocks = -(-max(s + k for s, k in zip(starts, lens)) // bs)
-            nblocks = -(-nblocks // align) * align
-        # Each cell of the [sequences, queries] grid: its flat token (padding: any), and its row of the mask table
+        spans, first = ([(0, len(lens), shape[1])] if shape is not None else []), 0
+        while first < n:  # (first sequence, end, blocks of its longest)
+            most = blocks[order[first]]
+            end = min(n, first + max(1, self.max_gather_tokens // (most * bs)))
+            spans.append((first, end, most))
+            first = end
+        # Each cell of a group's grid: its flat token (padding: any), and its row of the group's mask table
         # (attention.build_bias): keys - 1 - its position, a padding cell taken at position 0 (it sees key 0).
-        keys, qmax, counting = nblocks * bs, max(lens), self._counting(len(ids))
-        if qmax == 1:
-            grid = counting[:len(lens)] + array("q", [keys - 1 - s for s in starts])
-        else:
-            query_slots, mask_rows, cu = array("q"), array("q"), 0
-            for s, n in zip(starts, lens):
-                query_slots += counting[cu:cu + n] + array("q", bytes(8 * (qmax - n)))
-                mask_rows += array("q", range(keys - 1 - s, keys - 1 - s - n, -1)) + array("q", [keys - 1]) * (qmax - n)
-                cu += n
-            grid = query_slots + mask_rows
-        t = self._inputs(works, order, ids, sample_rows, starts, lens, nblocks, grid)
-        query_slots, mask_rows = t.layout.view(2, len(lens), qmax)
-        layout = Padded(query_slots=query_slots, mask_rows=mask_rows, token_seq=t.token_seq,
-                        token_query=t.token_query)
+        counting = self._counting(len(ids))
+        query_slots, mask_rows, grids = array("q"), array("q"), []
+        for first, end, most in spans:
+            keys, qmax, token = most * bs, max(lens[first:end]), sum(lens[:first])
+            grids.append((end - first, qmax, sum(lens[first:end])))
+            if qmax == 1:
+                query_slots += counting[token:token + end - first]
+                mask_rows += array("q", [keys - 1 - s for s in starts[first:end]])
+                continue
+            for s, k in zip(starts[first:end], lens[first:end]):
+                query_slots += counting[token:token + k] + array("q", bytes(8 * (qmax - k)))
+                mask_rows += array("q", range(keys - 1 - s, keys - 1 - s - k, -1)) + array("q", [keys - 1]) * (qmax - k)
+                token += k
+        t = self._inputs(works, order, ids, sample_rows, starts, lens, spans[0][2], query_slots + mask_rows)
+        slots_t, rows_t = t.layout.split([len(query_slots), len(mask_rows)])
+        groups, cell, token = [], 0, 0
+        for (first, end, most), (batch, qmax, tokens) in zip(spans, grids):
+            token_seq = t.token_seq[token:token + tokens]
+            groups.append(PaddedGroup(block_tables=t.tables[first:end, :most],
+                                      query_slots=slots_t[cell:cell + batch * qmax].view(batch, qmax),
+                                      mask_rows=rows_t[cell:cell + batch * qmax].view(batch, qmax),
+                                      token_seq=token_seq - first if first else token_seq,
+                                      token_query=t.token_query[token:token + tokens]))
+            cell, token = cell + batch * qmax, token + tokens
         return t.ids, Context(positions=t.positions, slots=t.slots, block_tables=t.tables, sample_rows=t.sample_rows,
-                              layout=layout, sliding_window=self.sliding_window)
+                              layout=Padded(mask_rows=rows_t, groups=tuple(groups)),
+                              sliding_window=self.sliding_window)
 
     def _upload(self, host: array) -> torch.Tensor:
         """The pass's integers on the device, sent from pinned memory so the host need not wait for a pass still

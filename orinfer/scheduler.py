@@ -22,7 +22,9 @@ MAX_DRAFT_LENGTH = 64  # lookup drafts a sequence may propose in one pass, howev
 class Limits:
     max_num_seqs: int          # sequences holding cache blocks at once
     max_batched_tokens: int    # tokens in one pass (prefill chunks + decode + drafts)
-    max_gather_tokens: int     # sequences x longest context in one pass: bounds attention's gathered K/V
+    # Sequences x longest context in one pass: bounds the varlen layout's gathered K/V (None: the padded layout, which
+    # gathers in groups within the bound itself).
+    max_gather_tokens: int | None
     max_drafts: int = 0        # draft tokens per sequence and pass (0: no speculation)
     lookup_draft_tokens: int = 0  # pass size below which speculative prompt-lookup drafts cost ~nothing
 
@@ -161,7 +163,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < lim.max_num_seqs:
             seq = self.waiting[0]
             longest_after = max(longest, seq.num_tokens)
-            if self.running and (len(self.running) + 1) * longest_after > lim.max_gather_tokens:
+            if (lim.max_gather_tokens is not None and self.running
+                    and (len(self.running) + 1) * longest_after > lim.max_gather_tokens):
                 break
             need = self.blocks.blocks_needed(seq, seq.num_tokens)
             growth = self._expected_growth(seq)
@@ -241,6 +244,7 @@ class Scheduler:
             return
         lim.max_num_seqs = max(1, lim.max_num_seqs // 2)
         lim.max_batched_tokens = max(lim.max_num_seqs, lim.max_batched_tokens // 2)
-        lim.max_gather_tokens = max(1, lim.max_gather_tokens // 2)
+        if lim.max_gather_tokens is not None:
+            lim.max_gather_tokens = max(1, lim.max_gather_tokens // 2)
         while len(self.running) > lim.max_num_seqs:
             self._preempt(self.running[-1])

@@ -64,8 +64,8 @@ def generator(folder, options: Options = Options(), attention: AttentionKernels 
     if plan_changes or attention or padding:
         e = gen.engine
         plan = replace(e.plan, **plan_changes)
-        runner = ModelRunner(e.model, plan.num_blocks, plan.block_size, attention or AttentionKernels(),
-                             *padding) if padding else None
+        runner = ModelRunner(e.model, plan.num_blocks, plan.block_size, attention or AttentionKernels(), *padding,
+                             max_gather_tokens=plan.max_gather_tokens) if padding else None
         gen.engine = Engine(e.model, e.eos_ids, plan, options, attention=attention, runner=runner, observer=observer)
     return gen
 

@@ -87,31 +87,56 @@ def test_keys_past_the_sliding_window_take_the_padded_layout(varlen, tmp_path):
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_padded_mask_is_causal_within_the_window(tiny_dir, window):
-    """The mask the runner's grid rows pick out of one table (build_bias) against the rule written out: a query at
-    position p sees keys p - window < j <= p of its own sequence, a padding cell key 0 only."""
-    runner = generator(tiny_dir).engine.runner
+@pytest.mark.parametrize("gather", [1 << 20, 16])
+def test_padded_mask_is_causal_within_the_window(tiny_dir, window, gather):
+    """The masks the runner's grid rows pick out of one table per group (build_bias) against the rule written out: a
+    query at position p sees keys p - window < j <= p of its own sequence, a padding cell key 0 only. With a small
+    gather bound the sequences go into groups, the longest first, each group's tokens a run of the pass's."""
+    runner = generator(tiny_dir, max_gather_tokens=gather).engine.runner
     runner.sliding_window = window
     bs = runner.block_size
     seqs = [Sequence(index=i, token_ids=list(range(n)), num_prompt_tokens=n, max_new_tokens=1,
-                     block_table=list(range(1 + 10 * i, 1 + 10 * i - (-n // bs))))
-            for i, n in enumerate((7, 3, 9))]
+                     block_table=list(range(1 + 40 * i, 1 + 40 * i - (-n // bs))))
+            for i, n in enumerate((7, 3, 19))]
     works = [Work(seqs[0], seqs[0].token_ids[4:], 4, 0, True, False), Work(seqs[1], seqs[1].token_ids, 0, 0, True, True),
-             Work(seqs[2], seqs[2].token_ids[8:], 8, 0, True, False)]
+             Work(seqs[2], seqs[2].token_ids[18:], 18, 0, True, False)]
     ids, ctx = runner.context(works)
-    assert isinstance(ctx.layout, attention.Padded)
+    lay = ctx.layout
+    assert isinstance(lay, attention.Padded)
+    by_group = [[works[2]], [works[0]], [works[1]]] if gather == 16 else [[works[2], works[0], works[1]]]
+    assert [g.block_tables.shape[0] for g in lay.groups] == [len(g) for g in by_group]
+    assert ids.tolist() == [t for group in by_group for w in group for t in w.tokens]
     groups = 2
-    bias = attention.build_bias(ctx, bs, groups, torch.float32)
-    batch, _, rows, keys = bias.shape
-    qmax = rows // groups
-    assert (batch, qmax) == (3, 3) and keys >= 9
-    for b, w in enumerate(works):
-        for q in range(qmax):
-            p = w.start + q if q < len(w.tokens) else None
-            seen = [j for j in range(keys)
-                    if (j == 0 if p is None else j <= p and (window is None or p - j < window))]
-            for g in range(groups):
-                assert (bias[b, 0, q * groups + g] == 0).nonzero().flatten().tolist() == seen
+    for group, members in zip(lay.groups, by_group):
+        bias = attention.build_bias(group, bs, groups, torch.float32, window)
+        batch, _, rows, keys = bias.shape
+        qmax = rows // groups
+        assert batch == len(members) and qmax == max(len(w.tokens) for w in members) and keys % 16 == 0
+        assert keys * batch <= max(gather, keys)
+        for b, w in enumerate(members):
+            for q in range(qmax):
+                p = w.start + q if q < len(w.tokens) else None
+                seen = [j for j in range(keys)
+                        if (j == 0 if p is None else j <= p and (window is None or p - j < window))]
+                for g in range(groups):
+                    assert (bias[b, 0, q * groups + g] == 0).nonzero().flatten().tolist() == seen
+
+
+@pytest.mark.parametrize("gather", [16, 48])
+def test_padded_layout_in_groups_matches_pipeline(tiny_dir, public_chats, longest_chat, expected, gather):
+    """Passes whose sequences go into several groups of gathered keys (a bound of 16 or 48 keys: a group a sequence,
+    or a few) give the pipeline's text."""
+    gen = generator(tiny_dir, max_gather_tokens=gather)
+    groups = []
+    context = gen.engine.runner.context
+
+    def counted(works, shape=None):
+        ids, ctx = context(works, shape)
+        groups.append(len(ctx.layout.groups))
+        return ids, ctx
+    gen.engine.runner.context = counted
+    assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    assert max(groups) > 1
 
 
 @pytest.mark.parametrize("plan", [{}, {"max_batched_tokens": 48, "max_num_seqs": 4}])
@@ -120,34 +145,6 @@ def test_varlen_layout_matches_pipeline(varlen, tiny_dir, public_chats, longest_
     gen = generator(tiny_dir, attention=varlen, **plan)
     assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
     assert reference_varlen.calls == gen.engine.stats["passes"] * gen.engine.model.cfg.num_hidden_layers
-
-
-@pytest.mark.parametrize("window", [None, 5])
-def test_padded_mask_is_causal_within_the_window(tiny_dir, window):
-    """The mask the runner's grid rows pick out of one table (build_bias) against the rule written out: a query at
-    position p sees keys p - window < j <= p of its own sequence, a padding cell key 0 only."""
-    runner = generator(tiny_dir).engine.runner
-    runner.sliding_window = window
-    bs = runner.block_size
-    seqs = [Sequence(index=i, token_ids=list(range(n)), num_prompt_tokens=n, max_new_tokens=1,
-                     block_table=list(range(1 + 10 * i, 1 + 10 * i - (-n // bs))))
-            for i, n in enumerate((7, 3, 9))]
-    works = [Work(seqs[0], seqs[0].token_ids[4:], 4, 0, True, False), Work(seqs[1], seqs[1].token_ids, 0, 0, True, True),
-             Work(seqs[2], seqs[2].token_ids[8:], 8, 0, True, False)]
-    ids, ctx = runner.context(works)
-    assert isinstance(ctx.layout, attention.Padded)
-    groups = 2
-    bias = attention.build_bias(ctx, bs, groups, torch.float32)
-    batch, _, rows, keys = bias.shape
-    qmax = rows // groups
-    assert (batch, qmax) == (3, 3) and keys >= 9
-    for b, w in enumerate(works):
-        for q in range(qmax):
-            p = w.start + q if q < len(w.tokens) else None
-            seen = [j for j in range(keys)
-                    if (j == 0 if p is None else j <= p and (window is None or p - j < window))]
-            for g in range(groups):
-                assert (bias[b, 0, q * groups + g] == 0).nonzero().flatten().tolist() == seen
 
 
 @pytest.mark.parametrize("plan", [{}, {"max_batched_tokens": 48, "max_num_seqs": 4}])

@@ -41,6 +41,7 @@ class FakeRunner:
     """A model in one line, for the loop alone: the greedy token after a sequence is a function of its last token
     and its length, <|end|> (token 2 here) now and then."""
     graphs: dict = {}
+    varlen = True  # the scheduler then bounds a pass's gathered keys, as for FlashAttention's layout
 
     @staticmethod
     def next_token(tokens: list[int]) -> int:
