@@ -44,11 +44,13 @@ def _continuation(tokens: list[int], end: int, count: int) -> list[int]:
 class NgramPool:
     """Continuations of the NGRAM-token n-grams this run's requests have generated, shared by every request (answers
     often repeat an earlier answer's phrasing). Holds positions into the requests' token lists, not copies, and
-    indexes them only when a lookup asks (a large batch, which drafts nothing, pays nothing for it)."""
+    indexes them only when a lookup asks after tokens were added (a pass that looks nothing up in it, as a large
+    batch's, pays nothing for it)."""
 
     def __init__(self):
         self.table: dict[tuple, tuple[list[int], int]] = {}
         self.following: list[tuple[Sequence, int]] = []  # each request, and its first position not yet indexed
+        self.current = True  # nothing generated since the last catch_up (the scheduler clears it when it commits)
 
     def add(self, seq: Sequence) -> None:
         """Follow this request's generated tokens from now on."""
@@ -66,9 +68,14 @@ class NgramPool:
             if not seq.finished:
                 following.append((seq, max(start, len(tokens))))
         self.following = following
+        self.current = True
 
     def get(self, tail: list[int], room: int) -> list[int]:
-        found = self.table.get(tuple(tail[-NGRAM:])) if len(tail) >= NGRAM else None
+        if len(tail) < NGRAM:
+            return []
+        if not self.current:
+            self.catch_up()
+        found = self.table.get(tuple(tail[-NGRAM:]))
         if found is None:
             return []
         tokens, end = found
@@ -80,7 +87,7 @@ def candidate_drafts(seq: Sequence, max_drafts: int) -> list[int]:
     the part of their rests they share. Drafting one of them whole wasted its tail whenever another was the answer
     (475 rejected draft tokens on W1); the pass that verifies the shared part samples the token that decides."""
     n = seq.num_generated
-    if not n or max_drafts <= 0 or all(len(c) < n for c in seq.candidates):  # past every candidate: no slice made
+    if not n or max_drafts <= 0 or n > seq.longest_candidate:  # past every candidate: no slice made
         return []
     generated = seq.generated
     rests = [c[n:] for c in seq.candidates if len(c) >= n and c[:n] == generated]  # a whole one: nothing more

@@ -137,8 +137,6 @@ class Scheduler:
         # within the sampled rows the plan sized the LM head's output for.
         spare = min(budget, lim.lookup_draft_tokens - sum(len(w.tokens) for w in joining + works))
         rows = lim.max_num_seqs * (1 + lim.max_drafts) - sum(1 + w.num_drafts for w in joining + works if w.samples)
-        if spare > 0 and rows > 0:
-            self.pool.catch_up()
         for w in works:
             if spare <= 0 or rows <= 0:
                 break
@@ -195,6 +193,7 @@ class Scheduler:
     def postprocess(self, works: list[Work], sampled: list[int]) -> list[Sequence]:
         """Commit a finished pass. `sampled` holds 1 + num_drafts argmax tokens per sampling work, in order."""
         self.in_flight.difference_update(w.seq for w in works)
+        self.pool.current = False
         finished = []
         pos = 0
         for w in works:

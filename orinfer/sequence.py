@@ -11,6 +11,8 @@ class Sequence:
     num_prompt_tokens: int
     max_new_tokens: int
     candidates: list[list[int]] = field(default_factory=list)  # likely answers, token ids (drafts only, see drafts.py)
+    # Generated tokens past this many can begin no candidate (drafts.candidate_drafts asks every pass).
+    longest_candidate: int = field(init=False, default=0)
     num_computed: int = 0           # tokens whose K/V are in the cache
     # Machine integers, not a list: a pass's inputs copy every table it reads, at memcpy speed (runner._inputs).
     block_table: array = field(default_factory=lambda: array("q"))
@@ -25,6 +27,7 @@ class Sequence:
     def __post_init__(self):
         if not isinstance(self.block_table, array):
             self.block_table = array("q", self.block_table)
+        self.longest_candidate = max(map(len, self.candidates), default=0)
 
     @property
     def num_tokens(self) -> int:
