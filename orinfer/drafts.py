@@ -10,8 +10,9 @@ Two sources, in order:
   2. lookup: if the last few tokens occurred before, in this request's prompt or output (its own n-gram index) or
      in another request's output in this run (NgramPool: the model's own words, nothing from outside), propose
      what followed them there. How many: the sequence's draft length, which doubles while its drafts are all
-     accepted, falls to one more than were when some were, and halves when none were (to 0: no drafting, and
-     no host work for it, but a retry now and then; scheduler.postprocess), within what a longer match allows.
+     accepted, falls to one more than were when some were, and halves when none were or none were found (to 0:
+     no drafting, and no host work for it, but a retry now and then; scheduler.postprocess), within what a longer
+     match allows.
 """
 from .sequence import Sequence
 
@@ -120,4 +121,7 @@ def lookup_drafts(seq: Sequence, max_drafts: int, pool: NgramPool | None = None)
             found = pool.get(tokens, room)
             if found:
                 return found
+    # Nothing to propose counts as a miss: a sequence whose text never repeats stops looking (each look costs the
+    # host its index's upkeep every pass).
+    seq.draft_length //= 2
     return []

@@ -135,7 +135,10 @@ class Scheduler:
         # Lookup drafts are worth it only while the pass stays memory-bound (they are often wrong): the tokens up to
         # lookup_draft_tokens ride along at no cost. A small batch may then draft far more than max_drafts each,
         # within the sampled rows the plan sized the LM head's output for.
-        spare = min(budget, lim.lookup_draft_tokens - sum(len(w.tokens) for w in joining + works))
+        # A pass scheduled while another is in flight is topped up with that one's sequences once it commits
+        # (engine.generate): a token each is kept for them (those in flight besides the joining works).
+        ahead = len(self.in_flight) - len(joining)
+        spare = min(budget, lim.lookup_draft_tokens - sum(len(w.tokens) for w in joining + works) - ahead)
         rows = lim.max_num_seqs * (1 + lim.max_drafts) - sum(1 + w.num_drafts for w in joining + works if w.samples)
         for w in works:
             if spare <= 0 or rows <= 0:

@@ -49,6 +49,34 @@ def test_lookup_takes_the_longest_tail_then_the_pool_within_the_draft_length():
 
 
 @pytest.mark.unit
+def test_a_lookup_that_finds_nothing_halves_the_draft_length():
+    seq = Sequence(index=0, token_ids=[1, 2, 3, 4, 5], num_prompt_tokens=3, max_new_tokens=40, draft_length=4)
+    assert lookup_drafts(seq, 8) == [] and seq.draft_length == 2   # [5] never occurred before
+    assert lookup_drafts(seq, 8) == [] and seq.draft_length == 1
+    assert lookup_drafts(seq, 8) == [] and seq.draft_length == 0   # no more looking, but a retry now and then
+    seq.token_ids += [1, 2]                                          # [1 2] occurred: 7 generated, no retry due
+    assert lookup_drafts(seq, 8) == [] and seq.draft_length == 0
+
+
+@pytest.mark.unit
+def test_lookups_leave_room_for_the_sequences_in_flight():
+    """A pass scheduled while another is in flight is topped up with that one's sequences: its lookups keep a token
+    for each of them within the no-cost budget."""
+    from orinfer.block_manager import BlockManager
+    from orinfer.scheduler import Limits, Scheduler
+    seqs = [Sequence(index=i, token_ids=[1, 2, 3, 1, 2, 3, 1, 2], num_prompt_tokens=8, max_new_tokens=40, draft_length=8)
+            for i in range(3)]
+    sch = Scheduler(BlockManager(256, 1), Limits(max_num_seqs=4, max_batched_tokens=64, max_gather_tokens=1024,
+                                                 max_drafts=8, lookup_draft_tokens=4), eos_ids=[0])
+    for seq in seqs:
+        sch.add(seq)
+    sch.postprocess(sch.schedule(), [3, 3, 3])     # the prompts' pass
+    sch.in_flight.update(seqs[:2])                 # two of them in a pass not yet committed
+    works = sch.schedule()
+    assert [w.seq for w in works] == [seqs[2]] and works[0].num_drafts == 4 - 1 - 2
+
+
+@pytest.mark.unit
 def test_the_draft_length_doubles_while_drafts_are_right_and_falls_when_not():
     from orinfer.block_manager import BlockManager
     from orinfer.scheduler import Limits, Scheduler
