@@ -62,6 +62,10 @@ class _Inputs:
     layout: torch.Tensor     # the layout's own integers (_padded_context's)
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _bucket(n: int, sizes: list[int]) -> int | None:
     return next((s for s in sizes if s >= n), None)
 
@@ -132,9 +136,9 @@ class ModelRunner:
     def context(self, works: list[Work], shape: tuple[int, int] | None = None):
         """Flat input ids and the attention Context of one pass, optionally padded to a graph's shape; each layout's
         builder owns its padding. The host lays out per-sequence facts (start, length, block table) and each
-        token's sequence and place in it, as machine-integer arrays copied in one upload (no Python int per token);
-        positions and cache slots are derived on the device. Padding tokens sit at position 0 in the scratch
-        block."""
+        token's sequence, place, position and cache slot, as machine-integer arrays copied in one upload (array
+        slices, no Python int per token where blocks hold one token). Padding tokens sit at position 0 in the
+        scratch block."""
         if self._uses_varlen([w.start + len(w.tokens) for w in works]):  # a graph's shape agrees
             return self._varlen_context(works, shape)
         return self._padded_context(works, shape)
@@ -257,7 +261,7 @@ class ModelRunner:
         (the memory-efficient SDPA kernel wants its mask's rows 16-aligned, and otherwise pads a copy of the mask in
         every layer; the extra keys point at the scratch block, masked)."""
         bs, n, align = self.block_size, len(works), max(1, 16 // self.block_size)
-        blocks = [-(-(-(-(w.start + len(w.tokens)) // bs)) // align) * align for w in works]
+        blocks = [_ceil_div(_ceil_div(w.start + len(w.tokens), bs), align) * align for w in works]
         order = list(range(n)) if shape is not None else sorted(range(n), key=lambda i: -blocks[i])
         ids, sample_rows = self._flat(works, order)
         starts = [works[i].start for i in order]
