@@ -49,6 +49,8 @@ def parse_args():
     ap.add_argument("--profile", action="store_true",
                     help="profile the first system's timed call: top CUDA kernels, and where the device sat idle")
     ap.add_argument("--host-profile", action="store_true", help="cProfile each of our systems' timed calls")
+    ap.add_argument("--interleave", type=float, default=0,
+                    help="GiB each: build all our variants at once within this budget and alternate their calls")
     return ap.parse_args()
 
 

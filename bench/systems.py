@@ -114,24 +114,45 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
 
     systems = args.systems.split(",") if args.systems else []
     ours = [s for s in systems if s.startswith("ours")]
+    bases = list(dict.fromkeys(s.removesuffix("_repeat") for s in ours))
     first = True
-    for base in dict.fromkeys(s.removesuffix("_repeat") for s in ours):
+
+    def built(base: str):
         gen = optimize.build(folder, device="cuda", init=random_init(0), progress=False, options=VARIANTS[base],
-                             observer=ScriptedAnswers(scripts))
+                             observer=ScriptedAnswers(scripts),
+                             memory_budget=f"{args.interleave}GiB" if args.interleave else "auto")
         res.setdefault("plan", gen.engine.plan.describe())
         gen.warmup()
         res["attention"][base] = gen.describe()  # after the warm-up, which measures the lookup-draft budget
         print(base, res["plan"], res["attention"][base], flush=True)
-        calls = [name for name in (base, base + "_repeat") if name in ours]
-        if calls == [base + "_repeat"]:
-            timed_call(gen, False, False)  # the first call, untimed
-        for name in calls:
-            res["systems"][name] = timed_call(gen, args.profile and first, args.host_profile)
-            first = False
-            print(name, json.dumps({k: v for k, v in res["systems"][name].items() if k != "breakdown"}), flush=True)
-            print("   breakdown", json.dumps(res["systems"][name]["breakdown"]), flush=True)
-        del gen
+        return gen
+
+    def call(gen, name: str) -> None:
+        """Time `name` on its variant's generator (NAME_repeat: the second call; an unasked first call is untimed)."""
+        nonlocal first
+        if name not in ours:
+            if name + "_repeat" in ours:
+                timed_call(gen, False, False)
+            return
+        res["systems"][name] = timed_call(gen, args.profile and first, args.host_profile)
+        first = False
+        print(name, json.dumps({k: v for k, v in res["systems"][name].items() if k != "breakdown"}), flush=True)
+        print("   breakdown", json.dumps(res["systems"][name]["breakdown"]), flush=True)
+
+    if args.interleave:  # every variant built at once, their calls alternated: neither order nor drift favours one
+        gens = {base: built(base) for base in bases}
+        for suffix in ("", "_repeat"):
+            for base in bases:
+                call(gens[base], base + suffix)
+        del gens
         free_device()
+    else:
+        for base in bases:
+            gen = built(base)
+            call(gen, base)
+            call(gen, base + "_repeat")
+            del gen
+            free_device()
 
     hf_systems = [s for s in systems if s.startswith("hf")]
     if hf_systems:
