@@ -271,12 +271,15 @@ class ModelRunner:
             sample_rows += range(len(ids), len(ids) + shape[0] - n)
         starts += [0] * (len(lens) - n)
         ids += [0] * (sum(lens) - len(ids))
-        spans, first = ([(0, len(lens), shape[1])] if shape is not None else []), 0
-        while first < n:  # (first sequence, end, blocks of its longest)
-            most = blocks[order[first]]
-            end = min(n, first + max(1, self.max_gather_tokens // (most * bs)))
-            spans.append((first, end, most))
-            first = end
+        if shape is not None:  # spans: (first sequence, end, blocks of its longest) of each group
+            spans = [(0, len(lens), shape[1])]
+        else:
+            spans, first = [], 0
+            while first < n:
+                most = blocks[order[first]]
+                end = min(n, first + max(1, self.max_gather_tokens // (most * bs)))
+                spans.append((first, end, most))
+                first = end
         # Each cell of a group's grid: its flat token (padding: any), and its row of the group's mask table
         # (attention.build_bias): keys - 1 - its position, a padding cell taken at position 0 (it sees key 0).
         counting = self._counting(len(ids))

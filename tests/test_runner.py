@@ -35,6 +35,8 @@ def test_inputs_padded_to_a_graph_shape_give_the_same_tokens(tiny_dir, public_ch
             return launch(works)
         ids, ctx = runner.context(works, shape)
         assert ids.numel() == shape[0]
+        if layout == "padded":  # a graph's shape is one group of the padded layout
+            assert len(ctx.layout.groups) == 1
         compared.append(len(works))
         assert runner.model(ids, ctx).tolist()[:len(plain)] == plain
         return launch(works)
