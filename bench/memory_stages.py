@@ -26,7 +26,7 @@ def device_outside_torch() -> float:
 
 def write_token_table(folder: Path, seed: int = 1) -> None:
     """The random token table as the folder's one-tensor checkpoint (run in a child process: its host copy must not
-    count in the measured process), for a plan that reads the table in place from its file pages."""
+    count in the measured process), for a plan that reads the table's rows from the file."""
     from safetensors.torch import save_file
     from orinfer.config import Phi3Config
     cfg = Phi3Config.from_folder(folder)

@@ -131,7 +131,7 @@ class ModelRunner:
         if not all(len(w.tokens) == 1 and w.samples for w in works):
             return None
         return (_bucket(len(works), sizes),
-                _bucket(max(-(-(w.start + 1) // self.block_size) for w in works), extents))
+                _bucket(max(_ceil_div(w.start + 1, self.block_size) for w in works), extents))
 
     def context(self, works: list[Work], shape: tuple[int, int] | None = None):
         """Flat input ids and the attention Context of one pass, optionally padded to a graph's shape; each layout's
@@ -230,7 +230,7 @@ class ModelRunner:
         starts += [0] * (len(lens) - n)
         ids += [0] * (sum(lens) - len(ids))
         ends = [s + k for s, k in zip(starts, lens)]
-        t = self._inputs(works, order, ids, sample_rows, starts, lens, -(-max(ends) // bs))
+        t = self._inputs(works, order, ids, sample_rows, starts, lens, _ceil_div(max(ends), bs))
         ends_t = t.starts + t.lens
         cu_k = torch.zeros(len(lens) + 1, dtype=torch.int64, device=self.device)
         torch.cumsum(ends_t, 0, out=cu_k[1:])
@@ -283,29 +283,30 @@ class ModelRunner:
         # Each cell of a group's grid: its flat token (padding: any), and its row of the group's mask table
         # (attention.build_bias): keys - 1 - its position, a padding cell taken at position 0 (it sees key 0).
         counting = self._counting(len(ids))
-        query_slots, mask_rows, grids = array("q"), array("q"), []
-        for first, end, most in spans:
-            keys, qmax, token = most * bs, max(lens[first:end]), sum(lens[:first])
-            grids.append((end - first, qmax, sum(lens[first:end])))
+        query_slots, mask_rows, grids, token = array("q"), array("q"), [], 0
+        for first, end, most in spans:  # grids: (first cell, sequences, queries, first token, tokens) of each group
+            keys, qmax, tokens = most * bs, max(lens[first:end]), sum(lens[first:end])
+            grids.append((len(query_slots), end - first, qmax, token, tokens))
             if qmax == 1:
                 query_slots += counting[token:token + end - first]
                 mask_rows += array("q", [keys - 1 - s for s in starts[first:end]])
-                continue
-            for s, k in zip(starts[first:end], lens[first:end]):
-                query_slots += counting[token:token + k] + array("q", bytes(8 * (qmax - k)))
-                mask_rows += array("q", range(keys - 1 - s, keys - 1 - s - k, -1)) + array("q", [keys - 1]) * (qmax - k)
-                token += k
+            else:
+                at = token
+                for s, k in zip(starts[first:end], lens[first:end]):
+                    query_slots += counting[at:at + k] + array("q", bytes(8 * (qmax - k)))
+                    mask_rows += array("q", range(keys - 1 - s, keys - 1 - s - k, -1)) + array("q", [keys - 1]) * (qmax - k)
+                    at += k
+            token += tokens
         t = self._inputs(works, order, ids, sample_rows, starts, lens, spans[0][2], query_slots + mask_rows)
         slots_t, rows_t = t.layout.split([len(query_slots), len(mask_rows)])
-        groups, cell, token = [], 0, 0
-        for (first, end, most), (batch, qmax, tokens) in zip(spans, grids):
+        groups = []
+        for (first, end, most), (cell, batch, qmax, token, tokens) in zip(spans, grids):
             token_seq = t.token_seq[token:token + tokens]
             groups.append(PaddedGroup(block_tables=t.tables[first:end, :most],
                                       query_slots=slots_t[cell:cell + batch * qmax].view(batch, qmax),
                                       mask_rows=rows_t[cell:cell + batch * qmax].view(batch, qmax),
                                       token_seq=token_seq - first if first else token_seq,
                                       token_query=t.token_query[token:token + tokens]))
-            cell, token = cell + batch * qmax, token + tokens
         return t.ids, Context(positions=t.positions, slots=t.slots, block_tables=t.tables, sample_rows=t.sample_rows,
                               layout=Padded(mask_rows=rows_t, groups=tuple(groups)),
                               sliding_window=self.sliding_window)
@@ -456,8 +457,8 @@ class ModelRunner:
         else:
             sizes = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if b < max_seqs}
                            | {max_seqs})
-            most_blocks = -(-self.max_positions // self.block_size)
-            extents = sorted({min(-(-t // self.block_size), most_blocks) for t in (128, 256, 512, 1024, 2048, 4096)})
+            most_blocks = _ceil_div(self.max_positions, self.block_size)
+            extents = sorted({min(_ceil_div(t, self.block_size), most_blocks) for t in (128, 256, 512, 1024, 2048, 4096)})
         self.graph_dims = sorted(sizes), sorted(extents)
         pool = None
         stream = torch.cuda.Stream()  # one side stream: each stream keeps its own cached blocks
