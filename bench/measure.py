@@ -105,13 +105,23 @@ def breakdown(log: list[PassRecord], phases: dict[str, float], started: float, s
 def host_rss_split() -> dict:
     """RssAnon / RssFile / RssShmem in GiB, and the six largest mappings by RSS (what the host memory is)."""
     out = {k: v / GiB for k, v in proc_kib_fields("/proc/self/status", ("RssAnon", "RssFile", "RssShmem")).items()}
-    maps, name = {}, None
+    maps, name, size, anon = {}, None, 0, []
     with open("/proc/self/smaps") as f:
         for line in f:
             parts = line.split()
             if "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
                 name = parts[5] if len(parts) > 5 else "[anon]"
+                lo, hi = (int(a, 16) for a in parts[0].split("-"))
+                size = hi - lo
             elif parts[0] == "Rss:":
-                maps[name] = maps.get(name, 0) + int(parts[1]) / (1 << 20)
+                rss = int(parts[1]) << 10
+                maps[name] = maps.get(name, 0) + rss / GiB
+                if name == "[anon]" and rss >= 4 << 20:
+                    anon.append((round(rss / (1 << 20)), round(size / (1 << 20))))
     out["top"] = {Path(k).name: round(v, 3) for k, v in sorted(maps.items(), key=lambda kv: -kv[1])[:6]}
+    # Unnamed mappings of >= 4 MiB resident, as [MiB resident, MiB mapped]: malloc's thread arenas map 64 MiB each,
+    # what else is large (module images, Python's and torch's large blocks) shows its own sizes.
+    out["anon_mappings"] = sorted(anon, reverse=True)[:16]
+    with open("/proc/self/status") as f:
+        out["threads"] = next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
     return out
