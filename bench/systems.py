@@ -36,6 +36,8 @@ VARIANTS = {
     "ours_padded": Options(varlen=False),                      # the padded SDPA layout
     "ours_flash": Options(packed_queries=0),                   # FlashAttention for every sequence
     "ours_gc": Options(pause_gc=False),                        # the cyclic collector left running
+    "ours_unchained": Options(chain_decode=False),             # each decode pass waits for the one before's commit
+    "ours_nospec_unchained": Options(speculate=False, chain_decode=False),
     "ours_t24k": Options(pass_tokens=24576), "ours_t32k": Options(pass_tokens=32768),  # tokens a pass
     "ours_q32": Options(packed_queries=32), "ours_q64": Options(packed_queries=64),   # the packed kernel's bound
     "ours_q256": Options(packed_queries=256),

@@ -48,6 +48,10 @@ class ScriptedAnswers(Observer):
         super().__init__()
         self.scripts = scripts
 
+    @property
+    def forces_tokens(self) -> bool:
+        return self.scripts is not None
+
     def force(self, sampled: list[Sampled]) -> list[list[int]] | None:
         if self.scripts is None:
             return None

@@ -1,6 +1,6 @@
 """The generation loop: while the device runs pass n, the host schedules pass n+1 and, where it can fill it without
-pass n's tokens, launches it before collecting pass n (else it collects first and tops pass n+1 up), until every
-request has finished."""
+pass n's tokens (other sequences, or pass n's decode steps chained to it: fed their tokens on the device), launches
+it before collecting pass n (else it collects first and tops pass n+1 up), until every request has finished."""
 import random
 from dataclasses import replace
 from typing import Callable, Iterable
@@ -50,7 +50,7 @@ class Engine:
         lookup = options.lookup_draft_tokens
         self.lookup_draft_tokens = lookup if lookup is not None else 128 if model.device.type == "cuda" else 0
         self.stats = {"passes": 0, "preemptions": 0, "oom_retries": 0, "prefill_tokens": 0, "max_batch": 0,
-                      "draft_tokens": 0, "accepted_drafts": 0}
+                      "draft_tokens": 0, "accepted_drafts": 0, "chained_passes": 0}
 
     def _limits(self) -> Limits:
         p, speculate = self.plan, self.options.speculate
@@ -111,6 +111,10 @@ class Engine:
         works on the next pass."""
         scheduler = Scheduler(self.blocks, self._limits(), self.eos_ids)
         source, taken = iter(seqs), []
+        # Chained steps are fed the argmax on the device: not where the observer commits other tokens, nor where the
+        # host looks the token table's rows up itself.
+        chain = (self.options.chain_decode and not self.model.embedding_on_host
+                 and (self.observer is None or not self.observer.forces_tokens))
 
         def draw(tokens: int | None) -> None:
             """Queue requests, shortest prompt first, until `tokens` prompt tokens are queued (None: all)."""
@@ -156,15 +160,18 @@ class Engine:
             # outside that pass), so the device does not wait for the host, if it is nearly full. Otherwise it waits
             # for the pass in flight and is topped up with that pass's sequences' next steps: a pass launched ahead
             # half empty would cost a whole weight read for its few tokens.
-            works = scheduler.schedule()
-            if in_flight is not None and sum(len(w.tokens) for w in works) < AHEAD_FILL * self.plan.max_batched_tokens:
+            # Where the pass in flight holds decode steps that will draft nothing, their next steps are chained to it.
+            chained = scheduler.chain(in_flight[0]) if chain and in_flight is not None else []
+            works = chained + scheduler.schedule(chained)
+            if not chained and in_flight is not None and sum(len(w.tokens) for w in works) < AHEAD_FILL * self.plan.max_batched_tokens:
                 finished += commit(*in_flight)
                 in_flight = None
                 works += scheduler.schedule(works)
             launched = None
             if works:
                 try:
-                    launched = works, self.runner.launch(works)
+                    launched = works, self.runner.launch(works, in_flight[1] if chained else None)
+                    self.stats["chained_passes"] += bool(chained)
                 except torch.cuda.OutOfMemoryError:
                     if in_flight is not None:
                         finished += commit(*in_flight)

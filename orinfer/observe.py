@@ -45,6 +45,12 @@ class Observer:
         """The tokens to commit instead of each request's argmax, or None to commit the argmax (the default)."""
         return None
 
+    @property
+    def forces_tokens(self) -> bool:
+        """Whether force() may commit other tokens than the argmax (a chained pass, fed the argmax on the device,
+        then waits for the commit instead)."""
+        return False
+
     def passes_per_request(self, since: int = 0) -> dict[int, int]:
         """How many of the passes recorded from index `since` each request took part in."""
         counts: dict[int, int] = {}

@@ -16,3 +16,6 @@ class Options:
     pass_tokens: int | None = None    # tokens a pass (None: the memory plan's)
     lookup_draft_tokens: int | None = None  # pass size under which lookup drafts ride along (None: measured on CUDA)
     pause_gc: bool = True             # Python's cyclic collector paused during a call (optimize.py says why)
+    # A decode pass launched before the one in flight is committed, its tokens fed from that pass's on the device
+    # (Scheduler.chain), where its sequences would draft nothing: the device no longer waits for the host's commit.
+    chain_decode: bool = True

@@ -41,6 +41,7 @@ class Pending:
     t1: float                       # ... when its inputs were built
     graph: bool
     pinned: torch.Tensor | None = None  # the host buffer `out` lies in, reused once the tokens are read
+    on_device: torch.Tensor | None = None  # the sampled tokens where the pass left them (a chained pass's input)
     t2: float = 0.0                     # set by collect: when the tokens were on the host
     device_span: tuple[float, float] | None = None  # set by collect on CUDA: start and end on the device's clock
 
@@ -133,15 +134,16 @@ class ModelRunner:
         return (_bucket(len(works), sizes),
                 _bucket(max(_ceil_div(w.start + 1, self.block_size) for w in works), extents))
 
-    def context(self, works: list[Work], shape: tuple[int, int] | None = None):
+    def context(self, works: list[Work], shape: tuple[int, int] | None = None, feed: torch.Tensor | None = None):
         """Flat input ids and the attention Context of one pass, optionally padded to a graph's shape; each layout's
-        builder owns its padding. The host lays out per-sequence facts (start, length, block table) and each
+        builder owns its padding. `feed`: the sampled tokens of the pass before, on the device, where works' fed_row
+        point (chained steps). The host lays out per-sequence facts (start, length, block table) and each
         token's sequence, place, position and cache slot, as machine-integer arrays copied in one upload (array
         slices, no Python int per token where blocks hold one token). Padding tokens sit at position 0 in the
         scratch block."""
         if self._uses_varlen([w.start + len(w.tokens) for w in works]):  # a graph's shape agrees
-            return self._varlen_context(works, shape)
-        return self._padded_context(works, shape)
+            return self._varlen_context(works, shape, feed)
+        return self._padded_context(works, shape, feed)
 
     @staticmethod
     def _flat(works: list[Work], order: list[int]) -> tuple[list[int], list[int]]:
@@ -158,7 +160,8 @@ class ModelRunner:
         return ids, sample_rows
 
     def _inputs(self, works: list[Work], order: list[int], ids: list[int], sample_rows: list[int],
-                starts: list[int], lens: list[int], nblocks: int, layout: array | None = None) -> _Inputs:
+                starts: list[int], lens: list[int], nblocks: int, layout: array | None = None,
+                feed: torch.Tensor | None = None) -> _Inputs:
         """Upload one pass's integers (sequences past the works are padding, at position 0 in the scratch block),
         with the layout's own (`layout`, appended). The host lays out every per-token index (each token's sequence,
         its place there, its position and cache slot) by array slices and concatenation: derived on the device they
@@ -190,11 +193,19 @@ class ModelRunner:
         extra = len(layout) if layout is not None else 0
         if layout is not None:
             host += layout
+        fed = []  # (flat row, row of `feed`) of each chained step: its token is filled in on the device
+        if feed is not None:
+            fed = [(row, works[i].fed_row) for i, row in zip(order, accumulate(lens, initial=0))
+                   if works[i].fed_row >= 0]
+            host += array("q", [row for row, _ in fed] + [src for _, src in fed])
         flat = self._upload(host)
         tokens = len(ids)
-        ids_t, sample_t, starts_t, lens_t, cu_q, token_seq, token_query, positions, slots, tables_t, layout_t = \
+        ids_t, sample_t, starts_t, lens_t, cu_q, token_seq, token_query, positions, slots, tables_t, layout_t, fed_t = \
             flat.split([tokens, len(sample_rows), batch, batch, batch + 1, tokens, tokens, tokens, tokens,
-                        batch * nblocks, extra])
+                        batch * nblocks, extra, 2 * len(fed)])
+        if fed:
+            dst, src = fed_t.view(2, -1)
+            ids_t[dst] = feed[src]
         if self.model.embedding_on_host:  # the token table's rows are looked up where it lives
             ids_t = torch.frombuffer(host, dtype=torch.int64, count=tokens)
         return _Inputs(ids_t, sample_t, starts_t, lens_t, tables_t.view(batch, nblocks), cu_q, token_seq,
@@ -206,7 +217,7 @@ class ModelRunner:
             self._count = array("q", range(max(n, 2 * len(self._count))))
         return self._count
 
-    def _varlen_context(self, works: list[Work], shape: tuple[int, int] | None):
+    def _varlen_context(self, works: list[Work], shape: tuple[int, int] | None, feed: torch.Tensor | None):
         """Flat queries, and each sequence's keys as one run of cache slots (key_slots): FlashAttention's sequences
         have theirs gathered, the packed kernel reads them in place. With the packed kernel, an eager pass lays out
         its long prompt chunks first (FlashAttention takes them) and the sequences with few new tokens after them; a
@@ -230,7 +241,7 @@ class ModelRunner:
         starts += [0] * (len(lens) - n)
         ids += [0] * (sum(lens) - len(ids))
         ends = [s + k for s, k in zip(starts, lens)]
-        t = self._inputs(works, order, ids, sample_rows, starts, lens, _ceil_div(max(ends), bs))
+        t = self._inputs(works, order, ids, sample_rows, starts, lens, _ceil_div(max(ends), bs), feed=feed)
         ends_t = t.starts + t.lens
         cu_k = torch.zeros(len(lens) + 1, dtype=torch.int64, device=self.device)
         torch.cumsum(ends_t, 0, out=cu_k[1:])
@@ -254,7 +265,7 @@ class ModelRunner:
         return t.ids, Context(positions=t.positions, slots=t.slots, block_tables=t.tables, sample_rows=t.sample_rows,
                               layout=layout, sliding_window=self.sliding_window)
 
-    def _padded_context(self, works: list[Work], shape: tuple[int, int] | None):
+    def _padded_context(self, works: list[Work], shape: tuple[int, int] | None, feed: torch.Tensor | None):
         """SDPA over [sequences, queries] grids with a mask, in groups (attention.Padded): the sequences by their keys,
         the longest first, as many a group as keep its gathered keys within max_gather_tokens. Padding: to `shape` =
         (sequences, blocks) with one-token sequences, in one group; an eager pass's keys to whole multiples of 16
@@ -297,7 +308,7 @@ class ModelRunner:
                     mask_rows += array("q", range(keys - 1 - s, keys - 1 - s - k, -1)) + array("q", [keys - 1]) * (qmax - k)
                     at += k
             token += tokens
-        t = self._inputs(works, order, ids, sample_rows, starts, lens, spans[0][2], query_slots + mask_rows)
+        t = self._inputs(works, order, ids, sample_rows, starts, lens, spans[0][2], query_slots + mask_rows, feed)
         slots_t, rows_t = t.layout.split([len(query_slots), len(mask_rows)])
         groups = []
         for (first, end, most), (cell, batch, qmax, token, tokens) in zip(spans, grids):
@@ -334,10 +345,12 @@ class ModelRunner:
                      Padded: (("positions", "slots", "sample_rows", "block_tables"), ("mask_rows",))}
 
     @torch.inference_mode()
-    def launch(self, works: list[Work]) -> "Pending":
+    def launch(self, works: list[Work], fed_by: "Pending | None" = None) -> "Pending":
         """Start one forward pass. The device runs it while the host goes on, which may launch the next pass before
         collecting this one: nothing here waits for the device, and the sampled tokens are copied out (into pinned
-        host memory) in stream order, before a later replay can reuse a graph's output buffer."""
+        host memory) in stream order, before a later replay can reuse a graph's output buffer. `fed_by`: the pass
+        whose sampled tokens the chained steps among `works` take (Work.fed_row), read on the device in stream
+        order, before this pass could overwrite them."""
         t0 = time.perf_counter()
         began = ready = None
         if self.device.type == "cuda":
@@ -349,8 +362,9 @@ class ModelRunner:
         shape = self._graph_shape(works)
         sampled = sum(1 + w.num_drafts for w in works if w.samples)  # the rows past these are padding
         graph, io = self.graphs.get(shape, (None, None))
+        feed = fed_by.on_device if fed_by is not None else None
         if graph is not None:
-            ids, ctx = self.context(works, shape)
+            ids, ctx = self.context(works, shape, feed)
             io["ids"].copy_(ids)
             names, layout_names = self._GRAPH_INPUTS[type(ctx.layout)]
             for name in names:
@@ -361,17 +375,17 @@ class ModelRunner:
             graph.replay()
             out = io["out"][:sampled]
         else:
-            ids, ctx = self.context(works)
+            ids, ctx = self.context(works, feed=feed)
             t1 = time.perf_counter()
             out = self.model(ids, ctx)[:sampled]
-        pinned = None
+        on_device, pinned = out, None
         if ready is not None:
             fits = [i for i, buf in enumerate(self._sampled) if buf.numel() >= len(out)]
             pinned = self._sampled.pop(fits[0]) if fits else _pinned(len(out))
             pinned[:len(out)].copy_(out, non_blocking=True)
             ready.record()
             out = pinned[:len(out)]
-        return Pending(out, began, ready, t0, t1, graph is not None, pinned)
+        return Pending(out, began, ready, t0, t1, graph is not None, pinned, on_device)
 
     def collect(self, pending: "Pending") -> list[int]:
         """The greedy tokens of every sampling row of a launched pass, in order (waits for that pass only)."""
@@ -453,7 +467,9 @@ class ModelRunner:
             raise ValueError("a graph cannot replay a token table read on the host (the memory plan keeps them apart)")
         if self.varlen:
             sizes = [t for t in VARLEN_GRAPH_TOKENS if t <= max_tokens]
-            extents = [1024 << i for i in range(8) if 1024 << i <= max_gather_tokens]
+            # Up to the plan's bound: a decode pass of W3's 500 sequences holds ~170k keys, and past the largest
+            # graph it ran eagerly, 56 against 34 ms a pass (H200, bench/NOTES.md run 54).
+            extents = [1024 << i for i in range((max_gather_tokens // 1024).bit_length())]
         else:
             sizes = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if b < max_seqs}
                            | {max_seqs})
@@ -462,12 +478,17 @@ class ModelRunner:
         self.graph_dims = sorted(sizes), sorted(extents)
         pool = None
         stream = torch.cuda.Stream()  # one side stream: each stream keeps its own cached blocks
+        # The graphs of one extent share its key-slot buffer (replays run one after another on one stream, each
+        # refreshing it first): one per graph would hold 14 sizes x the extents' sum, 0.2 GiB at a 1M-key bound.
+        key_slots: dict[int, torch.Tensor] = {}
         for extent in reversed(self.graph_dims[1]):
             for size in reversed(self.graph_dims[0]):
                 gathered = extent if self.varlen else size * extent * self.block_size
                 if gathered > max_gather_tokens or (self.varlen and extent < size):
                     continue
                 ids, ctx = self.context(_dummy_decode(size), (size, extent))
+                if isinstance(ctx.layout, Varlen):
+                    ctx.layout.key_slots = key_slots.setdefault(extent, ctx.layout.key_slots)
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
                     self.model(ids, ctx)  # warm-up outside the graph (lazy kernel and workspace set-up)

@@ -5,9 +5,10 @@ budget (a decode step is the case of one token; a long prompt is prefilled in ch
 so they always advance, then unfinished prefills, then new admissions (shortest prompt first). A sequence that
 decodes may add draft tokens (drafts.py); `postprocess` keeps the drafts that equal the greedy argmax, which makes the
 output exactly that of one-token-at-a-time greedy decoding. A sequence in a pass that was launched and not yet
-committed is in flight: no pass takes it (nor preempts it) until its tokens are back.
+committed is in flight: no pass takes it (nor preempts it) until its tokens are back, except its next decode step
+chained to that pass (`chain`), which is fed the token on the device.
 """
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from .block_manager import BlockManager
@@ -36,9 +37,10 @@ class Scheduler:
         self.blocks, self.limits, self.eos = blocks, limits, set(eos_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
-        # Sequences in a pass that was launched and not yet committed: the engine schedules the next pass while
-        # the device runs one, and such a sequence's next tokens are not known yet (nor may its blocks be touched).
-        self.in_flight: set[Sequence] = set()
+        # Sequences in a pass that was launched and not yet committed (counted: a chained step makes two): the
+        # engine schedules the next pass while the device runs one, and such a sequence's next tokens are not known
+        # yet (nor may its blocks be touched).
+        self.in_flight: Counter[Sequence] = Counter()
         # Finished sequences whose blocks are not given back yet (release_finished).
         self.unreleased: list[Sequence] = []
         self.preemptions = 0
@@ -184,6 +186,29 @@ class Scheduler:
         self.in_flight.update(w.seq for w in works)
         return works
 
+    def chain(self, works: list[Work]) -> list[Work]:
+        """The next decode step of each sequence of a pass still in flight (`works`), fed the token that pass
+        samples for it on the device (Work.fed_row), so that the next pass can launch before this one is committed.
+        [] unless every work is a decode step without drafts and none of them would draft next (lookups have no
+        room in a pass of this many tokens, and no listed choice is still being followed) and the cache has room:
+        then the engine commits first, as it would without chaining. A sequence that ends at that pass for sure
+        (max_new_tokens) is left out; one that ends there with an end-of-turn token is fed nonetheless, and its
+        step is dropped when committed."""
+        lim = self.limits
+        if any(not (w.decode and w.samples) or w.num_drafts for w in works):
+            return []
+        if lim.max_drafts and lim.lookup_draft_tokens > len(works):
+            return []
+        # A sequence finished since (its chained step in `works` is dropped) or ending at that pass has no next step.
+        rows = [(row, w.seq) for row, w in enumerate(works)
+                if not w.seq.finished and w.seq.num_generated + 2 <= w.seq.max_new_tokens]
+        if lim.max_drafts and any(seq.num_generated + 1 <= seq.longest_candidate for _, seq in rows):
+            return []
+        if not all(self.blocks.grow(seq, seq.num_tokens + 1) for _, seq in rows):
+            return []  # the blocks grown stay with their sequences: their next step needs them anyway
+        self.in_flight.update(seq for _, seq in rows)
+        return [Work(seq, [0], seq.num_tokens, 0, True, False, True, fed_row=row) for row, seq in rows]
+
     def _chunk(self, seq: Sequence, budget: int, admitted: bool) -> Work:
         n = min(seq.num_tokens - seq.num_computed, budget)
         work = Work(seq, seq.token_ids[seq.num_computed:seq.num_computed + n], seq.num_computed, 0,
@@ -195,12 +220,17 @@ class Scheduler:
 
     def postprocess(self, works: list[Work], sampled: list[int]) -> list[Sequence]:
         """Commit a finished pass. `sampled` holds 1 + num_drafts argmax tokens per sampling work, in order."""
-        self.in_flight.difference_update(w.seq for w in works)
+        self.in_flight -= Counter(w.seq for w in works)
         self.pool.current = False
         finished = []
         pos = 0
         for w in works:
             seq = w.seq
+            if seq.finished:  # a chained step of a sequence that ended in the pass before: nothing to commit
+                pos += 1 + w.num_drafts if w.samples else 0
+                continue
+            if w.fed_row >= 0:
+                w.tokens[0] = seq.token_ids[-1]  # what the device was fed
             if not w.samples:
                 seq.num_computed += len(w.tokens)
                 continue
@@ -231,7 +261,7 @@ class Scheduler:
     def rollback(self, works: list[Work]) -> None:
         """Undo a pass that failed (out of memory) before anything was committed, then halve the limits (the
         engine has committed any pass in flight first)."""
-        self.in_flight.difference_update(w.seq for w in works)
+        self.in_flight -= Counter(w.seq for w in works)
         for w in works:
             self.blocks.unpublish(w.published)
         for w in reversed([w for w in works if w.admitted]):

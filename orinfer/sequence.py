@@ -53,4 +53,7 @@ class Work:
     admitted: bool      # the sequence entered the cache in this pass
     decode: bool = False  # one sampled token (+ drafts) after the prompt, as opposed to a prompt chunk
     looked_up: bool = False  # its drafts came from a lookup (their acceptance sets the sequence's draft length)
+    # A chained step (Scheduler.chain): its one token is row fed_row of the sampled tokens of the pass before, still
+    # on the device when this one is launched (tokens holds a placeholder until that pass commits); -1: known here.
+    fed_row: int = -1
     published: list[int] = field(default_factory=list)

@@ -130,8 +130,8 @@ def test_padded_layout_in_groups_matches_pipeline(tiny_dir, public_chats, longes
     groups = []
     context = gen.engine.runner.context
 
-    def counted(works, shape=None):
-        ids, ctx = context(works, shape)
+    def counted(works, shape=None, feed=None):
+        ids, ctx = context(works, shape, feed)
         groups.append(len(ctx.layout.groups))
         return ids, ctx
     gen.engine.runner.context = counted

@@ -1,18 +1,20 @@
 """The generation loop runs one pass ahead when it can fill it: the next pass is launched before the last one is
-committed, never with a sequence of the pass still in flight, and the output stays the pipeline's; with a fake
-runner (the unit tier), the loop commits each request's greedy tokens through big, small and starved passes."""
+committed, never with a sequence of the pass still in flight except its chained decode step (fed its token on the
+device), and the output stays the pipeline's; with a fake runner (the unit tier), the loop commits each request's
+greedy tokens through big, small and starved passes, chained or not."""
 import pytest
 from conftest import NEW, generator
 
 
 def test_next_pass_launches_before_the_last_is_committed(tiny_dir, public_chats, longest_chat, expected):
     gen = generator(tiny_dir, max_batched_tokens=96, max_num_seqs=16)  # prompts of 85-120 tokens fill a pass
-    runner, events = gen.engine.runner, []
+    runner, events, chained = gen.engine.runner, [], []
     launch, collect = runner.launch, runner.collect
 
-    def recording_launch(works):
-        pending = launch(works)
-        events.append(("launch", {id(w.seq) for w in works}, pending))
+    def recording_launch(works, fed_by=None):
+        pending = launch(works, fed_by)
+        events.append(("launch", {id(w.seq) for w in works if w.fed_row < 0}, pending))
+        chained.append(sum(w.fed_row >= 0 for w in works))
         return pending
 
     def recording_collect(pending):
@@ -35,6 +37,15 @@ def test_next_pass_launches_before_the_last_is_committed(tiny_dir, public_chats,
         assert len(in_flight) <= 2
     assert not in_flight
     assert overlapped >= 5  # prompt chunks were launched ahead
+    assert sum(chained) > 0 and gen.engine.stats["chained_passes"] == sum(map(bool, chained))
+
+
+def test_chained_decode_steps_give_the_pipelines_text(tiny_dir, public_chats, longest_chat, expected):
+    """The same text with and without chaining, every request of a small batch chained at least once."""
+    from orinfer.options import Options
+    gen = generator(tiny_dir, Options(speculate=False))
+    assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    assert gen.engine.stats["chained_passes"] >= NEW - 2
 
 
 class FakeRunner:
@@ -48,25 +59,26 @@ class FakeRunner:
         t = (tokens[-1] * 7 + len(tokens) * 3) % 61
         return 2 if t == 5 else 100 + t
 
-    def launch(self, works):
+    def launch(self, works, fed_by=None):
         import time
 
         from orinfer.runner import Pending
         out = []
         for w in works:
             if w.samples:  # the argmax after each of the last 1 + num_drafts fed tokens
-                known = w.seq.token_ids[:w.start] + w.tokens
+                fed = [fed_by.on_device[w.fed_row]] if w.fed_row >= 0 else w.tokens  # a chained step's token
+                known = w.seq.token_ids[:w.start] + fed
                 out += [self.next_token(known[:w.start + j + 1])
-                        for j in range(len(w.tokens) - 1 - w.num_drafts, len(w.tokens))]
+                        for j in range(len(fed) - 1 - w.num_drafts, len(fed))]
         now = time.perf_counter()
-        return Pending(out=out, began=None, ready=None, t0=now, t1=now, graph=False)
+        return Pending(out=out, began=None, ready=None, t0=now, t1=now, graph=False, on_device=out)
 
     def collect(self, pending):
         pending.t2 = pending.t1
         return pending.out
 
 
-def fake_engine(observer=None, **plan):
+def fake_engine(observer=None, options=None, **plan):
     from types import SimpleNamespace
 
     import torch
@@ -77,8 +89,8 @@ def fake_engine(observer=None, **plan):
     limits = dict(budget=0, weights=0, overhead=0, overhead_items=(), kv_bytes=0, workspace_bytes=0, num_blocks=4000, block_size=1,
                   max_num_seqs=16, max_batched_tokens=256, max_gather_tokens=1 << 20, max_drafts=4,
                   cuda_graphs=False, varlen_attention=False)
-    model = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
-    return Engine(model, [2], MemoryPlan(**{**limits, **plan}), Options(lookup_draft_tokens=64),
+    model = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, embedding_on_host=False)
+    return Engine(model, [2], MemoryPlan(**{**limits, **plan}), Options(lookup_draft_tokens=64, **(options or {})),
                   runner=FakeRunner(), observer=observer)
 
 
@@ -113,6 +125,30 @@ def test_the_loop_commits_each_requests_greedy_tokens(plan):
     assert [s.generated for s in out] == expected and sorted(finished) == list(range(40))
     if "num_blocks" in plan:
         assert engine.stats["preemptions"] > 0
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("plan", [{}, {"max_batched_tokens": 24, "max_num_seqs": 4},
+                                  {"num_blocks": 150, "max_num_seqs": 12}])
+def test_chained_decode_steps_commit_each_requests_greedy_tokens(plan):
+    """Without drafts, decode steps are chained to the pass in flight: requests that end with <|end|> in that pass
+    (their chained step is dropped), at max_new_tokens (left out of the chain), or are preempted all commit the
+    greedy tokens, as without chaining."""
+    def seqs():
+        out = requests(40, 30)
+        for i, s in enumerate(out):
+            s.max_new_tokens = 5 + i % 26
+        return out
+    expected = [greedy(s.token_ids, s.max_new_tokens) for s in seqs()]
+    assert any(e[-1] == 2 and len(e) < s.max_new_tokens for e, s in zip(expected, seqs()))  # some end early
+    stats = {}
+    for chain in (True, False):
+        engine = fake_engine(options={"speculate": False, "chain_decode": chain}, **plan)
+        assert [s.generated for s in engine.generate(iter(seqs()))] == expected
+        stats[chain] = engine.stats
+    assert stats[True]["chained_passes"] > stats[True]["passes"] // 2 and stats[False]["chained_passes"] == 0
+    if "num_blocks" in plan:
+        assert stats[True]["preemptions"] > 0
 
 
 @pytest.mark.unit

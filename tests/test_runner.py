@@ -24,22 +24,23 @@ def test_inputs_padded_to_a_graph_shape_give_the_same_tokens(tiny_dir, public_ch
     launch = runner.launch
 
     @torch.inference_mode()
-    def compare_then_launch(works):
-        plain = runner.model(*runner.context(works)).tolist()
+    def compare_then_launch(works, fed_by=None):
+        feed = fed_by.on_device if fed_by is not None else None
+        plain = runner.model(*runner.context(works, feed=feed)).tolist()
         if layout != "padded":
             tokens = sum(len(w.tokens) for w in works)
             shape = (tokens + 5, sum(w.start + len(w.tokens) for w in works) + 5 + 30)
         elif all(len(w.tokens) == 1 for w in works):
             shape = (len(works) + 3, -(-max(w.start + 1 for w in works) // runner.block_size) + 2)
         else:
-            return launch(works)
-        ids, ctx = runner.context(works, shape)
+            return launch(works, fed_by)
+        ids, ctx = runner.context(works, shape, feed)
         assert ids.numel() == shape[0]
         if layout == "padded":  # a graph's shape is one group of the padded layout
             assert len(ctx.layout.groups) == 1
         compared.append(len(works))
         assert runner.model(ids, ctx).tolist()[:len(plain)] == plain
-        return launch(works)
+        return launch(works, fed_by)
 
     monkeypatch.setattr(runner, "launch", compare_then_launch)
     gen(public_chats[:6], max_new_tokens=12, return_full_text=False)
@@ -56,8 +57,8 @@ def test_eager_passes_padded_to_a_multiple_give_the_pipelines_text(packed, tiny_
     runner, padding = gen.engine.runner, []
     context = runner.context
 
-    def checked_context(works, shape=None):
-        ids, ctx = context(works, shape)
+    def checked_context(works, shape=None, feed=None):
+        ids, ctx = context(works, shape, feed)
         tokens = sum(len(w.tokens) for w in works)
         if tokens > 4:
             assert ids.numel() % 16 == 0 and ctx.sample_rows.numel() % 16 == 0
@@ -89,6 +90,11 @@ def test_graph_replays_give_the_eager_passes_tokens_on_cuda(tiny_dir, public_cha
                              options=Options(cuda_graphs=graphs))
         gen.warmup()
         assert bool(gen.engine.runner.graphs) == graphs
+        if graphs and gen.engine.runner.varlen:  # one key-slot buffer for the graphs of each extent
+            slots = {}
+            for (size, extent), (_, io) in gen.engine.runner.graphs.items():
+                slots.setdefault(extent, set()).add(io["ctx"].layout.key_slots.data_ptr())
+            assert all(len(ptrs) == 1 for ptrs in slots.values()) and len(slots) > 1
         outs[graphs] = gen(public_chats, max_new_tokens=24, return_full_text=False)
         replayed = sum(record.graph for record in observer.passes)
     assert replayed > 10 and outs[True] == outs[False]
@@ -104,10 +110,10 @@ def test_launching_a_pass_never_waits_for_the_device_on_cuda(tiny_dir, public_ch
     gen.warmup()
     runner, launch = gen.engine.runner, gen.engine.runner.launch
 
-    def strict_launch(works):
+    def strict_launch(works, fed_by=None):
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return launch(works)
+            return launch(works, fed_by)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 

@@ -53,11 +53,11 @@ def test_out_of_memory_splits_the_batch_and_retries(tiny_dir, public_chats, expe
     launch = g.engine.runner.launch
     failures = []
 
-    def flaky(works):  # a pass over more than 200 tokens "runs out of memory"
+    def flaky(works, fed_by=None):  # a pass over more than 200 tokens "runs out of memory"
         if sum(len(w.tokens) for w in works) > 200:
             failures.append(len(works))
             raise torch.cuda.OutOfMemoryError("simulated")
-        return launch(works)
+        return launch(works, fed_by)
 
     g.engine.runner.launch = flaky
     finished = []
@@ -70,7 +70,7 @@ def test_out_of_memory_splits_the_batch_and_retries(tiny_dir, public_chats, expe
 def test_out_of_memory_on_a_single_token_fails_that_request(tiny_dir, public_chats):
     g = generator(tiny_dir)
 
-    def always(works):
+    def always(works, fed_by=None):
         raise torch.cuda.OutOfMemoryError("simulated")
 
     g.engine.runner.launch = always
