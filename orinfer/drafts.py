@@ -103,13 +103,17 @@ def candidate_drafts(seq: Sequence, max_drafts: int) -> list[int]:
     return shared[:max_drafts]
 
 
+def lookup_length(seq: Sequence, generated: int) -> int:
+    """The most lookup drafts the sequence proposes once it has generated `generated` tokens: its draft length; one
+    whose drafts kept missing stops drafting (its length fell to 0) and tries one token again every RETRY generated
+    tokens, in case its text turns repetitive."""
+    return seq.draft_length or (1 if generated % RETRY == 0 else 0)
+
+
 def lookup_drafts(seq: Sequence, max_drafts: int, pool: NgramPool | None = None) -> list[int]:
     """What followed the latest earlier occurrence of the longest tail (<= NGRAM tokens): in the sequence itself, or
     for a whole NGRAM-token tail in the pool; at most max_drafts, its draft length and PER_MATCHED a matched token."""
-    # A sequence whose drafts keep missing stops drafting (its length fell to 0); it tries one token again every
-    # RETRY generated tokens, in case its text turns repetitive.
-    length = seq.draft_length or (1 if seq.num_generated % RETRY == 0 else 0)
-    room = min(max_drafts, length)
+    room = min(max_drafts, lookup_length(seq, seq.num_generated))
     if room <= 0 or not seq.num_generated:
         return []
     tokens, index = seq.token_ids, _index(seq)

@@ -12,7 +12,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from .block_manager import BlockManager
-from .drafts import NgramPool, candidate_drafts, lookup_drafts
+from .drafts import NgramPool, candidate_drafts, lookup_drafts, lookup_length
 from .sequence import Sequence, Work
 
 
@@ -189,21 +189,23 @@ class Scheduler:
     def chain(self, works: list[Work]) -> list[Work]:
         """The next decode step of each sequence of a pass still in flight (`works`), fed the token that pass
         samples for it on the device (Work.fed_row), so that the next pass can launch before this one is committed.
-        [] unless every work is a decode step without drafts and none of them would draft next (lookups have no
-        room in a pass of this many tokens, and no listed choice is still being followed) and the cache has room:
-        then the engine commits first, as it would without chaining. A sequence that ends at that pass for sure
+        [] unless every work is a decode step without drafts and none of them would draft next (no listed choice is
+        still being followed, and lookups have no room in a pass of this many tokens or no sequence would look
+        up) and the cache has room: then the engine commits first, as it would without chaining. A sequence that ends at that pass for sure
         (max_new_tokens) is left out; one that ends there with an end-of-turn token is fed nonetheless, and its
         step is dropped when committed."""
         lim = self.limits
         if any(not (w.decode and w.samples) or w.num_drafts for w in works):
             return []
-        if lim.max_drafts and lim.lookup_draft_tokens > len(works):
-            return []
         # A sequence finished since (its chained step in `works` is dropped) or ending at that pass has no next step.
         rows = [(row, w.seq) for row, w in enumerate(works)
                 if not w.seq.finished and w.seq.num_generated + 2 <= w.seq.max_new_tokens]
-        if lim.max_drafts and any(seq.num_generated + 1 <= seq.longest_candidate for _, seq in rows):
-            return []
+        if lim.max_drafts:  # after that pass each will have generated one token more
+            if any(seq.num_generated + 1 <= seq.longest_candidate for _, seq in rows):
+                return []
+            if lim.lookup_draft_tokens > len(rows) and any(lookup_length(seq, seq.num_generated + 1)
+                                                           for _, seq in rows):
+                return []
         if not all(self.blocks.grow(seq, seq.num_tokens + 1) for _, seq in rows):
             return []  # the blocks grown stay with their sequences: their next step needs them anyway
         self.in_flight.update(seq for _, seq in rows)

@@ -96,3 +96,43 @@ def test_finished_sequences_give_their_blocks_back_when_released_or_when_needed(
     assert [w.seq for w in works] == [b] and not a.block_table and sch.preemptions == 0
     sch.postprocess(works, [3])
     assert sch.release_finished() and blocks.num_free == 12 and not sch.release_finished()
+
+
+@pytest.mark.unit
+def test_a_pass_is_chained_only_where_its_sequences_would_draft_nothing():
+    """Scheduler.chain: the next decode step of each sequence of the pass in flight, fed that pass's token (its row),
+    unless a sequence would draft next (a listed choice still followed; a lookup, where the pass leaves lookups room)
+    or a work of the pass holds drafts; a sequence that ends at that pass by max_new_tokens is left out."""
+    from orinfer.block_manager import BlockManager
+    from orinfer.scheduler import Limits, Scheduler
+    from orinfer.sequence import Sequence
+
+    def in_flight(lookup_budget=0, draft_length=0, candidates=(), max_new=40):
+        seqs = [Sequence(index=i, token_ids=[5 + i, 6, 7, 8], num_prompt_tokens=4, max_new_tokens=max_new if i == 1 else 40,
+                         candidates=[list(c) for c in candidates] if i == 1 else [], draft_length=draft_length)
+                for i in range(3)]
+        sch = Scheduler(BlockManager(256, 1), Limits(max_num_seqs=4, max_batched_tokens=64, max_gather_tokens=1024,
+                                                     max_drafts=4, lookup_draft_tokens=lookup_budget), eos_ids=[0])
+        for seq in seqs:
+            sch.add(seq)
+        sch.postprocess(sch.schedule(), [9, 9, 9])  # the prompts' pass: one token generated each
+        return sch, seqs, sch.schedule()            # their decode steps, in flight
+
+    sch, seqs, works = in_flight()
+    chained = sch.chain(works)
+    assert [(w.seq, w.fed_row, w.start, len(w.tokens), w.num_drafts) for w in chained] == \
+        [(s, i, 5, 1, 0) for i, s in enumerate(seqs)]
+    assert all(sch.in_flight[s] == 2 for s in seqs) and all(len(s.block_table) == 6 for s in seqs)
+    sch, seqs, works = in_flight(max_new=2)          # the second ends at the pass in flight: left out
+    assert [w.seq for w in sch.chain(works)] == [seqs[0], seqs[2]]
+    sch, seqs, works = in_flight(lookup_budget=8, draft_length=4)  # lookups have room and would be made
+    assert sch.chain(works) == []
+    sch, seqs, works = in_flight(lookup_budget=8)    # room, but each stopped drafting (no retry due at 2 tokens)
+    assert len(sch.chain(works)) == 3
+    sch, seqs, works = in_flight(lookup_budget=3, draft_length=4)  # drafting sequences, no room for lookups
+    assert len(sch.chain(works)) == 3
+    sch, seqs, works = in_flight(candidates=[[9, 11, 12]])  # the second still follows a listed choice
+    assert sch.chain(works) == []
+    sch, seqs, works = in_flight()
+    works[0].num_drafts = 1                          # a pass holding drafts: its accepted tokens are unknown
+    assert sch.chain(works) == []
