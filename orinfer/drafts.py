@@ -83,15 +83,23 @@ class NgramPool:
         return tokens[end:end + room]
 
 
+def followed_candidates(seq: Sequence) -> list[list[int]]:
+    """The candidates that everything generated so far begins (every one, before the first token)."""
+    n = seq.num_generated
+    if n > seq.longest_candidate:  # past every candidate: no slice made
+        return []
+    generated = seq.generated
+    return [c for c in seq.candidates if len(c) >= n and c[:n] == generated]
+
+
 def candidate_drafts(seq: Sequence, max_drafts: int) -> list[int]:
     """The rest of the candidate that everything generated so far (at least one token) begins; if several do, only
     the part of their rests they share. Drafting one of them whole wasted its tail whenever another was the answer
     (475 rejected draft tokens on W1); the pass that verifies the shared part samples the token that decides."""
     n = seq.num_generated
-    if not n or max_drafts <= 0 or n > seq.longest_candidate:  # past every candidate: no slice made
+    if not n or max_drafts <= 0:
         return []
-    generated = seq.generated
-    rests = [c[n:] for c in seq.candidates if len(c) >= n and c[:n] == generated]  # a whole one: nothing more
+    rests = [c[n:] for c in followed_candidates(seq)]  # a whole one: nothing more
     if not rests:
         return []
     shared = rests[0]

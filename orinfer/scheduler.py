@@ -12,7 +12,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from .block_manager import BlockManager
-from .drafts import NgramPool, candidate_drafts, lookup_drafts, lookup_length
+from .drafts import NgramPool, candidate_drafts, followed_candidates, lookup_drafts, lookup_length
 from .sequence import Sequence, Work
 
 
@@ -201,7 +201,8 @@ class Scheduler:
         rows = [(row, w.seq) for row, w in enumerate(works)
                 if not w.seq.finished and w.seq.num_generated + 2 <= w.seq.max_new_tokens]
         if lim.max_drafts:  # after that pass each will have generated one token more
-            if any(seq.num_generated + 1 <= seq.longest_candidate for _, seq in rows):
+            # Its token may go on with a choice its text has followed so far (one it left, it never rejoins).
+            if any(len(c) > seq.num_generated for _, seq in rows for c in followed_candidates(seq)):
                 return []
             if lim.lookup_draft_tokens > len(rows) and any(lookup_length(seq, seq.num_generated + 1)
                                                            for _, seq in rows):

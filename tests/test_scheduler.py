@@ -133,6 +133,8 @@ def test_a_pass_is_chained_only_where_its_sequences_would_draft_nothing():
     assert len(sch.chain(works)) == 3
     sch, seqs, works = in_flight(candidates=[[9, 11, 12]])  # the second still follows a listed choice
     assert sch.chain(works) == []
+    sch, seqs, works = in_flight(candidates=[[8, 11, 12], [9]])  # it left one, and matched the other whole
+    assert len(sch.chain(works)) == 3
     sch, seqs, works = in_flight()
     works[0].num_drafts = 1                          # a pass holding drafts: its accepted tokens are unknown
     assert sch.chain(works) == []
