@@ -163,7 +163,8 @@ class Engine:
             # Where the pass in flight holds decode steps that will draft nothing, their next steps are chained to it.
             chained = scheduler.chain(in_flight[0]) if chain and in_flight is not None else []
             works = chained + scheduler.schedule(chained)
-            if not chained and in_flight is not None and sum(len(w.tokens) for w in works) < AHEAD_FILL * self.plan.max_batched_tokens:
+            small = sum(len(w.tokens) for w in works) < AHEAD_FILL * self.plan.max_batched_tokens
+            if not chained and in_flight is not None and small:
                 finished += commit(*in_flight)
                 in_flight = None
                 works += scheduler.schedule(works)

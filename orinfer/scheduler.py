@@ -189,11 +189,11 @@ class Scheduler:
     def chain(self, works: list[Work]) -> list[Work]:
         """The next decode step of each sequence of a pass still in flight (`works`), fed the token that pass
         samples for it on the device (Work.fed_row), so that the next pass can launch before this one is committed.
-        [] unless every work is a decode step without drafts and none of them would draft next (no listed choice is
-        still being followed, and lookups have no room in a pass of this many tokens or no sequence would look
-        up) and the cache has room: then the engine commits first, as it would without chaining. A sequence that ends at that pass for sure
-        (max_new_tokens) is left out; one that ends there with an end-of-turn token is fed nonetheless, and its
-        step is dropped when committed."""
+        [] unless every work is a decode step without drafts, none of them would draft next (no listed choice is
+        still being followed, and lookups have no room in a pass of this many tokens or no sequence would look up)
+        and the cache has room: then the engine commits first, as it would without chaining. A sequence that ends at
+        that pass for sure (max_new_tokens) is left out; one that ends there with an end-of-turn token is fed
+        nonetheless, and its step is dropped when committed."""
         lim = self.limits
         if any(not (w.decode and w.samples) or w.num_drafts for w in works):
             return []

@@ -108,7 +108,8 @@ def test_a_pass_is_chained_only_where_its_sequences_would_draft_nothing():
     from orinfer.sequence import Sequence
 
     def in_flight(lookup_budget=0, draft_length=0, candidates=(), max_new=40):
-        seqs = [Sequence(index=i, token_ids=[5 + i, 6, 7, 8], num_prompt_tokens=4, max_new_tokens=max_new if i == 1 else 40,
+        seqs = [Sequence(index=i, token_ids=[5 + i, 6, 7, 8], num_prompt_tokens=4,
+                         max_new_tokens=max_new if i == 1 else 40,
                          candidates=[list(c) for c in candidates] if i == 1 else [], draft_length=draft_length)
                 for i in range(3)]
         sch = Scheduler(BlockManager(256, 1), Limits(max_num_seqs=4, max_batched_tokens=64, max_gather_tokens=1024,
