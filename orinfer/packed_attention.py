@@ -3,9 +3,9 @@ Triton kernel.
 
 FlashAttention's varlen kernel gives each (sequence, query head) a tile of 128 query rows: a sequence verifying 16
 drafts fills 17 of them, and a pass of 457 such sequences ran 18,280 nearly empty tiles a layer (29 ms of a 1.2 s
-run on an H200). Here the query heads that share a KV head are packed into the rows of 64-row tiles
-(row = token x groups + head within the group), so a sequence and KV head take two programs that read their keys
-once per tile. Long prompt chunks stay with FlashAttention (attention.py splits a pass between the two). Needs
+run on an H200). Here the query heads that share a KV head are packed into the rows of a tile (row = token x
+groups + head within the group): 16-row tiles for decode steps and short drafts, 64-row ones spread over two
+programs otherwise, each reading a sequence's keys once per tile. Long prompt chunks stay with FlashAttention (attention.py splits a pass between the two). Needs
 Triton (not in NVIDIA's Jetson wheels: there every sequence stays with FlashAttention).
 """
 from functools import lru_cache
@@ -20,7 +20,14 @@ try:
 except ImportError:  # no Triton: `supported` says no, and nothing below is defined
     triton = None
 
-_BLOCK_M, _BLOCK_N, _SPLITS = 64, 64, 2  # rows of a tile, keys a step; a sequence's tiles are spread over 2 programs
+_BLOCK_N = 64  # keys a step
+# Two launches by a sequence's rows (new tokens x the query heads of a KV head): up to _SMALL_ROWS (decode steps,
+# short drafts) in 16-row tiles, one program a sequence and KV head; more in 64-row tiles spread over 2 programs. A
+# decode step fills 4 rows: a 64-row tile held registers for 16 times that, and 500 sequences x 330 keys took 0.309
+# against 0.254 ms a layer in 16-row tiles (H200, bench/NOTES.md run 56). Both launch every time, each skipping the
+# other's sequences, so a graph captured on decode steps still gives drafts and prompt chunks their 64-row tiles.
+_SMALL_ROWS = 16
+_LAUNCHES = ((_SMALL_ROWS, 1, True), (64, 2, False))  # (rows a tile, programs a sequence and KV head, SMALL)
 
 if triton is not None:
     # No specialisation on the first sequence's index (the count is the grid): a new value must not compile a new
@@ -28,7 +35,8 @@ if triton is not None:
     @triton.jit(do_not_specialize=["first_seq"])
     def _attention(Q, K, V, O, CU_Q, CU_K, KEY_SLOTS, first_seq, scale_log2,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                   GROUPS: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   GROUPS: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SMALL: tl.constexpr, SMALL_ROWS: tl.constexpr):
         seq = first_seq + tl.program_id(0)
         kv_head = tl.program_id(1)
         q_start = tl.load(CU_Q + seq)
@@ -36,6 +44,10 @@ if triton is not None:
         k_start = tl.load(CU_K + seq)
         k_len = tl.load(CU_K + seq + 1) - k_start
         rows = q_len * GROUPS
+        if SMALL:  # the other launch's sequences get no tile here
+            rows = tl.where(rows <= SMALL_ROWS, rows, 0)
+        else:
+            rows = tl.where(rows > SMALL_ROWS, rows, 0)
         d = tl.arange(0, DIM)
         for m0 in range(tl.program_id(2) * BLOCK_M, rows, tl.num_programs(2) * BLOCK_M):
             r = m0 + tl.arange(0, BLOCK_M)
@@ -82,10 +94,12 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     if num_seqs == 0:
         return
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == out.stride(-1) == 1
-    _attention[(num_seqs, kv_heads, _SPLITS)](
-        q, k, v, out, cu_q, cu_k, key_slots, first_seq, scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        GROUPS=heads // kv_heads, DIM=dim, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
+    for block_m, splits, small in _LAUNCHES:
+        _attention[(num_seqs, kv_heads, splits)](
+            q, k, v, out, cu_q, cu_k, key_slots, first_seq, scale * 1.4426950408889634,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            GROUPS=heads // kv_heads, DIM=dim, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, SMALL=small,
+            SMALL_ROWS=_SMALL_ROWS, num_warps=4)
 
 
 @lru_cache
