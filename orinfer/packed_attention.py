@@ -4,8 +4,8 @@ Triton kernel.
 FlashAttention's varlen kernel gives each (sequence, query head) a tile of 128 query rows: a sequence verifying 16
 drafts fills 17 of them, and a pass of 457 such sequences ran 18,280 nearly empty tiles a layer (29 ms of a 1.2 s
 run on an H200). Here the query heads that share a KV head are packed into the rows of a tile (row = token x
-groups + head within the group): 16-row tiles for decode steps and short drafts, 64-row ones spread over two
-programs otherwise, each reading a sequence's keys once per tile. Long prompt chunks stay with FlashAttention (attention.py splits a pass between the two). Needs
+groups + head within the group): 64-row tiles spread over two programs, and in a launch of many sequences 16-row
+tiles for decode steps and short drafts, each reading a sequence's keys once per tile. Long prompt chunks stay with FlashAttention (attention.py splits a pass between the two). Needs
 Triton (not in NVIDIA's Jetson wheels: there every sequence stays with FlashAttention).
 """
 from functools import lru_cache
@@ -21,13 +21,16 @@ except ImportError:  # no Triton: `supported` says no, and nothing below is defi
     triton = None
 
 _BLOCK_N = 64  # keys a step
-# Two launches by a sequence's rows (new tokens x the query heads of a KV head): up to _SMALL_ROWS (decode steps,
-# short drafts) in 16-row tiles, one program a sequence and KV head; more in 64-row tiles spread over 2 programs. A
-# decode step fills 4 rows: a 64-row tile held registers for 16 times that, and 500 sequences x 330 keys took 0.309
-# against 0.254 ms a layer in 16-row tiles (H200, bench/NOTES.md run 56). Both launch every time, each skipping the
-# other's sequences, so a graph captured on decode steps still gives drafts and prompt chunks their 64-row tiles.
-_SMALL_ROWS = 16
-_LAUNCHES = ((_SMALL_ROWS, 1, True), (64, 2, False))  # (rows a tile, programs a sequence and KV head, SMALL)
+# A sequence's rows (new tokens x the query heads of a KV head) go in 64-row tiles spread over 2 programs; where a
+# launch has >= _SMALL_FROM_SEQS sequences, those of <= _SMALL_ROWS rows (decode steps, short drafts) go to a second
+# launch in 16-row tiles, one program a sequence and KV head, each launch skipping the other's sequences (so a graph
+# captured on decode steps still gives drafts and prompt chunks their 64-row tiles). A decode step fills 4 rows, and
+# a 64-row tile holds registers for 16 times that: per layer, 500 one-token sequences x 330 keys 0.242 against 0.306
+# ms, 128 x 330 0.075 against 0.084; but 8 sequences x 4 tokens x 1,500 keys 0.067 against 0.049, one of 4,000 keys
+# 0.089 against 0.084 (H200, bench/NOTES.md runs 56 and 60): few sequences keep one launch.
+_SMALL_ROWS, _SMALL_FROM_SEQS = 16, 64
+_LAUNCHES = {True: ((_SMALL_ROWS, 1, True), (64, 2, False)),  # (rows a tile, programs a sequence and KV head, SMALL)
+             False: ((64, 2, False),)}
 
 if triton is not None:
     # No specialisation on the first sequence's index (the count is the grid): a new value must not compile a new
@@ -94,12 +97,13 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     if num_seqs == 0:
         return
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == out.stride(-1) == 1
-    for block_m, splits, small in _LAUNCHES:
+    two = num_seqs >= _SMALL_FROM_SEQS
+    for block_m, splits, small in _LAUNCHES[two]:
         _attention[(num_seqs, kv_heads, splits)](
             q, k, v, out, cu_q, cu_k, key_slots, first_seq, scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
             GROUPS=heads // kv_heads, DIM=dim, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, SMALL=small,
-            SMALL_ROWS=_SMALL_ROWS, num_warps=4)
+            SMALL_ROWS=_SMALL_ROWS if two else 0, num_warps=4)
 
 
 @lru_cache

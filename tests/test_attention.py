@@ -184,13 +184,15 @@ def test_flash_varlen_kernel_equals_the_reference(dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the packed kernel needs a CUDA GPU with Triton")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_packed_kernel_equals_the_reference(dtype):
+@pytest.mark.parametrize("copies", [1, 10])
+def test_packed_kernel_equals_the_reference(dtype, copies):
     """Decode steps and drafts after cached prefixes, a sequence longer than a tile (a graph's pass may bring one),
-    an empty one (a graph's padding); only the given sequences' rows are written."""
+    an empty one (a graph's padding); only the given sequences' rows are written. Ten copies make a launch of
+    enough sequences for the 16-row tiles of its decode steps."""
     dev = torch.device("cuda")
     assert packed_attention.supported(dev, dtype, 40, 10, 128)
-    new = [40, 1, 17, 5, 0, 33, 1, 2]
-    prefix = [0, 0, 80, 300, 0, 64, 1500, 7]
+    new = [40] + [1, 17, 5, 0, 33, 1, 2] * copies
+    prefix = [0] + [0, 80, 300, 0, 64, 1500, 7] * copies
     cu_q = torch.tensor([0] + new, device=dev).cumsum(0).int()
     cu_k = torch.tensor([0] + [n + p for n, p in zip(new, prefix)], device=dev).cumsum(0).int()
     q = torch.randn(sum(new), 50, 128, device=dev, dtype=dtype)[:, :40]  # the model's query: a view of q and k
