@@ -156,11 +156,11 @@ class Engine:
         while scheduler.has_work or scheduler.failed:
             finished += scheduler.failed  # requests given up on (seq.error) are reported like finished ones
             scheduler.failed = []
-            # The next pass is scheduled and launched before the one in flight is committed (it holds only sequences
-            # outside that pass), so the device does not wait for the host, if it is nearly full. Otherwise it waits
-            # for the pass in flight and is topped up with that pass's sequences' next steps: a pass launched ahead
-            # half empty would cost a whole weight read for its few tokens.
-            # Where the pass in flight holds decode steps that will draft nothing, their next steps are chained to it.
+            # The next pass is scheduled and launched before the one in flight is committed, so that the device does
+            # not wait for the host: with that pass's decode steps chained to it where they will draft nothing (fed
+            # their tokens on the device), else with sequences outside that pass if it is nearly full. Otherwise it
+            # waits for the pass in flight and is topped up with that pass's sequences' next steps: a pass launched
+            # ahead half empty would cost a whole weight read for its few tokens.
             chained = scheduler.chain(in_flight[0]) if chain and in_flight is not None else []
             works = chained + scheduler.schedule(chained)
             small = sum(len(w.tokens) for w in works) < AHEAD_FILL * self.plan.max_batched_tokens
