@@ -71,7 +71,11 @@ class Engine:
                 sampled.append(Sampled(w.seq.index, w.seq.num_generated, tokens[pos:pos + 1 + w.num_drafts]))
                 pos += 1 + w.num_drafts
         forced = obs.force(sampled)
-        return tokens if forced is None else [t for row in forced for t in row]
+        if forced is None:
+            return tokens
+        if not obs.forces_tokens:  # a chained pass may already run on the argmax that this replaces
+            raise RuntimeError(f"{type(obs).__name__}.force() returned tokens but its forces_tokens is False")
+        return [t for row in forced for t in row]
 
     def warmup(self) -> None:
         """Untimed preparation: kernels, allocator pools and CUDA graphs, before the clock starts."""

@@ -169,3 +169,25 @@ def test_drafts_are_kept_only_where_they_equal_the_argmax(wrong_at):
     if wrong_at is None:  # right drafts: the answer verified a few tokens a pass (max_drafts 4)
         assert drafted.stats["passes"] < plain.stats["passes"]
         assert max(drafted.observer.passes_per_request().values()) <= 4
+
+
+@pytest.mark.unit
+def test_an_observer_that_forces_tokens_must_say_so():
+    """Chained steps are fed the argmax on the device: an observer whose force() commits other tokens without
+    declaring forces_tokens would leave them computed on the wrong token, so the run stops instead."""
+    from orinfer.observe import Observer
+
+    class Silent(Observer):
+        def force(self, sampled):
+            return [[100] * len(s.tokens) for s in sampled]
+
+    class Declared(Silent):
+        @property
+        def forces_tokens(self):
+            return True
+
+    with pytest.raises(RuntimeError, match="forces_tokens is False"):
+        fake_engine(observer=Silent()).generate(requests(4, 6))
+    engine = fake_engine(observer=Declared(), options={"speculate": False})
+    assert all(s.generated == [100] * 6 for s in engine.generate(requests(4, 6)))
+    assert engine.stats["chained_passes"] == 0
