@@ -41,6 +41,8 @@ def parse_args():
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--systems", default="ours,ours_nospec,ours_repeat,ours_eager,hf_generate_bs32,hf_pipeline_bs1")
     ap.add_argument("--mode", default="scripted", choices=["scripted", "free"])
+    # By default each variant twice on its generator, the one without drafts first (runs 51-53 ran the other first,
+    # and its host was slower even at work the two share: bench/NOTES.md).
     ap.add_argument("--free-systems", default="ours_nospec,ours_nospec_repeat,ours,ours_repeat",
                     help="the free stage's variants (NAME_repeat: a second call on NAME's generator)")
     ap.add_argument("--free-tokens", type=int, default=32)
@@ -92,8 +94,6 @@ def main():
         from systems import systems_stage
         res.update(systems_stage(args, w1, folder, records))
     elif args.stage == "free":  # speculation where drafts rarely match: fixed-length free-running generation
-        # Each variant twice on its generator, the one without drafts first (runs 51-53 ran the other first, and its
-        # host was slower even at work the two share: bench/NOTES.md).
         args.systems = args.free_systems
         args.mode, args.profile = "free", False
         from systems import systems_stage

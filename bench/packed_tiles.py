@@ -16,13 +16,6 @@ HEADS, KV_HEADS, DIM = 40, 10, 128  # Phi-3-medium
 SHAPES = ((500, 1, 330), (500, 1, 200), (128, 1, 330), (16, 17, 1200), (8, 4, 1500), (64, 45, 120), (1, 1, 4000))
 
 
-def single_launch(q, k, v, out, cu_q, cu_k, slots, count):
-    pa._attention[(count, KV_HEADS, 2)](
-        q, k, v, out, cu_q, cu_k, slots, 0, DIM ** -0.5 * 1.4426950408889634,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        GROUPS=HEADS // KV_HEADS, DIM=DIM, BLOCK_M=64, BLOCK_N=64, SMALL=False, SMALL_ROWS=0, num_warps=4)
-
-
 def ms_per_call(fn, out, calls: int = 50) -> float:
     fn(out)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -46,7 +39,8 @@ def main() -> None:
         cu_k = (torch.arange(count + 1, device=dev) * keys).int()
         slots = torch.randperm(rows, device=dev, generator=g)[:count * keys]
         base, ours = torch.empty_like(q), torch.empty_like(q)
-        t_base = ms_per_call(lambda o: single_launch(q, k, v, o, cu_q, cu_k, slots, count), base)
+        t_base = ms_per_call(lambda o: pa.launch(q, k, v, o, cu_q, cu_k, slots, 0, count, DIM ** -0.5,
+                                                 pa.ONE_LAUNCH), base)
         t_ours = ms_per_call(lambda o: pa.packed_attention(q, k, v, o, cu_q, cu_k, slots, 0, count, DIM ** -0.5), ours)
         print(f"{count} sequences x {new} new tokens x {keys} keys: single launch {t_base:.4f} ms, "
               f"packed_attention {t_ours:.4f} ms ({t_ours / t_base:.2f}x); "

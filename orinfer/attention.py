@@ -11,8 +11,9 @@ new token's K/V goes, which cache blocks each sequence owns, and one of two layo
   sequences with few new tokens go to the packed kernel instead (packed_attention.py), which fills its tiles better.
 - padded (every device and dtype, torch >= 2.3, NVIDIA's Jetson wheels included): SDPA over padded
   [sequences, queries] grids with an additive mask, the sequences in groups whose gathered keys fit the memory
-  plan's bound (so a long sequence does not pad every other to its length). The grouped KV heads are handled by folding each KV head's query
-  heads into the query axis, which needs no copy of K/V per query head and no `enable_gqa` (torch >= 2.5 only).
+  plan's bound (so a long sequence does not pad every other to its length). The grouped KV heads are handled by
+  folding each KV head's query heads into the query axis, which needs no copy of K/V per query head and no
+  `enable_gqa` (torch >= 2.5 only).
 """
 from dataclasses import dataclass
 from functools import lru_cache

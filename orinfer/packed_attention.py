@@ -30,8 +30,9 @@ _BLOCK_N = 64  # keys a step
 # ms, 128 x 330 0.075 against 0.084; but 8 sequences x 4 tokens x 1,500 keys 0.067 against 0.049, one of 4,000 keys
 # 0.089 against 0.084 (H200, bench/NOTES.md runs 56 and 60): few sequences keep one launch.
 _SMALL_ROWS, _SMALL_FROM_SEQS = 16, 64
-_LAUNCHES = {True: ((_SMALL_ROWS, 1, True), (64, 2, False)),  # (rows a tile, programs a sequence and KV head, SMALL)
-             False: ((64, 2, False),)}
+# Each launch: (rows a tile, programs a sequence and KV head, SMALL, SMALL_ROWS).
+ONE_LAUNCH = ((64, 2, False, 0),)
+TWO_LAUNCHES = ((_SMALL_ROWS, 1, True, _SMALL_ROWS), (64, 2, False, _SMALL_ROWS))
 
 if triton is not None:
     # No specialisation on the first sequence's index (the count is the grid): a new value must not compile a new
@@ -93,18 +94,25 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     k/v the cache's rows [slots, Hkv, D] (the last dimension contiguous), key j of sequence b in row
     key_slots[cu_k[b] + j]; the varlen layout's cumulative lengths (bottom-right causal). Any query count works (a
     sequence's tiles are looped over); the fewer, the better the tiles are filled."""
-    heads, dim = q.shape[1:]
-    kv_heads = k.shape[1]
     if num_seqs == 0:
         return
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == out.stride(-1) == 1
-    two = num_seqs >= _SMALL_FROM_SEQS
-    for block_m, splits, small in _LAUNCHES[two]:
+    launch(q, k, v, out, cu_q, cu_k, key_slots, first_seq, num_seqs, scale,
+           TWO_LAUNCHES if num_seqs >= _SMALL_FROM_SEQS else ONE_LAUNCH)
+
+
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, cu_q: torch.Tensor,
+           cu_k: torch.Tensor, key_slots: torch.Tensor, first_seq: int, num_seqs: int, scale: float,
+           launches: tuple[tuple[int, int, bool, int], ...]) -> None:
+    """packed_attention's kernel launches, as given (bench/packed_tiles.py times ONE_LAUNCH against the choice)."""
+    heads, dim = q.shape[1:]
+    kv_heads = k.shape[1]
+    for block_m, splits, small, small_rows in launches:
         _attention[(num_seqs, kv_heads, splits)](
             q, k, v, out, cu_q, cu_k, key_slots, first_seq, scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            GROUPS=heads // kv_heads, DIM=dim, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, SMALL=small,
-            SMALL_ROWS=_SMALL_ROWS if two else 0, num_warps=4)
+            GROUPS=heads // kv_heads, DIM=dim, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, SMALL=small, SMALL_ROWS=small_rows,
+            num_warps=4)
 
 
 @lru_cache

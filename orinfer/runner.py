@@ -305,7 +305,8 @@ class ModelRunner:
                 at = token
                 for s, k in zip(starts[first:end], lens[first:end]):
                     query_slots += counting[at:at + k] + array("q", bytes(8 * (qmax - k)))
-                    mask_rows += array("q", range(keys - 1 - s, keys - 1 - s - k, -1)) + array("q", [keys - 1]) * (qmax - k)
+                    mask_rows += array("q", range(keys - 1 - s, keys - 1 - s - k, -1))
+                    mask_rows += array("q", [keys - 1]) * (qmax - k)
                     at += k
             token += tokens
         t = self._inputs(works, order, ids, sample_rows, starts, lens, spans[0][2], query_slots + mask_rows, feed)
