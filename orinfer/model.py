@@ -4,6 +4,9 @@ Every operation follows transformers' Phi-3 in order and dtype, so that at float
 RMSNorm in float32 then cast back before the weight, RoPE angles computed in float32 on the model's device then cast,
 fused qkv_proj split as [q | k | v], fused gate_up_proj split as [gate | up] with up * silu(gate).
 """
+import itertools
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -123,6 +126,17 @@ class Phi3Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
 
 
+def _place_parameters(modules: list[nn.Module], device: torch.device | str, dtype: torch.dtype) -> None:
+    """Gives the modules' own parameters one allocation on `device` (each a view of it, 128-byte aligned or more).
+    torch.empty, not to_empty(): that goes through torch._refs, which imports sympy (host memory)."""
+    owned = [(m, name, p.shape) for m in modules for name, p in m.named_parameters(recurse=False)]
+    sizes = [-(-math.prod(shape) // 64) * 64 for _, _, shape in owned]
+    flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+    for (module, name, shape), start in zip(owned, itertools.accumulate([0] + sizes)):
+        view = flat[start:start + math.prod(shape)].view(shape)
+        setattr(module, name, nn.Parameter(view, requires_grad=False))
+
+
 class Phi3ForCausalLM(nn.Module):
     """Parameters are created uninitialised on `device`; the loader (or a benchmark) must fill every one. `kernels`:
     the elementwise functions every layer calls (kernels.EAGER, or kernels.compiled()).
@@ -141,11 +155,16 @@ class Phi3ForCausalLM(nn.Module):
         with torch.device("meta"):  # shapes only; each parameter is then made once, on its device, in `dtype`
             self.model = Phi3Model(cfg, kernels, mlp_rows)
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
-        # torch.empty rather than to_empty(): that goes through torch._refs, which imports sympy (host memory).
-        for module in self.modules():
-            place = "meta" if embedding_on_host and module is self.model.embed_tokens else device
-            for name, p in list(module.named_parameters(recurse=False)):
-                setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=dtype, device=place), requires_grad=False))
+        # One allocation a decoder layer and one for the rest: torch's allocator gives a tensor over 1 MiB a segment
+        # rounded up to 2 MiB and splits off no remainder of 1 MiB or less, so Phi-3-medium's qkv_proj (75 MiB) and
+        # down_proj (175 MiB) made one by one held 80 MiB more than their bytes (bench/NOTES.md run 62).
+        in_layers = {id(m) for layer in self.model.layers for m in layer.modules()}
+        table = self.model.embed_tokens if embedding_on_host else None
+        for part in [list(layer.modules()) for layer in self.model.layers] + \
+                [[m for m in self.modules() if id(m) not in in_layers and m is not table]]:
+            _place_parameters(part, device, dtype)
+        if table is not None:
+            table.weight = nn.Parameter(torch.empty(table.weight.shape, dtype=dtype, device="meta"), requires_grad=False)
         self.block_size = 0  # set with the KV cache
         # RoPE angles are computed per pass from the positions, as transformers computes them (float32, one product
         # per position and frequency): any position works, past max_position_embeddings too, as it does there.

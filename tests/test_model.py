@@ -1,4 +1,5 @@
-"""The model's parts that the engine-against-pipeline tests do not isolate: the MLP taken in parts of rows."""
+"""The model's parts that the engine-against-pipeline tests do not isolate: the MLP taken in parts of rows, and where
+the parameters are allocated."""
 import dataclasses
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from orinfer.config import Phi3Config
 from orinfer.kernels import EAGER
-from orinfer.model import MLP
+from orinfer.model import MLP, Phi3ForCausalLM
 from orinfer.tiny import ASSETS
 
 pytestmark = pytest.mark.unit
@@ -24,3 +25,21 @@ def test_mlp_in_parts_of_rows_gives_every_rows_result(rows):
     assert out.shape == (23, 64)
     torch.testing.assert_close(out, whole(x), rtol=1e-5, atol=1e-6)  # float32: a product of other rows rounds alike
     torch.testing.assert_close(parts(x[:5]), whole(x[:5]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("table_on_host", [False, True])
+def test_parameters_take_one_allocation_a_layer_and_one_for_the_rest(table_on_host):
+    cfg = Phi3Config.from_folder(ASSETS)
+    model = Phi3ForCausalLM(cfg, "cpu", torch.float32, embedding_on_host=table_on_host)
+
+    def storages(module):
+        return {p.untyped_storage().data_ptr() for p in module.parameters()}
+    layers = [storages(layer) for layer in model.model.layers]
+    assert all(len(s) == 1 for s in layers) and len(set().union(*layers)) == cfg.num_hidden_layers
+    rest = storages(model.lm_head) | storages(model.model.norm) | (set() if table_on_host else storages(model.model.embed_tokens))
+    assert len(rest) == 1 and not rest & set().union(*layers)
+    assert model.model.embed_tokens.weight.is_meta == table_on_host
+    for p in model.parameters():  # each a view of its own part of the allocation, aligned for vector loads
+        assert p.is_contiguous() and (p.is_meta or (p.data_ptr() - p.untyped_storage().data_ptr()) % 128 == 0)
+    spans = sorted((p.data_ptr(), p.data_ptr() + p.nbytes) for p in model.parameters() if not p.is_meta)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no two overlap
