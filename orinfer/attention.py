@@ -191,6 +191,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         query = query.reshape(kv_heads, batch, qmax * groups, -1).view(q.dtype).transpose(0, 1)
         with sdpa_kernel(_BACKENDS):
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.bias, scale=dim ** -0.5)
+        del keys, values, query  # the next group's gathers reuse this memory: one group's are live at a time
         out = _words(out.reshape(batch, kv_heads, qmax, groups, dim)).transpose(1, 2)  # [b, Qmax, Hkv, G, W]
         outs.append(out[group.token_seq, group.token_query].view(q.dtype).reshape(-1, heads * dim))
     return outs[0] if len(outs) == 1 else torch.cat(outs)

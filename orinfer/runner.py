@@ -266,14 +266,18 @@ class ModelRunner:
                               layout=layout, sliding_window=self.sliding_window)
 
     def _padded_context(self, works: list[Work], shape: tuple[int, int] | None, feed: torch.Tensor | None):
-        """SDPA over [sequences, queries] grids with a mask, in groups (attention.Padded): the sequences by their keys,
-        the longest first, as many a group as keep its gathered keys within max_gather_tokens. Padding: to `shape` =
-        (sequences, blocks) with one-token sequences, in one group; an eager pass's keys to whole multiples of 16
-        (the memory-efficient SDPA kernel wants its mask's rows 16-aligned, and otherwise pads a copy of the mask in
-        every layer; the extra keys point at the scratch block, masked)."""
+        """SDPA over [sequences, queries] grids with a mask, in groups (attention.Padded): the sequences by their count
+        of new tokens, each group's within a factor of two (1, 2, 3-4, 5-8, ...), then by their keys, the longest
+        first, as many a group as keep its gathered keys within max_gather_tokens. A grid pads every sequence to its
+        group's most new tokens: one group of decode steps and prompt chunks held 4.4x the pass's tokens in the
+        folded queries and again in SDPA's output, W1's largest activations (bench/NOTES.md run 62). Padding: to
+        `shape` = (sequences, blocks) with one-token sequences, in one group; an eager pass's keys to whole multiples
+        of 16 (the memory-efficient SDPA kernel wants its mask's rows 16-aligned, and otherwise pads a copy of the
+        mask in every layer; the extra keys point at the scratch block, masked)."""
         bs, n, align = self.block_size, len(works), max(1, 16 // self.block_size)
         blocks = [_ceil_div(_ceil_div(w.start + len(w.tokens), bs), align) * align for w in works]
-        order = list(range(n)) if shape is not None else sorted(range(n), key=lambda i: -blocks[i])
+        queries = [(len(w.tokens) - 1).bit_length() for w in works]  # the class of its count of new tokens
+        order = list(range(n)) if shape is not None else sorted(range(n), key=lambda i: (-queries[i], -blocks[i]))
         ids, sample_rows = self._flat(works, order)
         starts = [works[i].start for i in order]
         lens = [len(works[i].tokens) for i in order]
@@ -289,6 +293,7 @@ class ModelRunner:
             while first < n:
                 most = blocks[order[first]]
                 end = min(n, first + max(1, self.max_gather_tokens // (most * bs)))
+                end = next((j for j in range(first + 1, end) if queries[order[j]] != queries[order[first]]), end)
                 spans.append((first, end, most))
                 first = end
         # Each cell of a group's grid: its flat token (padding: any), and its row of the group's mask table
@@ -309,7 +314,8 @@ class ModelRunner:
                     mask_rows += array("q", [keys - 1]) * (qmax - k)
                     at += k
             token += tokens
-        t = self._inputs(works, order, ids, sample_rows, starts, lens, spans[0][2], query_slots + mask_rows, feed)
+        t = self._inputs(works, order, ids, sample_rows, starts, lens, max(most for _, _, most in spans),
+                        query_slots + mask_rows, feed)
         slots_t, rows_t = t.layout.split([len(query_slots), len(mask_rows)])
         groups = []
         for (first, end, most), (cell, batch, qmax, token, tokens) in zip(spans, grids):

@@ -90,8 +90,9 @@ def test_keys_past_the_sliding_window_take_the_padded_layout(varlen, tmp_path):
 @pytest.mark.parametrize("gather", [1 << 20, 16])
 def test_padded_mask_is_causal_within_the_window(tiny_dir, window, gather):
     """The masks the runner's grid rows pick out of one table per group (build_bias) against the rule written out: a
-    query at position p sees keys p - window < j <= p of its own sequence, a padding cell key 0 only. With a small
-    gather bound the sequences go into groups, the longest first, each group's tokens a run of the pass's."""
+    query at position p sees keys p - window < j <= p of its own sequence, a padding cell key 0 only. The sequences
+    go into groups by their count of new tokens (3 and 3, then 1), the longest keys first, and with a small gather
+    bound one a group; each group's tokens are a run of the pass's."""
     runner = generator(tiny_dir, max_gather_tokens=gather).engine.runner
     runner.sliding_window = window
     bs = runner.block_size
@@ -103,7 +104,7 @@ def test_padded_mask_is_causal_within_the_window(tiny_dir, window, gather):
     ids, ctx = runner.context(works)
     lay = ctx.layout
     assert isinstance(lay, attention.Padded)
-    by_group = [[works[2]], [works[0]], [works[1]]] if gather == 16 else [[works[2], works[0], works[1]]]
+    by_group = [[works[0]], [works[1]], [works[2]]] if gather == 16 else [[works[0], works[1]], [works[2]]]
     assert [g.block_tables.shape[0] for g in lay.groups] == [len(g) for g in by_group]
     assert ids.tolist() == [t for group in by_group for w in group for t in w.tokens]
     groups = 2
