@@ -15,10 +15,11 @@ GiB = 1 << 30
 MiB = 1 << 20
 CUDA_CONTEXT_BYTES = 512 * MiB   # the CUDA context lives in the shared DRAM on an integrated GPU
 # Host growth after the plan is made, measured in the Orin emulation on the H200 (bench capped stage, BENCHMARKS.md):
-# RSS 0.53 GiB at planning -> 0.97-0.98 GiB at the runs' peak under the Jetson's transformers (run 50): the load, then
-# kernel modules loaded on first use (cuBLAS +0.15 GiB, the elementwise and index kernels the Orin path runs ~0.1)
-# and the heap; booked with 58 MiB to spare.
-WARMUP_HOST_BYTES = 512 * MiB
+# RSS 0.535 GiB at planning -> 0.968-0.975 GiB at the runs' peak under the Jetson's transformers (runs 50 and 57):
+# 443-450 MiB for the load, kernel modules loaded on first use (cuBLAS +0.15 GiB, the elementwise and index kernels
+# the Orin path runs ~0.1), the heap, and the pinned buffers and token-table rows booked apart below (36 MiB); booked
+# with 26 MiB to spare.
+WARMUP_HOST_BYTES = 440 * MiB
 # The runner's pinned buffers (inputs up, tokens down; >= 2 MiB each, ~4 of them): page-locked host memory.
 PINNED_HOST_BYTES = 16 * MiB
 GRAPHS_HOST_BYTES = 512 * MiB
@@ -29,10 +30,11 @@ VARLEN_HOST_BYTES = 384 * MiB
 # decode pass reads 28 GB at 205 GB/s, 136 ms, far longer than the host needs to launch it, and without the
 # FlashAttention kernels the padded layout keeps ~1,700 more tokens of KV cache).
 OPTIONAL_MIN_FREE_BYTES = 2 * GiB
-# Slack for the allocator's rounding and fragmentation: reserved minus allocated at the capped runs' peaks, 0.09-0.19
-# GiB with 512-token passes, 0.10-0.26 with 1,024 (runs 48-51); the allocator is capped at the plan's device share,
-# so past this it frees cached blocks rather than take the host's share (bench capped stage).
-SAFETY_BYTES = 192 * MiB
+# Device memory besides the weights, the cache and the workspace: cuBLAS's workspace (32 MiB on the H200, one block
+# of torch's pool from the first product on) and the allocator's rounding of a pass's tensors. The allocator is
+# capped at the plan's device share, so at the cap it frees cached blocks rather than take the host's share; what it
+# cannot free is what live tensors hold (bench/NOTES.md runs 62-63).
+SAFETY_BYTES = 96 * MiB
 
 
 def proc_kib_fields(path: str, names: tuple[str, ...]) -> dict[str, int]:
@@ -158,8 +160,9 @@ def activation_bytes(cfg: Phi3Config, itemsize: int, tokens: int, mlp_rows: int)
 
 
 def gather_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
-    """Attention copies each sequence's keys and values out of the paged pool (and may copy them once more)."""
-    return 2 * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
+    """Attention copies each sequence's keys and values out of the paged pool, once: SDPA and FlashAttention read
+    the copies as they are (bench/NOTES.md run 62), and the padded layout frees one group's before the next's."""
+    return 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
 
 
 # One-token blocks share every common prompt prefix, not only whole blocks of it: W1 computes 22,311 prompt tokens
@@ -224,12 +227,14 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
         kv -= rows
     max_num_seqs = max(1, min(512, tokens, kv // kv_per_token // 64))
     logits = max_num_seqs * (1 + max_drafts) * cfg.vocab_size * itemsize * 2  # the LM head's rows, and argmax's
-    kv -= logits
+    # The LM head runs after the last layer, when only the residual stream's two tensors are left of the pass.
+    workspace = max(act(tokens) + gather_tokens * gather, 2 * tokens * cfg.hidden_size * itemsize + logits)
+    kv -= workspace - act(tokens) - gather_tokens * gather
     # More cache than max_num_seqs full-length sequences can never be used (and a big pool costs start-up time).
     kv = min(kv, max_num_seqs * cfg.max_position_embeddings * kv_per_token)
     num_blocks = kv // (block_size * kv_per_token) + 1  # +1: the scratch block
     return MemoryPlan(budget=budget, weights=weights, overhead=overhead, overhead_items=tuple(items), kv_bytes=(num_blocks - 1) * block_size * kv_per_token,
-                      workspace_bytes=act(tokens) + gather_tokens * gather + logits, num_blocks=int(num_blocks),
+                      workspace_bytes=workspace, num_blocks=int(num_blocks),
                       block_size=block_size, max_num_seqs=int(max_num_seqs), max_batched_tokens=tokens,
                       max_gather_tokens=int(gather_tokens), max_drafts=max_drafts, cuda_graphs=cuda_graphs,
                       varlen_attention=varlen_attention, embedding_table=table, shared_host=shared_host,

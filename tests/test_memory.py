@@ -20,11 +20,11 @@ def test_orin_budget_fits_everything_and_leaves_a_usable_cache():
     used = plan.weights + plan.overhead + plan.workspace_bytes + plan.kv_bytes
     assert used <= plan.budget
     assert plan.overhead == sum(size for _, size in plan.overhead_items)  # the printed items add up
-    assert "host at planning 0.78 + host growth to come 0.50 + pinned buffers 0.02 + CUDA context 0.50" in plan.describe()
+    assert "host at planning 0.78 + host growth to come 0.43 + pinned buffers 0.02 + CUDA context 0.50" in plan.describe()
     assert plan.kv_tokens >= 2048                      # ~20 OpenBookQA prompts with their answers at once
     assert plan.kv_tokens >= 868 + 500                 # the organisers' longest sample always fits
     assert plan.max_batched_tokens >= 512 and plan.max_num_seqs >= 16
-    assert plan.max_gather_tokens * 2 * 2 * 10 * 128 * 2 <= plan.workspace_bytes
+    assert plan.max_gather_tokens * 2 * 10 * 128 * 2 <= plan.workspace_bytes
 
 
 def test_discrete_gpu_budget_ignores_host_memory():
@@ -60,7 +60,7 @@ def test_shared_memory_takes_the_mlp_in_parts_and_passes_of_1024_tokens():
     # The parts bound the MLP's activations: a 1,024-token pass books less than two 512-token passes would.
     parted = activation_bytes(MEDIUM, 2, 1024, SHARED_MLP_ROWS)
     assert parted < 2 * activation_bytes(MEDIUM, 2, 512, SHARED_MLP_ROWS) < 2 * activation_bytes(MEDIUM, 2, 512, 512)
-    assert parted + orin.max_gather_tokens * 2 * 2 * 10 * 128 * 2 <= orin.workspace_bytes
+    assert parted + orin.max_gather_tokens * 2 * 10 * 128 * 2 <= orin.workspace_bytes
 
 
 def test_graphs_and_varlen_attention_only_where_the_budget_has_room_for_their_host_memory():
@@ -101,3 +101,17 @@ def test_token_table_leaves_the_pool_where_memory_is_shared_and_graphs_are_off()
                  plan_memory(MEDIUM, 30 * GiB, WEIGHTS, 2, False, 800 * MiB, table_in_checkpoint=True),
                  plan_memory(MEDIUM, int(28.5 * GiB), WEIGHTS, 2, True, 800 * MiB, table_in_checkpoint=False)):
         assert not kept.embedding_on_host
+
+
+@pytest.mark.parametrize("budget_gib", [27.8, 28.5, 29.5])
+def test_orin_plan_books_the_larger_of_a_passs_two_peaks(budget_gib):
+    # The host at planning as measured under the Jetson pin (runs 50 and 57), the table read from the checkpoint.
+    plan = plan_memory(MEDIUM, int(budget_gib * GiB), WEIGHTS, 2, True, int(0.535 * GiB), table_in_checkpoint=True)
+    tokens = plan.max_batched_tokens
+    layers = activation_bytes(MEDIUM, 2, tokens, SHARED_MLP_ROWS) + plan.max_gather_tokens * 2 * 10 * 128 * 2
+    # The LM head's rows come after the last layer, when the residual stream's two tensors are all that is left.
+    head = 2 * tokens * MEDIUM.hidden_size * 2 + plan.max_num_seqs * (1 + plan.max_drafts) * MEDIUM.vocab_size * 2 * 2
+    assert plan.workspace_bytes == max(layers, head)
+    assert plan.weights - plan.embedding_table + plan.overhead + plan.workspace_bytes + plan.kv_bytes <= plan.budget
+    if budget_gib == 28.5:  # issue 16's target for the emulation's 28.5 GiB
+        assert plan.kv_tokens >= 5000 and tokens >= 1024
