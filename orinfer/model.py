@@ -164,7 +164,8 @@ class Phi3ForCausalLM(nn.Module):
                 [[m for m in self.modules() if id(m) not in in_layers and m is not table]]:
             _place_parameters(part, device, dtype)
         if table is not None:
-            table.weight = nn.Parameter(torch.empty(table.weight.shape, dtype=dtype, device="meta"), requires_grad=False)
+            shape = table.weight.shape
+            table.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False)
         self.block_size = 0  # set with the KV cache
         # RoPE angles are computed per pass from the positions, as transformers computes them (float32, one product
         # per position and frequency): any position works, past max_position_embeddings too, as it does there.
