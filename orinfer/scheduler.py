@@ -190,10 +190,10 @@ class Scheduler:
         """The next decode step of each sequence of a pass still in flight (`works`), fed the token that pass
         samples for it on the device (Work.fed_row), so that the next pass can launch before this one is committed.
         [] unless every work is a decode step without drafts, none of them would draft next (no listed choice is
-        still being followed, and lookups have no room in a pass of this many tokens or no sequence would look up)
-        and the cache has room: then the engine commits first, as it would without chaining. A sequence that ends at
-        that pass for sure (max_new_tokens) is left out; one that ends there with an end-of-turn token is fed
-        nonetheless, and its step is dropped when committed."""
+        still being followed, and lookups have no room in a pass of this many tokens or no sequence would look up,
+        a retry waiting for room for a token a sequence) and the cache has room: then the engine commits first, as
+        it would without chaining. A sequence that ends at that pass for sure (max_new_tokens) is left out; one that
+        ends there with an end-of-turn token is fed nonetheless, and its step is dropped when committed."""
         lim = self.limits
         if any(not (w.decode and w.samples) or w.num_drafts for w in works):
             return []
@@ -204,8 +204,12 @@ class Scheduler:
             # Its token may go on with a choice its text has followed so far (one it left, it never rejoins).
             if any(len(c) > seq.num_generated for _, seq in rows for c in followed_candidates(seq)):
                 return []
-            if lim.lookup_draft_tokens > len(rows) and any(lookup_length(seq, seq.num_generated + 1)
-                                                           for _, seq in rows):
+            # A retry (one token, of a sequence whose drafts kept missing) waits for a pass with room for a token a
+            # sequence: at W3's 128 sequences every 32nd pass gave up chaining for a room of 1-3 tokens, and its
+            # host gap and 128 index updates cost 3-5 % of the run (bench/NOTES.md runs 61, 65).
+            room = lim.lookup_draft_tokens - len(rows)
+            if room > 0 and any(seq.draft_length or (room >= len(rows) and lookup_length(seq, seq.num_generated + 1))
+                                for _, seq in rows):
                 return []
         if not all(self.blocks.grow(seq, seq.num_tokens + 1) for _, seq in rows):
             return []  # the blocks grown stay with their sequences: their next step needs them anyway

@@ -99,10 +99,11 @@ def test_finished_sequences_give_their_blocks_back_when_released_or_when_needed(
 
 
 @pytest.mark.unit
-def test_a_pass_is_chained_only_where_its_sequences_would_draft_nothing():
+def test_a_pass_is_chained_only_where_its_sequences_would_draft_nothing(monkeypatch):
     """Scheduler.chain: the next decode step of each sequence of the pass in flight, fed that pass's token (its row),
-    unless a sequence would draft next (a listed choice still followed; a lookup, where the pass leaves lookups room)
-    or a work of the pass holds drafts; a sequence that ends at that pass by max_new_tokens is left out."""
+    unless a sequence would draft next (a listed choice still followed; a lookup, where the pass leaves lookups room,
+    and for a retry room for a token a sequence) or a work of the pass holds drafts; a sequence that ends at that
+    pass by max_new_tokens is left out."""
     from orinfer.block_manager import BlockManager
     from orinfer.scheduler import Limits, Scheduler
     from orinfer.sequence import Sequence
@@ -132,6 +133,12 @@ def test_a_pass_is_chained_only_where_its_sequences_would_draft_nothing():
     assert len(sch.chain(works)) == 3
     sch, seqs, works = in_flight(lookup_budget=3, draft_length=4)  # drafting sequences, no room for lookups
     assert len(sch.chain(works)) == 3
+    monkeypatch.setattr("orinfer.drafts.RETRY", 2)  # each stopped drafting, and retries at its second token
+    sch, seqs, works = in_flight(lookup_budget=6)    # room for a token a sequence (3 of 3): the retries wait for none
+    assert sch.chain(works) == []
+    sch, seqs, works = in_flight(lookup_budget=5)    # room for 2 tokens among 3 sequences: chained, retries later
+    assert len(sch.chain(works)) == 3
+    monkeypatch.undo()
     sch, seqs, works = in_flight(candidates=[[9, 11, 12]])  # the second still follows a listed choice
     assert sch.chain(works) == []
     sch, seqs, works = in_flight(candidates=[[8, 11, 12], [9]])  # it left one, and matched the other whole
