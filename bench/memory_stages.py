@@ -51,6 +51,18 @@ def with_token_table(folder: Path) -> Path:
     return table_folder
 
 
+def capped_runs(tokenizer, records: list, names: list[str]) -> list[tuple[str, list, list | None, int]]:
+    """The named runs of the capped stage: (name, chats, scripted answers or None for free-running, new tokens)."""
+    scripts = answer_scripts(tokenizer, records)
+    longest = read_records(ROOT / "data" / "sample_longest_data.jsonl")[0]
+    runs = [("w1_scripted", [r["message"] for r in records], scripts, 500),
+            ("longest_free500", [r["message"] for r in longest], None, 500),
+            ("w1_first64_free500", [r["message"] for r in records[:64]], None, 500),
+            ("w1_first16_free256", [r["message"] for r in records[:16]], None, 256),
+            ("w1_long10_scripted", [r["message"] for r in records], long_answers(scripts, 10), 500)]
+    return [run for run in runs if run[0] in names]
+
+
 def capped(folder: Path, records: list, budget_gib: float, run_names: list[str]) -> dict:
     """Orin emulation: device reserved + host RSS + 0.5 GiB (the CUDA context the Orin would share) <= budget.
     With budget_gib 0 the same runs go uncapped, for the time lost to the cap. `overhead` says what the process
@@ -98,15 +110,8 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
                     device_reserved_after_warmup_gib=report["device_reserved_after_warmup_gib"])
     report["overhead"] = overhead
     print(report, flush=True)
-    scripts = answer_scripts(gen.tokenizer, records)
-    longest = read_records(ROOT / "data" / "sample_longest_data.jsonl")[0]
-    runs = [("w1_scripted", [r["message"] for r in records], scripts, 500),
-            ("longest_free500", [r["message"] for r in longest], None, 500),
-            ("w1_first64_free500", [r["message"] for r in records[:64]], None, 500),
-            ("w1_first16_free256", [r["message"] for r in records[:16]], None, 256),
-            ("w1_long10_scripted", [r["message"] for r in records], long_answers(scripts, 10), 500)]
     flops_per_token, weight_bytes = pass_costs(setup.cfg)
-    for name, chats, script, new in [r for r in runs if r[0] in run_names]:
+    for name, chats, script, new in capped_runs(gen.tokenizer, records, run_names):
         log_start = fresh_run(gen)
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()

@@ -97,3 +97,24 @@ def test_long_answers_run_on_without_end_among_short_ones():
     stretched = [s for s in longs if len(s) == 10]
     assert len(stretched) == 4 and all(32007 not in s and s[:4] == [5, 6, 5, 6] for s in stretched)
     assert sum(s == [5, 6, 32007] for s in longs) == 36
+
+
+@pytest.mark.unit
+def test_device_memory_replays_the_allocator_trace_to_its_peak():
+    import device_memory
+
+    def event(action, addr, size, line=0):
+        return {"action": action, "addr": addr, "size": size,
+                "frames": [{"filename": "/x/torch/nn/functional.py", "line": 9, "name": "linear"},
+                           {"filename": "/x/orinfer/model.py", "line": line, "name": "forward"}]}
+    trace = [event("alloc", 1, 100, 10), event("alloc", 2, 50, 20), event("free_requested", 1, 100),
+             event("free_completed", 1, 100), event("alloc", 3, 200, 30), event("alloc", 4, 5, 30),
+             event("free_requested", 3, 200), event("free_requested", 2, 50)]
+    best, live = device_memory.live_at_peak(trace)
+    assert best == 255 and sorted(e["addr"] for e in live) == [2, 3, 4]
+    best, live = device_memory.live_at_peak(trace, start=4)  # only what was made from event 4 on is listed
+    assert best == 255 and sorted(e["addr"] for e in live) == [3, 4]
+    mib = 1 << 20
+    rows = device_memory.by_line([event("alloc", 5, 3 * mib, 30), event("alloc", 6, mib, 30),
+                                  {"size": 2 * mib, "frames": []}])
+    assert rows == [("model.py:30:forward", 4.0, 2), ("?:0:?", 2.0, 1)]
