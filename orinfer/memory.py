@@ -219,7 +219,8 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
         gather_tokens = 2 * cfg.max_position_embeddings
     else:
         gather_tokens = max(2048, min(1 << 20, free // 10 // gather))
-    kv = free - act(tokens) - gather_tokens * gather
+    layers = act(tokens) + gather_tokens * gather  # a pass's peak inside its layers
+    kv = free - layers
     if table:  # a pass's rows, read into a host buffer and indexed once
         rows = 2 * tokens * cfg.hidden_size * itemsize
         items.append(("token table rows of a pass", rows))
@@ -228,8 +229,8 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
     max_num_seqs = max(1, min(512, tokens, kv // kv_per_token // 64))
     logits = max_num_seqs * (1 + max_drafts) * cfg.vocab_size * itemsize * 2  # the LM head's rows, and argmax's
     # The LM head runs after the last layer, when only the residual stream's two tensors are left of the pass.
-    workspace = max(act(tokens) + gather_tokens * gather, 2 * tokens * cfg.hidden_size * itemsize + logits)
-    kv -= workspace - act(tokens) - gather_tokens * gather
+    workspace = max(layers, 2 * tokens * cfg.hidden_size * itemsize + logits)
+    kv -= workspace - layers
     # More cache than max_num_seqs full-length sequences can never be used (and a big pool costs start-up time).
     kv = min(kv, max_num_seqs * cfg.max_position_embeddings * kv_per_token)
     num_blocks = kv // (block_size * kv_per_token) + 1  # +1: the scratch block

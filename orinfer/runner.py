@@ -171,8 +171,8 @@ class ModelRunner:
         counting = self._counting(max((s + n for s, n in zip(starts, lens)), default=0))
         scratch = array("q", [SCRATCH_BLOCK]) * nblocks
         tables = [works[i].seq.block_table for i in order] + [scratch] * (batch - len(works))
-        host = array("q", ids + sample_rows + starts + lens)
-        host += array("q", accumulate(lens, initial=0))  # cu_q
+        first_tokens = array("q", accumulate(lens, initial=0))  # each sequence's first flat token: cu_q
+        host = array("q", ids + sample_rows + starts + lens) + first_tokens
         if len(ids) == batch and max(lens, default=1) == 1:  # one token a sequence (decode): no runs to lay out
             host += counting[:batch]
             host += array("q", bytes(8 * batch))
@@ -195,8 +195,7 @@ class ModelRunner:
             host += layout
         fed = []  # (flat row, row of `feed`) of each chained step: its token is filled in on the device
         if feed is not None:
-            fed = [(row, works[i].fed_row) for i, row in zip(order, accumulate(lens, initial=0))
-                   if works[i].fed_row >= 0]
+            fed = [(row, works[i].fed_row) for i, row in zip(order, first_tokens) if works[i].fed_row >= 0]
             host += array("q", [row for row, _ in fed] + [src for _, src in fed])
         flat = self._upload(host)
         tokens = len(ids)
