@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import optimize  # noqa: E402
-from memory_stages import capped_runs, with_token_table  # noqa: E402
+from memory_stages import cap_device, capped_runs, with_token_table  # noqa: E402
 from orinfer.dataset import read_records  # noqa: E402
 from orinfer.memory import GiB, MiB, rss_bytes  # noqa: E402
 from orinfer.options import Options  # noqa: E402
@@ -68,8 +68,7 @@ def main(budget_gib: float) -> None:
     records = read_records(w1)[0]
     torch.cuda.init()  # as in the capped stage: the plan is made before a context exists
     budget = int(budget_gib * GiB)
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction((budget - rss_bytes() - 0.5 * GiB) / total)
+    cap_device(budget, rss_bytes())
     observer = ScriptedAnswers()
     setup = optimize.prepare(folder, device="cuda", unified_memory=True, memory_budget=budget,
                              options=Options(compile=False))

@@ -63,6 +63,14 @@ def capped_runs(tokenizer, records: list, names: list[str]) -> list[tuple[str, l
     return [run for run in runs if run[0] in names]
 
 
+def cap_device(budget: float, host: int) -> float:
+    """Caps torch's allocator at the emulated budget less the host's RSS and the 0.5 GiB CUDA context the Orin would
+    share; returns the cap in bytes."""
+    cap = budget - host - 0.5 * GiB
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    return cap
+
+
 def capped(folder: Path, records: list, budget_gib: float, run_names: list[str]) -> dict:
     """Orin emulation: device reserved + host RSS + 0.5 GiB (the CUDA context the Orin would share) <= budget.
     With budget_gib 0 the same runs go uncapped, for the time lost to the cap. `overhead` says what the process
@@ -73,9 +81,7 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
     overhead = {"host_rss_before_plan_gib": host / GiB}
     report = {"budget_gib": budget_gib, "host_rss_idle_gib": host / GiB}
     if budget_gib:
-        device_cap = budget_gib * GiB - host - 0.5 * GiB
-        torch.cuda.set_per_process_memory_fraction(device_cap / torch.cuda.get_device_properties(0).total_memory)
-        report["device_cap_gib"] = device_cap / GiB
+        report["device_cap_gib"] = cap_device(budget_gib * GiB, host) / GiB
     # compile=False: the Orin's torch has no Triton, and compiling would add inductor's host memory to the count.
     observer = ScriptedAnswers()
     setup = optimize.prepare(folder, device="cuda", unified_memory=bool(budget_gib),
