@@ -12,7 +12,7 @@ import gc
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +30,8 @@ from orinfer.config import Phi3Config, eos_token_ids  # noqa: E402
 from orinfer.dataset import parse_choices  # noqa: E402
 from orinfer.engine import Engine  # noqa: E402
 from orinfer.loader import load_weights, serve_from_file, tensor_dtype  # noqa: E402
-from orinfer.memory import MemoryPlan, is_integrated, parse_budget, plan_memory, rss_bytes  # noqa: E402
+from orinfer.memory import (GiB, MIN_KV_TOKENS, BudgetTooSmall, MemoryPlan, is_integrated, machine_bytes,  # noqa: E402
+                            parse_budget, plan_memory, rss_bytes)
 from orinfer.model import Phi3ForCausalLM  # noqa: E402
 from orinfer.observe import Observer  # noqa: E402
 from orinfer.options import Options  # noqa: E402
@@ -115,6 +116,8 @@ class Generator:
             # torch.compile fails on the first call, here (e.g. no C compiler for Triton's launcher): say the way out.
             raise RuntimeError(f"warm-up failed while compiling the fused kernels ({type(e).__name__}: {e}); "
                                "build with Options(compile=False) (test_script.py --no-compile)") from e
+        # Nothing of the warm-up reaches the timed run: its chat's prompt blocks leave the prefix cache.
+        self.engine.reset_prefix_cache()
         # What exists now (torch, transformers, the model, compiled kernels: ~3*10^5 objects) lives until exit: the
         # cyclic collector stops rescanning it, which it otherwise does in the timed data load after a call.
         gc.collect()
@@ -267,10 +270,18 @@ class SetupError(Exception):
     """What is wrong with the model folder, the device or an option, found before any weight is loaded."""
 
 
+class InputError(ValueError):
+    """One input that the run cannot take (found before any weight is loaded): `index` says which."""
+
+    def __init__(self, index: int, what: str):
+        super().__init__(what)
+        self.index = index
+
+
 @dataclass(frozen=True)
 class Setup:
     """All that build() decides before the weights load: the folder's config and tokenizer, the device, the dtype
-    and the memory plan. A caller can check its inputs against it (prompt_ids, plan.kv_tokens) before the load."""
+    and the memory plan. A caller checks its inputs against it (prompt_lengths, sized_for) before the load."""
     folder: Path
     cfg: Phi3Config
     eos: list[int]
@@ -279,6 +290,56 @@ class Setup:
     dtype: torch.dtype
     plan: MemoryPlan
     options: Options  # its `compile` resolved to True or False
+    plan_inputs: dict = field(default_factory=dict)  # plan_memory's arguments besides the budget and the run's needs
+
+    def plan_for(self, budget: int, kv_tokens_wanted: int | None = None) -> MemoryPlan:
+        return plan_memory(budget=budget, kv_tokens_wanted=kv_tokens_wanted, **self.plan_inputs)
+
+    def least_budget(self, kv_tokens: int) -> int | None:
+        """The smallest budget (to 0.01 GiB) whose plan leaves `kv_tokens` tokens of KV cache; None if none can."""
+        def fits(budget: int) -> bool:
+            try:
+                return self.plan_for(budget).kv_tokens >= kv_tokens
+            except MemoryError:
+                return False
+        step = GiB // 100
+        low, high = 0, self.plan_inputs["weights"] + 8 * GiB + 2 * kv_tokens * self.cfg.kv_bytes_per_token
+        if not fits(high):
+            return None
+        while high - low > step:  # low never fits, high does
+            mid = (low + high) // 2
+            low, high = (low, mid) if fits(mid) else (mid, high)
+        return -(-high // step) * step
+
+    def prompt_lengths(self, items: list) -> list[int]:
+        """Each input's prompt tokens, counted with a tokenizer instance of its own, thrown away after: a check made
+        before the clock fills no cache (the BPE cache of tokenizers < 0.20 has no bound) that the run then uses."""
+        tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        try:
+            return [len(p) for p in prompt_ids(tokenizer, items)]
+        except Exception:  # find the input at fault, one at a time
+            for i, item in enumerate(items):
+                try:
+                    prompt_ids(tokenizer, [item])
+                except Exception as e:
+                    raise InputError(i, f"the prompt cannot be tokenised ({type(e).__name__}: {e})") from None
+            raise
+
+    def sized_for(self, lengths: list[int], max_new_tokens: int) -> "Setup":
+        """This set-up with its KV pool sized to a run of prompts of these lengths and answers of up to
+        max_new_tokens (no larger than what the run can hold at once); an InputError names the longest input when
+        the budget's cache cannot hold it whole, with the budget that would."""
+        needs = [n + max_new_tokens for n in lengths]
+        longest = max(range(len(needs)), key=needs.__getitem__)
+        if needs[longest] > self.plan.kv_tokens:
+            least = self.least_budget(needs[longest])
+            hint = f"pass --memory-budget {least / GiB:.2f}GiB or more" if least else "no budget holds it"
+            raise InputError(longest, f"the prompt's {lengths[longest]} tokens and up to {max_new_tokens} new tokens "
+                                      f"need {needs[longest]} tokens of KV cache, and the memory budget "
+                                      f"({self.plan.budget / GiB:.2f} GiB) leaves {self.plan.kv_tokens}: {hint}, or "
+                                      "lower --max-new-tokens")
+        at_once = sum(sorted(needs, reverse=True)[:self.plan.max_num_seqs])
+        return replace(self, plan=self.plan_for(self.plan.budget, at_once))
 
     def load(self, init: Callable[[Phi3ForCausalLM], None] | None = None, progress: bool = True,
              observer: Observer | None = None) -> Generator:
@@ -341,13 +402,22 @@ def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto
         tokenizer = AutoTokenizer.from_pretrained(folder)
         torch_dtype = resolve_dtype(dtype, cfg)
         itemsize = torch.finfo(torch_dtype).bits // 8
-        plan = plan_memory(cfg, parse_budget(memory_budget, dev), cfg.num_parameters * itemsize, itemsize,
-                           shared_host=is_integrated(dev) if unified_memory is None else unified_memory,
-                           host_bytes=rss_bytes(),
-                           table_in_checkpoint=tensor_dtype(folder, "model.embed_tokens.weight") == torch_dtype)
-    except (OSError, ValueError, KeyError, MemoryError) as e:
+        shared = is_integrated(dev) if unified_memory is None else unified_memory
+        budget = parse_budget(memory_budget, dev)
+        inputs = dict(cfg=cfg, weights=cfg.num_parameters * itemsize, itemsize=itemsize, shared_host=shared,
+                      host_bytes=rss_bytes(), cuda=dev.type == "cuda",
+                      table_in_checkpoint=tensor_dtype(folder, "model.embed_tokens.weight") == torch_dtype)
+    except (OSError, ValueError, KeyError) as e:
         raise SetupError(f"{folder}: {e}" if isinstance(e, (OSError, KeyError)) else str(e)) from e
-    return Setup(folder, cfg, eos, tokenizer, dev, torch_dtype, plan, options)
+    if budget > machine_bytes(dev, shared):
+        raise SetupError(f"--memory-budget {budget / GiB:.2f} GiB is more than this machine has "
+                         f"({machine_bytes(dev, shared) / GiB:.2f} GiB)")
+    setup = Setup(folder, cfg, eos, tokenizer, dev, torch_dtype, None, options, inputs)
+    try:
+        return replace(setup, plan=setup.plan_for(budget))
+    except BudgetTooSmall as e:
+        least = setup.least_budget(MIN_KV_TOKENS)
+        raise SetupError(f"{e}: at least {least / GiB:.2f} GiB is needed" if least else str(e)) from None
 
 
 def build(model_dir: str | Path, device: str | None = None, dtype: str = "auto", memory_budget: str | int = "auto",

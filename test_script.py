@@ -3,27 +3,42 @@
     python test_script.py                # the real model in ./models/Phi-3-medium-4k-instruct, on the GPU
     python test_script.py --demo         # the embedded tiny random Phi-3, on the CPU, in seconds
 
-Before the model loads, the data file and every option are checked: a problem is one line on stderr naming the file
-and line, and exit code 2. Section 3 (timed) is data load + inference and yields `outs` in pipe() form and dataset
-order; Section 4 (untimed) scores them exactly as the organisers do. Each result is appended to OUT.partial as it
-finishes and --out is replaced only at the end, so a run that dies loses nothing: --resume runs only what is missing.
+Before the model loads, every path, the data file and every option are checked: a problem is one line on stderr
+naming the file and line, and exit code 2. Section 3 (timed) is data load + inference and yields `outs` in pipe()
+form and dataset order; Section 4 (untimed) prints the answers and scores them exactly as the organisers' script
+does. Each result is appended to OUT.partial as it finishes and --out is replaced only at the end, so a run that
+dies loses nothing: --resume runs only what is missing.
 """
 import argparse
-import json
+import hashlib
+import signal
 import sys
 import time
-import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
-import torch
+from orinfer.dataset import DataError, fingerprint, read_records
+from orinfer.runfiles import Results, RunLock, beside, check_paths
 
-import optimize
-from orinfer.dataset import DataError, read_records, read_results
+EXIT_CODES = """exit codes:
+  0    every record has its result in --out
+  1    some record has no result (each is named by its line; the others are in --out), or a fault inside the run
+       (one line; its traceback in OUT.error.log, the finished results in OUT.partial)
+  2    a bad input or option: nothing was run, --out is as it was; one line names the file and line, or the option
+  130  interrupted (Ctrl-C) and 143 terminated (SIGTERM): the results finished so far are kept in OUT.partial
+       (--resume runs the rest)"""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the usage block and then the error
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):  # the default where there is one to state (not for switches)
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return f"{action.help} (default: {action.default})"
 
 
 def _positive_int(text: str) -> int:
@@ -37,103 +52,123 @@ def _positive_int(text: str) -> int:
 
 
 def parse_args(argv=None):
-    p = _Parser(prog="test_script.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="test_script.py", description=__doc__, epilog=EXIT_CODES, formatter_class=_Help)
     p.add_argument("--model", default="./models/Phi-3-medium-4k-instruct", help="local HF folder of the model")
-    p.add_argument("--data", default="./data/test_dataset.jsonl", help="JSONL records {'message': [...], 'answer': ...}")
+    p.add_argument("--data", default="./data/test_dataset.jsonl",
+                   help="records {'message': [...], 'answer': ...}: JSON lines, or one JSON array of them")
     p.add_argument("--out", default="outputs.jsonl", help="results, one JSON line per record, in dataset order")
     p.add_argument("--resume", action="store_true",
-                   help="keep the results already in --out and OUT.partial and run only the other records")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=500)
+                   help="keep the results already in --out and OUT.partial (of this data and these settings only) "
+                        "and run only the other records; its Elapsed_time is not a timing of the whole data set")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=500, help="as in the organisers' script")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto keeps the checkpoint's dtype (bf16), as the organisers' torch_dtype='auto' does")
     p.add_argument("--memory-budget", default="auto",
                    help="bytes the process may use, host and device together (e.g. 28.5GiB); auto reads MemAvailable "
                         "on an integrated GPU (Jetson) and free memory on a discrete one")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--no-speculation", action="store_true", help="decode one token per pass (same output, slower)")
-    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="launch every pass eagerly (same output)")
     p.add_argument("--no-compile", action="store_true", help="keep the elementwise kernels eager (compiling needs Triton)")
     p.add_argument("--demo", action="store_true",
                    help="run the embedded tiny random Phi-3 on the CPU instead of --model (answers are nonsense)")
     return p.parse_args(argv)
 
 
-class Results:
-    """The results of a run. --out is written once, at the end, atomically and in dataset order; until then each
-    result is appended to the journal OUT.partial as it finishes (one flushed line), so a crash keeps every finished
-    result and the previous --out stays as it was."""
-
-    def __init__(self, out: Path, resume: bool, total: int):
-        self.out, self.journal = out, out.with_name(out.name + ".partial")
-        self.done: dict[int, list] = {}
-        if not out.parent.is_dir():
-            raise DataError(out, None, f"cannot be written: the folder {out.parent} does not exist")
-        if resume:
-            for path in (out, self.journal):
-                if path.is_file():
-                    done, note = read_results(path, total)
-                    self.done.update(done)
-                    if note:
-                        print(note, file=sys.stderr)
-        elif self.journal.is_file() and self.journal.stat().st_size:
-            raise DataError(self.journal, None, "holds the results of an interrupted run: pass --resume to keep "
-                                                "them, or delete the file to start afresh")
-        self.resumed = len(self.done)
-        try:  # the journal restarts with exactly the results kept (a cut last line is dropped)
-            self.sink = open(self.journal, "w", encoding="utf-8")
-            self.sink.writelines(self._line(i, o) for i, o in sorted(self.done.items()))
-            self.sink.flush()
-        except OSError as e:
-            raise DataError(self.journal, None, f"cannot be written ({e.strerror})") from None
-
-    @staticmethod
-    def _line(index: int, output: list) -> str:
-        return json.dumps({"index": index, "output": output}, ensure_ascii=False) + "\n"
-
-    def add(self, index: int, output: list) -> None:
-        self.sink.write(self._line(index, output))
-        self.sink.flush()
-        self.done[index] = output
-
-    def finish(self) -> None:
-        """--out replaced by every result, in dataset order; the journal is then no longer needed."""
-        tmp = self.out.with_name(self.out.name + ".tmp")
-        tmp.write_text("".join(self._line(i, o) for i, o in sorted(self.done.items())), encoding="utf-8")
-        tmp.replace(self.out)
-        self.sink.close()
-        self.journal.unlink()
-
-    def saved(self) -> str:
-        kept = len(self.done)
-        return f"{kept} results are kept in {self.journal}; --resume runs the rest" if kept else "no result was lost"
+class Refused(Exception):
+    """The run cannot start (exit 2): its one line is the message."""
 
 
-def run(args, results: Results, data_path: Path, records: list[dict], lines: list[int], todo: list[int],
-        prepare) -> int:
-    model_dir, device = args.model, args.device
+class Stopped(BaseException):
+    """A signal that ends the run as Ctrl-C does: SIGINT (exit 130) or SIGTERM (exit 143)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.code, self.word = 128 + signum, "interrupted" if signum == signal.SIGINT else "terminated"
+
+
+@contextmanager
+def _signals_stop_the_run():
+    """SIGINT and SIGTERM end the run through Stopped, once: a second one while the first is handled (the journal
+    being closed, the message written), or one while an error is reported (after `settle()`), is ignored rather
+    than break the handling with a traceback."""
+    stopping = []
+
+    def handler(signum, frame):
+        if not stopping:
+            stopping.append(signum)
+            raise Stopped(signum)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: stopping.append(None)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _model_dir(args) -> tuple[str | Path, str | None]:
     if args.demo:
         from orinfer.tiny import demo_model_dir
-        model_dir, device = demo_model_dir(), args.device or "cpu"
+        return demo_model_dir(), args.device or "cpu"
+    return args.model, args.device
 
-    # Section 1: set-up (untimed). Everything is checked before the weights load: options, device, memory plan,
-    # and that every prompt fits the KV cache the plan leaves.
+
+def _settings(args, model_dir) -> str:
+    """What a result depends on besides its record: the model (its config), the dtype and max_new_tokens."""
+    config = Path(model_dir) / "config.json"
+    model = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else str(model_dir)
+    return fingerprint({"model": model, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens})
+
+
+def set_up(args, prepare, model_dir, device, data_path: Path, records: list, lines: list, todo: list):
+    """Section 1 (untimed): options, device, memory plan, and every prompt with its answer's room checked against
+    the KV cache the plan leaves (the pool then sized to this run), all before the weights load; then the load."""
+    import optimize  # here, not above: --help and a bad input answer without loading torch and transformers
     options = optimize.Options(speculate=not args.no_speculation, cuda_graphs=not args.no_cuda_graphs,
                                compile=False if args.no_compile else None)
-    setup = prepare(model_dir, device=device, dtype=args.dtype, memory_budget=args.memory_budget, options=options)
-    lengths = [len(p) for p in optimize.prompt_ids(setup.tokenizer, [records[i]["message"] for i in todo])]
-    for i, n in zip(todo, lengths):
-        if n + 1 > setup.plan.kv_tokens:
-            raise DataError(data_path, lines[i], f"the prompt's {n} tokens do not fit the KV cache, "
-                                                 f"{setup.plan.kv_tokens} tokens at this memory budget: raise "
-                                                 "--memory-budget")
+    try:
+        setup = (prepare or optimize.prepare)(model_dir, device=device, dtype=args.dtype, memory_budget=args.memory_budget,
+                        options=options)
+        lengths = setup.prompt_lengths([records[i]["message"] for i in todo])
+        setup = setup.sized_for(lengths, args.max_new_tokens)
+    except optimize.InputError as e:
+        raise DataError(data_path, lines[todo[e.index]], str(e)) from None
+    except optimize.SetupError as e:
+        raise Refused(f"error: {e}") from None
     print(setup.plan.describe(), file=sys.stderr)
     gen = setup.load()
     print(gen.describe(), file=sys.stderr)
+    return gen
+
+
+def report(outs: list, data: list, elapsed: float, results: Results, ran: int) -> None:
+    """Section 4 (untimed), as the organisers' script prints it: every answer, then the time and the score."""
+    print("===== Answers =====")
+    correct = 0
+    for i, out in enumerate(outs):
+        answer = out[0]["generated_text"].lstrip().replace("\n", "") if out is not None else None
+        correct += answer is not None and answer == data[i].get("answer")
+        print(answer if answer is not None else "(no result)")
+    print("===== Perf result =====")
+    if results.resumed:  # its time covers some records only: not the line a timing run prints
+        print(f"Elapsed_time (a resumed run, not a timing: {ran} of {len(data)} records ran in it): {elapsed}")
+    else:
+        print("Elapsed_time: ", elapsed)
+    print(f"Correctness: {correct}/{len(data)}")
+    unscored = sum("answer" not in record for record in data)
+    if unscored:
+        print(f"({unscored} of the {len(data)} records have no 'answer' to score against: counted as not correct)")
+
+
+def run(args, prepare, results: Results, data_path: Path, records: list, lines: list, todo: list) -> int:
+    model_dir, device = _model_dir(args)
+    gen = set_up(args, prepare, model_dir, device, data_path, records, lines, todo)
     generation_args = {"max_new_tokens": args.max_new_tokens, "return_full_text": False, "temperature": 0.0,
                        "do_sample": False}
 
-    # Section 2: warm-up (untimed) — kernels, allocator pools, CUDA graphs.
+    # Section 2: warm-up (untimed): kernels, allocator pools, CUDA graphs; the prefix cache is emptied after it.
     gen.warmup()
+    results.begin()
 
     # Section 3: timed — data load + inference.
     failures: dict[int, str] = {}
@@ -144,20 +179,9 @@ def run(args, results: Results, data_path: Path, records: list[dict], lines: lis
     outs = [results.done.get(i) for i in range(len(data))]
     end = time.time()
 
-    # Section 4: untimed — accuracy, scored as the organisers score it.
-    correct = 0
-    for i, out in enumerate(outs):
-        if out is None:
-            continue
-        answer = out[0]["generated_text"].lstrip().replace("\n", "")
-        if answer == data[i].get("answer"):
-            correct += 1
+    # Section 4: untimed — the answers and the accuracy, scored as the organisers score them.
     results.finish()
-    print("===== Perf result =====")
-    print("Elapsed_time: ", end - start)
-    print(f"Correctness: {correct}/{len(data)}")
-    if results.resumed:
-        print(f"({results.resumed} records were resumed from {results.out}; Elapsed_time covers the other {len(todo)})")
+    report(outs, data, end - start, results, len(todo))
     for i, why in sorted(failures.items()):
         print(f"{data_path}:{lines[i]}: no result: {why}", file=sys.stderr)
     if failures:
@@ -167,44 +191,69 @@ def run(args, results: Results, data_path: Path, records: list[dict], lines: lis
     return 0
 
 
-def main(argv=None, prepare=optimize.prepare) -> int:
-    """The whole run; what goes wrong is one line on stderr and an exit code, never a traceback: 2 for a bad input
-    or option (nothing was run), 1 for records left without a result or a fault inside, 130 for an interrupt.
-    `prepare` makes the set-up (tests hand in one that changes the plan or the generator)."""
-    args = parse_args(argv)
+def _start(args, prepare) -> int:
+    """Paths, lock, data and kept results checked (in that order, nothing loaded yet), then the run."""
+    data_path, out = Path(args.data), Path(args.out)
+    check_paths(data_path, out)
+    lock = RunLock(out)
+    note = lock.acquire()
     results = None
     try:
-        data_path = Path(args.data)
-        data, lines = read_records(data_path)
-        results = Results(Path(args.out), args.resume, len(data))
-        todo = [i for i in range(len(data)) if i not in results.done]
+        if note:
+            print(note, file=sys.stderr)
+        records, lines = read_records(data_path)
+        model_dir, _ = _model_dir(args)
+        results = Results(out, args.resume, [fingerprint(r["message"]) for r in records], _settings(args, model_dir))
+        todo = [i for i in range(len(records)) if i not in results.done]
         if not todo:
             results.finish()
-            print(f"every record of {data_path} already has its result in {results.out}: nothing to run",
-                  file=sys.stderr)
+            print(f"every record of {data_path} already has its result in {out}: nothing to run", file=sys.stderr)
             return 0
-        return run(args, results, data_path, data, lines, todo, prepare)
-    except DataError as e:
-        print(e, file=sys.stderr)
-        return 2
-    except optimize.SetupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: {results.saved() if results else 'nothing had started'}", file=sys.stderr)
-        return 130
-    except Exception as e:  # a fault inside the engine: the details go to a file, the user gets what was kept
-        log = Path(args.out).with_name(Path(args.out).name + ".error.log")
+        return run(args, prepare, results, data_path, records, lines, todo)
+    except (Stopped, KeyboardInterrupt, Exception) as e:
+        e.saved = results.saved() if results is not None else "nothing had started"
+        raise
+    finally:
+        if results is not None:
+            results.close()
+        lock.release()
+
+
+def main(argv=None, prepare=None) -> int:
+    """The whole run; what goes wrong is one line on stderr and an exit code, never a traceback (EXIT_CODES).
+    `prepare` makes the set-up (default optimize.prepare; tests hand in one that changes the plan or the generator)."""
+    args = parse_args(argv)
+    with _signals_stop_the_run() as settle:
         try:
-            log.write_text(traceback.format_exc(), encoding="utf-8")
-            where = f"traceback in {log}"
-        except OSError:
-            where = "no log could be written"
-        print(f"error: {type(e).__name__}: {e} ({where}); {results.saved() if results else 'nothing had started'}",
-              file=sys.stderr)
-        return 1
+            return _start(args, prepare)
+        except (DataError, Refused) as e:
+            settle()
+            print(e, file=sys.stderr)
+            return 2
+        except (Stopped, KeyboardInterrupt) as e:
+            settle()
+            word, code = (e.word, e.code) if isinstance(e, Stopped) else ("interrupted", 130)
+            print(f"{word}: {getattr(e, 'saved', 'nothing had started')}", file=sys.stderr)
+            return code
+        except Exception as e:  # a fault inside the engine: the details go to a file, the user gets what was kept
+            settle()
+            return _fault(e, Path(args.out))
+
+
+def _fault(e: Exception, out: Path) -> int:
+    import os
+    import traceback
+    if isinstance(e, BrokenPipeError):  # stdout closed early (`| head`): no report to print, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    log = beside(out, ".error.log")
+    try:
+        log.write_text(traceback.format_exc(), encoding="utf-8")
+        where = f"traceback in {log}"
+    except OSError:
+        where = "no log could be written"
+    print(f"error: {type(e).__name__}: {e} ({where}); {getattr(e, 'saved', 'nothing had started')}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     sys.exit(main())

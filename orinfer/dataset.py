@@ -1,10 +1,11 @@
-"""The competition's files and prompts: the dataset (JSONL records of a chat and its answer), the results file, and
-the list of choices a prompt gives.
+"""The competition's data and prompts: the dataset (records of a chat and its answer, one JSON object a line or one
+JSON array of them) and the list of choices a prompt gives.
 
 Every way a file can be wrong is a `DataError` naming the file and its 1-based line, so a user learns what to fix
 before a model loads, not from a traceback after it.
 """
 import ast
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -19,7 +20,8 @@ class DataError(ValueError):
         super().__init__(f"{path}:{line}: {what}" if line else f"{path}: {what}")
 
 
-def _lines(path: Path) -> list[tuple[int, bytes]]:
+def read_lines(path: Path) -> list[tuple[int, str]]:
+    """The file's lines as text, numbered from 1: a byte that is not UTF-8 is an error naming its line and column."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -28,7 +30,7 @@ def _lines(path: Path) -> list[tuple[int, bytes]]:
         raise DataError(path, None, "is a directory, not a JSONL file") from None
     except OSError as e:
         raise DataError(path, None, f"cannot be read ({e.strerror})") from None
-    return list(enumerate(raw.split(b"\n"), 1))
+    return [(n, _text(path, n, line)) for n, line in enumerate(raw.split(b"\n"), 1)]
 
 
 def _text(path: Path, n: int, line: bytes) -> str:
@@ -39,10 +41,19 @@ def _text(path: Path, n: int, line: bytes) -> str:
         raise DataError(path, n, f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
 
 
+def _check_text(path: Path, n: int, where: str, text: str) -> None:
+    """Text the tokenizer can read: JSON's \\uD800-\\uDFFF escapes make lone surrogates, which no encoder takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(path, n, f"{where} holds a lone surrogate (\\u{ord(text[e.start]):04x} at character "
+                                 f"{e.start + 1}): not text a tokenizer can read") from None
+
+
 def check_record(rec, path: Path, n: int) -> None:
     """A record is {"message": [{"role", "content"}, ...], "answer"?: str}, its chat ending with a user turn."""
     if not isinstance(rec, dict):
-        raise DataError(path, n, f"a record must be a JSON object, not {type(rec).__name__}")
+        raise DataError(path, n, f"a record must be a JSON object, not {_json_type(rec)}")
     if "message" not in rec:
         raise DataError(path, n, "the record has no 'message' (a list of {'role', 'content'} turns)")
     chat = rec["message"]
@@ -55,6 +66,7 @@ def check_record(rec, path: Path, n: int) -> None:
             raise DataError(path, n, f"turn {t} has role {turn['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(turn["content"], str):
             raise DataError(path, n, f"turn {t}'s 'content' must be a string, not {_json_type(turn['content'])}")
+        _check_text(path, n, f"turn {t}'s 'content'", turn["content"])
     if chat[-1]["role"] != "user":
         raise DataError(path, n, f"the chat's last turn has role {chat[-1]['role']!r}; it must end with a user turn "
                                  "(continuing an assistant's answer is not supported)")
@@ -64,58 +76,61 @@ def check_record(rec, path: Path, n: int) -> None:
 
 def _json_type(value) -> str:
     return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list",
-            dict: "an object"}.get(type(value), type(value).__name__)
+            dict: "an object", str: "a string"}.get(type(value), type(value).__name__)
 
 
-def read_records(path: str | Path) -> tuple[list[dict], list[int]]:
-    """Every record of a JSONL dataset, checked, and the line each came from. Blank lines are skipped; a file
-    with no record is an error."""
-    path = Path(path)
-    records, line_numbers = [], []
-    for n, line in _lines(path):
-        text = _text(path, n, line)
+def _array_records(text: str) -> list[tuple[int, object]] | None:
+    """The elements of a file that is one JSON array, each with the line it starts on; None for any other file
+    (datasets.load_dataset("json"), which the organisers' script uses, reads such a file as its records)."""
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return None  # JSON lines, or a broken array: read line by line, which names the bad line
+    decoder, found = json.JSONDecoder(), []
+    at, line, counted = text.index("[") + 1, 1, 0
+    while True:
+        at = len(text) - len(text[at:].lstrip(" \t\r\n,"))
+        if text[at] == "]":
+            return found
+        line += text.count("\n", counted, at)
+        counted = at
+        element, at = decoder.raw_decode(text, at)
+        found.append((line, element))
+
+
+def _json_lines(path: Path, lines: list[tuple[int, str]]) -> list[tuple[int, object]]:
+    found = []
+    for n, text in lines:
         if not text.strip():
             continue
         try:
-            rec = json.loads(text)
+            found.append((n, json.loads(text)))
         except json.JSONDecodeError as e:
             raise DataError(path, n, f"not valid JSON ({e.msg} at column {e.colno})") from None
-        check_record(rec, path, n)
-        records.append(rec)
-        line_numbers.append(n)
-    if not records:
-        raise DataError(path, None, "holds no records (one JSON object a line expected)")
-    return records, line_numbers
+    return found
 
 
-def read_results(path: str | Path, total: int) -> tuple[dict[int, list], str | None]:
-    """The results already in a results file ({"index", "output"} lines), and a note if its last line was cut
-    (a run that died while writing it): that line is ignored, so its record runs again. Any other bad line is an
-    error: the file is not ours, or was damaged."""
+def read_records(path: str | Path) -> tuple[list[dict], list[int]]:
+    """Every record of a dataset, checked, and the line each starts on: JSON lines (blank lines skipped) or one JSON
+    array of records. A file with no record is an error."""
     path = Path(path)
-    lines = _lines(path)
-    while lines and not lines[-1][1].strip():
-        lines.pop()
-    done, note = {}, None
-    for n, line in lines:
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(_text(path, n, line))
-            index, output = rec["index"], rec["output"]
-            if not (isinstance(index, int) and isinstance(output, list) and output
-                    and isinstance(output[0], dict) and isinstance(output[0].get("generated_text"), (str, list))):
-                raise ValueError
-        except (json.JSONDecodeError, DataError, KeyError, TypeError, ValueError):
-            if n == lines[-1][0]:
-                note = f"{path}:{n}: the last line is incomplete (cut off by an interrupted run); its record runs again"
-                break
-            raise DataError(path, n, "not a result line ({\"index\": N, \"output\": [{\"generated_text\": ...}]})") from None
-        if not 0 <= index < total:
-            raise DataError(path, n, f"result index {index} is outside the dataset's {total} records "
-                                     "(is this the results file of another dataset?)")
-        done[index] = output
-    return done, note
+    lines = read_lines(path)
+    found = _array_records("\n".join(text for _, text in lines))
+    if found is None:
+        found = _json_lines(path, lines)
+    for n, rec in found:
+        check_record(rec, path, n)
+    if not found:
+        raise DataError(path, None, "holds no records (one JSON object a line, or a JSON array of them, expected)")
+    return [rec for _, rec in found], [n for n, _ in found]
+
+
+def fingerprint(value) -> str:
+    """A short, stable digest of a JSON value (keys sorted): what a results line records of its record and run."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 _CHOICES = re.compile(r"choices:\s*(\[.*\])\s*$", re.MULTILINE)

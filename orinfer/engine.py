@@ -12,7 +12,7 @@ from .attention import AttentionKernels, available
 from .block_manager import BlockManager
 from .memory import MemoryPlan
 from .model import Phi3ForCausalLM
-from .observe import Observer, PassRecord, Sampled
+from .observe import Observer, PassRecord
 from .options import Options
 from .runner import ModelRunner, Pending
 from .scheduler import Limits, Scheduler
@@ -59,23 +59,15 @@ class Engine:
                       max_drafts=p.max_drafts if speculate else 0,
                       lookup_draft_tokens=self.lookup_draft_tokens if speculate else 0)
 
-    def _observed(self, works: list[Work], pending: Pending, tokens: list[int]) -> list[int]:
-        """Tell the observer of a collected pass; the tokens to commit (the argmax, unless it forces others)."""
-        obs = self.observer
-        obs.on_pass(PassRecord(tokens=sum(len(w.tokens) for w in works), requests=tuple(w.seq.index for w in works),
-                               build_s=pending.t1 - pending.t0, wait_s=pending.t2 - pending.t1, graph=pending.graph,
-                               started=pending.t0, device=pending.device_span))
-        sampled, pos = [], 0
-        for w in works:
-            if w.samples:
-                sampled.append(Sampled(w.seq.index, w.seq.num_generated, tokens[pos:pos + 1 + w.num_drafts]))
-                pos += 1 + w.num_drafts
-        forced = obs.force(sampled)
-        if forced is None:
-            return tokens
-        if not obs.forces_tokens:  # a chained pass may already run on the argmax that this replaces
-            raise RuntimeError(f"{type(obs).__name__}.force() returned tokens but its forces_tokens is False")
-        return [t for row in forced for t in row]
+    def _collect(self, works: list[Work], pending: Pending) -> list[int]:
+        """A launched pass's sampled tokens, the model's argmax (waits for that pass only); the observer hears of it."""
+        tokens = self.runner.collect(pending)
+        if self.observer is not None:
+            self.observer.on_pass(PassRecord(
+                tokens=sum(len(w.tokens) for w in works), requests=tuple(w.seq.index for w in works),
+                build_s=pending.t1 - pending.t0, wait_s=pending.t2 - pending.t1, graph=pending.graph,
+                started=pending.t0, device=pending.device_span))
+        return tokens
 
     def warmup(self) -> None:
         """Untimed preparation: kernels, allocator pools and CUDA graphs, before the clock starts."""
@@ -115,10 +107,8 @@ class Engine:
         works on the next pass."""
         scheduler = Scheduler(self.blocks, self._limits(), self.eos_ids)
         source, taken = iter(seqs), []
-        # Chained steps are fed the argmax on the device: not where the observer commits other tokens, nor where the
-        # host looks the token table's rows up itself.
-        chain = (self.options.chain_decode and not self.model.embedding_on_host
-                 and (self.observer is None or not self.observer.forces_tokens))
+        # Chained steps are fed the argmax on the device: not where the host looks the token table's rows up itself.
+        chain = self.options.chain_decode and not self.model.embedding_on_host
 
         def draw(tokens: int | None) -> None:
             """Queue requests, shortest prompt first, until `tokens` prompt tokens are queued (None: all)."""
@@ -142,64 +132,64 @@ class Engine:
                     on_finish(seq)
                 bar.update(1)
 
-        # A half pass first: the device starts after a fraction of the tokenisation, and that pass runs long enough
-        # (~0.2 s on an H200) to hide the rest of it and the scheduling of the next pass.
-        draw(self.plan.max_batched_tokens // 2)
-        in_flight: tuple[list[Work], Pending] | None = None
-        finished: list[Sequence] = []
+        try:
+            # A half pass first: the device starts after a fraction of the tokenisation, and that pass runs long enough
+            # (~0.2 s on an H200) to hide the rest of it and the scheduling of the next pass.
+            draw(self.plan.max_batched_tokens // 2)
+            in_flight: tuple[list[Work], Pending] | None = None
+            finished: list[Sequence] = []
 
-        def commit(works: list[Work], pending: Pending) -> list[Sequence]:
-            tokens = self.runner.collect(pending)
-            if self.observer is not None:
-                tokens = self._observed(works, pending, tokens)
-            self.stats["passes"] += 1
-            self.stats["prefill_tokens"] += sum(len(w.tokens) for w in works if not w.decode)
-            self.stats["max_batch"] = max(self.stats["max_batch"], len(works))
-            return scheduler.postprocess(works, tokens)
+            def commit(works: list[Work], pending: Pending) -> list[Sequence]:
+                tokens = self._collect(works, pending)
+                self.stats["passes"] += 1
+                self.stats["prefill_tokens"] += sum(len(w.tokens) for w in works if not w.decode)
+                self.stats["max_batch"] = max(self.stats["max_batch"], len(works))
+                return scheduler.postprocess(works, tokens)
 
-        while scheduler.has_work or scheduler.failed:
-            finished += scheduler.failed  # requests given up on (seq.error) are reported like finished ones
-            scheduler.failed = []
-            # The next pass is scheduled and launched before the one in flight is committed, so that the device does
-            # not wait for the host: with that pass's decode steps chained to it where they will draft nothing (fed
-            # their tokens on the device), else with sequences outside that pass if it is nearly full. Otherwise it
-            # waits for the pass in flight and is topped up with that pass's sequences' next steps: a pass launched
-            # ahead half empty would cost a whole weight read for its few tokens.
-            chained = scheduler.chain(in_flight[0]) if chain and in_flight is not None else []
-            works = chained + scheduler.schedule(chained)
-            small = sum(len(w.tokens) for w in works) < AHEAD_FILL * self.plan.max_batched_tokens
-            if not chained and in_flight is not None and small:
-                finished += commit(*in_flight)
-                in_flight = None
-                works += scheduler.schedule(works)
-            launched = None
-            if works:
-                try:
-                    launched = works, self.runner.launch(works, in_flight[1] if chained else None)
-                    self.stats["chained_passes"] += bool(chained)
-                except torch.cuda.OutOfMemoryError:
-                    if in_flight is not None:
-                        finished += commit(*in_flight)
-                        in_flight = None
-                    scheduler.rollback(works)
-                    self.stats["oom_retries"] += 1
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                    continue
-            elif in_flight is None:
-                if scheduler.failed:
-                    continue
-                if scheduler.has_work:
-                    raise RuntimeError("the scheduler could not place any sequence (this is a bug)")
-                break  # the pass just committed finished the last sequences
-            draw(None)  # host work that overlaps the device: the remaining requests, the last pass's results
-            report(finished)
+            while scheduler.has_work or scheduler.failed:
+                finished += scheduler.failed  # requests given up on (seq.error) are reported like finished ones
+                scheduler.failed = []
+                # The next pass is scheduled and launched before the one in flight is committed, so that the device does
+                # not wait for the host: with that pass's decode steps chained to it where they will draft nothing (fed
+                # their tokens on the device), else with sequences outside that pass if it is nearly full. Otherwise it
+                # waits for the pass in flight and is topped up with that pass's sequences' next steps: a pass launched
+                # ahead half empty would cost a whole weight read for its few tokens.
+                chained = scheduler.chain(in_flight[0]) if chain and in_flight is not None else []
+                works = chained + scheduler.schedule(chained)
+                small = sum(len(w.tokens) for w in works) < AHEAD_FILL * self.plan.max_batched_tokens
+                if not chained and in_flight is not None and small:
+                    finished += commit(*in_flight)
+                    in_flight = None
+                    works += scheduler.schedule(works)
+                launched = None
+                if works:
+                    try:
+                        launched = works, self.runner.launch(works, in_flight[1] if chained else None)
+                        self.stats["chained_passes"] += bool(chained)
+                    except torch.cuda.OutOfMemoryError:
+                        if in_flight is not None:
+                            finished += commit(*in_flight)
+                            in_flight = None
+                        scheduler.rollback(works)
+                        self.stats["oom_retries"] += 1
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                        continue
+                elif in_flight is None:
+                    if scheduler.failed:
+                        continue
+                    if scheduler.has_work:
+                        raise RuntimeError("the scheduler could not place any sequence (this is a bug)")
+                    break  # the pass just committed finished the last sequences
+                draw(None)  # host work that overlaps the device: the remaining requests, the last pass's results
+                report(finished)
+                scheduler.release_finished()
+                finished = commit(*in_flight) if in_flight is not None else []
+                in_flight = launched
             scheduler.release_finished()
-            finished = commit(*in_flight) if in_flight is not None else []
-            in_flight = launched
-        scheduler.release_finished()
-        report(finished)  # the loop ends only once every failed request is in `finished`
-        bar.close()
+            report(finished)  # the loop ends only once every failed request is in `finished`
+        finally:  # however the loop ends (an interrupt too), the bar is done before anyone reports
+            bar.close()
         self.stats["preemptions"] += scheduler.preemptions
         self.stats["draft_tokens"] += scheduler.draft_tokens
         self.stats["accepted_drafts"] += scheduler.accepted_drafts

@@ -4,6 +4,7 @@ On a Jetson the CPU and GPU share one DRAM, so the budget covers host and device
 (26.0 GiB for Phi-3-medium in bf16) leave little. Every size the engine uses (KV blocks, tokens per pass, gathered
 attention tokens, sequences at once) is derived here from what the budget leaves after the weights.
 """
+import math
 import os
 from dataclasses import dataclass
 
@@ -85,14 +86,22 @@ def auto_budget(device: torch.device) -> int:
 def parse_budget(text: str | int | None, device: torch.device) -> int:
     if text is None or text == "auto":
         return auto_budget(device)
-    if isinstance(text, int):
-        return text
     units = {"k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
     s = str(text).strip().lower().removesuffix("ib").removesuffix("b")
     try:
-        return int(float(s[:-1]) * units[s[-1]]) if s and s[-1] in units else int(float(s))
+        value = float(s[:-1]) * units[s[-1]] if s and s[-1] in units else float(s)
     except (ValueError, IndexError):
-        raise ValueError(f"--memory-budget {text!r}: expected bytes, e.g. 28.5GiB, 29000M or auto") from None
+        value = math.nan
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(f"--memory-budget {text!r}: expected a positive size in bytes, e.g. 28.5GiB, 29000M or auto")
+    return int(value)
+
+
+def machine_bytes(device: torch.device, shared_host: bool) -> int:
+    """The most a budget can hold here: the host's memory where the process shares it, else the GPU's."""
+    if shared_host or device.type != "cuda":
+        return proc_kib_fields("/proc/meminfo", ("MemTotal",))["MemTotal"]
+    return torch.cuda.get_device_properties(device).total_memory
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,8 @@ class MemoryPlan:
     embedding_table: int = 0  # bytes of the token table when it is read from the checkpoint's file, else 0
     shared_host: bool = False  # the budget covers the host process too (a Jetson)
     mlp_rows: int | None = None  # the most rows one MLP product takes (None: a pass's every token at once)
+    cuda: bool = True  # a CUDA device: a context, graphs and FlashAttention's kernels are among its items
+    sized_to_run: bool = False  # the KV pool holds what the run can use, less than the budget leaves
 
     @property
     def embedding_on_host(self) -> bool:
@@ -133,18 +144,26 @@ class MemoryPlan:
         items = " + ".join(f"{name} {size / GiB:.2f}" for name, size in self.overhead_items)
         rest = self.budget - self.weights + self.embedding_table - self.overhead - self.workspace_bytes - self.kv_bytes
         table = f" - token table {self.embedding_table / GiB:.2f} read from the file" if self.embedding_on_host else ""
+        sized = ", sized to the run's prompts and answers" if self.sized_to_run else ""
+        device = (f"; graphs {'on' if self.cuda_graphs else 'off'}, varlen attention "
+                  f"{'allowed' if self.varlen_attention else 'off'}") if self.cuda else ""
         return (f"memory plan: budget {self.budget / GiB:.2f} GiB = weights {self.weights / GiB:.2f}{table} + overhead "
                 f"{self.overhead / GiB:.2f}{f' ({items})' if items else ''} + workspace "
-                f"{self.workspace_bytes / GiB:.2f} + KV {self.kv_bytes / GiB:.2f} + slack {rest / GiB:.2f} "
-                f"({self.kv_tokens} tokens); <= {self.max_num_seqs} sequences, {self.max_batched_tokens} tokens a pass; "
-                f"graphs {'on' if self.cuda_graphs else 'off'}, varlen attention "
-                f"{'allowed' if self.varlen_attention else 'off'}")
+                f"{self.workspace_bytes / GiB:.2f} + KV {self.kv_bytes / GiB:.2f} ({self.kv_tokens} tokens{sized}) + "
+                f"unused {rest / GiB:.2f}; <= {self.max_num_seqs} sequences, {self.max_batched_tokens} tokens a "
+                f"pass{device}")
 
 
 # A shared-memory plan runs the MLP over at most this many rows at a time, so that its [rows, intermediate]
 # activations (most of a layer's) do not grow with the pass: an Orin's GEMMs stay compute-bound down to ~130 rows
 # (26.7 TFLOP/s against 204.8 GB/s), so 256-row products cost a prefill pass nothing, while the cache gains.
 SHARED_MLP_ROWS = 256
+# The least KV cache a plan may leave: a budget that leaves less is too small for any useful run.
+MIN_KV_TOKENS = 256
+
+
+class BudgetTooSmall(MemoryError):
+    """The budget cannot hold the model and the least KV cache; optimize.py says which budget would."""
 
 
 def activation_bytes(cfg: Phi3Config, itemsize: int, tokens: int, mlp_rows: int) -> int:
@@ -161,53 +180,52 @@ def activation_bytes(cfg: Phi3Config, itemsize: int, tokens: int, mlp_rows: int)
 
 def gather_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
     """Attention copies each sequence's keys and values out of the paged pool, once: SDPA and FlashAttention read
-    the copies as they are (bench/NOTES.md run 62), and the padded layout frees one group's before the next's."""
+    the copies as they are, and the padded layout frees one group's before the next's."""
     return 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
+
+
+def _overhead(shared_host: bool, cuda: bool, host_bytes: int, free: int) -> tuple[list, bool, bool, bool]:
+    """What the budget holds besides weights, KV and workspace, item by item; whether graphs and the FlashAttention
+    kernels are afforded; and whether the budget is tight (no room for graphs' host memory, on any device). Only
+    where the process shares the budget (a Jetson, or the CPU) is the host counted; only on CUDA are a context,
+    graphs and those kernels."""
+    items = [("host at planning", host_bytes), ("host growth to come", WARMUP_HOST_BYTES)] if shared_host else []
+    if shared_host and cuda:
+        items += [("pinned buffers", PINNED_HOST_BYTES), ("CUDA context", CUDA_CONTEXT_BYTES)]
+    free -= sum(size for _, size in items)
+    afforded, tight = [], False
+    for name, host_cost in (("graphs", GRAPHS_HOST_BYTES), ("FlashAttention kernels", VARLEN_HOST_BYTES)):
+        # An optional feature that costs host memory: on shared memory only where the budget leaves room besides it.
+        room = not shared_host or free >= host_cost + OPTIONAL_MIN_FREE_BYTES
+        tight = tight or (name == "graphs" and not room)
+        if room and cuda and shared_host:
+            items.append((name, host_cost))
+            free -= host_cost
+        afforded.append(room and cuda)
+    return items, afforded[0], afforded[1], tight
 
 
 # One-token blocks share every common prompt prefix, not only whole blocks of it: W1 computes 22,311 prompt tokens
 # instead of 23,131 with 4-token blocks (the 37th shared token, and stems that begin alike). The K/V gathers and
 # the cache writes move the same bytes either way; the host hashes a block per prompt token, once.
 def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, shared_host: bool,
-                host_bytes: int, block_size: int = 1, max_drafts: int | None = None,
-                table_in_checkpoint: bool = False) -> MemoryPlan:
+                host_bytes: int, cuda: bool = True, block_size: int = 1, max_drafts: int | None = None,
+                table_in_checkpoint: bool = False, kv_tokens_wanted: int | None = None) -> MemoryPlan:
     """`table_in_checkpoint`: the checkpoint stores the token table in the run's dtype, so a pass can read its rows
-    from there."""
-    items = [("host at planning", host_bytes), ("host growth to come", WARMUP_HOST_BYTES),
-             ("pinned buffers", PINNED_HOST_BYTES), ("CUDA context", CUDA_CONTEXT_BYTES)] if shared_host else []
-    overhead = sum(size for _, size in items)
-    free = budget - weights - overhead - SAFETY_BYTES
-
-    def afford(name: str, host_cost: int) -> bool:
-        """Whether to use an optional feature that costs host memory; on shared memory its cost is booked."""
-        nonlocal overhead, free
-        if not shared_host:
-            return True
-        if free < host_cost + OPTIONAL_MIN_FREE_BYTES:
-            return False
-        items.append((name, host_cost))
-        overhead += host_cost
-        free -= host_cost
-        return True
-
-    cuda_graphs = afford("graphs", GRAPHS_HOST_BYTES)
-    varlen_attention = afford("FlashAttention kernels", VARLEN_HOST_BYTES)
-    # Shared memory without graphs (a graph replays device reads; these rows come from the host): the token table
-    # leaves the GPU's pool, read row by row from the checkpoint's file (the rows stay in the reclaimable page cache).
-    table = cfg.vocab_size * cfg.hidden_size * itemsize if shared_host and table_in_checkpoint and not cuda_graphs else 0
-    free += table
+    from there. `kv_tokens_wanted`: the most KV cache the run can use (its prompts and answers at the plan's
+    concurrency); the pool is never larger, and never larger than the budget leaves."""
+    items, cuda_graphs, varlen_attention, tight = _overhead(shared_host, cuda, host_bytes,
+                                                            budget - weights - SAFETY_BYTES)
+    # Shared memory too tight for graphs (a graph replays device reads; these rows come from the host): the token
+    # table leaves the pool, read row by row from the checkpoint's file (the rows stay in the reclaimable page cache).
+    table = cfg.vocab_size * cfg.hidden_size * itemsize if shared_host and table_in_checkpoint and tight else 0
+    free = budget - weights - SAFETY_BYTES - sum(size for _, size in items) + table
     mlp_rows = SHARED_MLP_ROWS if shared_host else None
 
     def act(n: int) -> int:
         return activation_bytes(cfg, itemsize, n, mlp_rows or n)
     gather = gather_bytes_per_token(cfg, itemsize)
     kv_per_token = cfg.kv_bytes_per_token // 2 * itemsize
-    # Room for at least one 64-token chunk and 256 cached tokens, or the budget is simply too small.
-    least = act(64) + 512 * gather + 256 * kv_per_token
-    if free < least:
-        raise MemoryError(f"memory budget {budget / GiB:.2f} GiB leaves {free / GiB:.2f} GiB after weights "
-                          f"({weights / GiB:.2f} GiB) and overhead ({overhead / GiB:.2f} GiB); at least "
-                          f"{(budget - free + least) / GiB:.2f} GiB is needed")
     if max_drafts is None:  # draft rows need logits; small budgets verify fewer drafts a pass
         max_drafts = 16 if free > 8 * GiB else 4
     tokens = 64
@@ -220,23 +238,28 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
     else:
         gather_tokens = max(2048, min(1 << 20, free // 10 // gather))
     layers = act(tokens) + gather_tokens * gather  # a pass's peak inside its layers
-    kv = free - layers
-    if table:  # a pass's rows, read into a host buffer and indexed once
-        rows = 2 * tokens * cfg.hidden_size * itemsize
+    rows = 2 * tokens * cfg.hidden_size * itemsize if table else 0  # a pass's rows, read into a host buffer
+    if rows:
         items.append(("token table rows of a pass", rows))
-        overhead += rows
-        kv -= rows
-    max_num_seqs = max(1, min(512, tokens, kv // kv_per_token // 64))
+    max_num_seqs = max(1, min(512, tokens, (free - layers - rows) // kv_per_token // 64))
     logits = max_num_seqs * (1 + max_drafts) * cfg.vocab_size * itemsize * 2  # the LM head's rows, and argmax's
     # The LM head runs after the last layer, when only the residual stream's two tensors are left of the pass.
     workspace = max(layers, 2 * tokens * cfg.hidden_size * itemsize + logits)
-    kv -= workspace - layers
-    # More cache than max_num_seqs full-length sequences can never be used (and a big pool costs start-up time).
-    kv = min(kv, max_num_seqs * cfg.max_position_embeddings * kv_per_token)
-    num_blocks = kv // (block_size * kv_per_token) + 1  # +1: the scratch block
-    return MemoryPlan(budget=budget, weights=weights, overhead=overhead, overhead_items=tuple(items), kv_bytes=(num_blocks - 1) * block_size * kv_per_token,
-                      workspace_bytes=workspace, num_blocks=int(num_blocks),
-                      block_size=block_size, max_num_seqs=int(max_num_seqs), max_batched_tokens=tokens,
-                      max_gather_tokens=int(gather_tokens), max_drafts=max_drafts, cuda_graphs=cuda_graphs,
-                      varlen_attention=varlen_attention, embedding_table=table, shared_host=shared_host,
-                      mlp_rows=mlp_rows)
+    kv_tokens = (free - rows - workspace) // kv_per_token
+    if kv_tokens < MIN_KV_TOKENS:
+        raise BudgetTooSmall(f"memory budget {budget / GiB:.2f} GiB leaves {max(0, kv_tokens)} tokens of KV cache "
+                             f"after weights ({weights / GiB:.2f} GiB), overhead and workspace")
+    # More cache than max_num_seqs full-length sequences, or than the run can use, is never used (and a big pool
+    # costs start-up time and, on a CPU or a Jetson, memory the rest of the machine could have).
+    kv_tokens = min(kv_tokens, max_num_seqs * cfg.max_position_embeddings)
+    sized = kv_tokens_wanted is not None and kv_tokens_wanted < kv_tokens
+    if sized:
+        kv_tokens = max(MIN_KV_TOKENS, kv_tokens_wanted)
+    num_blocks = kv_tokens // block_size + 1  # +1: the scratch block
+    return MemoryPlan(budget=budget, weights=weights, overhead=sum(size for _, size in items),
+                      overhead_items=tuple(items), kv_bytes=(num_blocks - 1) * block_size * kv_per_token,
+                      workspace_bytes=workspace, num_blocks=int(num_blocks), block_size=block_size,
+                      max_num_seqs=int(max_num_seqs), max_batched_tokens=tokens, max_gather_tokens=int(gather_tokens),
+                      max_drafts=max_drafts, cuda_graphs=cuda_graphs, varlen_attention=varlen_attention,
+                      embedding_table=table, shared_host=shared_host, mlp_rows=mlp_rows, cuda=cuda,
+                      sized_to_run=sized)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from orinfer.config import Phi3Config
-from orinfer.memory import (GRAPHS_HOST_BYTES, SHARED_MLP_ROWS, VARLEN_HOST_BYTES, GiB, MiB, activation_bytes,
-                            parse_budget, plan_memory)
+from orinfer.memory import (GRAPHS_HOST_BYTES, MIN_KV_TOKENS, SHARED_MLP_ROWS, VARLEN_HOST_BYTES, BudgetTooSmall, GiB,
+                            MiB, activation_bytes, parse_budget, plan_memory)
 from orinfer.tiny import ASSETS
 
 MEDIUM = Phi3Config.from_folder(ASSETS)
@@ -37,8 +37,35 @@ def test_discrete_gpu_budget_ignores_host_memory():
 
 
 def test_too_small_a_budget_is_a_clear_error():
-    with pytest.raises(MemoryError, match="at least .* GiB is needed"):
+    with pytest.raises(BudgetTooSmall, match="memory budget 27.00 GiB leaves 0 tokens of KV cache"):
         plan_memory(MEDIUM, 27 * GiB, WEIGHTS, 2, shared_host=True, host_bytes=600 * MiB)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_no_budget_gives_a_cache_below_the_floor_or_a_negative_size(shared):
+    """Every budget around the bound either is refused or leaves at least MIN_KV_TOKENS (a budget just above the
+    old bound once planned a negative cache and refused every prompt)."""
+    for mib in range(26 * 1024, 29 * 1024, 16):
+        try:
+            plan = plan_memory(MEDIUM, mib * MiB, WEIGHTS, 2, shared_host=shared, host_bytes=600 * MiB)
+        except BudgetTooSmall as e:
+            assert "-" not in str(e)
+            continue
+        assert plan.kv_tokens >= MIN_KV_TOKENS and plan.kv_bytes > 0 and "-" not in plan.describe()
+
+
+def test_the_cpu_plan_books_no_cuda_items_and_the_pool_is_sized_to_the_run():
+    tiny = Phi3Config.from_dict({**MEDIUM.__dict__, "model_type": "phi3", "hidden_size": 64, "num_hidden_layers": 2,
+                                 "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128})
+    plan = plan_memory(tiny, 20 * GiB, 10 * MiB, 4, shared_host=True, host_bytes=300 * MiB, cuda=False)
+    described = plan.describe()
+    assert [name for name, _ in plan.overhead_items] == ["host at planning", "host growth to come"]
+    assert not plan.cuda_graphs and not plan.varlen_attention and "graphs" not in described
+    sized = plan_memory(tiny, 20 * GiB, 10 * MiB, 4, shared_host=True, host_bytes=300 * MiB, cuda=False,
+                        kv_tokens_wanted=5000)
+    assert sized.kv_tokens == 5000 < plan.kv_tokens and "sized to the run" in sized.describe()
+    more = plan_memory(tiny, 20 * GiB, 10 * MiB, 4, True, 300 * MiB, cuda=False, kv_tokens_wanted=10 ** 12)
+    assert more.kv_tokens == plan.kv_tokens and not more.sized_to_run  # never past what the budget leaves
 
 
 def test_orin_emulation_cap_holds_the_longest_sample():
@@ -78,6 +105,9 @@ def test_parse_budget():
     assert parse_budget("28.5GiB", cpu) == int(28.5 * GiB)
     assert parse_budget("512m", cpu) == 512 * MiB and parse_budget("1000", cpu) == 1000
     assert parse_budget("auto", cpu) > 0
+    for bad in ("inf", "-1GiB", "0", "nan", "1e400", "0.5"):
+        with pytest.raises(ValueError, match="expected a positive size"):
+            parse_budget(bad, cpu)
     with pytest.raises(ValueError, match="--memory-budget"):
         parse_budget("lots", cpu)
 
