@@ -19,10 +19,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import optimize  # noqa: E402
 from memory_stages import cap_device, capped_runs, with_token_table  # noqa: E402
-from orinfer.dataset import read_records  # noqa: E402
+from orinfer.dataset import read_records
+from orinfer.observe import Observer  # noqa: E402
 from orinfer.memory import GiB, MiB, rss_bytes  # noqa: E402
 from orinfer.options import Options  # noqa: E402
-from workload import ScriptedAnswers, fresh_run, model_folder, random_init, write_w1  # noqa: E402
+from workload import scripted, fresh_run, model_folder, random_init, write_w1  # noqa: E402
 
 RUNS = ["w1_scripted", "longest_free500", "w1_first16_free256", "w1_long10_scripted"]
 
@@ -69,11 +70,11 @@ def main(budget_gib: float) -> None:
     torch.cuda.init()  # as in the capped stage: the plan is made before a context exists
     budget = int(budget_gib * GiB)
     cap_device(budget, rss_bytes())
-    observer = ScriptedAnswers()
+    observer = Observer()
     setup = optimize.prepare(folder, device="cuda", unified_memory=True, memory_budget=budget,
                              options=Options(compile=False))
     torch.cuda.memory._record_memory_history(max_entries=3_000_000, context="alloc", stacks="python")
-    gen = setup.load(random_init(0), progress=False, observer=observer)
+    gen = scripted(setup.load(random_init(0), progress=False, observer=observer), None)
     print(gen.engine.plan.describe())
     gen.warmup()
     torch.cuda.synchronize()
@@ -92,7 +93,7 @@ def main(budget_gib: float) -> None:
     for name, chats, scripts, new in capped_runs(gen.tokenizer, records, RUNS):
         fresh_run(gen)
         torch.cuda.reset_peak_memory_stats()
-        observer.scripts = scripts
+        gen.engine.scripts = scripts
         t = time.perf_counter()
         gen(chats, max_new_tokens=new, return_full_text=False)
         torch.cuda.synchronize()

@@ -7,7 +7,11 @@ import torch
 from orinfer.memory import GiB, proc_kib_fields
 from orinfer.observe import PassRecord
 
-ORIN_TFLOPS, ORIN_GBPS = 26.7e12, 204.8e9
+# The Orin 32 GB's rates for projections: its datasheet (dense bf16 at 930 MHz on 14 SMs; LPDDR5), and those
+# measured on an AGX Orin 64 GB in MAXN (cuBLAS bf16 GEMM ~79 % of peak, a GPU read ~75 % of 204.8 GB/s;
+# infinigence/ApxInf doc/jetson-roofline.md) scaled to the 32 GB's peak.
+ORIN_DATASHEET = (26.7e12, 204.8e9)
+ORIN_MEASURED = (21.0e12, 150e9)
 
 
 def ceilings() -> dict:
@@ -39,9 +43,12 @@ def pass_costs(cfg) -> tuple[int, int]:
     return 2 * (cfg.num_parameters - 2 * cfg.vocab_size * cfg.hidden_size), cfg.num_parameters * 2
 
 
-def orin_projection(pass_tokens: list[int], flops_per_token: float, weight_bytes: int) -> float:
-    """Each pass costs at least its FLOPs at 26.7 TFLOP/s and at least one read of the weights at 204.8 GB/s."""
-    return sum(max(t * flops_per_token / ORIN_TFLOPS, weight_bytes / ORIN_GBPS) for t in pass_tokens)
+def orin_projection(pass_tokens: list[int], flops_per_token: float, weight_bytes: int,
+                    rates: tuple[float, float] = ORIN_DATASHEET) -> float:
+    """A projection, not a measurement: each pass costs the larger of its FLOPs at the rate and one read of the
+    weights at the bandwidth, `rates` = (FLOP/s, bytes/s): the datasheet's by default, or ORIN_MEASURED."""
+    flops, bandwidth = rates
+    return sum(max(t * flops_per_token / flops, weight_bytes / bandwidth) for t in pass_tokens)
 
 
 def decode_floor(pass_tokens: list[int], kv_read_bytes: int, flops_per_token: float, weight_bytes: int,

@@ -12,9 +12,10 @@ import torch
 import optimize
 from measure import host_rss_split, orin_projection, pass_costs
 from orinfer.dataset import read_records
+from orinfer.observe import Observer
 from orinfer.memory import GiB, peak_rss_bytes, rss_bytes
 from orinfer.options import Options
-from workload import ROOT, ScriptedAnswers, answer_scripts, fresh_run, long_answers, random_init
+from workload import scripted, ROOT, answer_scripts, fresh_run, long_answers, random_init
 
 
 def device_outside_torch() -> float:
@@ -83,12 +84,12 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
     if budget_gib:
         report["device_cap_gib"] = cap_device(budget_gib * GiB, host) / GiB
     # compile=False: the Orin's torch has no Triton, and compiling would add inductor's host memory to the count.
-    observer = ScriptedAnswers()
+    observer = Observer()
     setup = optimize.prepare(folder, device="cuda", unified_memory=bool(budget_gib),
                              memory_budget=int(budget_gib * GiB) if budget_gib else "auto",
                              options=Options(compile=False))
     overhead["host_rss_after_tokenizer_and_plan_gib"] = rss_bytes() / GiB
-    gen = setup.load(random_init(0), progress=False, observer=observer)
+    gen = scripted(setup.load(random_init(0), progress=False, observer=observer), None)
     report["host_rss_after_load_gib"] = rss_bytes() / GiB
     overhead["device_outside_torch_after_load_gib"] = device_outside_torch()
     report["plan"] = gen.engine.plan.describe()
@@ -121,7 +122,7 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
         log_start = fresh_run(gen)
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        observer.scripts = script
+        gen.engine.scripts = script
         failed = {}
         gen(chats, max_new_tokens=new, return_full_text=False, on_error=failed.__setitem__)
         torch.cuda.synchronize()

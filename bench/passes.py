@@ -2,7 +2,8 @@
 tokens are forced, so the pass structure does not depend on the weights: this runs the tiny model on the CPU with the
 limits of two plans — the H200's (16384 tokens a pass, 512 sequences, 16 drafts) and the Orin emulation's (28.5 GiB,
 the host as the capped stage measured it under the Jetson's transformers pin, the token table read from the file) —
-and prices each plan's passes on an Orin at 26.7 TFLOP/s and 204.8 GB/s (a projection), with and without an assumed
+and prices each plan's passes on an Orin (a projection) at its datasheet rates (26.7 TFLOP/s, 204.8 GB/s) and at those
+measured on an Orin (~21 TFLOP/s, ~150 GB/s; measure.ORIN_MEASURED), with and without an assumed
 host time per pass.
 
 The workloads (the speculation table of BENCHMARKS.md): W1 scripted (short answers, drafts from the choices);
@@ -15,14 +16,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import optimize
-from measure import orin_projection, pass_costs
+from measure import ORIN_MEASURED, orin_projection, pass_costs
 from orinfer.config import Phi3Config
 from orinfer.dataset import read_records
 from orinfer.engine import Engine
 from orinfer.memory import GiB, plan_memory
+from orinfer.observe import Observer
 from orinfer.options import Options
 from orinfer.tiny import ASSETS, END_TOKEN, write_tiny_model
-from workload import ScriptedAnswers, answer_scripts, long_answers
+from workload import ScriptedEngine, answer_scripts, long_answers
 
 # Host time a decode pass takes with no pass in flight, measured on the H200's host at batch 128 (W3, run 44), and
 # how much slower an Orin's Cortex-A78AE cores are assumed to be (an assumption: no Orin was measured).
@@ -58,9 +60,9 @@ def passes_stage(w1: Path, records: list) -> dict:
             workloads(setup.tokenizer, records).items(), plans.items(),
             (("speculation", True), ("no_speculation", False))):
         # Lookup drafts as on a GPU (the CPU's default has none), under 128 tokens a pass (an Orin's balance).
-        observer = ScriptedAnswers(scripts)
-        engine = Engine(model, setup.eos, plan, Options(speculate=speculate, lookup_draft_tokens=128),
-                        observer=observer)
+        observer = Observer()
+        engine = ScriptedEngine(Engine(model, setup.eos, plan, Options(speculate=speculate, lookup_draft_tokens=128),
+                                       observer=observer), scripts)
         optimize.Generator(engine, setup.tokenizer, progress=False)(chats, max_new_tokens=500)
         per = list(observer.passes_per_request().values())
         generated = [len(observer.generated[i]) for i in range(len(chats))]
@@ -71,6 +73,7 @@ def passes_stage(w1: Path, records: list) -> dict:
             "generated_tokens": sum(generated),
             "passes_per_generated_token": sum(per) / sum(generated), "stats": dict(engine.stats),
             "orin_projection_s": device,
+            "orin_projection_measured_rates_s": orin_projection(tokens, flops_per_token, weight_bytes, ORIN_MEASURED),
             "orin_projection_with_host_s": device + len(tokens) * HOST_S_PER_PASS * ORIN_HOST_SLOWER}
         print("passes", work, plan_name, name, out[f"{work}_{plan_name}_{name}"], flush=True)
     return out

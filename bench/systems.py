@@ -18,10 +18,11 @@ from measure import allocator_counts, breakdown, ceilings, decode_floor, device_
     pass_costs
 from orinfer.config import Phi3Config
 from orinfer.dataset import read_records
+from orinfer.observe import Observer
 from orinfer.memory import GiB
 from orinfer.model import Phi3ForCausalLM
 from orinfer.options import Options
-from workload import ScriptedAnswers, Scripted, answer_scripts, count_forwards, fresh_run, hf_model, random_init, \
+from workload import Scripted, scripted, answer_scripts, count_forwards, fresh_run, hf_model, random_init, \
     unique_prompt_tokens
 
 # transformers generate's batch size, by system name.
@@ -120,9 +121,9 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
     first = True
 
     def built(base: str):
-        gen = optimize.build(folder, device="cuda", init=random_init(0), progress=False, options=VARIANTS[base],
-                             observer=ScriptedAnswers(scripts),
-                             memory_budget=f"{args.interleave}GiB" if args.interleave else "auto")
+        gen = scripted(optimize.build(folder, device="cuda", init=random_init(0), progress=False,
+                                      options=VARIANTS[base], observer=Observer(),
+                                      memory_budget=f"{args.interleave}GiB" if args.interleave else "auto"), scripts)
         res.setdefault("plan", gen.engine.plan.describe())
         gen.warmup()
         res["attention"][base] = gen.describe()  # after the warm-up, which measures the lookup-draft budget

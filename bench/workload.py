@@ -1,12 +1,13 @@
 """What the benchmark runs: workload W1 (OpenBookQA test in the competition's format), scripted answers for orinfer
-(an Observer) and for transformers (a LogitsProcessor), and the random Phi-3-medium both share."""
+(a bench-side Engine) and for transformers (a LogitsProcessor), and the random Phi-3-medium both share."""
 import gc
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from orinfer.observe import Observer, Sampled
+from orinfer.engine import Engine
 from orinfer.tiny import ASSETS, END_TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,32 +39,51 @@ def answer_scripts(tokenizer, records: list) -> list[list[int]]:
     return [row + [END_TOKEN] for row in rows]
 
 
-class ScriptedAnswers(Observer):
-    """Scripted mode in orinfer: each request's committed tokens are its script's (gold answer, then <|end|>) while
-    its script lasts, so drafts are verified against the answer as a correct model's argmax would verify them.
-    `scripts[i]` belongs to request i (None: the argmax, as in free-running mode); other requests (the warm-up's
-    probe) keep the argmax."""
+class ScriptedEngine(Engine):
+    """Scripted mode, in the benchmark only: an engine that commits each request's script (gold answer, then
+    <|end|>) instead of the model's argmax while the script lasts, so drafts are verified against the answer as a
+    correct model's argmax would verify them, and every model computation still happens. `scripts[i]` belongs to
+    request i (None: the argmax, as in free-running mode); other requests (the warm-up's probe) keep the argmax.
+    The product's Engine has no such path: it commits the runner's argmax alone. Chained decode steps are fed the
+    argmax on the device, so with scripts they are off."""
 
-    def __init__(self, scripts: list[list[int]] | None = None):
-        super().__init__()
+    def __init__(self, engine: Engine, scripts: list[list[int]] | None):
+        super().__init__(engine.model, engine.eos_ids, engine.plan, engine.options, runner=engine.runner,
+                         observer=engine.observer)
+        self.lookup_draft_tokens = engine.lookup_draft_tokens
+        self._chain = engine.options.chain_decode
         self.scripts = scripts
 
     @property
-    def forces_tokens(self) -> bool:
-        return self.scripts is not None
+    def scripts(self) -> list[list[int]] | None:
+        return self._scripts
 
-    def force(self, sampled: list[Sampled]) -> list[list[int]] | None:
+    @scripts.setter
+    def scripts(self, scripts: list[list[int]] | None) -> None:
+        self._scripts = scripts
+        self.options = replace(self.options, chain_decode=self._chain and scripts is None)
+
+    def _collect(self, works, pending) -> list[int]:
+        tokens = super()._collect(works, pending)
         if self.scripts is None:
-            return None
-        rows = []
-        for s in sampled:
-            script = self.scripts[s.request] if 0 <= s.request < len(self.scripts) else None
-            if script is None:
-                rows.append(s.tokens)
-            else:
-                done = s.generated
-                rows.append([script[done + j] if done + j < len(script) else t for j, t in enumerate(s.tokens)])
-        return rows
+            return tokens
+        out, pos = [], 0
+        for w in works:
+            if not w.samples:
+                continue
+            rows = tokens[pos:pos + 1 + w.num_drafts]
+            pos += len(rows)
+            script = self.scripts[w.seq.index] if 0 <= w.seq.index < len(self.scripts) else None
+            done = w.seq.num_generated
+            out += rows if script is None else [script[done + j] if done + j < len(script) else t
+                                                for j, t in enumerate(rows)]
+        return out
+
+
+def scripted(gen, scripts: list[list[int]] | None):
+    """The generator `gen`, its engine replaced by a ScriptedEngine over the same model, runner and observer."""
+    gen.engine = ScriptedEngine(gen.engine, scripts)
+    return gen
 
 
 def long_answers(scripts: list[list[int]], count: int, length: int = 500) -> list[list[int]]:

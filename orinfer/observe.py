@@ -1,6 +1,6 @@
 """What benchmarks and tests see of a run, through one Observer given to optimize.build() (none by default: then
-nothing is recorded). It sees each pass, each finished request's tokens and the host's phases, and may force the
-tokens a pass commits (scripted benchmark runs: the work of a model whose answers are known)."""
+nothing is recorded). It sees each pass, each finished request's tokens and the host's phases; it has no say in
+them: every committed token is the model's argmax."""
 from collections import deque
 from dataclasses import dataclass
 
@@ -14,14 +14,6 @@ class PassRecord:
     graph: bool                   # a CUDA graph was replayed
     started: float                # time.perf_counter() when its launch began
     device: tuple[float, float] | None  # CUDA: its start and end on the device's clock (s since the first launch)
-
-
-@dataclass(frozen=True)
-class Sampled:
-    """One request's sampled tokens in a pass, before they are committed."""
-    request: int
-    generated: int        # tokens it had generated before this pass
-    tokens: list[int]     # the argmax at its sampled rows: the next token, then one per draft
 
 
 class Observer:
@@ -40,16 +32,6 @@ class Observer:
 
     def on_finished(self, request: int, generated: list[int]) -> None:
         self.generated[request] = list(generated)
-
-    def force(self, sampled: list[Sampled]) -> list[list[int]] | None:
-        """The tokens to commit instead of each request's argmax, or None to commit the argmax (the default)."""
-        return None
-
-    @property
-    def forces_tokens(self) -> bool:
-        """Whether force() may commit other tokens than the argmax (a chained pass, fed the argmax on the device,
-        then waits for the commit instead)."""
-        return False
 
     def passes_per_request(self, since: int = 0) -> dict[int, int]:
         """How many of the passes recorded from index `since` each request took part in."""

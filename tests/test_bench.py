@@ -1,5 +1,5 @@
 """The benchmark harness's own pieces, on the CPU: W1 is in the organisers' format, the scripted-answer
-LogitsProcessor makes transformers' pipeline say exactly the gold answers (as the scripted observer makes orinfer),
+LogitsProcessor makes transformers' pipeline say exactly the gold answers (as the bench's ScriptedEngine makes orinfer),
 the breakdown of a call's seconds, and the variants' table."""
 import json
 import sys
@@ -13,7 +13,7 @@ import optimize  # noqa: E402
 import systems  # noqa: E402
 import workload  # noqa: E402
 from orinfer.dataset import parse_choices  # noqa: E402
-from orinfer.observe import PassRecord  # noqa: E402
+from orinfer.observe import Observer, PassRecord  # noqa: E402
 from orinfer.options import Options  # noqa: E402
 
 
@@ -28,10 +28,10 @@ def test_scripted_answers_in_pipeline_and_in_orinfer(tiny_dir, hf, tmp_path):
     from transformers import LogitsProcessorList
     from transformers.pipelines.pt_utils import KeyDataset
     w1 = [json.loads(line) for line in workload.write_w1(tmp_path).read_text().splitlines()][:6]
-    observer = workload.ScriptedAnswers()
+    observer = Observer()
     gen = generator(tiny_dir, observer=observer)
     scripts = workload.answer_scripts(gen.tokenizer, w1)
-    observer.scripts = scripts
+    workload.scripted(gen, scripts)
     prompts = optimize.prompt_ids(gen.tokenizer, [r["message"] for r in w1])
     processor = workload.Scripted({tuple(p): s for p, s in zip(prompts, scripts)}, pad=32000)
     theirs = list(hf(KeyDataset(w1, "message"), max_new_tokens=50, return_full_text=False, do_sample=False,

@@ -1,4 +1,6 @@
 """String-exact equality with transformers.pipeline on a tiny random Phi-3 at fp32, for every input kind."""
+from dataclasses import replace
+
 import pytest
 from conftest import NEW, generator, reference
 
@@ -14,6 +16,33 @@ def test_public_set_and_longest_sample_equal_pipeline(gen, expected, public_chat
     assert outs == expected
     ids = gen.tokenizer.apply_chat_template(longest_chat, add_generation_prompt=True, return_dict=True)["input_ids"]
     assert len(ids) >= 850  # it really is the 868-token sample
+
+
+def test_equal_to_the_pipeline_with_eager_attention_too(tiny_dir, gen, public_chats, longest_chat):
+    """The organisers' trust_remote_code=True load runs eager attention (the folder's modeling_phi3.py in 4.44.2);
+    transformers' own Phi-3 defaults to SDPA. Both are the oracle."""
+    from conftest import hf_pipeline
+    chats = public_chats + [longest_chat]
+    eager = reference(hf_pipeline(tiny_dir, attention="eager"), chats, max_new_tokens=NEW, return_full_text=False)
+    assert gen(chats, max_new_tokens=NEW, return_full_text=False) == eager
+
+
+def test_nothing_before_the_clock_reaches_the_timed_run(tiny_dir, public_chats):
+    """Section 1 counts the prompts' tokens with a tokenizer of its own (tokenizers < 0.20 cache every prompt body
+    without bound, and the timed run would hit that cache); the warm-up's chat leaves no prompt block to share."""
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"the run's tokenizer was used before the clock ({name})")
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("the run's tokenizer was used before the clock")
+
+    setup = optimize.prepare(tiny_dir, device="cpu")
+    lengths = replace(setup, tokenizer=Untouchable()).prompt_lengths(public_chats)
+    assert lengths == [len(p) for p in optimize.prompt_ids(setup.tokenizer, public_chats)]
+    gen = setup.load(progress=False)
+    gen.warmup()
+    assert not gen.engine.blocks.by_hash  # the prefix cache is empty when Section 3 starts
 
 
 def test_some_end_on_end_token_while_others_run_to_max_new_tokens(gen, public_chats):
