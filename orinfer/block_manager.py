@@ -4,6 +4,9 @@ A full block of prompt tokens is published under a hash chained over every token
 starts the same way (the competition's shared instruction) reuses those blocks instead of recomputing them. A block
 whose last owner leaves keeps its hash while it waits in the free list (oldest reused first), so a prefix stays
 reusable until the memory is actually needed.
+
+Follows nano-vllm's block manager (https://github.com/GeeeekExplorer/nano-vllm, MIT: nanovllm/engine/block_manager.py:
+reference-counted blocks, prefix blocks published under a chained hash) and vLLM's automatic prefix caching.
 """
 from collections import OrderedDict
 from typing import Callable

@@ -6,6 +6,8 @@ pass that memory traffic takes ~40 % as long as the GEMMs (H200). A model is bui
 or `compiled()`, torch.compile'd versions, one fused Triton kernel each, for GPUs whose torch has Triton (NVIDIA's
 JetPack wheels have none, and the CPU path stays eager unless asked). The compiled functions round every intermediate
 as eager does (`emulate_precision_casts`), so half-precision values match eager ones too, not only float32.
+RMSNorm and RoPE are adapted from transformers' modeling_phi3.py (Apache-2.0); compilation as a switch around one eager
+path follows gpt-fast (https://github.com/pytorch-labs/gpt-fast, BSD-3-Clause).
 """
 from dataclasses import dataclass
 from functools import lru_cache

@@ -2,7 +2,9 @@
 
 Every operation follows transformers' Phi-3 in order and dtype, so that at float32 the greedy tokens are the same:
 RMSNorm in float32 then cast back before the weight, RoPE angles computed in float32 on the model's device then cast,
-fused qkv_proj split as [q | k | v], fused gate_up_proj split as [gate | up] with up * silu(gate).
+fused qkv_proj split as [q | k | v], fused gate_up_proj split as [gate | up] with up * silu(gate). Adapted from
+transformers' modeling_phi3.py (https://github.com/huggingface/transformers, Apache-2.0): the order of operations,
+the dtypes and the parameter names; the eager MLP runs gate and up as two products on the fused weight's halves.
 """
 import itertools
 import math

@@ -8,6 +8,10 @@ groups + head within the group): 64-row tiles spread over two programs, and in a
 tiles for decode steps and short drafts, each reading a sequence's keys once per tile. Long prompt chunks stay with
 FlashAttention (attention.py splits a pass between the two). Needs Triton (not in NVIDIA's Jetson wheels: there
 every sequence stays with FlashAttention).
+
+The online-softmax loop follows Triton's fused-attention tutorial (https://triton-lang.org/main/getting-started/
+tutorials/06-fused-attention.html, MIT: m_i, l_i, acc, exp2 with a log2(e) prescale); packing a KV head's query heads
+into one tile follows the GQA decode kernels of FlashInfer, vLLM, SGLang and LightLLM (docs/REPORT.md, Credits).
 """
 from functools import lru_cache
 

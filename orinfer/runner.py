@@ -5,6 +5,10 @@ grown. Graphs are captured per shape bucket and replay, with the inputs padded t
 any pass of up to 1,024 tokens (its launches would take about as long as its work), under the padded layout a pass
 whose every sequence feeds exactly one token. Every other pass runs eagerly through the very same model code.
 A pass is launched and collected separately, so the engine can do host work while the device runs it.
+
+Follows nano-vllm's ModelRunner (https://github.com/GeeeekExplorer/nano-vllm, MIT: nanovllm/engine/model_runner.py):
+the runner binds each layer's K/V cache, builds one Context a pass, and captures graphs over reversed buckets that
+share one memory pool.
 """
 import time
 from array import array

@@ -7,6 +7,9 @@ decodes may add draft tokens (drafts.py); `postprocess` keeps the drafts that eq
 output exactly that of one-token-at-a-time greedy decoding. A sequence in a pass that was launched and not yet
 committed is in flight: no pass takes it (nor preempts it) until its tokens are back, except its next decode step
 chained to that pass (`chain`), which is fed the token on the device.
+
+Follows nano-vllm's scheduler (https://github.com/GeeeekExplorer/nano-vllm, MIT: nanovllm/engine/scheduler.py) in
+its split of duties; chunked prefill as in Sarathi; chained decode steps as in SGLang's overlap scheduler.
 """
 from collections import Counter, deque
 from dataclasses import dataclass

@@ -1,5 +1,9 @@
 """One request's state (its tokens, how many of them have K/V in the cache, the cache blocks it owns), and its share
-of one forward pass (Work: what the scheduler hands the runner)."""
+of one forward pass (Work: what the scheduler hands the runner).
+
+The split into Sequence, BlockManager, Scheduler and ModelRunner follows nano-vllm
+(https://github.com/GeeeekExplorer/nano-vllm, MIT: nanovllm/engine/); the code is our own (docs/REPORT.md, Credits).
+"""
 from array import array
 from dataclasses import dataclass, field
 

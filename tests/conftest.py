@@ -39,12 +39,13 @@ def tiny_dir(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0, std=0.1, end_boost=3.0)
 
 
-def hf_pipeline(folder, attention: str = "sdpa"):
-    """transformers' pipeline at fp32 with transformers' Phi-3 and this attention implementation: "sdpa" (its
-    default), or "eager", which the organisers' trust_remote_code=True load runs (the model folder's own
-    modeling_phi3.py, eager attention, in transformers 4.44.2)."""
+def hf_pipeline(folder, attention: str | None = None):
+    """transformers' pipeline at fp32 with transformers' Phi-3 and its default attention (SDPA in 5.x; eager in
+    4.44.2, whose Phi-3 has no SDPA path), or `attention="eager"`, which the organisers' trust_remote_code=True load
+    runs (the model folder's own modeling_phi3.py, eager attention, in transformers 4.44.2)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
-    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attention,
+    chosen = {"attn_implementation": attention} if attention else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, **chosen,
                                                  **{("dtype" if _v5() else "torch_dtype"): torch.float32})
     return pipeline("text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(folder), device="cpu")
 

@@ -2,8 +2,9 @@
 # The test suite on the CPU, in three stacks, each in its own virtual environment beside the repo:
 #   newest   this machine's Python, torch 2.13.0 (CPU build), the newest transformers
 #   tf4.44   the same torch with transformers 4.44.2 (its tokenisation and pipeline text differ from 5.x)
-#   jetpack  Python 3.10 + torch 2.3.1 + requirements-jetson.txt (transformers 4.44.2): the JetPack 6.0 era (NVIDIA's Jetson wheels are 2.3/2.4;
-#            PyPI's 2.3.1 CUDA wheel runs on the CPU, a ~2.9 GB download)
+#   jetpack  Python 3.10 + torch 2.3.1 + the Jetson image's lock (docker/requirements-jetson.lock: transformers 4.44.2
+#            and every other package at the image's versions): the JetPack 6.0 image, whose NVIDIA torch is 2.3.0
+#            (PyPI's 2.3.1 CUDA wheel runs on the CPU, a ~2.9 GB download)
 # The first two run while the third installs. In each, the unit tier (tests marked unit: one module's logic, no
 # model run, seconds) runs before the exactness tier.
 # Python 3.10 is found as python3.10 or in pyenv; where there is none the jetpack stack is skipped, loudly, except under
@@ -25,9 +26,9 @@ run_tests() {  # name: the unit tier (seconds), then the exactness tier (the eng
   local py=".venv-tests-$1/bin/python"
   echo "== $1: $("$py" -c 'import sys, torch, transformers; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}")')"
   echo "-- unit tier"
-  "$py" -m pytest -q -p no:cacheprovider -m unit tests
+  "$py" -m pytest -q -rs -p no:cacheprovider -m unit tests
   echo "-- exactness tier"
-  "$py" -m pytest -q -p no:cacheprovider -m "not unit" tests
+  "$py" -m pytest -q -rs -p no:cacheprovider -m "not unit" tests
 }
 
 py310=""
@@ -40,8 +41,10 @@ for candidate in "$pyenv_310" "$(command -v python3.10 || true)"; do  # a pyenv 
 done
 jetpack_log=$(mktemp)
 if [ -n "$py310" ]; then
-  # The Jetson image's own pins (requirements-jetson.txt; docker/Dockerfile.jetson installs the same).
-  make_venv jetpack "$py310" "torch==2.3.1" -r requirements-jetson.txt >"$jetpack_log" 2>&1 &
+  # The Jetson image's own versions: its lock without the hashes (those are of the aarch64 wheels).
+  jetpack_pins=$(mktemp)
+  sed -e '/^#/d' -e '/--hash/d' -e 's/ *\\$//' docker/requirements-jetson.lock >"$jetpack_pins"
+  make_venv jetpack "$py310" "torch==2.3.1" -r "$jetpack_pins" >"$jetpack_log" 2>&1 &
   jetpack_install=$!
 elif [ "${CI:-}" = true ]; then
   echo "no Python 3.10 found: the JetPack 6.0 stack cannot be tested" >&2

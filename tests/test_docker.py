@@ -1,0 +1,50 @@
+"""The Jetson image rebuilds the same next month: every Python package pinned with its wheel's sha256, the lock
+agreeing with requirements-jetson.txt and with the torch minor CI's JetPack stack tests, NVIDIA's downloads checked,
+the build context kept small (the image itself is built on a Jetson only; hadolint lints it in tests/run.sh)."""
+import re
+
+import pytest
+from conftest import ROOT
+
+pytestmark = pytest.mark.unit
+
+DOCKERFILE = (ROOT / "docker" / "Dockerfile.jetson").read_text()
+
+
+def lock() -> dict[str, tuple[str, list[str]]]:
+    text = (ROOT / "docker" / "requirements-jetson.lock").read_text()
+    pins = {}
+    for entry in re.split(r"\n(?=[a-z0-9])", "\n".join(l for l in text.splitlines() if not l.startswith("#"))):
+        name, version = re.match(r"([a-z0-9._-]+)==(\S+)", entry.strip()).groups()
+        pins[name] = (version, re.findall(r"--hash=sha256:([0-9a-f]{64})", entry))
+    return pins
+
+
+def test_the_lock_pins_every_package_with_a_hash_and_holds_requirements_jetson():
+    pins = lock()
+    assert all(hashes for _, hashes in pins.values())
+    for line in (ROOT / "requirements-jetson.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            assert pins[name.lower()][0] == version.strip(), name
+    for need in ("filelock", "typing-extensions", "sympy", "networkx", "jinja2", "fsspec"):  # torch's own needs
+        assert need in pins
+
+
+def test_the_image_installs_the_lock_and_the_torch_minor_ci_tests():
+    assert "--require-hashes -r requirements-jetson.lock" in DOCKERFILE
+    assert "--no-deps /tmp/torch-2.3.0-cp310-cp310-linux_aarch64.whl" in DOCKERFILE
+    run_sh = (ROOT / "tests" / "run.sh").read_text()
+    assert re.search(r'make_venv jetpack "\$py310" "torch==2\.3\.\d+"', run_sh)  # the same minor, 2.3
+    assert 'sha256sum -c' in DOCKERFILE and "import torch, transformers, optimize, test_script" in DOCKERFILE
+    assert "HF_HUB_OFFLINE=1" in DOCKERFILE and "TRANSFORMERS_OFFLINE=1" in DOCKERFILE
+
+
+def test_the_build_context_leaves_out_models_environments_and_results():
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignore[ignore.index("*")] == "*"  # everything is left out but what is named
+    named = [line[1:] for line in ignore if line.startswith("!")]
+    assert sorted(named) == sorted(["optimize.py", "test_script.py", "LICENSE", "NOTICE", "orinfer/", "data/",
+                                    "docker/requirements-jetson.lock"])
+    copied = re.findall(r"^COPY (.+) \S+$", DOCKERFILE, re.MULTILINE)
+    assert all(path.rstrip("/") in {n.rstrip("/") for n in named} for line in copied for path in line.split())
