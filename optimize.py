@@ -100,7 +100,7 @@ class Generator:
         runner = self.engine.runner
         layout = "varlen FlashAttention" + (" + packed Triton kernel" if runner.packed else "") if runner.varlen \
             else "padded SDPA"
-        lookup = self.engine.lookup_draft_tokens if self.engine.options.speculate else 0
+        lookup = self.engine._limits().lookup_draft_tokens
         return (f"attention: {layout}; elementwise kernels {'compiled' if self.engine.model.kernels.fused else 'eager'}"
                 + (f"; lookup drafts while a pass has < {lookup} tokens" if lookup else "; no lookup drafts"))
 
@@ -167,7 +167,7 @@ class Generator:
         """Token ids of each input's listed choices (drafts only; one tokenizer call). No <|end|> after them: the
         pass that verifies a whole choice samples the token after it anyway, and feeding <|end|> would compute a
         position nothing reads."""
-        if not self.engine.options.speculate:
+        if not (self.engine.options.speculate and "choices" in self.engine.options.draft_sources):
             return [[] for _ in items]
         choices = [parse_choices(item if isinstance(item, str) else item[-1]["content"]) for item in items]
         flat = [c for cs in choices for c in cs]
@@ -410,8 +410,10 @@ def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto
     except (OSError, ValueError, KeyError) as e:
         raise SetupError(f"{folder}: {e}" if isinstance(e, (OSError, KeyError)) else str(e)) from e
     if budget > machine_bytes(dev, shared):
-        raise SetupError(f"--memory-budget {budget / GiB:.2f} GiB is more than this machine has "
-                         f"({machine_bytes(dev, shared) / GiB:.2f} GiB)")
+        if memory_budget not in (None, "auto"):
+            raise SetupError(f"--memory-budget {budget / GiB:.2f} GiB is more than this machine has "
+                             f"({machine_bytes(dev, shared) / GiB:.2f} GiB)")
+        budget = machine_bytes(dev, shared)  # RSS + MemAvailable counts a file's mapped pages twice
     setup = Setup(folder, cfg, eos, tokenizer, dev, torch_dtype, None, options, inputs)
     try:
         return replace(setup, plan=setup.plan_for(budget))
@@ -422,7 +424,8 @@ def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto
 
 def build(model_dir: str | Path, device: str | None = None, dtype: str = "auto", memory_budget: str | int = "auto",
           options: Options = Options(), progress: bool = True, unified_memory: bool | None = None,
-          init: Callable[[Phi3ForCausalLM], None] | None = None, observer: Observer | None = None) -> Generator:
+          init: Callable[[Phi3ForCausalLM], None] | None = None, observer: Observer | None = None,
+          kv_tokens: int | None = None) -> Generator:
     """Load a local HF Phi-3 folder straight onto the device and return the pipe()-compatible generator
     (prepare, then Setup.load).
 
@@ -430,5 +433,9 @@ def build(model_dir: str | Path, device: str | None = None, dtype: str = "auto",
     the benchmark sets it to emulate the Orin on a discrete GPU. `init` fills the weights on the device instead of the
     folder's checkpoint (benchmarks: random weights; the folder then needs only config and tokenizer files, and the
     token table where the plan reads it from the file). `options`: how the engine runs (orinfer/options.py);
-    `observer`: what a benchmark or test sees of the run (orinfer/observe.py)."""
-    return prepare(model_dir, device, dtype, memory_budget, options, unified_memory).load(init, progress, observer)
+    `observer`: what a benchmark or test sees of the run (orinfer/observe.py). `kv_tokens`: the most KV cache the
+    caller's inputs can use at once (None: all the budget leaves; test_script.py sizes it with Setup.sized_for)."""
+    setup = prepare(model_dir, device, dtype, memory_budget, options, unified_memory)
+    if kv_tokens is not None:
+        setup = replace(setup, plan=setup.plan_for(setup.plan.budget, kv_tokens))
+    return setup.load(init, progress, observer)

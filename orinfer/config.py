@@ -36,25 +36,28 @@ class Phi3Config:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Phi3Config":
+        """A config.json as transformers 4.x writes it (rope_theta, rope_scaling at the top level) or as 5.x does
+        (rope_parameters: rope_type, rope_theta, partial_rotary_factor); what the engine does not implement is an
+        error, never a silent default."""
         archs = raw.get("architectures") or ["Phi3ForCausalLM"]
         if raw.get("model_type") != "phi3" or archs != ["Phi3ForCausalLM"]:
             raise ValueError(f"only Phi3ForCausalLM is supported, got model_type={raw.get('model_type')!r} "
                              f"architectures={archs!r}")
-        if raw.get("rope_scaling"):
-            # longrope / su scaling (the 128k variants) changes RoPE per position range; not implemented.
-            raise ValueError(f"rope_scaling={raw['rope_scaling']!r} is not supported (Phi-3 4k models have none)")
         if raw.get("tie_word_embeddings"):
             raise ValueError("tied embeddings are not supported: Phi-3 has a separate lm_head")
-        if raw.get("hidden_act", "silu") != "silu" or raw.get("attention_bias") or raw.get("partial_rotary_factor", 1.0) != 1.0:
+        theta, partial = _rope(raw)
+        if raw.get("hidden_act", "silu") != "silu" or raw.get("attention_bias") or partial != 1.0:
             raise ValueError("unsupported Phi-3 variant (activation, attention bias or partial rotary)")
         heads, kv_heads = raw["num_attention_heads"], raw.get("num_key_value_heads") or raw["num_attention_heads"]
         if raw["hidden_size"] % heads or heads % kv_heads:
             raise ValueError("hidden_size must divide into heads and heads into key/value heads")
+        if raw.get("head_dim") not in (None, raw["hidden_size"] // heads):
+            raise ValueError(f"head_dim={raw['head_dim']} other than hidden_size / heads is not supported")
         return cls(
             vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
             intermediate_size=raw["intermediate_size"], num_hidden_layers=raw["num_hidden_layers"],
             num_attention_heads=heads, num_key_value_heads=kv_heads,
-            rms_norm_eps=raw["rms_norm_eps"], rope_theta=raw.get("rope_theta", 10000.0),
+            rms_norm_eps=raw["rms_norm_eps"], rope_theta=theta,
             max_position_embeddings=raw["max_position_embeddings"], sliding_window=raw.get("sliding_window"),
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype") or "bfloat16",
         )
@@ -62,6 +65,18 @@ class Phi3Config:
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Phi3Config":
         return cls.from_dict(json.loads((Path(folder) / "config.json").read_text()))
+
+
+def _rope(raw: dict) -> tuple[float, float]:
+    """RoPE's base and rotary fraction, from rope_parameters (transformers 5) or the top level (4.x); a scaled RoPE
+    (longrope or su, the 128k variants: their frequencies change per position range) is refused."""
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    if scaling:
+        kind = scaling.get("rope_type") or scaling.get("type")
+        raise ValueError(f"a scaled RoPE ({kind!r}) is not supported (Phi-3 4k models have none)")
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    return float(theta), float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
 
 
 def eos_token_ids(folder: str | Path, config_eos: int | list | None = None) -> list[int]:

@@ -118,13 +118,15 @@ def lookup_length(seq: Sequence, generated: int) -> int:
     return seq.draft_length or (1 if generated % RETRY == 0 else 0)
 
 
-def lookup_drafts(seq: Sequence, max_drafts: int, pool: NgramPool | None = None) -> list[int]:
-    """What followed the latest earlier occurrence of the longest tail (<= NGRAM tokens): in the sequence itself, or
-    for a whole NGRAM-token tail in the pool; at most max_drafts, its draft length and PER_MATCHED a matched token."""
+def lookup_drafts(seq: Sequence, max_drafts: int, pool: NgramPool | None = None, own: bool = True) -> list[int]:
+    """What followed the latest earlier occurrence of the longest tail (<= NGRAM tokens): in the sequence itself
+    (unless `own` is off), or for a whole NGRAM-token tail in the pool; at most max_drafts, its draft length and
+    PER_MATCHED a matched token."""
     room = min(max_drafts, lookup_length(seq, seq.num_generated))
     if room <= 0 or not seq.num_generated:
         return []
-    tokens, index = seq.token_ids, _index(seq)
+    tokens = seq.token_ids
+    index = _index(seq) if own else {}
     for n in range(min(NGRAM, len(tokens) - 1), 0, -1):
         end = index.get(tuple(tokens[-n:]))
         if end is not None:

@@ -53,11 +53,13 @@ class Engine:
                       "draft_tokens": 0, "accepted_drafts": 0, "chained_passes": 0}
 
     def _limits(self) -> Limits:
-        p, speculate = self.plan, self.options.speculate
+        p, speculate, sources = self.plan, self.options.speculate, self.options.draft_sources
+        looks_up = speculate and ("own" in sources or "pool" in sources)
         return Limits(max_num_seqs=p.max_num_seqs, max_batched_tokens=p.max_batched_tokens,
                       max_gather_tokens=p.max_gather_tokens if self.runner.varlen else None,
                       max_drafts=p.max_drafts if speculate else 0,
-                      lookup_draft_tokens=self.lookup_draft_tokens if speculate else 0)
+                      lookup_draft_tokens=self.lookup_draft_tokens if looks_up else 0,
+                      own_drafts="own" in sources, pool_drafts="pool" in sources)
 
     def _collect(self, works: list[Work], pending: Pending) -> list[int]:
         """A launched pass's sampled tokens, the model's argmax (waits for that pass only); the observer hears of it."""

@@ -15,7 +15,15 @@ class Options:
     packed_queries: int = 128
     pass_tokens: int | None = None    # tokens a pass (None: the memory plan's)
     lookup_draft_tokens: int | None = None  # pass size under which lookup drafts ride along (None: measured on CUDA)
+    # Where drafts come from (drafts.py): "choices" (the rest of a listed choice the answer has begun), "own" (what
+    # followed the answer's last tokens earlier in its own prompt and output), "pool" (in this run's other answers).
+    draft_sources: tuple[str, ...] = ("choices", "own", "pool")
     pause_gc: bool = True             # Python's cyclic collector paused during a call (optimize.py says why)
     # A decode pass launched before the one in flight is committed, its tokens fed from that pass's on the device
     # (Scheduler.chain), where its sequences would draft nothing: the device no longer waits for the host's commit.
     chain_decode: bool = True
+
+    def __post_init__(self):
+        unknown = set(self.draft_sources) - {"choices", "own", "pool"}
+        if unknown:
+            raise ValueError(f"draft_sources: unknown {sorted(unknown)}; choose among choices, own, pool")

