@@ -100,7 +100,7 @@ class Generator:
         runner = self.engine.runner
         layout = "varlen FlashAttention" + (" + packed Triton kernel" if runner.packed else "") if runner.varlen \
             else "padded SDPA"
-        lookup = self.engine._limits().lookup_draft_tokens
+        lookup = self.engine.lookup_budget
         return (f"attention: {layout}; elementwise kernels {'compiled' if self.engine.model.kernels.fused else 'eager'}"
                 + (f"; lookup drafts while a pass has < {lookup} tokens" if lookup else "; no lookup drafts"))
 

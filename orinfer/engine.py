@@ -52,6 +52,11 @@ class Engine:
         self.stats = {"passes": 0, "preemptions": 0, "oom_retries": 0, "prefill_tokens": 0, "max_batch": 0,
                       "draft_tokens": 0, "accepted_drafts": 0, "chained_passes": 0}
 
+    @property
+    def lookup_budget(self) -> int:
+        """The pass size under which lookup drafts ride along in this engine's runs (0: none)."""
+        return self._limits().lookup_draft_tokens
+
     def _limits(self) -> Limits:
         p, speculate, sources = self.plan, self.options.speculate, self.options.draft_sources
         looks_up = speculate and ("own" in sources or "pool" in sources)
