@@ -112,92 +112,124 @@ class Engine:
         `seqs` may be lazy (a generator that tokenises as it goes): the engine draws what the first pass can hold,
         launches it, and draws the rest while the device works. `on_finish` callbacks also run while the device
         works on the next pass."""
-        scheduler = Scheduler(self.blocks, self._limits(), self.eos_ids)
-        source, taken = iter(seqs), []
-        # Chained steps are fed the argmax on the device: not where the host looks the token table's rows up itself.
-        chain = self.options.chain_decode and not self.model.embedding_on_host
-
-        def draw(tokens: int | None) -> None:
-            """Queue requests, shortest prompt first, until `tokens` prompt tokens are queued (None: all)."""
-            drawn, queued = [], 0
-            for seq in source:
-                drawn.append(seq)
-                queued += seq.num_tokens
-                if tokens is not None and queued >= tokens:
-                    break
-            for seq in sorted(drawn, key=lambda s: s.num_tokens):
-                scheduler.add(seq)
-            taken.extend(drawn)
-
         bar = tqdm(total=total, desc="generate", unit="req", disable=not progress)
-
-        def report(finished: list[Sequence]) -> None:
-            for seq in finished:
-                if self.observer is not None:
-                    self.observer.on_finished(seq.index, seq.generated)
-                if on_finish is not None:
-                    on_finish(seq)
-                bar.update(1)
-
+        run = _Run(self, seqs, on_finish, bar)
         try:
             # A half pass first: the device starts after a fraction of the tokenisation, and that pass runs long enough
             # (~0.2 s on an H200) to hide the rest of it and the scheduling of the next pass.
-            draw(self.plan.max_batched_tokens // 2)
-            in_flight: tuple[list[Work], Pending] | None = None
-            finished: list[Sequence] = []
-
-            def commit(works: list[Work], pending: Pending) -> list[Sequence]:
-                tokens = self._collect(works, pending)
-                self.stats["passes"] += 1
-                self.stats["prefill_tokens"] += sum(len(w.tokens) for w in works if not w.decode)
-                self.stats["max_batch"] = max(self.stats["max_batch"], len(works))
-                return scheduler.postprocess(works, tokens)
-
-            while scheduler.has_work or scheduler.failed:
-                finished += scheduler.failed  # requests given up on (seq.error) are reported like finished ones
-                scheduler.failed = []
-                # The next pass is scheduled and launched before the one in flight is committed, so that the device does
-                # not wait for the host: with that pass's decode steps chained to it where they will draft nothing (fed
-                # their tokens on the device), else with sequences outside that pass if it is nearly full. Otherwise it
-                # waits for the pass in flight and is topped up with that pass's sequences' next steps: a pass launched
-                # ahead half empty would cost a whole weight read for its few tokens.
-                chained = scheduler.chain(in_flight[0]) if chain and in_flight is not None else []
-                works = chained + scheduler.schedule(chained)
-                small = sum(len(w.tokens) for w in works) < AHEAD_FILL * self.plan.max_batched_tokens
-                if not chained and in_flight is not None and small:
-                    finished += commit(*in_flight)
-                    in_flight = None
-                    works += scheduler.schedule(works)
-                launched = None
-                if works:
-                    try:
-                        launched = works, self.runner.launch(works, in_flight[1] if chained else None)
-                        self.stats["chained_passes"] += bool(chained)
-                    except torch.cuda.OutOfMemoryError:
-                        if in_flight is not None:
-                            finished += commit(*in_flight)
-                            in_flight = None
-                        scheduler.rollback(works)
-                        self.stats["oom_retries"] += 1
-                        if torch.cuda.is_available():
-                            torch.cuda.empty_cache()
-                        continue
-                elif in_flight is None:
-                    if scheduler.failed:
-                        continue
-                    if scheduler.has_work:
-                        raise RuntimeError("the scheduler could not place any sequence (this is a bug)")
-                    break  # the pass just committed finished the last sequences
-                draw(None)  # host work that overlaps the device: the remaining requests, the last pass's results
-                report(finished)
-                scheduler.release_finished()
-                finished = commit(*in_flight) if in_flight is not None else []
-                in_flight = launched
-            scheduler.release_finished()
-            report(finished)  # the loop ends only once every failed request is in `finished`
+            run.draw(self.plan.max_batched_tokens // 2)
+            while run.step():
+                pass
+            run.scheduler.release_finished()
+            run.report()  # the loop ends only once every failed request is among the finished
         finally:  # however the loop ends (an interrupt too), the bar is done before anyone reports
             bar.close()
-        self.stats["preemptions"] += scheduler.preemptions
-        self.stats["draft_tokens"] += scheduler.draft_tokens
-        self.stats["accepted_drafts"] += scheduler.accepted_drafts
-        return sorted(taken, key=lambda s: s.index)
+        for name in ("preemptions", "draft_tokens", "accepted_drafts"):
+            self.stats[name] += getattr(run.scheduler, name)
+        return sorted(run.taken, key=lambda s: s.index)
+
+
+class _Run:
+    """One generate() call: its scheduler, the requests drawn so far, the pass in flight (launched, not yet
+    committed) and the finished requests not yet reported. step() is one turn of the loop."""
+
+    def __init__(self, engine: Engine, seqs: Iterable[Sequence], on_finish: Callable[[Sequence], None] | None, bar):
+        self.engine, self.on_finish, self.bar = engine, on_finish, bar
+        self.scheduler = Scheduler(engine.blocks, engine._limits(), engine.eos_ids)
+        self.source, self.taken = iter(seqs), []
+        # Chained steps are fed the argmax on the device: not where the host looks the token table's rows up itself.
+        self.chain = engine.options.chain_decode and not engine.model.embedding_on_host
+        self.in_flight: tuple[list[Work], Pending] | None = None
+        self.finished: list[Sequence] = []
+
+    def draw(self, tokens: int | None) -> None:
+        """Queue requests, shortest prompt first, until `tokens` prompt tokens are queued (None: all)."""
+        drawn, queued = [], 0
+        for seq in self.source:
+            drawn.append(seq)
+            queued += seq.num_tokens
+            if tokens is not None and queued >= tokens:
+                break
+        for seq in sorted(drawn, key=lambda s: s.num_tokens):
+            self.scheduler.add(seq)
+        self.taken.extend(drawn)
+
+    def report(self) -> None:
+        observer = self.engine.observer
+        for seq in self.finished:
+            if observer is not None:
+                observer.on_finished(seq.index, seq.generated)
+            if self.on_finish is not None:
+                self.on_finish(seq)
+            self.bar.update(1)
+        self.finished = []
+
+    def commit(self) -> None:
+        """Commit the pass in flight (its tokens are waited for): the scheduler takes them, finished requests wait
+        to be reported."""
+        if self.in_flight is None:
+            return
+        works, pending = self.in_flight
+        self.in_flight = None
+        tokens, stats = self.engine._collect(works, pending), self.engine.stats
+        stats["passes"] += 1
+        stats["prefill_tokens"] += sum(len(w.tokens) for w in works if not w.decode)
+        stats["max_batch"] = max(stats["max_batch"], len(works))
+        self.finished += self.scheduler.postprocess(works, tokens)
+
+    def next_pass(self) -> tuple[list[Work], bool]:
+        """The next pass's works, and whether its decode steps are chained to the pass in flight. It is scheduled
+        before the pass in flight is committed, so that the device does not wait for the host: with that pass's
+        decode steps chained to it where they will draft nothing (fed their tokens on the device), else with
+        sequences outside it if it is nearly full. Otherwise it waits for the pass in flight and is topped up with
+        that pass's sequences' next steps: a pass launched ahead half empty would cost a whole weight read."""
+        scheduler = self.scheduler
+        chained = scheduler.chain(self.in_flight[0]) if self.chain and self.in_flight is not None else []
+        works = chained + scheduler.schedule(chained)
+        small = sum(len(w.tokens) for w in works) < AHEAD_FILL * self.engine.plan.max_batched_tokens
+        if not chained and self.in_flight is not None and small:
+            self.commit()
+            works += scheduler.schedule(works)
+        return works, bool(chained)
+
+    def launch(self, works: list[Work], chained: bool) -> tuple[list[Work], Pending] | None:
+        """Launch a pass; None if the device ran out of memory (the pass is undone and the limits halved)."""
+        engine = self.engine
+        try:
+            pending = engine.runner.launch(works, self.in_flight[1] if chained else None)
+        except torch.cuda.OutOfMemoryError:
+            self.commit()
+            self.scheduler.rollback(works)
+            engine.stats["oom_retries"] += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return None
+        engine.stats["chained_passes"] += chained
+        return works, pending
+
+    def step(self) -> bool:
+        """Schedule and launch the next pass, then, while the device runs it, draw the remaining requests, report
+        the finished ones and commit the pass before it. False once every request has finished."""
+        scheduler = self.scheduler
+        if not (scheduler.has_work or scheduler.failed):
+            return False
+        self.finished += scheduler.failed  # requests given up on (seq.error) are reported like finished ones
+        scheduler.failed = []
+        works, chained = self.next_pass()
+        launched = None
+        if works:
+            launched = self.launch(works, chained)
+            if launched is None:
+                return True  # retried smaller
+        elif self.in_flight is None:
+            if scheduler.failed:
+                return True
+            if scheduler.has_work:
+                raise RuntimeError("the scheduler could not place any sequence (this is a bug)")
+            return False  # the pass just committed finished the last sequences
+        self.draw(None)  # host work that overlaps the device: the remaining requests, the last pass's results
+        self.report()
+        scheduler.release_finished()
+        self.commit()
+        self.in_flight = launched
+        return True

@@ -289,16 +289,8 @@ class ModelRunner:
             sample_rows += range(len(ids), len(ids) + shape[0] - n)
         starts += [0] * (len(lens) - n)
         ids += [0] * (sum(lens) - len(ids))
-        if shape is not None:  # spans: (first sequence, end, blocks of its longest) of each group
-            spans = [(0, len(lens), shape[1])]
-        else:
-            spans, first = [], 0
-            while first < n:
-                most = blocks[order[first]]
-                end = min(n, first + max(1, self.max_gather_tokens // (most * bs)))
-                end = next((j for j in range(first + 1, end) if queries[order[j]] != queries[order[first]]), end)
-                spans.append((first, end, most))
-                first = end
+        # spans: (first sequence, end, blocks of its longest) of each group
+        spans = [(0, len(lens), shape[1])] if shape is not None else self._padded_spans(order, blocks, queries)
         # Each cell of a group's grid: its flat token (padding: any), and its row of the group's mask table
         # (attention.build_bias): keys - 1 - its position, a padding cell taken at position 0 (it sees key 0).
         counting = self._counting(len(ids))
@@ -331,6 +323,18 @@ class ModelRunner:
         return t.ids, Context(positions=t.positions, slots=t.slots, block_tables=t.tables, sample_rows=t.sample_rows,
                               layout=Padded(mask_rows=rows_t, groups=tuple(groups)),
                               sliding_window=self.sliding_window)
+
+    def _padded_spans(self, order: list[int], blocks: list[int], queries: list[int]) -> list[tuple[int, int, int]]:
+        """The padded layout's groups over the sequences in `order` (by class of new tokens, then keys, the longest
+        first): as many a group as keep its gathered keys within max_gather_tokens, one class of new tokens each."""
+        spans, first, n = [], 0, len(order)
+        while first < n:
+            most = blocks[order[first]]
+            end = min(n, first + max(1, self.max_gather_tokens // (most * self.block_size)))
+            end = next((j for j in range(first + 1, end) if queries[order[j]] != queries[order[first]]), end)
+            spans.append((first, end, most))
+            first = end
+        return spans
 
     def _upload(self, host: array) -> torch.Tensor:
         """The pass's integers on the device, sent from pinned memory so the host need not wait for a pass still

@@ -100,52 +100,67 @@ class Scheduler:
         return -(-tokens // self.blocks.block_size)
 
     def schedule(self, joining: list[Work] | None = None) -> list[Work]:
-        """The works of the next pass. `joining`: works already scheduled for that same pass (the engine tops up a
-        pass it held back); the new ones share its budgets."""
-        lim = self.limits
+        """The works of the next pass, in four steps: decode steps (with a listed choice's drafts), lookup drafts
+        where the pass has room for them, unfinished prefills, then admissions. `joining`: works already scheduled
+        for that same pass (the engine tops up a pass it held back); the new ones share its budgets."""
         joining = joining or []
-        budget = lim.max_batched_tokens - sum(len(w.tokens) for w in joining)
-        works: list[Work] = []
-        # 1. decoding sequences: one token each (+ drafts); preempt the newest if the cache is full.
+        works = self._decode_steps()
+        self._add_lookup_drafts(works, joining)
+        budget = self.limits.max_batched_tokens - sum(len(w.tokens) for w in joining + works)
+        longest = max((w.start + len(w.tokens) for w in joining + works), default=0)
+        chunks, budget, longest = self._prefill_chunks(budget, longest)
+        works += chunks + self._admissions(budget, longest)
+        self.in_flight.update(w.seq for w in works)
+        return works
+
+    def _decode_steps(self) -> list[Work]:
+        """Each decoding sequence's next token, with the rest of the listed choice it follows as drafts."""
+        works = []
         for seq in list(self.running):
             # A running sequence always holds blocks; one preempted earlier in this loop holds none.
             if not seq.block_table or seq.num_tokens - seq.num_computed != 1 or seq in self.in_flight:
                 continue
-            room = min(lim.max_drafts, seq.max_new_tokens - seq.num_generated - 1)
-            drafts = candidate_drafts(seq, room)
-            placed = True
-            while not self.blocks.grow(seq, seq.num_tokens + len(drafts)):
-                if self.release_finished():
-                    continue
-                if drafts:
-                    drafts = []
-                    continue
-                if self.running == [seq]:
-                    self.running.remove(seq)
-                    self.blocks.release(seq)
-                    self._fail(seq, f"after {seq.num_generated} new tokens its {seq.num_tokens} tokens no longer "
-                                    f"fit the KV cache ({self.blocks.capacity} tokens at this memory budget); raise "
-                                    "the memory budget or lower max_new_tokens")
-                    placed = False
-                    break
-                victim = next((s for s in reversed(self.running) if s not in self.in_flight), None)
-                if victim is None:  # the others are in flight: wait until their pass commits and frees blocks
-                    placed = False
-                    break
-                self._preempt(victim)
-                if victim is seq:
-                    placed = False
-                    break
-            if placed:
+            room = min(self.limits.max_drafts, seq.max_new_tokens - seq.num_generated - 1)
+            drafts = self._grow_for_step(seq, candidate_drafts(seq, room))
+            if drafts is not None:
                 works.append(Work(seq, seq.token_ids[-1:] + drafts, seq.num_tokens - 1, len(drafts), True, False, True))
-                budget -= 1 + len(drafts)
-        # Lookup drafts are worth it only while the pass stays memory-bound (they are often wrong): the tokens up to
-        # lookup_draft_tokens ride along at no cost. A small batch may then draft far more than max_drafts each,
-        # within the sampled rows the plan sized the LM head's output for.
-        # A pass scheduled while another is in flight is topped up with that one's sequences once it commits
-        # (engine.generate): a token each is kept for them (those in flight besides the joining works).
+        return works
+
+    def _grow_for_step(self, seq: Sequence, drafts: list[int]) -> list[int] | None:
+        """Blocks for a decode step and its drafts: where the cache is short, the drafts go first, then the newest
+        sequences not in flight are preempted. The drafts kept, or None when the step does not run in this pass
+        (preempted itself, given up on, or waiting for blocks that a pass in flight holds)."""
+        while not self.blocks.grow(seq, seq.num_tokens + len(drafts)):
+            if self.release_finished():
+                continue
+            if drafts:
+                drafts = []
+                continue
+            if self.running == [seq]:
+                self.running.remove(seq)
+                self.blocks.release(seq)
+                self._fail(seq, f"after {seq.num_generated} new tokens its {seq.num_tokens} tokens no longer fit the "
+                                f"KV cache ({self.blocks.capacity} tokens at this memory budget); raise the memory "
+                                "budget or lower max_new_tokens")
+                return None
+            victim = next((s for s in reversed(self.running) if s not in self.in_flight), None)
+            if victim is None:  # the others are in flight: wait until their pass commits and frees blocks
+                return None
+            self._preempt(victim)
+            if victim is seq:
+                return None
+        return drafts
+
+    def _add_lookup_drafts(self, works: list[Work], joining: list[Work]) -> None:
+        """Lookup drafts for the decode steps without drafts, while the pass stays memory-bound: they are often
+        wrong, but the tokens up to lookup_draft_tokens ride along at no cost. A small batch may then draft far more
+        than max_drafts each, within the sampled rows the plan sized the LM head's output for. A pass scheduled
+        while another is in flight is topped up with that one's sequences once it commits: a token each is kept for
+        them (those in flight besides the joining works)."""
+        lim = self.limits
+        tokens = sum(len(w.tokens) for w in joining + works)
         ahead = len(self.in_flight) - len(joining)
-        spare = min(budget, lim.lookup_draft_tokens - sum(len(w.tokens) for w in joining + works) - ahead)
+        spare = min(lim.max_batched_tokens - tokens, lim.lookup_draft_tokens - tokens - ahead)
         rows = lim.max_num_seqs * (1 + lim.max_drafts) - sum(1 + w.num_drafts for w in joining + works if w.samples)
         for w in works:
             if spare <= 0 or rows <= 0:
@@ -158,15 +173,22 @@ class Scheduler:
                     w.num_drafts, w.looked_up = len(drafts), True
                     spare -= len(drafts)
                     rows -= len(drafts)
-                    budget -= len(drafts)
-        # 2. unfinished prefills, then 3. admissions while the budget, the cache and the gather bound allow.
-        longest = max((w.start + len(w.tokens) for w in joining + works), default=0)
+
+    def _prefill_chunks(self, budget: int, longest: int) -> tuple[list[Work], int, int]:
+        """The next chunk of each running sequence whose prompt is not all computed, within the token budget."""
+        works = []
         for seq in [s for s in self.running if s.num_tokens - s.num_computed > 1 and s not in self.in_flight]:
             if budget <= 0:
                 break
             works.append(self._chunk(seq, budget, admitted=False))
             budget -= len(works[-1].tokens)
             longest = max(longest, seq.num_tokens)
+        return works, budget, longest
+
+    def _admissions(self, budget: int, longest: int) -> list[Work]:
+        """Waiting requests, shortest first, while the token budget, the cache (keeping each running sequence's
+        expected growth free) and the gather bound allow; each admitted with its cached prefix reused."""
+        lim, works = self.limits, []
         booked = sum(map(self._expected_growth, self.running)) if self.waiting else 0
         while self.waiting and budget > 0 and len(self.running) < lim.max_num_seqs:
             seq = self.waiting[0]
@@ -188,7 +210,6 @@ class Scheduler:
             works.append(self._chunk(seq, budget, admitted=True))
             budget -= len(works[-1].tokens)
             longest = longest_after
-        self.in_flight.update(w.seq for w in works)
         return works
 
     def chain(self, works: list[Work]) -> list[Work]:
