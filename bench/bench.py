@@ -12,8 +12,8 @@ No weights can be downloaded, so a Phi-3-medium-shaped model is built on the GPU
 weights (normal(0, 0.02) matrices, ones for norms) and the same tensors feed orinfer and transformers' Phi3ForCausalLM.
 Workload W1 is OpenBookQA test (500 items) in the competition's prompt format. Random weights never say <|end|>, so
 in "scripted" mode every system's sampled token is replaced by the gold answer's tokens and then <|end|> (orinfer:
-an Observer that forces the committed tokens; transformers: a LogitsProcessor), while all model compute still
-happens: the work a correct model would do. "free" mode generates a fixed number of tokens. Our time is
+the bench-side ScriptedEngine in workload.py, which commits the script; transformers: a LogitsProcessor), while all
+model compute still happens: the work a correct model would do. "free" mode generates a fixed number of tokens. Our time is
 test_script.py's Section 3: data load (the JSONL file) + inference through optimize.py.
 """
 import argparse
