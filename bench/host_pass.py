@@ -36,7 +36,7 @@ def main(batches: list[int]) -> None:
     for batch in batches:
         seqs = [Sequence(index=i, token_ids=list(range(100, 400)), num_prompt_tokens=280, max_new_tokens=256,
                          block_table=range(1 + 300 * i, 301 + 300 * i), num_computed=299) for i in range(batch)]
-        works = [Work(s, s.token_ids[-1:], s.num_tokens - 1, 0, True, False, True) for s in seqs]
+        works = [Work(seq=s, tokens=s.token_ids[-1:], start=s.num_tokens - 1, wants_logits=True, decode=True) for s in seqs]
         context = per_call_ms(lambda: runner.context(works))
         print(f"batch {batch}: context {context:.2f} ms, {decode_scheduling(batch)}", flush=True)
 

@@ -69,9 +69,9 @@ class ScriptedEngine(Engine):
             return tokens
         out, pos = [], 0
         for w in works:
-            if not w.samples:
+            if not w.wants_logits:
                 continue
-            rows = tokens[pos:pos + 1 + w.num_drafts]
+            rows = tokens[pos:pos + w.sampled_rows]
             pos += len(rows)
             script = self.scripts[w.seq.index] if 0 <= w.seq.index < len(self.scripts) else None
             done = w.seq.num_generated

@@ -133,7 +133,7 @@ class ModelRunner:
                 return None
             padded_tokens = _bucket(tokens, sizes)
             return padded_tokens, _bucket(sum(ends) + padded_tokens - tokens, extents)
-        if not all(len(w.tokens) == 1 and w.samples for w in works):
+        if not all(len(w.tokens) == 1 and w.wants_logits for w in works):
             return None
         return (_bucket(len(works), sizes),
                 _bucket(max(_ceil_div(w.start + 1, self.block_size) for w in works), extents))
@@ -158,7 +158,7 @@ class ModelRunner:
             ids += works[i].tokens
         sample_rows = []
         for i, w in enumerate(works):
-            if w.samples:
+            if w.wants_logits:
                 end = first_row[i] + len(w.tokens)
                 sample_rows += range(end - 1 - w.num_drafts, end)
         return ids, sample_rows
@@ -374,7 +374,7 @@ class ModelRunner:
             began, ready = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             began.record()
         shape = self._graph_shape(works)
-        sampled = sum(1 + w.num_drafts for w in works if w.samples)  # the rows past these are padding
+        sampled = sum(w.sampled_rows for w in works)  # the rows past these are padding
         graph, io = self.graphs.get(shape, (None, None))
         feed = fed_by.on_device if fed_by is not None else None
         if graph is not None:
@@ -526,4 +526,4 @@ def _pinned(n: int) -> torch.Tensor:
 def _dummy_decode(batch: int) -> list[Work]:
     """Stand-in decode works for capture: one token each at position 0 in the scratch block."""
     seq = Sequence(index=-1, token_ids=[0], num_prompt_tokens=1, max_new_tokens=1, block_table=[SCRATCH_BLOCK])
-    return [Work(seq, [0], 0, 0, True, False) for _ in range(batch)]
+    return [Work(seq=seq, tokens=[0], start=0, wants_logits=True) for _ in range(batch)]

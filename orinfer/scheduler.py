@@ -123,7 +123,8 @@ class Scheduler:
             room = min(self.limits.max_drafts, seq.max_new_tokens - seq.num_generated - 1)
             drafts = self._grow_for_step(seq, candidate_drafts(seq, room))
             if drafts is not None:
-                works.append(Work(seq, seq.token_ids[-1:] + drafts, seq.num_tokens - 1, len(drafts), True, False, True))
+                works.append(Work(seq=seq, tokens=seq.token_ids[-1:] + drafts, start=seq.num_tokens - 1,
+                                  num_drafts=len(drafts), wants_logits=True, decode=True))
         return works
 
     def _grow_for_step(self, seq: Sequence, drafts: list[int]) -> list[int] | None:
@@ -161,7 +162,7 @@ class Scheduler:
         tokens = sum(len(w.tokens) for w in joining + works)
         ahead = len(self.in_flight) - len(joining)
         spare = min(lim.max_batched_tokens - tokens, lim.lookup_draft_tokens - tokens - ahead)
-        rows = lim.max_num_seqs * (1 + lim.max_drafts) - sum(1 + w.num_drafts for w in joining + works if w.samples)
+        rows = lim.max_num_seqs * (1 + lim.max_drafts) - sum(w.sampled_rows for w in joining + works)
         for w in works:
             if spare <= 0 or rows <= 0:
                 break
@@ -221,7 +222,7 @@ class Scheduler:
         it would without chaining. A sequence that ends at that pass for sure (max_new_tokens) is left out; one that
         ends there with an end-of-turn token is fed nonetheless, and its step is dropped when committed."""
         lim = self.limits
-        if any(not (w.decode and w.samples) or w.num_drafts for w in works):
+        if any(not (w.decode and w.wants_logits) or w.num_drafts for w in works):
             return []
         # A sequence finished since (its chained step in `works` is dropped) or ending at that pass has no next step.
         rows = [(row, w.seq) for row, w in enumerate(works)
@@ -240,12 +241,13 @@ class Scheduler:
         if not all(self.blocks.grow(seq, seq.num_tokens + 1) for _, seq in rows):
             return []  # the blocks grown stay with their sequences: their next step needs them anyway
         self.in_flight.update(seq for _, seq in rows)
-        return [Work(seq, [0], seq.num_tokens, 0, True, False, True, fed_row=row) for row, seq in rows]
+        return [Work(seq=seq, tokens=[0], start=seq.num_tokens, wants_logits=True, decode=True, fed_row=row)
+                for row, seq in rows]
 
     def _chunk(self, seq: Sequence, budget: int, admitted: bool) -> Work:
         n = min(seq.num_tokens - seq.num_computed, budget)
-        work = Work(seq, seq.token_ids[seq.num_computed:seq.num_computed + n], seq.num_computed, 0,
-                    seq.num_computed + n == seq.num_tokens, admitted)
+        work = Work(seq=seq, tokens=seq.token_ids[seq.num_computed:seq.num_computed + n], start=seq.num_computed,
+                    wants_logits=seq.num_computed + n == seq.num_tokens, admitted=admitted)
         # Published now, before the pass: a sequence admitted later in this same pass may read these blocks, which
         # is safe because each layer writes all new K/V before any sequence reads the cache.
         work.published = self.blocks.publish(seq, seq.num_computed + n)
@@ -260,15 +262,15 @@ class Scheduler:
         for w in works:
             seq = w.seq
             if seq.finished:  # a chained step of a sequence that ended in the pass before: nothing to commit
-                pos += 1 + w.num_drafts if w.samples else 0
+                pos += w.sampled_rows
                 continue
             if w.fed_row >= 0:
                 w.tokens[0] = seq.token_ids[-1]  # what the device was fed
-            if not w.samples:
+            if not w.wants_logits:
                 seq.num_computed += len(w.tokens)
                 continue
-            out = sampled[pos:pos + 1 + w.num_drafts]
-            pos += 1 + w.num_drafts
+            out = sampled[pos:pos + w.sampled_rows]
+            pos += w.sampled_rows
             drafts = w.tokens[len(w.tokens) - w.num_drafts:]
             accepted = 0
             while accepted < w.num_drafts and drafts[accepted] == out[accepted]:

@@ -46,18 +46,23 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Work:
-    """One sequence's tokens in one forward pass."""
+    """One sequence's tokens in one forward pass (what the scheduler hands the runner), built by keyword."""
     seq: Sequence
-    tokens: list[int]   # fed this pass: a prompt chunk, or the last sampled token plus drafts
-    start: int          # position of tokens[0]
-    num_drafts: int
-    samples: bool       # logits wanted: the chunk reaches the end of the known tokens
-    admitted: bool      # the sequence entered the cache in this pass
-    decode: bool = False  # one sampled token (+ drafts) after the prompt, as opposed to a prompt chunk
+    tokens: list[int]    # fed this pass: a prompt chunk, or the last sampled token plus drafts
+    start: int           # position of tokens[0]
+    num_drafts: int = 0  # the last num_drafts of tokens are drafts, kept only where they equal the argmax
+    wants_logits: bool   # the chunk reaches the end of the known tokens: its last 1 + num_drafts rows are sampled
+    admitted: bool = False  # the sequence entered the cache in this pass
+    decode: bool = False    # one sampled token (+ drafts) after the prompt, as opposed to a prompt chunk
     looked_up: bool = False  # its drafts came from a lookup (their acceptance sets the sequence's draft length)
     # A chained step (Scheduler.chain): its one token is row fed_row of the sampled tokens of the pass before, still
     # on the device when this one is launched (tokens holds a placeholder until that pass commits); -1: known here.
     fed_row: int = -1
     published: list[int] = field(default_factory=list)
+
+    @property
+    def sampled_rows(self) -> int:
+        """Rows of the pass's sampled tokens this work takes: the next token and one per draft, if it wants logits."""
+        return 1 + self.num_drafts if self.wants_logits else 0

@@ -76,8 +76,8 @@ def test_keys_past_the_sliding_window_take_the_padded_layout(varlen, tmp_path):
 
     def slot(p):
         return table[p // bs] * bs + p % bs
-    inside = runner.context([Work(seq, seq.token_ids[:24], 0, 0, False, True)])[1]
-    past = runner.context([Work(seq, seq.token_ids[24:], 24, 0, True, False)])[1]
+    inside = runner.context([Work(seq=seq, tokens=seq.token_ids[:24], start=0, wants_logits=False, admitted=True)])[1]
+    past = runner.context([Work(seq=seq, tokens=seq.token_ids[24:], start=24, wants_logits=True)])[1]
     assert isinstance(inside.layout, attention.Varlen)
     # (transformers < 4.46 ignores the window, and so does the engine then: no reason to leave the varlen layout)
     assert isinstance(past.layout, attention.Padded) == optimize.SLIDING_WINDOW_APPLIES
@@ -99,8 +99,9 @@ def test_padded_mask_is_causal_within_the_window(tiny_dir, window, gather):
     seqs = [Sequence(index=i, token_ids=list(range(n)), num_prompt_tokens=n, max_new_tokens=1,
                      block_table=list(range(1 + 40 * i, 1 + 40 * i - (-n // bs))))
             for i, n in enumerate((7, 3, 19))]
-    works = [Work(seqs[0], seqs[0].token_ids[4:], 4, 0, True, False), Work(seqs[1], seqs[1].token_ids, 0, 0, True, True),
-             Work(seqs[2], seqs[2].token_ids[18:], 18, 0, True, False)]
+    works = [Work(seq=seqs[0], tokens=seqs[0].token_ids[4:], start=4, wants_logits=True),
+             Work(seq=seqs[1], tokens=seqs[1].token_ids, start=0, wants_logits=True, admitted=True),
+             Work(seq=seqs[2], tokens=seqs[2].token_ids[18:], start=18, wants_logits=True)]
     ids, ctx = runner.context(works)
     lay = ctx.layout
     assert isinstance(lay, attention.Padded)

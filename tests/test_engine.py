@@ -65,7 +65,7 @@ class FakeRunner:
         from orinfer.runner import Pending
         out = []
         for w in works:
-            if w.samples:  # the argmax after each of the last 1 + num_drafts fed tokens
+            if w.wants_logits:  # the argmax after each of the last 1 + num_drafts fed tokens
                 fed = [fed_by.on_device[w.fed_row]] if w.fed_row >= 0 else w.tokens  # a chained step's token
                 known = w.seq.token_ids[:w.start] + fed
                 out += [self.next_token(known[:w.start + j + 1])

@@ -76,8 +76,8 @@ def test_a_pass_with_a_long_prompt_chunk_runs_eagerly(packed, tiny_dir):
     runner.graphs, runner.graph_dims = {(16, 1024): None}, ([16], [1024])  # as if captured
     seq = Sequence(index=0, token_ids=list(range(100, 120)), num_prompt_tokens=20, max_new_tokens=1,
                    block_table=list(range(1, 21)))
-    assert runner._graph_shape([Work(seq, seq.token_ids[:8], 0, 0, False, True)]) == (16, 1024)
-    assert runner._graph_shape([Work(seq, seq.token_ids[:9], 0, 0, False, True)]) is None
+    assert runner._graph_shape([Work(seq=seq, tokens=seq.token_ids[:8], start=0, wants_logits=False, admitted=True)]) == (16, 1024)
+    assert runner._graph_shape([Work(seq=seq, tokens=seq.token_ids[:9], start=0, wants_logits=False, admitted=True)]) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
