@@ -409,11 +409,12 @@ def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto
                       table_in_checkpoint=tensor_dtype(folder, "model.embed_tokens.weight") == torch_dtype)
     except (OSError, ValueError, KeyError) as e:
         raise SetupError(f"{folder}: {e}" if isinstance(e, (OSError, KeyError)) else str(e)) from e
-    if budget > machine_bytes(dev, shared):
+    most = machine_bytes(dev, shared)
+    if budget > most:
         if memory_budget not in (None, "auto"):
             raise SetupError(f"--memory-budget {budget / GiB:.2f} GiB is more than this machine has "
-                             f"({machine_bytes(dev, shared) / GiB:.2f} GiB)")
-        budget = machine_bytes(dev, shared)  # RSS + MemAvailable counts a file's mapped pages twice
+                             f"({most / GiB:.2f} GiB)")
+        budget = most  # RSS + MemAvailable counts a file's mapped pages twice
     setup = Setup(folder, cfg, eos, tokenizer, dev, torch_dtype, None, options, inputs)
     try:
         return replace(setup, plan=setup.plan_for(budget))

@@ -127,8 +127,8 @@ def set_up(args, prepare, model_dir, device, data_path: Path, records: list, lin
     options = optimize.Options(speculate=not args.no_speculation, cuda_graphs=not args.no_cuda_graphs,
                                compile=False if args.no_compile else None)
     try:
-        setup = (prepare or optimize.prepare)(model_dir, device=device, dtype=args.dtype, memory_budget=args.memory_budget,
-                        options=options)
+        setup = (prepare or optimize.prepare)(model_dir, device=device, dtype=args.dtype,
+                                              memory_budget=args.memory_budget, options=options)
         lengths = setup.prompt_lengths([records[i]["message"] for i in todo])
         setup = setup.sized_for(lengths, args.max_new_tokens)
     except optimize.InputError as e:
@@ -160,8 +160,8 @@ def report(outs: list, data: list, elapsed: float, results: Results, ran: int) -
         print(f"({unscored} of the {len(data)} records have no 'answer' to score against: counted as not correct)")
 
 
-def run(args, prepare, results: Results, data_path: Path, records: list, lines: list, todo: list) -> int:
-    model_dir, device = _model_dir(args)
+def run(args, prepare, model_dir, device, results: Results, data_path: Path, records: list, lines: list,
+        todo: list) -> int:
     gen = set_up(args, prepare, model_dir, device, data_path, records, lines, todo)
     generation_args = {"max_new_tokens": args.max_new_tokens, "return_full_text": False, "temperature": 0.0,
                        "do_sample": False}
@@ -202,14 +202,14 @@ def _start(args, prepare) -> int:
         if note:
             print(note, file=sys.stderr)
         records, lines = read_records(data_path)
-        model_dir, _ = _model_dir(args)
+        model_dir, device = _model_dir(args)
         results = Results(out, args.resume, [fingerprint(r["message"]) for r in records], _settings(args, model_dir))
         todo = [i for i in range(len(records)) if i not in results.done]
         if not todo:
             results.finish()
             print(f"every record of {data_path} already has its result in {out}: nothing to run", file=sys.stderr)
             return 0
-        return run(args, prepare, results, data_path, records, lines, todo)
+        return run(args, prepare, model_dir, device, results, data_path, records, lines, todo)
     except (Stopped, KeyboardInterrupt, Exception) as e:
         e.saved = results.saved() if results is not None else "nothing had started"
         raise

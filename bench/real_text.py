@@ -95,7 +95,8 @@ def drafting(folder: Path, device: str, loads: dict, quick: bool) -> dict:
                 continue
             gen = build(folder, device, dtype, options)
             for load, (chats, new, _) in loads.items():
-                for batch in ((len(chats), 16) if quick or dtype == "float32" else (len(chats), 16, 1)):
+                sizes = (len(chats), 16) if quick or dtype == "float32" else (len(chats), 16, 1)
+                for batch in dict.fromkeys(sizes):  # 16 chats: batch 16 is the whole set, run once
                     subset = chats if batch > 1 else chats[:30 if load == "mc" else 8]
                     res = timed_runs(gen, subset, new, batch)
                     key = f"{dtype}/{name}/{load}/batch{'all' if batch == len(chats) else batch}"

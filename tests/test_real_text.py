@@ -119,7 +119,8 @@ def test_the_conversion_equals_transformers_own_gguf_reader(real_dir):
         pytest.skip(f"this transformers cannot read the GGUF file ({type(e).__name__}: {str(e)[:120]})")
     phi3 = AutoModelForCausalLM.from_pretrained(real_dir, torch_dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(real_dir)
-    text = tokenizer.apply_chat_template(CHATS[3], tokenize=False, add_generation_prompt=True) + "Numbers 12345, café 🙂"
+    text = tokenizer.apply_chat_template(CHATS[3], tokenize=False, add_generation_prompt=True)
+    text += "Numbers 12345, café 🙂"
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     assert ids.tolist() == llama_tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].tolist()
     with torch.no_grad():
