@@ -2,11 +2,13 @@
 model, a stand-in for what real text does to drafting and to bf16 agreement, not for Phi-3-medium's accuracy.
 
     python3 bench/real_text.py --out OUT [--device cuda] [--stages drafting,agreement] [--quick]
+        [--variants off,defaults,...] [--dtypes bfloat16,float32] [--loads mc,chats] [--repeat N]
 
-drafting: forward passes per generated token, drafts proposed and accepted, seconds, with drafts off, at the
-  defaults, forced on (lookups in every pass) and each source alone (the listed choices, the request's own text,
-  the run's pool), on competition-format records (the public set and OpenBookQA test items) and on free-form chats,
-  at batch 1, 16 and the whole set; bf16, and fp32 for off / defaults / forced.
+drafting: forward passes per generated token, drafts proposed and accepted, seconds, with drafts off (and off with
+  no chained decode steps: what chaining alone is worth), at the defaults, forced on (lookups in every pass) and each
+  source alone (the listed choices, the request's own text, the run's pool), on competition-format records (the
+  public set and OpenBookQA test items) and on free-form chats, at batch 1, 16 and the whole set; bf16, and fp32 for
+  off / defaults / forced; with --repeat N each run is timed N times and the median's run reported.
 agreement: the engine (its fast path) against transformers' generate at batch 1, greedy, on the same records, in
   bf16 and fp32: identical outputs and scores k/N; for each bf16 difference the first differing token and
   transformers' top-2 logit margin there; beside transformers' own bf16-against-fp32 agreement.
@@ -44,7 +46,8 @@ CHATS = [
     "Explain what a prime number is and list the primes below 50.",
     "Write a recipe for pancakes with ingredients and steps.", "Write a letter to a friend about your holiday.",
 ]
-VARIANTS = {"off": Options(speculate=False), "defaults": Options(),
+VARIANTS = {"off": Options(speculate=False), "off_unchained": Options(speculate=False, chain_decode=False),
+            "defaults": Options(),
             "choices": Options(draft_sources=("choices",)), "own": Options(draft_sources=("own",)),
             "pool": Options(draft_sources=("pool",)), "forced": Options(lookup_draft_tokens=1 << 20)}
 
@@ -87,10 +90,12 @@ def build(folder: Path, device: str, dtype: str, options: Options):
     return gen
 
 
-def drafting(folder: Path, device: str, loads: dict, quick: bool) -> dict:
+def drafting(folder: Path, device: str, loads: dict, quick: bool, variants: list[str], dtypes: list[str],
+             repeat: int) -> dict:
     out = {}
-    for dtype in ("bfloat16", "float32"):
-        for name, options in VARIANTS.items():
+    for dtype in dtypes:
+        for name in variants:
+            options = VARIANTS[name]
             if dtype == "float32" and name not in ("off", "defaults", "forced"):
                 continue
             gen = build(folder, device, dtype, options)
@@ -98,9 +103,11 @@ def drafting(folder: Path, device: str, loads: dict, quick: bool) -> dict:
                 sizes = (len(chats), 16) if quick or dtype == "float32" else (len(chats), 16, 1)
                 for batch in dict.fromkeys(sizes):  # 16 chats: batch 16 is the whole set, run once
                     subset = chats if batch > 1 else chats[:30 if load == "mc" else 8]
-                    res = timed_runs(gen, subset, new, batch)
+                    runs = [timed_runs(gen, subset, new, batch) for _ in range(repeat)]
+                    res = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median's run
                     key = f"{dtype}/{name}/{load}/batch{'all' if batch == len(chats) else batch}"
                     out[key] = {k: v for k, v in res.items() if k not in ("outputs", "tokens")}
+                    out[key]["seconds_each"] = [r["seconds"] for r in runs]
                     print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in out[key].items()},
                           flush=True)
             out[f"{dtype}/{name}/attention"] = gen.describe()
@@ -178,14 +185,20 @@ def main():
     ap.add_argument("--stages", default="drafting,agreement")
     ap.add_argument("--mc-items", type=int, default=100, help="competition-format records: the public set first")
     ap.add_argument("--quick", action="store_true", help="no batch-1 runs (the CPU's)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"drafting's variants, of {','.join(VARIANTS)}")
+    ap.add_argument("--dtypes", default="bfloat16,float32", help="drafting's dtypes")
+    ap.add_argument("--loads", default="mc,chats", help="workloads: mc (competition-format records), chats")
+    ap.add_argument("--repeat", type=int, default=1, help="drafting: time each run N times, report the median")
     args = ap.parse_args()
-    folder, loads = smollm2_phi3(), workloads(args.mc_items)
+    folder = smollm2_phi3()
+    loads = {k: v for k, v in workloads(args.mc_items).items() if k in args.loads.split(",")}
     import transformers
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
               "transformers": transformers.__version__, "model": "SmolLM2-135M-Instruct in Phi-3's layout"}
     for stage in args.stages.split(","):
-        result[stage] = drafting(folder, args.device, loads, args.quick) if stage == "drafting" else \
-            agreement(folder, args.device, loads)
+        result[stage] = agreement(folder, args.device, loads) if stage == "agreement" else \
+            drafting(folder, args.device, loads, args.quick, args.variants.split(","), args.dtypes.split(","),
+                     args.repeat)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "real_text.json").write_text(json.dumps(result, indent=1))
 

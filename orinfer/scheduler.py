@@ -232,17 +232,27 @@ class Scheduler:
             if any(len(c) > seq.num_generated for _, seq in rows for c in followed_candidates(seq)):
                 return []
             # A retry (one token, of a sequence whose drafts kept missing) waits for a pass with room for a token a
-            # sequence: at W3's 128 sequences every 32nd pass gave up chaining for a room of 1-3 tokens, and its
-            # host gap and 128 index updates cost 3-5 % of the run (bench/NOTES.md runs 61, 65).
+            # sequence: a retry in a pass with less room gives up chaining's saved host gap for almost nothing.
             room = lim.lookup_draft_tokens - len(rows)
             if room > 0 and any(seq.draft_length or (room >= len(rows) and lookup_length(seq, seq.num_generated + 1))
-                                for _, seq in rows):
+                                for seq in self._pacing(seq for _, seq in rows)):
                 return []
         if not all(self.blocks.grow(seq, seq.num_tokens + 1) for _, seq in rows):
             return []  # the blocks grown stay with their sequences: their next step needs them anyway
         self.in_flight.update(seq for _, seq in rows)
         return [Work(seq=seq, tokens=[0], start=seq.num_tokens, wants_logits=True, decode=True, fed_row=row)
                 for row, seq in rows]
+
+    def _pacing(self, seqs) -> list[Sequence]:
+        """The sequences whose drafts can shorten the run. While requests wait, every one: a sequence that ends
+        sooner frees its place for them. Once nothing waits, the run lasts as long as its slowest sequence, so only
+        those with the most tokens still allowed (max_new_tokens less generated) count: drafts for the others cost
+        the unchained passes and save no pass."""
+        seqs = list(seqs)
+        if self.waiting or not seqs:
+            return seqs
+        most = max(s.max_new_tokens - s.num_generated for s in seqs)
+        return [s for s in seqs if s.max_new_tokens - s.num_generated == most]
 
     def _chunk(self, seq: Sequence, budget: int, admitted: bool) -> Work:
         n = min(seq.num_tokens - seq.num_computed, budget)

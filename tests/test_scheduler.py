@@ -146,3 +146,37 @@ def test_a_pass_is_chained_only_where_its_sequences_would_draft_nothing(monkeypa
     sch, seqs, works = in_flight()
     works[0].num_drafts = 1                          # a pass holding drafts: its accepted tokens are unknown
     assert sch.chain(works) == []
+
+
+@pytest.mark.unit
+def test_once_nothing_waits_only_the_slowest_sequences_keep_a_pass_from_chaining():
+    """Scheduler.chain in the run's tail: the run lasts as long as the sequence with the most tokens still allowed, so
+    a drafting sequence with fewer left does not keep the pass from chaining (its drafts would save no pass); while a
+    request waits, any drafting sequence does (ending sooner frees a place)."""
+    from orinfer.block_manager import BlockManager
+    from orinfer.scheduler import Limits, Scheduler
+    from orinfer.sequence import Sequence
+
+    def in_flight(slowest_drafts: bool, waiting: bool):
+        # Sequence 0 may run 40 tokens, 1 and 2 only 10; who drafts (draft_length) is what the case varies.
+        seqs = [Sequence(index=i, token_ids=[5 + i, 6, 7, 8], num_prompt_tokens=4, max_new_tokens=40 if i == 0 else 10,
+                         draft_length=(4 if slowest_drafts else 0) if i == 0 else 4) for i in range(3)]
+        sch = Scheduler(BlockManager(256, 1), Limits(max_num_seqs=3, max_batched_tokens=64, max_gather_tokens=1024,
+                                                     max_drafts=4, lookup_draft_tokens=32), eos_ids=[0])
+        for seq in seqs:
+            sch.add(seq)
+        sch.postprocess(sch.schedule(), [9, 9, 9])
+        works = sch.schedule()
+        assert all(w.num_drafts == 0 for w in works)  # nothing repeats yet: the lookups found nothing to draft
+        for seq in seqs:
+            seq.draft_length = (4 if slowest_drafts else 0) if seq.index == 0 else 4
+        if waiting:
+            sch.add(Sequence(index=3, token_ids=[1, 2, 3], num_prompt_tokens=3, max_new_tokens=10))
+        return sch, works
+
+    sch, works = in_flight(slowest_drafts=False, waiting=False)
+    assert len(sch.chain(works)) == 3                # only the 40-token sequence paces the run, and it drafts nothing
+    sch, works = in_flight(slowest_drafts=True, waiting=False)
+    assert sch.chain(works) == []                    # the slowest would draft: the pass waits for its drafts
+    sch, works = in_flight(slowest_drafts=False, waiting=True)
+    assert sch.chain(works) == []                    # a request waits: every sequence's drafts count
