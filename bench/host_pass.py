@@ -13,12 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import optimize  # noqa: E402
-from orinfer.attention import AttentionKernels  # noqa: E402
 from orinfer.block_manager import BlockManager  # noqa: E402
 from orinfer.runner import ModelRunner  # noqa: E402
 from orinfer.scheduler import Limits, Scheduler  # noqa: E402
 from orinfer.sequence import Sequence, Work  # noqa: E402
 from orinfer.tiny import write_tiny_model  # noqa: E402
+from orinfer.varlen_layout import AttentionKernels  # noqa: E402
 
 
 def per_call_ms(fn, reps: int = 20) -> float:

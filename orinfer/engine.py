@@ -1,14 +1,12 @@
 """The generation loop: while the device runs pass n, the host schedules pass n+1 and, where it can fill it without
 pass n's tokens (other sequences, or pass n's decode steps chained to it: fed their tokens on the device), launches
 it before collecting pass n (else it collects first and tops pass n+1 up), until every request has finished."""
-import random
 from dataclasses import replace
 from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
-from .attention import AttentionKernels, available
 from .block_manager import BlockManager
 from .memory import MemoryPlan
 from .model import Phi3ForCausalLM
@@ -17,6 +15,8 @@ from .options import Options
 from .runner import ModelRunner, Pending
 from .scheduler import Limits, Scheduler
 from .sequence import Sequence, Work
+from .varlen_layout import AttentionKernels, available
+from .warmup import meet_gemm_kernels, probe, tokens_at_one_token_cost
 
 # The share of its token budget a pass launched ahead of the one in flight must fill. On W1 under a 32 GB Orin's plan
 # (256 tokens a pass) 0.5 gave 110 passes, 0.75 gave 104, 0.9 gave 102 like the loop without launching ahead (CPU pass
@@ -80,25 +80,17 @@ class Engine:
         """Untimed preparation: kernels, allocator pools and CUDA graphs, before the clock starts."""
         if self.model.device.type != "cuda":
             return
-        p = self.plan
-        self.runner.meet_gemm_kernels(p.max_batched_tokens, p.max_num_seqs * (1 + p.max_drafts))
+        p, runner = self.plan, self.runner
+        padding = (runner.layouts[0].pad_above, runner.layouts[0].pad_multiple) if runner.varlen else None
+        meet_gemm_kernels(self.model, p.max_batched_tokens, p.max_num_seqs * (1 + p.max_drafts), padding)
         if self.options.lookup_draft_tokens is None:
-            self.lookup_draft_tokens = self.runner.tokens_at_one_token_cost(p.max_batched_tokens)
-        if self.options.cuda_graphs and p.cuda_graphs and not self.runner.graphs:
-            self.runner.capture_graphs(p.max_batched_tokens, p.max_num_seqs, p.max_gather_tokens)
-        # Then a probe shaped like a competition run: prompts of 40-200 tokens sharing a 40-token instruction, three
-        # passes of them, then decode steps over all of them. The allocators grow their pools for such passes now,
-        # and keep them (graph capture empties the device cache, so it comes first). The probe's cache blocks are
-        # then forgotten, leaving the prefix cache empty for the real data.
-        rng = random.Random(0)
-        shared = [100 + j for j in range(40)]
-        probe, queued = [], 0
-        while queued < 3 * p.max_batched_tokens and len(probe) < p.max_num_seqs:
-            tokens = shared + [rng.randrange(200, 30000) for _ in range(rng.randint(0, 160))]
-            probe.append(Sequence(index=-1 - len(probe), token_ids=tokens, num_prompt_tokens=len(tokens),
-                                  max_new_tokens=3))
-            queued += len(tokens)
-        self.generate(probe)
+            self.lookup_draft_tokens = tokens_at_one_token_cost(self.model, p.max_batched_tokens)
+        if self.options.cuda_graphs and p.cuda_graphs and not len(runner.graphs):
+            runner.capture_graphs(p.max_batched_tokens, p.max_num_seqs, p.max_gather_tokens)
+        # Then a probe shaped like a competition run, run to its end: the allocators grow their pools for such
+        # passes now, and keep them (graph capture empties the device cache, so it comes first). The probe's cache
+        # blocks are then forgotten, leaving the prefix cache empty for the real data.
+        self.generate(probe(p.max_batched_tokens, p.max_num_seqs))
         self.reset_prefix_cache()
 
     def reset_prefix_cache(self) -> None:

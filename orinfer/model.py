@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import EAGER, Kernels
-from .attention import Context, Padded, build_bias, paged_attention
+from .attention import Context, paged_attention
 from .config import Phi3Config
 
 
@@ -168,7 +168,6 @@ class Phi3ForCausalLM(nn.Module):
         if table is not None:
             shape = table.weight.shape
             table.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False)
-        self.block_size = 0  # set with the KV cache
         # RoPE angles are computed per pass from the positions, as transformers computes them (float32, one product
         # per position and frequency): any position works, past max_position_embeddings too, as it does there.
         dim = cfg.head_dim
@@ -184,10 +183,7 @@ class Phi3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ctx: Context) -> torch.Tensor:
         """Greedy next token for each of ctx.sample_rows; logits are never formed for the other positions."""
-        if isinstance(ctx.layout, Padded):
-            groups = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
-            for group in ctx.layout.groups:
-                group.bias = build_bias(group, self.block_size, groups, self.dtype, ctx.sliding_window)
+        ctx.layout.prepare(self.dtype)  # the padded layout's masks, say: once a pass, not once a layer
         freqs = ctx.positions.float()[:, None] * self.inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)

@@ -11,12 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import optimize  # noqa: E402
-from orinfer.attention import AttentionKernels  # noqa: E402
 from orinfer.engine import Engine  # noqa: E402
 from orinfer.observe import Observer  # noqa: E402
 from orinfer.options import Options  # noqa: E402
 from orinfer.runner import ModelRunner  # noqa: E402
 from orinfer.tiny import write_tiny_model  # noqa: E402
+from orinfer.varlen_layout import AttentionKernels  # noqa: E402
 
 
 def records(name: str) -> list[dict]:

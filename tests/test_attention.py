@@ -5,7 +5,7 @@ import torch
 from conftest import NEW, generator, hf_pipeline, reference
 
 import optimize
-from orinfer import attention, packed_attention
+from orinfer import packed_attention, padded_layout, varlen_layout
 from orinfer.reference import reference_attention
 from orinfer.sequence import Sequence, Work
 from orinfer.tiny import write_tiny_model
@@ -44,7 +44,7 @@ def reference_packed(q, k, v, out, cu_q, cu_k, key_slots, first_seq, num_seqs, s
 def varlen():
     """The varlen layout's kernels for generators built in a test: the float32 reference (this is the CPU)."""
     reference_varlen.calls = 0
-    return attention.AttentionKernels(varlen=reference_varlen)
+    return varlen_layout.AttentionKernels(varlen=reference_varlen)
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def packed():
     """As `varlen`, with sequences of few new tokens given to the packed kernel (its reference here): at most 8, so
     that the tiny model's passes mix the two kernels as W1's do with 128."""
     reference_varlen.calls, reference_packed.calls = 0, []
-    return attention.AttentionKernels(varlen=reference_varlen, packed=reference_packed, packed_queries=8)
+    return varlen_layout.AttentionKernels(varlen=reference_varlen, packed=reference_packed, packed_queries=8)
 
 
 @pytest.mark.parametrize("window", [24, 50])
@@ -78,9 +78,9 @@ def test_keys_past_the_sliding_window_take_the_padded_layout(varlen, tmp_path):
         return table[p // bs] * bs + p % bs
     inside = runner.context([Work(seq=seq, tokens=seq.token_ids[:24], start=0, wants_logits=False, admitted=True)])[1]
     past = runner.context([Work(seq=seq, tokens=seq.token_ids[24:], start=24, wants_logits=True)])[1]
-    assert isinstance(inside.layout, attention.Varlen)
+    assert isinstance(inside.layout, varlen_layout.Varlen)
     # (transformers < 4.46 ignores the window, and so does the engine then: no reason to leave the varlen layout)
-    assert isinstance(past.layout, attention.Padded) == optimize.SLIDING_WINDOW_APPLIES
+    assert isinstance(past.layout, padded_layout.Padded) == optimize.SLIDING_WINDOW_APPLIES
     assert inside.layout.key_slots.tolist() == [slot(p) for p in range(24)]
     assert past.slots.tolist() == [slot(p) for p in range(24, 30)]
     assert past.positions.tolist() == list(range(24, 30))
@@ -94,7 +94,8 @@ def test_padded_mask_is_causal_within_the_window(tiny_dir, window, gather):
     go into groups by their count of new tokens (3 and 3, then 1), the longest keys first, and with a small gather
     bound one a group; each group's tokens are a run of the pass's."""
     runner = generator(tiny_dir, max_gather_tokens=gather).engine.runner
-    runner.sliding_window = window
+    for layout in runner.layouts:
+        layout.sliding_window = window
     bs = runner.block_size
     seqs = [Sequence(index=i, token_ids=list(range(n)), num_prompt_tokens=n, max_new_tokens=1,
                      block_table=list(range(1 + 40 * i, 1 + 40 * i - (-n // bs))))
@@ -104,13 +105,13 @@ def test_padded_mask_is_causal_within_the_window(tiny_dir, window, gather):
              Work(seq=seqs[2], tokens=seqs[2].token_ids[18:], start=18, wants_logits=True)]
     ids, ctx = runner.context(works)
     lay = ctx.layout
-    assert isinstance(lay, attention.Padded)
+    assert isinstance(lay, padded_layout.Padded)
     by_group = [[works[0]], [works[1]], [works[2]]] if gather == 16 else [[works[0], works[1]], [works[2]]]
     assert [g.block_tables.shape[0] for g in lay.groups] == [len(g) for g in by_group]
     assert ids.tolist() == [t for group in by_group for w in group for t in w.tokens]
     groups = 2
     for group, members in zip(lay.groups, by_group):
-        bias = attention.build_bias(group, bs, groups, torch.float32, window)
+        bias = padded_layout.build_bias(group, bs, groups, torch.float32, window)
         batch, _, rows, keys = bias.shape
         qmax = rows // groups
         assert batch == len(members) and qmax == max(len(w.tokens) for w in members) and keys % 16 == 0
@@ -162,7 +163,7 @@ def test_packed_kernel_for_few_new_tokens_matches_pipeline(packed, tiny_dir, pub
 
 
 def test_varlen_is_not_claimed_on_the_cpu():
-    assert not attention.varlen_supported(torch.device("cpu"), torch.float32)
+    assert not varlen_layout.varlen_supported(torch.device("cpu"), torch.float32)
     assert not packed_attention.supported(torch.device("cpu"), torch.bfloat16, 40, 10, 128)
 
 
@@ -171,14 +172,14 @@ def test_varlen_is_not_claimed_on_the_cpu():
 def test_flash_varlen_kernel_equals_the_reference(dtype):
     """Sequences with and without cached prefixes, single tokens and long chunks; fresh random data each time."""
     dev = torch.device("cuda")
-    assert attention.varlen_supported(dev, dtype)
+    assert varlen_layout.varlen_supported(dev, dtype)
     new = [1, 37, 5, 200, 1, 64]
     prefix = [0, 36, 120, 0, 900, 3]
     cu_q = torch.tensor([0] + new, device=dev).cumsum(0).int()
     cu_k = torch.tensor([0] + [n + p for n, p in zip(new, prefix)], device=dev).cumsum(0).int()
     q = torch.randn(sum(new), 50, 128, device=dev, dtype=dtype)[:, :40]  # the model's query: a view of q and k
     k, v = (torch.randn(int(cu_k[-1]), 10, 128, device=dev, dtype=dtype) for _ in range(2))
-    out = attention._flash_varlen(q, k, v, cu_q, cu_k, max(new), max(n + p for n, p in zip(new, prefix)), 128 ** -0.5)
+    out = varlen_layout._flash_varlen(q, k, v, cu_q, cu_k, max(new), max(n + p for n, p in zip(new, prefix)), 128 ** -0.5)
     ref = reference_varlen(q.float(), k.float(), v.float(), cu_q, cu_k, max(new),
                            max(n + p for n, p in zip(new, prefix)), 128 ** -0.5)
     assert (out.float() - ref).norm() / ref.norm() < 1e-2

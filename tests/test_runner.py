@@ -73,11 +73,11 @@ def test_eager_passes_padded_to_a_multiple_give_the_pipelines_text(packed, tiny_
 def test_a_pass_with_a_long_prompt_chunk_runs_eagerly(packed, tiny_dir):
     """A graph gives every sequence to the packed kernel; a pass holding a chunk longer than it takes runs eagerly."""
     runner = generator(tiny_dir, attention=packed).engine.runner
-    runner.graphs, runner.graph_dims = {(16, 1024): None}, ([16], [1024])  # as if captured
+    runner.graphs.captured, runner.graphs.dims = {(16, 1024): None}, ([16], [1024])  # as if captured
     seq = Sequence(index=0, token_ids=list(range(100, 120)), num_prompt_tokens=20, max_new_tokens=1,
                    block_table=list(range(1, 21)))
-    assert runner._graph_shape([Work(seq=seq, tokens=seq.token_ids[:8], start=0, wants_logits=False, admitted=True)]) == (16, 1024)
-    assert runner._graph_shape([Work(seq=seq, tokens=seq.token_ids[:9], start=0, wants_logits=False, admitted=True)]) is None
+    assert runner.graphs.shape_for([Work(seq=seq, tokens=seq.token_ids[:8], start=0, wants_logits=False, admitted=True)]) == (16, 1024)
+    assert runner.graphs.shape_for([Work(seq=seq, tokens=seq.token_ids[:9], start=0, wants_logits=False, admitted=True)]) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -89,11 +89,11 @@ def test_graph_replays_give_the_eager_passes_tokens_on_cuda(tiny_dir, public_cha
         gen = optimize.build(tiny_dir, device="cuda", dtype="bfloat16", progress=False, observer=observer,
                              options=Options(cuda_graphs=graphs))
         gen.warmup()
-        assert bool(gen.engine.runner.graphs) == graphs
+        assert bool(len(gen.engine.runner.graphs)) == graphs
         if graphs and gen.engine.runner.varlen:  # one key-slot buffer for the graphs of each extent
             slots = {}
-            for (size, extent), (_, io) in gen.engine.runner.graphs.items():
-                slots.setdefault(extent, set()).add(io["ctx"].layout.key_slots.data_ptr())
+            for (size, extent), (_, _, ctx, _) in gen.engine.runner.graphs.captured.items():
+                slots.setdefault(extent, set()).add(ctx.layout.key_slots.data_ptr())
             assert all(len(ptrs) == 1 for ptrs in slots.values()) and len(slots) > 1
         outs[graphs] = gen(public_chats, max_new_tokens=24, return_full_text=False)
         replayed = sum(record.graph for record in observer.passes)

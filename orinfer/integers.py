@@ -1,0 +1,11 @@
+"""Integer helpers shared by the modules that count blocks, tokens and buckets."""
+
+
+def ceil_div(a: int, b: int) -> int:
+    """a / b rounded up, for non-negative integers."""
+    return -(-a // b)
+
+
+def bucket(n: int, sizes: list[int]) -> int | None:
+    """The smallest of the sorted `sizes` that holds n (None: none does)."""
+    return next((s for s in sizes if s >= n), None)

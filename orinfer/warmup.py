@@ -1,0 +1,84 @@
+"""What the engine's warm-up (Engine.warmup, before the clock) does on the device besides capturing graphs: meet every
+GEMM kernel a pass can ask for, measure how many tokens a pass takes at one token's cost, and the probe of
+competition-shaped requests that grows the allocators' pools. Nothing here sees the data."""
+import random
+
+import torch
+
+from .model import Phi3ForCausalLM
+from .sequence import Sequence
+
+
+@torch.inference_mode()
+def meet_gemm_kernels(model: Phi3ForCausalLM, max_tokens: int, max_sampled: int,
+                      eager_padding: tuple[int, int] | None) -> None:
+    """Run every GEMM of a layer and the LM head once at each token count a pass can bring, up to `max_tokens` tokens
+    and `max_sampled` sampled rows. `eager_padding` (above, multiple): eager passes of more than `above` tokens come
+    padded to a multiple of `multiple` (the varlen layout's).
+
+    cuBLAS picks its kernel by the exact token count, and a kernel's first use in a process holds up the host
+    launching a pass: without this the first timed call spent 0.88 s inside `linear` against 0.11 s in later calls
+    (H200)."""
+    layer = model.model.layers[0]
+
+    def counts(most: int) -> list[int]:
+        found = {int(1.25 ** k) for k in range(64) if 1.25 ** k <= most} | {most}
+        if eager_padding is not None:
+            above, multiple = eager_padding
+            found = {c for c in found if c <= above} | set(range(multiple, most + multiple, multiple))
+        return sorted(found)
+
+    def zeros(n: int, features: int) -> torch.Tensor:
+        return torch.zeros(n, features, device=model.device, dtype=model.dtype)
+
+    # Largest first: each count's tensors then fit in blocks the allocator already holds (ascending, every new size
+    # took new memory, up to the whole GPU).
+    for n in reversed(counts(max_tokens)):
+        for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj):
+            linear(zeros(n, linear.in_features))
+        layer.mlp(zeros(n, model.cfg.hidden_size))  # its own path: one gate_up product when compiled, two eager
+    for n in reversed(counts(max_sampled)):  # the LM head sees sampled rows only
+        model.lm_head(zeros(n, model.cfg.hidden_size)).argmax(-1)
+    torch.cuda.synchronize()
+    # Its many odd-sized blocks would stay cached beside the ones the real passes need: give them back (on a 32 GB
+    # Orin's plan they raised the device peak by ~30 MiB).
+    torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
+def tokens_at_one_token_cost(model: Phi3ForCausalLM, most: int, slack: float = 1.1) -> int:
+    """The most tokens (of a few sizes up to `most`) whose pass through one layer's GEMMs takes no longer than one
+    token's, within `slack`, timed here: a pass reads every weight once whatever its size, so up to there more tokens
+    cost nothing (the device's FLOP-to-byte ratio: ~130 on an Orin, more on an H200)."""
+    layer = model.model.layers[0]
+    linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+
+    def elapsed_ms(n: int) -> float:
+        xs = [torch.randn(n, linear.in_features, device=model.device, dtype=model.dtype) for linear in linears]
+        for linear, x in zip(linears, xs):  # its kernel met, outside the timing
+            linear(x)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            for linear, x in zip(linears, xs):
+                linear(x)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    one = elapsed_ms(1)
+    sizes = (16, 32, 64, 96, 128, 192, 256, 384, 512)
+    return max([1] + [n for n in sizes if n <= most and elapsed_ms(n) <= slack * one])
+
+
+def probe(max_batched_tokens: int, max_num_seqs: int) -> list[Sequence]:
+    """Requests shaped like a competition run (random token ids, never the data): prompts of 40-200 tokens sharing a
+    40-token instruction, three passes of them, three new tokens each."""
+    rng = random.Random(0)
+    shared = [100 + j for j in range(40)]
+    seqs, queued = [], 0
+    while queued < 3 * max_batched_tokens and len(seqs) < max_num_seqs:
+        tokens = shared + [rng.randrange(200, 30000) for _ in range(rng.randint(0, 160))]
+        seqs.append(Sequence(index=-1 - len(seqs), token_ids=tokens, num_prompt_tokens=len(tokens), max_new_tokens=3))
+        queued += len(tokens)
+    return seqs
