@@ -1,262 +1,33 @@
-"""Build the optimised Phi-3 and a generator that is called, and answers, like transformers' text-generation pipeline.
+"""Where the engine is assembled: the model folder, the device, the dtype, the options and the memory plan are
+resolved once (prepare -> Setup), the weights loaded (Setup.load), and a pipe()-compatible generator returned
+(orinfer/pipeline.py: its call, its text handling, and what a benchmark may read of it).
 
     gen = optimize.build("./models/Phi-3-medium-4k-instruct")
     gen.warmup()
     outs = gen(KeyDataset(data, "message"), max_new_tokens=500, return_full_text=False, do_sample=False)
-
-Inputs are tokenised as the pipeline tokenises them (the chat template with the generation prompt, or the plain
-tokenizer for strings), generated greedily by the orinfer engine in one batched run, and turned into text exactly as
-the installed transformers' pipeline does it (that step changed in transformers 5: see `_text`).
 """
-import gc
-import os
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-# transformers 4.x otherwise imports TensorFlow, or JAX when Flax is installed, on its first tensor-type check: host
-# memory for nothing (0.1 GiB seen), which a Jetson's budget would take from the KV cache. Only torch is used here.
-os.environ.setdefault("USE_TF", "0")
-os.environ.setdefault("USE_FLAX", "0")
-import transformers  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+# First: it sets transformers' import-time environment before transformers is imported.
+from orinfer.pipeline import SLIDING_WINDOW_APPLIES, Generator, RecordError, Report, prompt_ids  # noqa: F401
+from transformers import AutoTokenizer  # noqa: I100
 
-from orinfer import kernels  # noqa: E402
-from orinfer.config import Phi3Config, eos_token_ids  # noqa: E402
-from orinfer.dataset import parse_choices  # noqa: E402
-from orinfer.engine import Engine  # noqa: E402
-from orinfer.loader import load_weights, serve_from_file, tensor_dtype  # noqa: E402
-from orinfer.memory import (GiB, MIN_KV_TOKENS, BudgetTooSmall, MemoryPlan, is_integrated, machine_bytes,  # noqa: E402
+from orinfer import kernels
+from orinfer.config import Phi3Config, eos_token_ids
+from orinfer.engine import Engine
+from orinfer.loader import load_weights, serve_from_file, tensor_dtype
+from orinfer.memory import (GiB, MIN_KV_TOKENS, BudgetTooSmall, MemoryPlan, is_integrated, machine_bytes,
                             parse_budget, plan_memory, rss_bytes)
-from orinfer.model import Phi3ForCausalLM  # noqa: E402
-from orinfer.observe import Observer  # noqa: E402
-from orinfer.options import Options  # noqa: E402
-from orinfer.sequence import Sequence  # noqa: E402
+from orinfer.model import Phi3ForCausalLM
+from orinfer.observe import Observer
+from orinfer.options import Options
+from orinfer.varlen_layout import available
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# transformers < 5 decodes prompt + answer and cuts the decoded prompt's length; 5.x decodes the new tokens alone.
-_TRANSFORMERS = tuple(int(x) for x in transformers.__version__.split(".")[:2])
-_DECODE_FULL_AND_CUT = _TRANSFORMERS < (5, 0)
-# Phi-3's SDPA and eager attention ignore sliding_window before transformers 4.46 (only flash-attention applied it).
-# It never matters for Phi-3-medium here (2047 > 868 + 500 tokens), but outputs must equal the installed version's.
-SLIDING_WINDOW_APPLIES = _TRANSFORMERS >= (4, 46)
-
-
-# Inputs are tokenised in chunks as the engine asks for them (one tokenizer call each), so that tokenising all but
-# the first pass's worth overlaps the device's work on it.
-_TOKENIZE_CHUNK = 64
-
-
-@contextmanager
-def _collector_paused(pause: bool):
-    """Python's cyclic garbage collector off for one call. A call allocates ~10^5 small objects that live until it
-    returns (token lists, block hashes, tokenizer output) and form no reference cycles; the collector would rescan
-    them, and on the first call after start-up the ~3*10^5 objects of torch and transformers too, on the critical
-    path between passes (tests/test_optimize.py checks that a call leaves no cyclic garbage)."""
-    enabled = gc.isenabled()
-    if pause:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _is_chat(x) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, dict) and "role" in m for m in x)
-
-
-def prompt_ids(tokenizer, items: list) -> list[list[int]]:
-    """Prompt token ids of checked inputs, as the pipeline's preprocessing makes them."""
-    ids = [None] * len(items)
-    chats = [i for i, item in enumerate(items) if not isinstance(item, str)]
-    strings = [i for i, item in enumerate(items) if isinstance(item, str)]
-    # The chat template's text, tokenised without extra special tokens, is what apply_chat_template(tokenize=True)
-    # gives; plain strings get the tokenizer's defaults, as the pipeline's preprocess does.
-    if chats:
-        texts = [tokenizer.apply_chat_template(list(items[i]), tokenize=False, add_generation_prompt=True)
-                 for i in chats]
-        for i, row in zip(chats, tokenizer(texts, add_special_tokens=False)["input_ids"]):
-            ids[i] = row
-    if strings:
-        for i, row in zip(strings, tokenizer([items[i] for i in strings])["input_ids"]):
-            ids[i] = row
-    return ids
-
-
-class Generator:
-    """pipe()-compatible greedy text generation over the orinfer engine."""
-
-    def __init__(self, engine: Engine, tokenizer, progress: bool = True):
-        self.engine, self.tokenizer, self.progress = engine, tokenizer, progress
-
-    def describe(self) -> str:
-        """The attention layout and kernels this generator runs (one line)."""
-        runner = self.engine.runner
-        layout = "varlen FlashAttention" + (" + packed Triton kernel" if runner.packed else "") if runner.varlen \
-            else "padded SDPA"
-        lookup = self.engine.lookup_budget
-        return (f"attention: {layout}; elementwise kernels {'compiled' if self.engine.model.kernels.fused else 'eager'}"
-                + (f"; lookup drafts while a pass has < {lookup} tokens" if lookup else "; no lookup drafts"))
-
-    def warmup(self) -> None:
-        try:
-            self.engine.warmup()
-            self([{"role": "user", "content": "Can you provide ways to eat combinations of bananas and dragonfruits?"}],
-                 max_new_tokens=8, progress=False)
-        except Exception as e:
-            compiling = type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))
-            if not (self.engine.model.kernels.fused and compiling):
-                raise
-            # torch.compile fails on the first call, here (e.g. no C compiler for Triton's launcher): say the way out.
-            raise RuntimeError(f"warm-up failed while compiling the fused kernels ({type(e).__name__}: {e}); "
-                               "build with Options(compile=False) (test_script.py --no-compile)") from e
-        # Nothing of the warm-up reaches the timed run: its chat's prompt blocks leave the prefix cache.
-        self.engine.reset_prefix_cache()
-        # What exists now (torch, transformers, the model, compiled kernels: ~3*10^5 objects) lives until exit: the
-        # cyclic collector stops rescanning it, which it otherwise does in the timed data load after a call.
-        gc.collect()
-        gc.freeze()
-
-    def __call__(self, inputs, max_new_tokens: int | None = None, return_full_text: bool = True,
-                 do_sample: bool = False, temperature: float | None = None, batch_size: int | None = None,
-                 on_result: Callable[[int, list], None] | None = None,
-                 on_error: Callable[[int, str], None] | None = None, progress: bool | None = None, **unsupported):
-        """Same call and same output nesting as pipeline("text-generation"). `batch_size` is accepted and ignored
-        (the engine batches by memory). `on_result(i, output)` is called as each input finishes. An input the
-        engine cannot finish (its tokens outgrow the KV cache, its text does not tokenise) does not stop the
-        others: `on_error(i, why)` is called for it and its output is None; without `on_error` the call raises
-        RecordError once every other input has finished."""
-        if do_sample:
-            raise ValueError("only greedy decoding is supported (do_sample=True was given)")
-        if unsupported:
-            raise TypeError(f"unsupported generation arguments: {sorted(unsupported)}")
-        if max_new_tokens is None or max_new_tokens < 1:
-            raise ValueError("pass max_new_tokens (>= 1): the organisers' script uses 500")
-        single = isinstance(inputs, str) or _is_chat(inputs)
-        items = [inputs] if single else list(inputs)
-        failures: dict[int, str] = {}
-
-        def failed(i: int, why: str) -> None:
-            failures[i] = why
-            if on_error is not None:
-                on_error(i, why)
-
-        outputs = self._generate(items, max_new_tokens, return_full_text, on_result, failed,
-                                 self.progress if progress is None else progress)
-        if failures and on_error is None:
-            raise RecordError(failures)
-        return outputs[0] if single else outputs
-
-    @staticmethod
-    def _check(items: list) -> None:
-        """Every input is a string or a chat ending with a user turn (before any work starts)."""
-        for i, item in enumerate(items):
-            if _is_chat(item):
-                if item[-1]["role"] != "user":
-                    raise ValueError(f"record {i}: a chat must end with a user turn (assistant prefill is not supported)")
-            elif not isinstance(item, str):
-                raise TypeError(f"record {i}: expected a string or a chat (list of role/content dicts), got {type(item).__name__}")
-
-    def _candidates(self, items: list) -> list[list[list[int]]]:
-        """Token ids of each input's listed choices (drafts only; one tokenizer call). No <|end|> after them: the
-        pass that verifies a whole choice samples the token after it anyway, and feeding <|end|> would compute a
-        position nothing reads."""
-        if not (self.engine.options.speculate and "choices" in self.engine.options.draft_sources):
-            return [[] for _ in items]
-        choices = [parse_choices(item if isinstance(item, str) else item[-1]["content"]) for item in items]
-        flat = [c for cs in choices for c in cs]
-        rows = iter(self.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
-        return [[row for row in (next(rows) for _ in cs) if row] for cs in choices]
-
-    def _text(self, prompt_ids: list[int], generated: list[int]) -> str:
-        tok = self.tokenizer
-        if _DECODE_FULL_AND_CUT:
-            full = tok.decode(prompt_ids + generated, skip_special_tokens=True, clean_up_tokenization_spaces=True)
-            return full[len(tok.decode(prompt_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)):]
-        return tok.decode(generated, skip_special_tokens=True)
-
-    def _output(self, item, prompt_ids: list[int], generated: list[int], return_full_text: bool) -> list:
-        text = self._text(prompt_ids, generated)
-        if return_full_text:
-            text = item + text if isinstance(item, str) else list(item) + [{"role": "assistant", "content": text}]
-        return [{"generated_text": text}]
-
-    def _tokenized(self, items: list, first: int, on_error: Callable[[int, str], None]) -> list:
-        """(prompt ids, candidates) of each input, None for one that fails to tokenise (reported, not raised). One
-        tokenizer call per chunk; only a failing chunk is tokenised again input by input, to find the culprit."""
-        try:
-            return list(zip(prompt_ids(self.tokenizer, items), self._candidates(items)))
-        except Exception as e:
-            if len(items) == 1:
-                on_error(first, f"the input could not be tokenised ({type(e).__name__}: {e})")
-                return [None]
-        return [row for i, item in enumerate(items, first) for row in self._tokenized([item], i, on_error)]
-
-    def _generate(self, items, max_new_tokens, return_full_text, on_result, on_error, progress) -> list:
-        t0 = time.perf_counter()
-        self._check(items)
-        prompts: list = [None] * len(items)
-        outputs: list = [None] * len(items)
-        spent = {"tokenize": 0.0, "detokenize": 0.0}
-
-        def requests():
-            """Tokenised a chunk at a time, as the engine draws them: most of it overlaps the first pass."""
-            for first in range(0, len(items), _TOKENIZE_CHUNK):
-                t = time.perf_counter()
-                chunk = items[first:first + _TOKENIZE_CHUNK]
-                seqs = []
-                for i, row in enumerate(self._tokenized(chunk, first, on_error), first):
-                    if row is None:
-                        continue
-                    p, c = row
-                    if not p:
-                        on_error(i, "the prompt is empty after tokenisation")
-                        continue
-                    prompts[i] = p
-                    seqs.append(Sequence(index=i, token_ids=list(p), num_prompt_tokens=len(p),
-                                         max_new_tokens=max_new_tokens, candidates=c))
-                spent["tokenize"] += time.perf_counter() - t
-                yield from seqs
-
-        def finish(seq: Sequence) -> None:
-            t = time.perf_counter()
-            if seq.error is not None:
-                on_error(seq.index, seq.error)
-            else:
-                try:
-                    outputs[seq.index] = self._output(items[seq.index], prompts[seq.index], seq.generated,
-                                                      return_full_text)
-                except Exception as e:
-                    on_error(seq.index, f"its {seq.num_generated} new tokens could not be turned into text "
-                                        f"({type(e).__name__}: {e})")
-                else:
-                    if on_result is not None:
-                        on_result(seq.index, outputs[seq.index])
-            spent["detokenize"] += time.perf_counter() - t
-
-        observer = self.engine.observer
-        if observer is not None:
-            observer.start_call()
-        with _collector_paused(self.engine.options.pause_gc):
-            self.engine.generate(requests(), on_finish=finish, progress=progress, total=len(items))
-        if observer is not None:
-            observer.phases.update(tokenize=spent["tokenize"], detokenize=spent["detokenize"],
-                                   engine=time.perf_counter() - t0 - spent["tokenize"] - spent["detokenize"])
-        return outputs
-
-
-class RecordError(RuntimeError):
-    """Some inputs of a call could not be finished (the others were): `failures` maps input index -> why."""
-
-    def __init__(self, failures: dict[int, str]):
-        self.failures = failures
-        super().__init__("; ".join(f"input {i}: {why}" for i, why in sorted(failures.items())))
 
 
 def resolve_dtype(dtype: str, cfg: Phi3Config) -> torch.dtype:
@@ -293,7 +64,9 @@ class Setup:
     plan_inputs: dict = field(default_factory=dict)  # plan_memory's arguments besides the budget and the run's needs
 
     def plan_for(self, budget: int, kv_tokens_wanted: int | None = None) -> MemoryPlan:
-        return plan_memory(budget=budget, kv_tokens_wanted=kv_tokens_wanted, **self.plan_inputs)
+        """The memory plan at this budget; its pass size is Options.pass_tokens where that is set."""
+        plan = plan_memory(budget=budget, kv_tokens_wanted=kv_tokens_wanted, **self.plan_inputs)
+        return replace(plan, max_batched_tokens=self.options.pass_tokens) if self.options.pass_tokens else plan
 
     def least_budget(self, kv_tokens: int) -> int | None:
         """The smallest budget (to 0.01 GiB) whose plan leaves `kv_tokens` tokens of KV cache; None if none can."""
@@ -360,7 +133,11 @@ class Setup:
         else:
             init(model)
             serve_from_file(model, self.folder)
-        return Generator(Engine(model, self.eos, self.plan, self.options, observer=observer), self.tokenizer, progress)
+        cfg, options = self.cfg, self.options
+        attention = available(self.device, self.dtype, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                              options.varlen and self.plan.varlen_attention, options.packed_queries)
+        return Generator(Engine(model, self.eos, self.plan, options, attention, observer=observer), self.tokenizer,
+                         progress)
 
 
 def _device(name: str | None) -> torch.device:

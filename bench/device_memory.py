@@ -23,7 +23,7 @@ from orinfer.dataset import read_records
 from orinfer.observe import Observer  # noqa: E402
 from orinfer.memory import GiB, MiB, rss_bytes  # noqa: E402
 from orinfer.options import Options  # noqa: E402
-from workload import scripted, fresh_run, model_folder, random_init, write_w1  # noqa: E402
+from workload import fresh_run, model_folder, random_init, scripted, set_scripts, write_w1  # noqa: E402
 
 RUNS = ["w1_scripted", "longest_free500", "w1_first16_free256", "w1_long10_scripted"]
 
@@ -75,7 +75,7 @@ def main(budget_gib: float) -> None:
                              options=Options(compile=False))
     torch.cuda.memory._record_memory_history(max_entries=3_000_000, context="alloc", stacks="python")
     gen = scripted(setup.load(random_init(0), progress=False, observer=observer), None)
-    print(gen.engine.plan.describe())
+    print(gen.report().plan.describe())
     gen.warmup()
     torch.cuda.synchronize()
     snapshot = torch.cuda.memory._snapshot()
@@ -84,7 +84,7 @@ def main(budget_gib: float) -> None:
     active = [made.get(b["address"], {"size": b["size"]}) | {"size": b["size"]}
               for s in snapshot["segments"] for b in s["blocks"] if b["state"] == "active_allocated"]
     persistent = torch.cuda.memory_allocated()
-    weights_kv = sum(p.nbytes for p in gen.engine.model.parameters() if not p.is_meta) + gen.engine.runner.kv.nbytes
+    weights_kv = gen.report().weight_bytes + gen.report().kv_bytes
     print(f"after the warm-up: allocated {persistent / GiB:.4f} GiB, {(persistent - weights_kv) / MiB:.1f} MiB "
           f"besides the weights and the KV pool; blocks under 256 MiB by line (MiB, count):")
     for row in by_line([a for a in active if a["size"] < 256 * MiB]):
@@ -93,13 +93,13 @@ def main(budget_gib: float) -> None:
     for name, chats, scripts, new in capped_runs(gen.tokenizer, records, RUNS):
         fresh_run(gen)
         torch.cuda.reset_peak_memory_stats()
-        gen.engine.scripts = scripts
+        set_scripts(gen, scripts)
         t = time.perf_counter()
         gen(chats, max_new_tokens=new, return_full_text=False)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         print(f"{name}: {time.perf_counter() - t:.2f} s, peak allocated {peak / GiB:.4f} GiB, "
-              f"+{(peak - persistent) / MiB:.1f} MiB over the persistent set; {dict(gen.engine.stats)}", flush=True)
+              f"+{(peak - persistent) / MiB:.1f} MiB over the persistent set; {gen.report().stats}", flush=True)
         if name == "w1_scripted":  # the 1,024-token prefill passes: the workspace's peak
             _, live = live_at_peak(torch.cuda.memory._snapshot()["device_traces"][0], start)
             print("   live at its peak, made during the run (MiB, count):")

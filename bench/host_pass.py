@@ -1,4 +1,5 @@
-"""The host's work to build one decode pass's inputs (runner.context) and to schedule and commit it, on the CPU:
+"""White-box micro-benchmark (it drives engine parts directly; bench/README.md).
+The host's work to build one decode pass's inputs (runner.context) and to schedule and commit it, on the CPU:
 `python3 bench/host_pass.py [BATCH ...]`. Each sequence holds 300 tokens of context in one-token blocks, and feeds
 one token; the KV pool and the tiny model live on the CPU, so context() here also runs the index arithmetic that a
 GPU does on the device: compare versions on one machine, not with the device's numbers. Scheduling and committing

@@ -1,4 +1,5 @@
-"""Host memory (anonymous and file-backed RSS) that the first call of each kind of kernel adds: CUDA loads a kernel's
+"""White-box micro-benchmark (it drives engine parts directly; bench/README.md).
+Host memory (anonymous and file-backed RSS) that the first call of each kind of kernel adds: CUDA loads a kernel's
 module on first use, and on a unified-memory board that host memory comes out of the same budget as the KV cache.
 `python3 bench/kernel_host_memory.py STEPS` (a CUDA GPU; STEPS comma-separated, run in that order in one fresh
 process: matmul, sdpa_efficient, sdpa_math, sdpa_flash, elementwise, or one kernel: e_pow, e_repint, e_cmp, ...)."""

@@ -15,7 +15,7 @@ from orinfer.dataset import read_records
 from orinfer.observe import Observer
 from orinfer.memory import GiB, peak_rss_bytes, rss_bytes
 from orinfer.options import Options
-from workload import scripted, ROOT, answer_scripts, fresh_run, long_answers, random_init
+from workload import ROOT, answer_scripts, fresh_run, long_answers, random_init, scripted, set_scripts
 
 
 def device_outside_torch() -> float:
@@ -92,14 +92,13 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
     gen = scripted(setup.load(random_init(0), progress=False, observer=observer), None)
     report["host_rss_after_load_gib"] = rss_bytes() / GiB
     overhead["device_outside_torch_after_load_gib"] = device_outside_torch()
-    report["plan"] = gen.engine.plan.describe()
+    report["plan"] = gen.report().plan.describe()
     report["host_after_load"] = host_rss_split()
     # The warm-up's parts one at a time (each is repeated by gen.warmup(), at no further cost in memory): which
     # of them the host memory it adds belongs to, and how much of it a heap trim would give back.
-    plan = gen.engine.plan
-    gen.engine.runner.meet_gemm_kernels(plan.max_batched_tokens, plan.max_num_seqs * (1 + plan.max_drafts))
+    gen.warmup(steps=("gemms",))
     report["host_after_gemms"] = host_rss_split()
-    gen.engine.warmup()
+    gen.warmup(steps=("lookup_budget", "graphs", "probe"))
     report["host_after_probe"] = host_rss_split()
     gen.warmup()
     report["host_after_warmup"] = host_rss_split()
@@ -107,7 +106,7 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     report["host_after_trim"] = host_rss_split()
     report["modules_loaded"] = sorted(m for m in ("triton", "torch._inductor", "sympy") if m in sys.modules)
-    report["graphs"] = len(gen.engine.runner.graphs)
+    report["graphs"] = gen.report().graphs
     report["host_rss_after_warmup_gib"] = rss_bytes() / GiB
     report["device_reserved_after_warmup_gib"] = torch.cuda.memory_reserved() / GiB
     overhead.update(host_rss_after_load_gib=report["host_rss_after_load_gib"],
@@ -122,7 +121,7 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
         log_start = fresh_run(gen)
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        gen.engine.scripts = script
+        set_scripts(gen, script)
         failed = {}
         gen(chats, max_new_tokens=new, return_full_text=False, on_error=failed.__setitem__)
         torch.cuda.synchronize()
@@ -130,7 +129,7 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
         log = list(observer.passes)[log_start:]
         report[name] = {"seconds": time.perf_counter() - t, "peak_device_reserved_gib": peak_dev / GiB,
                         "peak_host_rss_gib": peak_host / GiB,
-                        "total_gib": (peak_dev + peak_host) / GiB + 0.5, "stats": dict(gen.engine.stats),
+                        "total_gib": (peak_dev + peak_host) / GiB + 0.5, "stats": gen.report().stats,
                         "allocator_slack_at_peak_gib": (peak_dev - torch.cuda.max_memory_allocated()) / GiB,
                         "generated_tokens": sum(map(len, observer.generated.values())),
                         "failed": {i: why for i, why in failed.items()},
@@ -187,6 +186,6 @@ def load_stage(folder: Path) -> dict:
               "host_rss_idle_gib": idle / GiB, "host_rss_peak_before_load_gib": peak_before / GiB,
               "host_rss_peak_gib": peak / GiB,
               "host_rss_after_gib": rss_bytes() / GiB, "peak_over_idle_gib": (peak - idle) / GiB,
-              "device_allocated_gib": torch.cuda.memory_allocated() / GiB, "plan": gen.engine.plan.describe()}
+              "device_allocated_gib": torch.cuda.memory_allocated() / GiB, "plan": gen.report().plan.describe()}
     print("load", json.dumps(report), flush=True)
     return report

@@ -1,4 +1,5 @@
-"""The packed attention kernel on decode, draft and prompt-chunk shapes (a CUDA GPU with Triton): one layer call of
+"""White-box micro-benchmark (it drives engine parts directly; bench/README.md).
+The packed attention kernel on decode, draft and prompt-chunk shapes (a CUDA GPU with Triton): one layer call of
 packed_attention() against a single launch of 64-row tiles for every sequence (the kernel before it took decode
 steps in 16-row tiles), 50 calls each, in one process.
 

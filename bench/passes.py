@@ -1,5 +1,5 @@
-"""The passes stage (CPU): forward passes on scripted workloads, with and without speculation. In scripted mode the
-tokens are forced, so the pass structure does not depend on the weights: this runs the tiny model on the CPU with the
+"""White-box (it assembles engines with other plans' limits; bench/README.md). The passes stage (CPU): forward
+passes on scripted workloads, with and without speculation. In scripted mode the tokens are forced, so the pass structure does not depend on the weights: this runs the tiny model on the CPU with the
 limits of two plans — the H200's (16384 tokens a pass, 512 sequences, 16 drafts) and the Orin emulation's (28.5 GiB,
 the host as the capped stage measured it under the Jetson's transformers pin, the token table read from the file) —
 and prices each plan's passes on an Orin (a projection) at its datasheet rates (26.7 TFLOP/s, 204.8 GB/s) and at those
@@ -43,10 +43,11 @@ def workloads(tokenizer, records: list) -> dict[str, list[list[int]]]:
             "repeat_explanation": [e + [END_TOKEN] for e in explained], "w1_long10": long_answers(scripts, 10)}
 
 
-def passes_stage(w1: Path, records: list) -> dict:
+def passes_stage(w1: Path, records: list, only: set[str] | None = None) -> dict:
+    """`only`: the workloads to run (default: all of them)."""
     folder = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     setup = optimize.prepare(folder, device="cpu")
-    model = setup.load(progress=False).engine.model
+    model = setup.load(progress=False).model
     medium = Phi3Config.from_folder(ASSETS)
     flops_per_token, weight_bytes = pass_costs(medium)
     orin = plan_memory(medium, int(28.5 * GiB), weight_bytes, 2, shared_host=True, host_bytes=int(0.535 * GiB),
@@ -57,7 +58,7 @@ def passes_stage(w1: Path, records: list) -> dict:
     chats = [r["message"] for r in read_records(w1)[0]]
     out = {"orin_plan": orin.describe(), "host_s_per_pass": HOST_S_PER_PASS, "orin_host_slower": ORIN_HOST_SLOWER}
     for (work, scripts), (plan_name, plan), (name, speculate) in itertools.product(
-            workloads(setup.tokenizer, records).items(), plans.items(),
+            [(k, v) for k, v in workloads(setup.tokenizer, records).items() if only is None or k in only], plans.items(),
             (("speculation", True), ("no_speculation", False))):
         # Lookup drafts as on a GPU (the CPU's default has none), under 128 tokens a pass (an Orin's balance).
         observer = Observer()

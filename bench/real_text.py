@@ -65,7 +65,7 @@ def workloads(mc_items: int) -> dict:
 def timed_runs(gen, chats: list, new: int, batch: int) -> dict:
     """One workload at one batch size: the call(s), what the engine counted, what the observer saw."""
     fresh_run(gen)
-    observer = gen.engine.observer
+    observer = gen.observer
     observer.passes.clear()
     generated, outputs = {}, []
     start = time.perf_counter()
@@ -73,7 +73,7 @@ def timed_runs(gen, chats: list, new: int, batch: int) -> dict:
         outputs += gen(chats[first:first + batch], max_new_tokens=new, return_full_text=False)
         generated.update({first + i: t for i, t in observer.generated.items()})
     seconds = time.perf_counter() - start
-    stats, tokens = dict(gen.engine.stats), sum(map(len, generated.values()))
+    stats, tokens = gen.report().stats, sum(map(len, generated.values()))
     per_request = observer.passes_per_request()
     return {"seconds": seconds, "passes": stats["passes"], "generated_tokens": tokens,
             "passes_per_generated_token": stats["passes"] / tokens,

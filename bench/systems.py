@@ -70,7 +70,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
         return sum(o[0]["generated_text"].lstrip().replace("\n", "") == r["answer"] for o, r in zip(outs, records))
 
     def timed_call(gen, profiled: bool, host_profiled: bool) -> dict:
-        observer = gen.engine.observer
+        observer = gen.observer
         log_start = fresh_run(gen)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -92,7 +92,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
             print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70),
                   flush=True)
             print("device idle:", json.dumps(device_idle(prof)), flush=True)
-        stats = dict(gen.engine.stats)
+        stats = gen.report().stats
         log = list(observer.passes)[log_start:]
         brk = breakdown(log, observer.phases, t, secs)
         brk["allocator_calls"] = {k: v - allocs[k] for k, v in allocator_counts().items()}
@@ -124,7 +124,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
         gen = scripted(optimize.build(folder, device="cuda", init=random_init(0), progress=False,
                                       options=VARIANTS[base], observer=Observer(),
                                       memory_budget=f"{args.interleave}GiB" if args.interleave else "auto"), scripts)
-        res.setdefault("plan", gen.engine.plan.describe())
+        res.setdefault("plan", gen.report().plan.describe())
         gen.warmup()
         res["attention"][base] = gen.describe()  # after the warm-up, which measures the lookup-draft budget
         print(base, res["plan"], res["attention"][base], flush=True)

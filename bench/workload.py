@@ -1,4 +1,4 @@
-"""What the benchmark runs: workload W1 (OpenBookQA test in the competition's format), scripted answers for orinfer
+"""White-box (it subclasses the engine, see bench/README.md). What the benchmark runs: workload W1 (OpenBookQA test in the competition's format), scripted answers for orinfer
 (a bench-side Engine) and for transformers (a LogitsProcessor), and the random Phi-3-medium both share."""
 import gc
 import json
@@ -182,9 +182,12 @@ def count_forwards(model) -> list:
 
 def fresh_run(gen) -> int:
     """Forget cached prefixes and zero the counters before a timed run; returns where its passes start in the log."""
-    gen.engine.reset_prefix_cache()  # nothing of an earlier run may be reused
-    for k in gen.engine.stats:
-        gen.engine.stats[k] = 0
+    gen.reset()  # nothing of an earlier run may be reused
     gc.collect()
     gc.freeze()  # as Generator.warmup leaves it in test_script.py: the new prefix cache's tables are not rescanned
-    return len(gen.engine.observer.passes)
+    return len(gen.observer.passes)
+
+
+def set_scripts(gen, scripts: list[list[int]] | None) -> None:
+    """The scripts of a generator made by `scripted` (None: the argmax, free-running)."""
+    gen.engine.scripts = scripts

@@ -24,11 +24,11 @@ RETRY = 32         # generated tokens between tries of a sequence that stopped d
 def _index(seq: Sequence) -> dict[tuple, int]:
     """The sequence's n-gram index (every n <= NGRAM: the position after the latest occurrence), brought up to
     date: built on its first lookup, then extended by the tokens added since."""
-    index, tokens = seq.ngram_index, seq.token_ids
-    for end in range(seq.ngram_indexed + 1, len(tokens)):  # the tail itself (end == len) is what is looked up
+    index, tokens = seq.lookups.index, seq.token_ids
+    for end in range(seq.lookups.indexed + 1, len(tokens)):  # the tail itself (end == len) is what is looked up
         for n in range(1, min(NGRAM, end) + 1):
             index[tuple(tokens[end - n:end])] = end
-    seq.ngram_indexed = max(seq.ngram_indexed, len(tokens) - 1)
+    seq.lookups.indexed = max(seq.lookups.indexed, len(tokens) - 1)
     return index
 
 
@@ -115,7 +115,7 @@ def lookup_length(seq: Sequence, generated: int) -> int:
     """The most lookup drafts the sequence proposes once it has generated `generated` tokens: its draft length; one
     whose drafts kept missing stops drafting (its length fell to 0) and tries one token again every RETRY generated
     tokens, in case its text turns repetitive."""
-    return seq.draft_length or (1 if generated % RETRY == 0 else 0)
+    return seq.lookups.length or (1 if generated % RETRY == 0 else 0)
 
 
 def lookup_drafts(seq: Sequence, max_drafts: int, pool: NgramPool | None = None, own: bool = True) -> list[int]:
@@ -137,5 +137,5 @@ def lookup_drafts(seq: Sequence, max_drafts: int, pool: NgramPool | None = None,
                 return found
     # Nothing to propose counts as a miss: a sequence whose text never repeats stops looking (each look costs the
     # host its index's upkeep every pass).
-    seq.draft_length //= 2
+    seq.lookups.length //= 2
     return []

@@ -1,7 +1,6 @@
 """The generation loop: while the device runs pass n, the host schedules pass n+1 and, where it can fill it without
 pass n's tokens (other sequences, or pass n's decode steps chained to it: fed their tokens on the device), launches
 it before collecting pass n (else it collects first and tops pass n+1 up), until every request has finished."""
-from dataclasses import replace
 from typing import Callable, Iterable
 
 import torch
@@ -15,32 +14,29 @@ from .options import Options
 from .runner import ModelRunner, Pending
 from .scheduler import Limits, Scheduler
 from .sequence import Sequence, Work
-from .varlen_layout import AttentionKernels, available
+from .varlen_layout import AttentionKernels
 from .warmup import meet_gemm_kernels, probe, tokens_at_one_token_cost
 
 # The share of its token budget a pass launched ahead of the one in flight must fill. On W1 under a 32 GB Orin's plan
 # (256 tokens a pass) 0.5 gave 110 passes, 0.75 gave 104, 0.9 gave 102 like the loop without launching ahead (CPU pass
 # stage); on the H200's plan all three give the same 6 passes.
 AHEAD_FILL = 0.9
+# Engine.warmup's steps, in the order they run.
+WARMUP_STEPS = ("gemms", "lookup_budget", "graphs", "probe")
 
 
 class Engine:
-    """`options`: how it runs (options.py). `attention`: the varlen layout's kernels (default: those that run here,
-    as the plan and options allow); `runner`: the device's owner (default: one built from the plan). `observer`: what
+    """Assembled by optimize.Setup.load, which resolves the options into the plan (its pass size) and the kernels.
+    `options`: how it runs (options.py). `attention`: the varlen layout's kernels (varlen_layout.available; default:
+    none, the padded layout alone); `runner`: the device's owner (default: one built from the plan). `observer`: what
     a benchmark or a test sees of each pass and request (observe.py); none by default, and then nothing is recorded."""
 
     def __init__(self, model: Phi3ForCausalLM, eos_ids: list[int], plan: MemoryPlan, options: Options = Options(),
                  attention: AttentionKernels | None = None, runner: ModelRunner | None = None,
                  observer: Observer | None = None):
-        if options.pass_tokens:
-            plan = replace(plan, max_batched_tokens=options.pass_tokens)
         self.model, self.eos_ids, self.plan, self.options, self.observer = model, eos_ids, plan, options, observer
         if runner is None:
-            cfg = model.cfg
-            if attention is None:
-                attention = available(model.device, model.dtype, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                      cfg.head_dim, options.varlen and plan.varlen_attention, options.packed_queries)
-            runner = ModelRunner(model, plan.num_blocks, plan.block_size, attention,
+            runner = ModelRunner(model, plan.num_blocks, plan.block_size, attention or AttentionKernels(),
                                  max_gather_tokens=plan.max_gather_tokens)
         self.runner = runner
         self.blocks = BlockManager(plan.num_blocks, plan.block_size)
@@ -76,21 +72,24 @@ class Engine:
                 started=pending.t0, device=pending.device_span))
         return tokens
 
-    def warmup(self) -> None:
-        """Untimed preparation: kernels, allocator pools and CUDA graphs, before the clock starts."""
+    def warmup(self, steps: tuple[str, ...] = WARMUP_STEPS) -> None:
+        """Untimed preparation before the clock starts, in named steps (WARMUP_STEPS; a benchmark may take them one
+        at a time): "gemms" meets every GEMM kernel a pass can ask for, "lookup_budget" measures the pass size under
+        which lookup drafts ride along, "graphs" captures the CUDA graphs, "probe" runs competition-shaped requests
+        (random ids) so that the allocators grow their pools now (graph capture empties the device cache, so it
+        comes first). The prefix cache is left empty. Nothing to do off CUDA."""
         if self.model.device.type != "cuda":
             return
         p, runner = self.plan, self.runner
-        padding = (runner.layouts[0].pad_above, runner.layouts[0].pad_multiple) if runner.varlen else None
-        meet_gemm_kernels(self.model, p.max_batched_tokens, p.max_num_seqs * (1 + p.max_drafts), padding)
-        if self.options.lookup_draft_tokens is None:
+        if "gemms" in steps:
+            padding = (runner.layouts[0].pad_above, runner.layouts[0].pad_multiple) if runner.varlen else None
+            meet_gemm_kernels(self.model, p.max_batched_tokens, p.max_num_seqs * (1 + p.max_drafts), padding)
+        if "lookup_budget" in steps and self.options.lookup_draft_tokens is None:
             self.lookup_draft_tokens = tokens_at_one_token_cost(self.model, p.max_batched_tokens)
-        if self.options.cuda_graphs and p.cuda_graphs and not len(runner.graphs):
+        if "graphs" in steps and self.options.cuda_graphs and p.cuda_graphs and not len(runner.graphs):
             runner.capture_graphs(p.max_batched_tokens, p.max_num_seqs, p.max_gather_tokens)
-        # Then a probe shaped like a competition run, run to its end: the allocators grow their pools for such
-        # passes now, and keep them (graph capture empties the device cache, so it comes first). The probe's cache
-        # blocks are then forgotten, leaving the prefix cache empty for the real data.
-        self.generate(probe(p.max_batched_tokens, p.max_num_seqs))
+        if "probe" in steps:
+            self.generate(probe(p.max_batched_tokens, p.max_num_seqs))
         self.reset_prefix_cache()
 
     def reset_prefix_cache(self) -> None:

@@ -15,11 +15,10 @@ from .config import Phi3Config
 GiB = 1 << 30
 MiB = 1 << 20
 CUDA_CONTEXT_BYTES = 512 * MiB   # the CUDA context lives in the shared DRAM on an integrated GPU
-# Host growth after the plan is made, measured in the Orin emulation on the H200 (bench capped stage, BENCHMARKS.md):
-# RSS 0.535 GiB at planning -> 0.968-0.975 GiB at the runs' peak under the Jetson's transformers (runs 50 and 57):
-# 443-450 MiB for the load, kernel modules loaded on first use (cuBLAS +0.15 GiB, the elementwise and index kernels
-# the Orin path runs ~0.1), the heap, and the pinned buffers and token-table rows booked apart below (36 MiB); booked
-# with 26 MiB to spare.
+# Host growth after the plan is made (the load, kernel modules loaded on first use, the heap): booked a little above
+# what the Orin emulation measured under the Jetson's transformers (BENCHMARKS.md, "The Orin emulation"): the host's
+# share comes out of the KV cache, and an underestimate ends in an out-of-memory error mid-run. The pinned buffers
+# and token-table rows are booked apart below.
 WARMUP_HOST_BYTES = 440 * MiB
 # The runner's pinned buffers (inputs up, tokens down; >= 2 MiB each, ~4 of them): page-locked host memory.
 PINNED_HOST_BYTES = 16 * MiB
@@ -34,7 +33,7 @@ OPTIONAL_MIN_FREE_BYTES = 2 * GiB
 # Device memory besides the weights, the cache and the workspace: cuBLAS's workspace (32 MiB on the H200, one block
 # of torch's pool from the first product on) and the allocator's rounding of a pass's tensors. The allocator is
 # capped at the plan's device share, so at the cap it frees cached blocks rather than take the host's share; what it
-# cannot free is what live tensors hold (bench/NOTES.md runs 62-63).
+# cannot free is what live tensors hold, which this margin covers.
 SAFETY_BYTES = 96 * MiB
 
 

@@ -159,7 +159,7 @@ class Phi3ForCausalLM(nn.Module):
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         # One allocation a decoder layer and one for the rest: torch's allocator gives a tensor over 1 MiB a segment
         # rounded up to 2 MiB and splits off no remainder of 1 MiB or less, so Phi-3-medium's qkv_proj (75 MiB) and
-        # down_proj (175 MiB) made one by one held 80 MiB more than their bytes (bench/NOTES.md run 62).
+        # down_proj (175 MiB) made one by one held 80 MiB more than their bytes: KV cache the plan would lose.
         in_layers = {id(m) for layer in self.model.layers for m in layer.modules()}
         table = self.model.embed_tokens if embedding_on_host else None
         for part in [list(layer.modules()) for layer in self.model.layers] + \

@@ -30,9 +30,8 @@ _BLOCK_N = 64  # keys a step
 # launch has >= _SMALL_FROM_SEQS sequences, those of <= _SMALL_ROWS rows (decode steps, short drafts) go to a second
 # launch in 16-row tiles, one program a sequence and KV head, each launch skipping the other's sequences (so a graph
 # captured on decode steps still gives drafts and prompt chunks their 64-row tiles). A decode step fills 4 rows, and
-# a 64-row tile holds registers for 16 times that: per layer, 500 one-token sequences x 330 keys 0.242 against 0.306
-# ms, 128 x 330 0.075 against 0.084; but 8 sequences x 4 tokens x 1,500 keys 0.067 against 0.049, one of 4,000 keys
-# 0.089 against 0.084 (H200, bench/NOTES.md runs 56 and 60): few sequences keep one launch.
+# a 64-row tile holds registers for 16 times that, so many one-token sequences run faster in small tiles, while a few
+# sequences with several tokens run faster in one launch of large tiles (bench/packed_tiles.py measures both).
 _SMALL_ROWS, _SMALL_FROM_SEQS = 16, 64
 # Each launch: (rows a tile, programs a sequence and KV head, SMALL, SMALL_ROWS).
 ONE_LAUNCH = ((64, 2, False, 0),)

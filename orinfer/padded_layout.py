@@ -101,6 +101,7 @@ def build_bias(group: PaddedGroup, block_size: int, groups: int, dtype: torch.dt
 class PaddedLayout:
     """How a pass is laid out in padded groups, and its graphs' shapes: (sequences, blocks) buckets, for passes of
     plain decode steps. `max_gather_tokens`: the keys one group may gather (the memory plan's bound)."""
+    name = "padded SDPA"
 
     def __init__(self, uploader: InputUploader, query_groups: int, sliding_window: int | None, max_positions: int,
                  max_gather_tokens: int):

@@ -234,7 +234,7 @@ class Scheduler:
             # A retry (one token, of a sequence whose drafts kept missing) waits for a pass with room for a token a
             # sequence: a retry in a pass with less room gives up chaining's saved host gap for almost nothing.
             room = lim.lookup_draft_tokens - len(rows)
-            if room > 0 and any(seq.draft_length or (room >= len(rows) and lookup_length(seq, seq.num_generated + 1))
+            if room > 0 and any(seq.lookups.length or (room >= len(rows) and lookup_length(seq, seq.num_generated + 1))
                                 for seq in self._pacing(seq for _, seq in rows)):
                 return []
         if not all(self.blocks.grow(seq, seq.num_tokens + 1) for _, seq in rows):
@@ -289,15 +289,15 @@ class Scheduler:
             self.draft_tokens += w.num_drafts
             self.accepted_drafts += accepted
             if w.looked_up:  # all right: twice as many next time; some: one more than were right; none: half
-                seq.draft_length = min(MAX_DRAFT_LENGTH, 2 * w.num_drafts if accepted == w.num_drafts else
-                                       accepted + 1 if accepted else seq.draft_length // 2)
+                seq.lookups.length = min(MAX_DRAFT_LENGTH, 2 * w.num_drafts if accepted == w.num_drafts else
+                                       accepted + 1 if accepted else seq.lookups.length // 2)
             for token in out[:accepted + 1]:
                 seq.token_ids.append(token)
                 if token in self.eos or seq.num_generated >= seq.max_new_tokens:
                     seq.finished = True
                     break
             if seq.finished:
-                seq.ngram_index.clear()  # its own lookups are over (the pool still points into its tokens)
+                seq.lookups.index.clear()  # its own lookups are over (the pool still points into its tokens)
                 self.running.remove(seq)
                 self.unreleased.append(seq)
                 finished.append(seq)

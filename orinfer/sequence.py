@@ -8,6 +8,15 @@ from array import array
 from dataclasses import dataclass, field
 
 
+@dataclass
+class Lookups:
+    """A sequence's lookup drafts (drafts.py): how many to propose next, and the n-gram index over its tokens (built
+    on the first lookup, then extended)."""
+    length: int = 4
+    index: dict = field(default_factory=dict)
+    indexed: int = 0  # tokens[:indexed + 1] are in the index
+
+
 @dataclass(eq=False)  # identity: the scheduler looks sequences up in lists every pass
 class Sequence:
     index: int                      # position in the caller's input; results come back in this order
@@ -23,10 +32,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chained hash per full block (block_manager.py)
     finished: bool = False
     error: str | None = None        # why the engine gave up on this request (it finished without an answer)
-    # Lookup drafts (drafts.py): how many to propose next, and the n-gram index over its tokens (built on first use).
-    draft_length: int = 4
-    ngram_index: dict = field(default_factory=dict)
-    ngram_indexed: int = 0          # tokens[:ngram_indexed + 1] are in the index
+    lookups: Lookups = field(default_factory=Lookups)  # its lookup drafts' state (drafts.py)
 
     def __post_init__(self):
         if not isinstance(self.block_table, array):

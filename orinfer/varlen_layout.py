@@ -130,6 +130,7 @@ class VarlenLayout:
         self.sliding_window, self.max_positions = sliding_window, max_positions
         self.pad_above, self.pad_multiple = pad_above, pad_multiple
         self.packed = kernels.packed is not None
+        self.name = "varlen FlashAttention" + (" + packed Triton kernel" if self.packed else "")
 
     def takes(self, ends: list[int]) -> bool:
         """Whether a pass whose sequences end at `ends` can take this layout (its keys must stay inside the sliding

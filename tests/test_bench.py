@@ -118,3 +118,44 @@ def test_device_memory_replays_the_allocator_trace_to_its_peak():
     rows = device_memory.by_line([event("alloc", 5, 3 * mib, 30), event("alloc", 6, mib, 30),
                                   {"size": 2 * mib, "frames": []}])
     assert rows == [("model.py:30:forward", 4.0, 2), ("?:0:?", 2.0, 1)]
+
+
+def test_the_generator_surface_the_stages_use(tiny_dir, tmp_path):
+    """What bench/ uses of a generator (bench/README.md), on the tiny model: the warm-up step by step, report(),
+    reset(), the observer, a scripted run through fresh_run and set_scripts, and the model a reference is built on."""
+    w1 = [json.loads(line) for line in workload.write_w1(tmp_path).read_text().splitlines()][:8]
+    gen = generator(tiny_dir, observer=Observer())
+    gen.warmup(steps=("gemms",))
+    gen.warmup()
+    report = gen.report()
+    assert report.plan.num_blocks > 0 and report.kv_bytes > 0 and report.graphs == 0  # no graphs on the CPU
+    assert report.weight_bytes == sum(p.nbytes for p in gen.model.parameters())
+    assert report.attention == gen.describe() and report.stats["passes"] > 0  # the warm-up's chat
+    gen.reset()
+    assert set(gen.report().stats.values()) == {0}
+    workload.scripted(gen, workload.answer_scripts(gen.tokenizer, w1))
+    start = workload.fresh_run(gen)
+    outs = gen([r["message"] for r in w1], max_new_tokens=40, return_full_text=False)
+    assert [o[0]["generated_text"].lstrip() for o in outs] == [r["answer"] for r in w1]
+    assert len(gen.observer.passes) - start == gen.report().stats["passes"] > 0
+    workload.set_scripts(gen, None)  # free-running again: the model's own argmax
+    free = gen([r["message"] for r in w1], max_new_tokens=8, return_full_text=False)
+    assert free == generator(tiny_dir)([r["message"] for r in w1], max_new_tokens=8, return_full_text=False)
+
+
+def test_the_cpu_stages_run_on_the_tiny_model(tiny_dir, tmp_path):
+    """The passes stage (CPU) on a few W1 records, and real_text.py's drafting and timing on the tiny model: their
+    code paths, so that CI notices a break (the GPU stages' surface is the test above)."""
+    import passes
+    import real_text
+    w1 = workload.write_w1(tmp_path)
+    few = [json.loads(line) for line in w1.read_text().splitlines()][:3]
+    (tmp_path / "few.jsonl").write_text("".join(json.dumps(r) + "\n" for r in few))
+    out = passes.passes_stage(tmp_path / "few.jsonl", few, only={"w1_scripted"})
+    w1_runs = [v for k, v in out.items() if k.startswith("w1_scripted_")]
+    assert len(w1_runs) == 4 and all(r["generated_tokens"] > 0 and r["orin_projection_s"] > 0 for r in w1_runs)
+    loads = {"mc": ([r["message"] for r in few], 6, [r["answer"] for r in few])}
+    table = real_text.drafting(tiny_dir, "cpu", loads, quick=True, variants=["off", "defaults"], dtypes=["float32"],
+                               repeat=1)
+    assert table["float32/off/mc/batchall"]["draft_tokens"] == 0
+    assert table["float32/defaults/mc/batchall"]["generated_tokens"] == table["float32/off/mc/batchall"]["generated_tokens"]

@@ -8,7 +8,7 @@ import optimize
 from orinfer.drafts import PER_MATCHED, NgramPool, candidate_drafts, lookup_drafts
 from orinfer.observe import Observer
 from orinfer.options import Options
-from orinfer.sequence import Sequence
+from orinfer.sequence import Lookups, Sequence
 
 NEW = 24
 
@@ -26,11 +26,11 @@ def test_draft_sources():
 @pytest.mark.unit
 def test_lookup_takes_the_longest_tail_then_the_pool_within_the_draft_length():
     seq = Sequence(index=0, token_ids=[1, 2, 3, 9, 1, 2, 7, 5, 1, 2, 3], num_prompt_tokens=8, max_new_tokens=40)
-    seq.draft_length = 8
+    seq.lookups.length = 8
     # The tail [1 2 3] occurred at the start (followed by 9 ...), [1 2] later (followed by 7): the longest wins.
     assert lookup_drafts(seq, 8) == [9, 1, 2, 7, 5, 1, 2, 3][:min(8, 3 * PER_MATCHED)]
     periodic = Sequence(index=5, token_ids=[9, 5, 6, 7, 5, 6, 7, 5, 6], num_prompt_tokens=2, max_new_tokens=40,
-                        draft_length=8)
+                        lookups=Lookups(length=8))
     assert lookup_drafts(periodic, 7) == [7, 5, 6, 7, 5, 6, 7]  # one period back: the period goes on
     seq.token_ids.append(4)                        # [.. 3 4]: only [4] is new, and nothing before has it
     assert lookup_drafts(seq, 8) == []
@@ -43,19 +43,20 @@ def test_lookup_takes_the_longest_tail_then_the_pool_within_the_draft_length():
     seq.token_ids[-4:] = [4, 6, 6, 6]              # [4 6 6 6] is in the pool, followed by 2 3 4
     assert lookup_drafts(Sequence(index=2, token_ids=[0, 0, 4, 6, 6, 6], num_prompt_tokens=3, max_new_tokens=9),
                          8, pool) == [2, 3, 4]
-    seq.draft_length = 2                           # the draft length bounds every source
+    seq.lookups.length = 2                           # the draft length bounds every source
     assert len(lookup_drafts(Sequence(index=3, token_ids=[0, 0, 4, 6, 6, 6], num_prompt_tokens=3, max_new_tokens=9,
-                                      draft_length=2), 8, pool)) == 2
+                                      lookups=Lookups(length=2)), 8, pool)) == 2
 
 
 @pytest.mark.unit
 def test_a_lookup_that_finds_nothing_halves_the_draft_length():
-    seq = Sequence(index=0, token_ids=[1, 2, 3, 4, 5], num_prompt_tokens=3, max_new_tokens=40, draft_length=4)
-    assert lookup_drafts(seq, 8) == [] and seq.draft_length == 2   # [5] never occurred before
-    assert lookup_drafts(seq, 8) == [] and seq.draft_length == 1
-    assert lookup_drafts(seq, 8) == [] and seq.draft_length == 0   # no more looking, but a retry now and then
+    seq = Sequence(index=0, token_ids=[1, 2, 3, 4, 5], num_prompt_tokens=3, max_new_tokens=40,
+                   lookups=Lookups(length=4))
+    assert lookup_drafts(seq, 8) == [] and seq.lookups.length == 2   # [5] never occurred before
+    assert lookup_drafts(seq, 8) == [] and seq.lookups.length == 1
+    assert lookup_drafts(seq, 8) == [] and seq.lookups.length == 0   # no more looking, but a retry now and then
     seq.token_ids += [1, 2]                                          # [1 2] occurred: 7 generated, no retry due
-    assert lookup_drafts(seq, 8) == [] and seq.draft_length == 0
+    assert lookup_drafts(seq, 8) == [] and seq.lookups.length == 0
 
 
 @pytest.mark.unit
@@ -64,7 +65,8 @@ def test_lookups_leave_room_for_the_sequences_in_flight():
     for each of them within the no-cost budget."""
     from orinfer.block_manager import BlockManager
     from orinfer.scheduler import Limits, Scheduler
-    seqs = [Sequence(index=i, token_ids=[1, 2, 3, 1, 2, 3, 1, 2], num_prompt_tokens=8, max_new_tokens=40, draft_length=8)
+    seqs = [Sequence(index=i, token_ids=[1, 2, 3, 1, 2, 3, 1, 2], num_prompt_tokens=8, max_new_tokens=40,
+                     lookups=Lookups(length=8))
             for i in range(3)]
     sch = Scheduler(BlockManager(256, 1), Limits(max_num_seqs=4, max_batched_tokens=64, max_gather_tokens=1024,
                                                  max_drafts=8, lookup_draft_tokens=4), eos_ids=[0])
@@ -89,7 +91,7 @@ def test_the_draft_length_doubles_while_drafts_are_right_and_falls_when_not():
     w = works[0]
     assert w.looked_up and w.tokens == [3, 1, 2, 3, 1] and w.num_drafts == 4  # past max_drafts: a small pass
     sch.postprocess(works, [1, 2, 3, 1, 7])        # all four right
-    assert seq.draft_length == 8 and seq.generated[-5:] == [1, 2, 3, 1, 7]
+    assert seq.lookups.length == 8 and seq.generated[-5:] == [1, 2, 3, 1, 7]
     for _ in range(8):                             # until a pass drafts two or more: the first right, then wrong
         works = sch.schedule()
         drafts = works[0].tokens[1:]
@@ -98,7 +100,7 @@ def test_the_draft_length_doubles_while_drafts_are_right_and_falls_when_not():
             continue
         sch.postprocess(works, drafts[:1] + [99] + drafts[2:] + [9])
         break
-    assert seq.draft_length == 2
+    assert seq.lookups.length == 2
 
 
 @pytest.mark.unit

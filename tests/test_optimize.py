@@ -145,14 +145,14 @@ def test_rejects_sampling_and_unknown_arguments(gen, public_chats):
 def test_a_failed_compile_names_the_way_out(tiny_dir, monkeypatch):
     from torch._dynamo.exc import TorchDynamoException
 
-    def broken_warmup():
+    def broken_warmup(steps=()):
         raise TorchDynamoException("no cc")
     compiled = generator(tiny_dir, Options(compile=True))  # on the CPU inductor writes C++: no Triton needed
     assert compiled.engine.model.kernels.fused
     monkeypatch.setattr(compiled.engine, "warmup", broken_warmup)
     with pytest.raises(RuntimeError, match="no cc.*--no-compile"):
         compiled.warmup()
-    monkeypatch.setattr(compiled.engine, "warmup", lambda: 1 / 0)
+    monkeypatch.setattr(compiled.engine, "warmup", lambda steps=(): 1 / 0)
     with pytest.raises(ZeroDivisionError):  # not the compiler's: the error itself, unwrapped
         compiled.warmup()
     eager = generator(tiny_dir)

@@ -83,7 +83,7 @@ def test_out_of_memory_on_a_single_token_fails_that_request(tiny_dir, public_cha
 def test_finished_sequences_give_their_blocks_back_when_released_or_when_needed():
     from orinfer.block_manager import BlockManager
     from orinfer.scheduler import Limits, Scheduler
-    from orinfer.sequence import Sequence
+    from orinfer.sequence import Lookups, Sequence
     blocks = BlockManager(13, 1)  # 12 one-token blocks besides the scratch block
     sch = Scheduler(blocks, Limits(max_num_seqs=4, max_batched_tokens=64, max_gather_tokens=1000), eos_ids=[0])
     a = Sequence(index=0, token_ids=[5, 6, 7, 8, 9], num_prompt_tokens=5, max_new_tokens=1)
@@ -106,12 +106,13 @@ def test_a_pass_is_chained_only_where_its_sequences_would_draft_nothing(monkeypa
     pass by max_new_tokens is left out."""
     from orinfer.block_manager import BlockManager
     from orinfer.scheduler import Limits, Scheduler
-    from orinfer.sequence import Sequence
+    from orinfer.sequence import Lookups, Sequence
 
     def in_flight(lookup_budget=0, draft_length=0, candidates=(), max_new=40):
         seqs = [Sequence(index=i, token_ids=[5 + i, 6, 7, 8], num_prompt_tokens=4,
                          max_new_tokens=max_new if i == 1 else 40,
-                         candidates=[list(c) for c in candidates] if i == 1 else [], draft_length=draft_length)
+                         candidates=[list(c) for c in candidates] if i == 1 else [],
+                         lookups=Lookups(length=draft_length))
                 for i in range(3)]
         sch = Scheduler(BlockManager(256, 1), Limits(max_num_seqs=4, max_batched_tokens=64, max_gather_tokens=1024,
                                                      max_drafts=4, lookup_draft_tokens=lookup_budget), eos_ids=[0])
@@ -155,12 +156,12 @@ def test_once_nothing_waits_only_the_slowest_sequences_keep_a_pass_from_chaining
     request waits, any drafting sequence does (ending sooner frees a place)."""
     from orinfer.block_manager import BlockManager
     from orinfer.scheduler import Limits, Scheduler
-    from orinfer.sequence import Sequence
+    from orinfer.sequence import Lookups, Sequence
 
     def in_flight(slowest_drafts: bool, waiting: bool):
-        # Sequence 0 may run 40 tokens, 1 and 2 only 10; who drafts (draft_length) is what the case varies.
+        # Sequence 0 may run 40 tokens, 1 and 2 only 10; who drafts (lookups.length) is what the case varies.
         seqs = [Sequence(index=i, token_ids=[5 + i, 6, 7, 8], num_prompt_tokens=4, max_new_tokens=40 if i == 0 else 10,
-                         draft_length=(4 if slowest_drafts else 0) if i == 0 else 4) for i in range(3)]
+                         lookups=Lookups(length=(4 if slowest_drafts else 0) if i == 0 else 4)) for i in range(3)]
         sch = Scheduler(BlockManager(256, 1), Limits(max_num_seqs=3, max_batched_tokens=64, max_gather_tokens=1024,
                                                      max_drafts=4, lookup_draft_tokens=32), eos_ids=[0])
         for seq in seqs:
@@ -169,7 +170,7 @@ def test_once_nothing_waits_only_the_slowest_sequences_keep_a_pass_from_chaining
         works = sch.schedule()
         assert all(w.num_drafts == 0 for w in works)  # nothing repeats yet: the lookups found nothing to draft
         for seq in seqs:
-            seq.draft_length = (4 if slowest_drafts else 0) if seq.index == 0 else 4
+            seq.lookups.length = (4 if slowest_drafts else 0) if seq.index == 0 else 4
         if waiting:
             sch.add(Sequence(index=3, token_ids=[1, 2, 3], num_prompt_tokens=3, max_new_tokens=10))
         return sch, works
