@@ -2,6 +2,7 @@
 
     python test_script.py                # the real model in ./models/Phi-3-medium-4k-instruct, on the GPU
     python test_script.py --demo         # the embedded tiny random Phi-3, on the CPU, in seconds
+    python test_script.py --self-check   # first, on a new board: the device, the plan and the outputs, checked
 
 Before the model loads, every path, the data file and every option are checked: a problem is one line on stderr
 naming the file and line, and exit code 2. Section 3 (timed) is data load + inference and yields `outs` in pipe()
@@ -21,9 +22,10 @@ from orinfer.dataset import DataError, fingerprint, read_records
 from orinfer.runfiles import Results, RunLock, beside, check_paths
 
 EXIT_CODES = """exit codes:
-  0    every record has its result in --out
+  0    every record has its result in --out (--self-check: no check failed)
   1    some record has no result (each is named by its line; the others are in --out), or a fault inside the run
-       (one line; its traceback in OUT.error.log, the finished results in OUT.partial)
+       (one line; its traceback in OUT.error.log, the finished results in OUT.partial), or (--self-check) a check
+       failed, one line each
   2    a bad input or option: nothing was run, --out is as it was; one line names the file and line, or the option
   130  interrupted (Ctrl-C) and 143 terminated (SIGTERM): the results finished so far are kept in OUT.partial
        (--resume runs the rest)"""
@@ -72,6 +74,13 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="keep the elementwise kernels eager (compiling needs Triton)")
     p.add_argument("--demo", action="store_true",
                    help="run the embedded tiny random Phi-3 on the CPU instead of --model (answers are nonsense)")
+    p.add_argument("--self-check", action="store_true",
+                   help="check the device, the memory plan, the kernels and the outputs against transformers on the "
+                        "same weights, and estimate Section 3's time; untimed, writes no --out (docs/JETSON.md)")
+    p.add_argument("--check-records", type=_positive_int, default=8,
+                   help="--self-check: records compared with transformers (the longest, and others spread over --data)")
+    p.add_argument("--check-tokens", type=_positive_int, default=24,
+                   help="--self-check: new tokens compared a record (transformers at batch 1 takes a pass a token)")
     return p.parse_args(argv)
 
 
@@ -120,15 +129,39 @@ def _settings(args, model_dir) -> str:
     return fingerprint({"model": model, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens})
 
 
+def _prepare(args, prepare, model_dir, device):
+    """optimize.prepare (or the tests' `prepare`) with this run's options: the set-up, before any weight loads."""
+    import optimize
+    options = optimize.Options(speculate=not args.no_speculation, cuda_graphs=not args.no_cuda_graphs,
+                               compile=False if args.no_compile else None)
+    return (prepare or optimize.prepare)(model_dir, device=device, dtype=args.dtype,
+                                         memory_budget=args.memory_budget, options=options)
+
+
+def self_check(args, prepare, model_dir, device, records: list, lines: list) -> int:
+    """--self-check (orinfer/selfcheck.py) on this data file with this run's options: untimed, no --out. A record
+    that does not fit the KV cache is its memory check's failure, not a refusal."""
+    import optimize
+    from orinfer import selfcheck
+    chats = [r["message"] for r in records]
+    try:
+        setup = _prepare(args, prepare, model_dir, device)
+        setup = setup.sized_for(setup.prompt_lengths(chats), args.max_new_tokens)
+    except optimize.InputError:
+        pass  # the unsized plan: the check of the longest record reports it
+    except optimize.SetupError as e:
+        raise Refused(f"error: {e}") from None
+    checks = selfcheck.run(setup, chats, lines, args.max_new_tokens, args.memory_budget, args.check_records,
+                           args.check_tokens)
+    return selfcheck.report(checks, sys.stdout)
+
+
 def set_up(args, prepare, model_dir, device, data_path: Path, records: list, lines: list, todo: list):
     """Section 1 (untimed): options, device, memory plan, and every prompt with its answer's room checked against
     the KV cache the plan leaves (the pool then sized to this run), all before the weights load; then the load."""
     import optimize  # here, not above: --help and a bad input answer without loading torch and transformers
-    options = optimize.Options(speculate=not args.no_speculation, cuda_graphs=not args.no_cuda_graphs,
-                               compile=False if args.no_compile else None)
     try:
-        setup = (prepare or optimize.prepare)(model_dir, device=device, dtype=args.dtype,
-                                              memory_budget=args.memory_budget, options=options)
+        setup = _prepare(args, prepare, model_dir, device)
         lengths = setup.prompt_lengths([records[i]["message"] for i in todo])
         setup = setup.sized_for(lengths, args.max_new_tokens)
     except optimize.InputError as e:
@@ -194,6 +227,9 @@ def run(args, prepare, model_dir, device, results: Results, data_path: Path, rec
 def _start(args, prepare) -> int:
     """Paths, lock, data and kept results checked (in that order, nothing loaded yet), then the run."""
     data_path, out = Path(args.data), Path(args.out)
+    if args.self_check:  # no --out, no lock: it writes nothing
+        records, lines = read_records(data_path)
+        return self_check(args, prepare, *_model_dir(args), records, lines)
     check_paths(data_path, out)
     lock = RunLock(out)
     note = lock.acquire()

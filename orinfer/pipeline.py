@@ -116,6 +116,11 @@ class Generator:
         for name in self.engine.stats:
             self.engine.stats[name] = 0
 
+    def release(self) -> None:
+        """Give back the KV pool and the CUDA graphs; the model stays (the self-check builds transformers' model on
+        its tensors). The generator cannot run after this."""
+        self.engine.runner.release()
+
     def describe(self) -> str:
         """The attention layout and kernels this generator runs (one line)."""
         layout = self.engine.runner.layouts[0].name

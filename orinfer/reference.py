@@ -1,4 +1,4 @@
-"""The float32 attention every fast kernel is held to: before use (attention.varlen_supported,
+"""The float32 attention every fast kernel is held to: before use (varlen_layout.varlen_supported,
 packed_attention.supported) and in the tests."""
 import torch
 

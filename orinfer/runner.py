@@ -66,6 +66,13 @@ class ModelRunner:
         self._sampled: list[torch.Tensor] = []
         self._epoch: torch.cuda.Event | None = None  # the device clock's zero (the first launch)
 
+    def release(self) -> None:
+        """Drop the KV pool and the graphs (the layers' cache views too), so that their memory can be given back."""
+        for layer in self.model.model.layers:
+            layer.self_attn.k_cache = layer.self_attn.v_cache = None
+        self.kv = None
+        self.graphs.captured.clear()
+
     def context(self, works: list[Work], shape: tuple[int, int] | None = None, feed: torch.Tensor | None = None):
         """Flat input ids and the attention Context of one pass, optionally padded to a graph's shape (of the first
         layout, which then takes it). `feed`: the sampled tokens of the pass before, on the device, where works'

@@ -1,0 +1,356 @@
+"""`test_script.py --self-check`: before the competition run on a new board, one command says whether the board, the
+memory plan and the outputs are what the project promises, each line a check with its figure and a verdict, and the
+fix for what is not: the device (on a Jetson its power mode and GPU clock), the rates it reaches, the memory plan
+against what the run then holds, the attention kernels, the engine's outputs against transformers' on the very same
+weight tensors, and the Section 3 time this data file can be expected to take. Untimed; writes no results file.
+"""
+import gc
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .board import MEASURED_SHARE, Jetson, datasheet, read_jetson
+from .memory import GiB, is_integrated, meminfo_available, peak_rss_bytes, proc_kib_fields
+from .reference import reference_attention
+
+# bf16 and fp16 greedy outputs differ from another implementation's at near-ties (two logits within rounding of each
+# other); a first difference where transformers' top two logits are further apart than this is called a bug.
+NEAR_TIE = {torch.bfloat16: 0.5, torch.float16: 0.1, torch.float32: 0.0}
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    figure: str
+    verdict: str = "ok"  # "ok", "warn" (the run works, slower or less sure than it should) or "FAIL"
+    fix: str = ""
+
+    def line(self) -> str:
+        return f"[{self.verdict:>4}] {self.name}: {self.figure}" + (f" -> {self.fix}" if self.fix else "")
+
+
+def device_checks(device: torch.device, jetson: Jetson | None) -> list[Check]:
+    """What the device is; on a Jetson also its board, power mode and GPU clock (jetson_checks)."""
+    if device.type != "cuda":
+        import os
+        import platform
+        return [Check("device", f"CPU ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}")]
+    props = torch.cuda.get_device_properties(device)
+    return [Check("device", f"{props.name}, sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
+                            f"{props.total_memory / GiB:.1f} GiB, torch {torch.__version__}")] + \
+        (jetson_checks(jetson, torch.__version__) if jetson is not None else [])
+
+
+def jetson_checks(jetson: Jetson, torch_version: str) -> list[Check]:
+    """The board, its power mode and its GPU clock, each with the command that fixes it where it is off."""
+    wheel = "nv" in torch_version  # NVIDIA's JetPack wheels: 2.3.0a0+...nv24.03 and the like
+    checks = [Check("board", f"{jetson.model}, L4T {jetson.l4t or 'unknown'}, torch {torch_version}"
+                    + ("" if wheel else " (not one of NVIDIA's JetPack wheels)"), "ok" if wheel else "warn",
+                    "" if wheel else "use the image's torch (docker/, docs/JETSON.md)")]
+    if jetson.power_mode is None:
+        checks.append(Check("power mode", "nvpmodel gave no answer", "warn", "sudo nvpmodel -q says which mode is set"))
+    elif not jetson.power_mode.startswith("MAXN"):
+        checks.append(Check("power mode", f"{jetson.power_mode} (mode {jetson.power_mode_id}), not MAXN: the GPU runs "
+                            "fewer SMs at a lower clock, at less than half the speed", "warn",
+                            "sudo nvpmodel -m 0 (MAXN; it may ask for a reboot), then sudo jetson_clocks"))
+    else:
+        checks.append(Check("power mode", f"MAXN (mode {jetson.power_mode_id})"))
+    if jetson.gpu_max_freq:
+        mhz = (f"GPU clock {jetson.gpu_freq / 1e6:.0f} MHz of at most {jetson.gpu_max_freq / 1e6:.0f}"
+               if jetson.gpu_freq else f"GPU clock at most {jetson.gpu_max_freq / 1e6:.0f} MHz")
+        pinned = bool(jetson.clocks_pinned)
+        checks.append(Check("gpu clock", mhz + (", pinned" if pinned else ", not pinned (it ramps up under load: "
+                                               "a cold start runs slow)"),
+                            "ok" if pinned else "warn", "" if pinned else "sudo jetson_clocks"))
+    return checks
+
+
+def _seconds(device: torch.device, work, reps: int) -> float:
+    """Seconds one call of `work` takes, the mean of `reps` after one untimed call."""
+    work()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            work()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / reps
+    t = time.perf_counter()
+    for _ in range(reps):
+        work()
+    return (time.perf_counter() - t) / reps
+
+
+def measure_rates(model, pass_tokens: int) -> tuple[float, float]:
+    """(GEMM FLOP/s at a pass's shape, weight-read bytes/s), on the model's own weights: a pass's tokens times the
+    first layer's gate_up_proj, and a reduction over whole layers' weights (a decode pass is such a read)."""
+    device, weight = model.device, model.model.layers[0].mlp.gate_up_proj.weight
+    rows = max(1, min(pass_tokens, 2048))
+    x = torch.randn(rows, weight.shape[1], device=device, dtype=weight.dtype)
+    gemm = 2 * rows * weight.shape[0] * weight.shape[1] / _seconds(device, lambda: F.linear(x, weight), 5)
+    weights, size = [], 0
+    for layer in model.model.layers:
+        for p in layer.parameters():
+            weights.append(p)
+            size += p.nbytes
+        if size >= GiB:
+            break
+    read = size / _seconds(device, lambda: [p.sum() for p in weights], 3)
+    return gemm, read
+
+
+def rate_checks(device: torch.device, dtype: torch.dtype, rates: tuple[float, float], jetson: Jetson | None
+                ) -> list[Check]:
+    """The measured rates against the device's datasheet, where the project knows it."""
+    gemm, read, kind = rates[0], rates[1], str(dtype).removeprefix("torch.")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    sheet = datasheet(name if jetson is None else "orin")
+    if sheet is None:
+        return [Check("rates", f"{kind} GEMM {gemm / 1e12:.2f} TFLOP/s, weight read {read / 1e9:.1f} GB/s "
+                               "(no datasheet figure for this device to compare)")]
+    checks = []
+    for what, got, peak, share, unit in ((f"{kind} GEMM", gemm, sheet[0], MEASURED_SHARE[0], 1e12),
+                                         ("weight read", read, sheet[1], MEASURED_SHARE[1], 1e9)):
+        figure = (f"{what} {got / unit:.2f} {'TFLOP/s' if unit == 1e12 else 'GB/s'}: {got / peak:.0%} of the "
+                  f"datasheet's {peak / unit:.1f} (published measurements reach ~{share:.0%})")
+        slow = got < 0.5 * peak
+        checks.append(Check("rates", figure, "warn" if slow else "ok",
+                            "far below: check the power mode, the clocks and other processes" if slow else ""))
+    return checks
+
+
+def memory_checks(plan, memory_budget: str, longest_need: int, shared_host: bool) -> list[Check]:
+    """Where the budget came from, the plan's lines, and the longest record's need against the KV cache."""
+    source = "given (--memory-budget)" if memory_budget not in (None, "auto") else (
+        "auto: this process + MemAvailable" if shared_host else "auto: the GPU's free memory")
+    swap = proc_kib_fields("/proc/meminfo", ("SwapFree",))["SwapFree"]
+    checks = [Check("memory budget", f"{plan.budget / GiB:.2f} GiB, {source}; MemAvailable now "
+                                     f"{meminfo_available() / GiB:.2f} GiB, swap free {swap / GiB:.2f} GiB (swap "
+                                     "never holds GPU memory)")]
+    checks += [Check("plan", line.strip()) for line in plan.describe().splitlines() if line.strip()]
+    fits = longest_need <= plan.kv_tokens
+    checks.append(Check("longest record", f"its prompt + max new tokens need {longest_need} KV tokens of the plan's "
+                                          f"{plan.kv_tokens}", "ok" if fits else "FAIL",
+                        "" if fits else "raise --memory-budget, or free memory (a headless boot frees ~0.8 GB)"))
+    return checks
+
+
+def peak_check(plan, device: torch.device) -> Check:
+    """What the process held at its peak (the warm-up runs passes of the plan's largest size) against the plan."""
+    host = peak_rss_bytes()
+    device_peak = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
+    held = device_peak + (host if plan.shared_host or device.type != "cuda" else 0)
+    figure = (f"peak {held / GiB:.2f} GiB of the {plan.budget / GiB:.2f} GiB budget (device reserved "
+              f"{device_peak / GiB:.2f}, host RSS {host / GiB:.2f})")
+    try:
+        figure += f"; NvMapMemUsed {proc_kib_fields('/proc/meminfo', ('NvMapMemUsed',))['NvMapMemUsed'] / GiB:.2f} GiB"
+    except RuntimeError:  # not a Jetson
+        pass
+    over = held > plan.budget
+    return Check("memory peak", figure, "FAIL" if over else "ok",
+                 "the plan's margins are off on this board: lower --memory-budget by the excess" if over else "")
+
+
+def kernel_checks(device: torch.device, dtype: torch.dtype, attention: str) -> list[Check]:
+    """The attention path the run takes, and each SDPA backend this torch offers against the float32 reference on a
+    small causal case (the padded layout asks for flash, then memory-efficient, then math)."""
+    checks = [Check("attention", attention.removeprefix("attention: "))]
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 24, 64, device=device, dtype=dtype, generator=g) for _ in range(3))
+    expected = reference_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1))
+    found = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+        try:
+            with sdpa_kernel([backend]):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)[0].transpose(0, 1)
+        except RuntimeError:
+            found.append(f"{backend.name.lower()} not here")
+            continue
+        diff = (out.float() - expected).abs().max().item()
+        ok = diff <= (1e-4 if dtype == torch.float32 else 2e-2)
+        found.append(f"{backend.name.lower()} {'agrees' if ok else 'DIFFERS'} ({diff:.1e})")
+        if not ok:
+            checks.append(Check("sdpa", f"{backend.name.lower()} differs from the float32 reference by {diff:.2e}",
+                                "FAIL", "report this torch build; run with --no-cuda-graphs to rule graphs out"))
+    try:
+        import triton  # noqa: F401
+        triton_line = "Triton importable"
+    except ImportError:
+        triton_line = "no Triton (compiled kernels and the packed attention kernel off: expected on JetPack)"
+    checks.insert(1, Check("sdpa", ", ".join(found) + f"; {triton_line}"))
+    return checks
+
+
+def pick_records(lengths: list[int], k: int) -> list[int]:
+    """k records: the longest prompt first, then others spread evenly over the file."""
+    n = len(lengths)
+    picked = [max(range(n), key=lengths.__getitem__)]
+    picked += [round(i * (n - 1) / max(1, k - 1)) for i in range(k)]
+    picked += range(n)  # where the spread repeats itself (a short file), the rest in order
+    return list(dict.fromkeys(picked))[:min(k, n)]
+
+
+def transformers_model(model, folder, attention: str):
+    """transformers' causal LM for this folder (its own modeling code where the config maps one, as the organisers'
+    trust_remote_code=True load does) on the very same weight tensors as `model`: no second copy of the weights.
+    A token table the engine reads from the file is read onto the device for it; RoPE buffers are the engine's."""
+    import transformers
+    from safetensors import safe_open
+
+    from .loader import checkpoint_files, read_header
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    config._attn_implementation = attention
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=bool(getattr(config, "auto_map",
+                                                                                              None)), **{key: model.dtype})
+    state = model.state_dict()
+    for name, tensor in state.items():
+        if tensor.is_meta:  # the token table, kept in the file by the memory plan
+            path = next(p for p in checkpoint_files(folder) if name in read_header(p)[0])
+            with safe_open(path, "pt", device=str(model.device)) as f:
+                state[name] = f.get_tensor(name).to(model.dtype)
+    hf.load_state_dict(state, assign=True, strict=True)
+    for module in hf.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta and name in ("inv_freq", "original_inv_freq"):
+                module.register_buffer(name, model.inv_freq.clone(), persistent=False)
+    hf.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+    return hf.eval()
+
+
+def reference_tokens(hf, prompt: list[int], new_tokens: int, eos: set[int]) -> list[int]:
+    """transformers' greedy new tokens at batch 1, to its end token."""
+    ids = torch.tensor([prompt], device=hf.device)
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=hf.generation_config.pad_token_id or 0)[0, len(prompt):].tolist()
+    end = next((i + 1 for i, t in enumerate(out) if t in eos), len(out))
+    return out[:end]
+
+
+def top2_margin(hf, prefix: list[int]) -> float:
+    """transformers' top-2 logit margin after `prefix`."""
+    with torch.no_grad():
+        top = hf(torch.tensor([prefix], device=hf.device)).logits[0, -1].float().topk(2).values
+    return float(top[0] - top[1])
+
+
+def compare(ours: dict[int, list[int]], prompts: dict[int, list[int]], hf, new_tokens: int, eos: set[int]) -> list:
+    """(record, first differing position, ours, theirs, transformers' top-2 margin there) for each record whose
+    tokens differ from transformers'."""
+    differences = []
+    for i, prompt in prompts.items():
+        theirs, mine = reference_tokens(hf, prompt, new_tokens, eos), ours[i][:new_tokens]
+        if mine != theirs:
+            j = next((j for j, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+            differences.append((i, j, mine[j] if j < len(mine) else None, theirs[j] if j < len(theirs) else None,
+                                top2_margin(hf, prompt + theirs[:j])))
+    return differences
+
+
+def output_check(attention: str, differences: list, total: int, dtype: torch.dtype, lines: list[int]) -> Check:
+    """One line per attention implementation: identical k/K, and each difference with its margin."""
+    name = f"outputs vs transformers ({attention})"
+    if not differences:
+        return Check(name, f"identical {total}/{total}")
+    detail = "; ".join(f"line {lines[i]}: new token {j} (ours {a}, theirs {b}) at a top-2 margin of {m:.3f}"
+                       for i, j, a, b, m in differences)
+    near = all(m <= NEAR_TIE[dtype] for *_, m in differences)
+    figure = f"identical {total - len(differences)}/{total}; {detail}"
+    if near:
+        return Check(name, figure + f" (near-ties: <= {NEAR_TIE[dtype]} in {str(dtype).removeprefix('torch.')})",
+                     "warn")
+    return Check(name, figure, "FAIL", "a difference away from a near-tie is a bug: report it with this line")
+
+
+def unique_prompt_tokens(prompts: list[list[int]]) -> int:
+    """Tokens left to compute if every shared prompt prefix is computed once (the nodes of the prompts' trie)."""
+    seen, count = set(), 0
+    for p in prompts:
+        h = 0
+        for t in p:
+            h = hash((h, t))
+            if h not in seen:
+                seen.add(h)
+                count += 1
+    return count
+
+
+def projection_check(cfg, plan, prompts: list[list[int]], answer_tokens: int, max_new_tokens: int,
+                     rates: tuple[float, float], itemsize: int) -> Check:
+    """Section 3's time for this data file at the measured rates (an estimate): its prompt tokens after prefix
+    sharing at the GEMM rate, and its decode passes (each reads the weights once) at the read rate: as many waves
+    of the plan's sequences as the file needs, each as long as the longest checked answer, or as max_new_tokens."""
+    gemm, read = rates
+    unique = unique_prompt_tokens(prompts)
+    prefill = unique * 2 * cfg.num_parameters / gemm
+    waves = -(-len(prompts) // plan.max_num_seqs)
+    per_pass = cfg.num_parameters * itemsize / read
+    short, longest = prefill + waves * answer_tokens * per_pass, prefill + waves * max_new_tokens * per_pass
+    return Check("projection", f"an estimate at the measured rates: Section 3 ~{short:.1f} s if no answer is longer than the longest checked one "
+                               f"({answer_tokens} tokens), at most {longest:.1f} s if one runs to {max_new_tokens}; "
+                               f"{prefill:.1f} s of it prefill ({unique} prompt tokens after prefix sharing), "
+                               f"{waves} wave(s) of up to {plan.max_num_seqs} sequences, {per_pass * 1e3:.0f} ms a "
+                               "decode pass (drafts only shorten it)")
+
+
+def report(checks: list[Check], out) -> int:
+    """Every check's line; then, on stderr, one line per failing check. 0 when none failed, else 1."""
+    for check in checks:
+        print(check.line(), file=out, flush=True)
+    failed = [c for c in checks if c.verdict == "FAIL"]
+    warned = sum(c.verdict == "warn" for c in checks)
+    print(f"self-check: {len(checks) - len(failed) - warned} ok, {warned} warnings, {len(failed)} failed", file=out)
+    for check in failed:
+        import sys
+        print(f"self-check failed: {check.name}: {check.figure}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run(setup, chats: list, lines: list[int], max_new_tokens: int, memory_budget: str, records: int,
+        new_tokens: int) -> list[Check]:
+    """Every check, in order, with the model loaded once: `setup` is optimize.prepare's (sized for this file),
+    `chats` the file's records' messages and `lines` the line each starts on."""
+    from .observe import Observer
+    from .pipeline import prompt_ids
+    device = setup.device
+    jetson = read_jetson() if device.type == "cuda" and is_integrated(device) else None
+    checks = device_checks(device, jetson)
+    prompts = prompt_ids(setup.tokenizer, chats)
+    longest = max(map(len, prompts)) + max_new_tokens
+    checks += memory_checks(setup.plan, memory_budget, longest, setup.plan.shared_host)
+    gen = setup.load(observer=Observer(), progress=False)
+    gen.warmup()
+    checks.append(peak_check(setup.plan, device))
+    rates = measure_rates(gen.model, setup.plan.max_batched_tokens)
+    checks += rate_checks(device, setup.dtype, rates, jetson)
+    checks += kernel_checks(device, setup.dtype, gen.describe())
+    picked = pick_records([len(p) for p in prompts], records)
+    gen([chats[i] for i in picked], max_new_tokens=new_tokens, return_full_text=False)
+    ours = {i: gen.observer.generated[j] for j, i in enumerate(picked)}
+    model = gen.model
+    gen.release()  # the KV pool and graphs go: the reference fits the same budget, on the same weights
+    del gen
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    for attention in ("eager", "sdpa"):
+        try:
+            hf = transformers_model(model, setup.folder, attention)
+        except ValueError as e:  # the folder's own modeling code (trust_remote_code) may offer eager alone
+            checks.append(Check(f"outputs vs transformers ({attention})", f"not offered by this model's code ({e})"
+                                .split(". ")[0] + "); the organisers' trust_remote_code load runs eager"))
+            continue
+        differences = compare(ours, {i: prompts[i] for i in picked}, hf, new_tokens, set(setup.eos))
+        checks.append(output_check(attention, differences, len(picked), setup.dtype, lines))
+        del hf
+        gc.collect()
+    answer = max(map(len, ours.values()))
+    itemsize = torch.finfo(setup.dtype).bits // 8
+    checks.append(projection_check(setup.cfg, setup.plan, prompts, answer, max_new_tokens, rates, itemsize))
+    return checks

@@ -1,0 +1,67 @@
+"""orinfer/selfcheck.py: `test_script.py --self-check --demo` end to end on the CPU, the Jetson lines for fake boards,
+and the output check reporting a planted difference with transformers' margin there."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, generator, records
+from test_board import board
+
+import optimize
+from orinfer import selfcheck
+
+
+def test_self_check_demo_end_to_end(tmp_path):
+    """The tiny model on the CPU: every check ok, exit 0, no power-mode lines (no Jetson), no results file."""
+    run = subprocess.run([sys.executable, str(ROOT / "test_script.py"), "--self-check", "--demo", "--data",
+                          str(ROOT / "data" / "test_dataset.jsonl"), "--check-records", "4", "--check-tokens", "12"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    for name in ("device: CPU", "memory budget:", "plan: memory plan", "longest record:", "memory peak:", "rates:",
+                 "sdpa:", "outputs vs transformers (eager): identical 4/4", "projection: an estimate"):
+        assert f"] {name}" in out, name
+    # transformers >= 4.46 runs the demo folder's Phi-3 on SDPA too; 4.44.2's trust_remote_code code is eager alone
+    assert "] outputs vs transformers (sdpa): identical 4/4" in out or "(sdpa): not offered by this model" in out
+    assert "power mode" not in out and "gpu clock" not in out and "Traceback" not in run.stderr
+    assert "0 failed" in out and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.unit
+def test_the_jetson_lines_say_what_to_fix():
+    maxn = {c.name: c for c in selfcheck.jetson_checks(board("maxn"), "2.3.0a0+40ec155e58.nv24.03")}
+    assert all(c.verdict == "ok" for c in maxn.values()) and "931 MHz" in maxn["gpu clock"].figure
+    thirty = {c.name: c for c in selfcheck.jetson_checks(board("30w"), "2.3.0a0+40ec155e58.nv24.03")}
+    assert thirty["power mode"].verdict == "warn" and "sudo nvpmodel -m 0" in thirty["power mode"].fix
+    unpinned = {c.name: c for c in selfcheck.jetson_checks(board("unpinned"), "2.4.1")}
+    assert unpinned["gpu clock"].verdict == "warn" and unpinned["gpu clock"].fix == "sudo jetson_clocks"
+    assert unpinned["board"].verdict == "warn"  # PyPI's torch, not NVIDIA's wheel
+
+
+@pytest.mark.unit
+def test_the_records_checked_are_the_longest_and_a_spread():
+    assert selfcheck.pick_records([5, 9, 1, 3, 7, 2, 8, 4, 6, 1], 4) == [1, 0, 3, 6]
+    assert selfcheck.pick_records([3, 1], 8) == [0, 1]
+
+
+def test_a_planted_difference_is_reported_with_its_margin(tiny_dir):
+    """The engine's tokens with one changed: the output check names the record's line, the position, both tokens
+    and transformers' top-2 margin there, and fails it (fp32: no near-tie excuses a difference)."""
+    gen = generator(tiny_dir)
+    chats = [r["message"] for r in records("test_dataset.jsonl")[:3]]
+    prompts = dict(enumerate(optimize.prompt_ids(gen.tokenizer, chats)))
+    hf = selfcheck.transformers_model(gen.model, tiny_dir, "eager")
+    eos = set(gen.engine.eos_ids)
+    ours = {i: selfcheck.reference_tokens(hf, p, 10, eos) for i, p in prompts.items()}
+    assert selfcheck.compare(ours, prompts, hf, 10, eos) == []
+    planted = dict(ours)
+    planted[1] = ours[1][:3] + [ours[1][3] + 1] + ours[1][4:]
+    [(record, position, mine, theirs, margin)] = selfcheck.compare(planted, prompts, hf, 10, eos)
+    assert (record, position, mine, theirs) == (1, 3, ours[1][3] + 1, ours[1][3])
+    top = hf(torch.tensor([prompts[1] + ours[1][:3]])).logits[0, -1].topk(2).values
+    assert margin == pytest.approx(float(top[0] - top[1]))
+    check = selfcheck.output_check("eager", [(record, position, mine, theirs, margin)], 3, torch.float32, [1, 2, 3])
+    assert check.verdict == "FAIL" and "line 2: new token 3" in check.figure and f"{margin:.3f}" in check.figure
+    near = selfcheck.output_check("eager", [(1, 3, 5, 6, 0.25)], 3, torch.bfloat16, [1, 2, 3])
+    assert near.verdict == "warn" and "near-ties" in near.figure
