@@ -139,8 +139,9 @@ def memory_checks(plan, memory_budget: str, longest_need: int, shared_host: bool
     return checks
 
 
-def peak_check(plan, device: torch.device) -> Check:
-    """What the process held at its peak (the warm-up runs passes of the plan's largest size) against the plan."""
+def peak_check(plan, device: torch.device, name: str = "memory peak") -> Check:
+    """What the process held at its peak so far (the warm-up runs passes of the plan's largest size) against the
+    budget."""
     host = peak_rss_bytes()
     device_peak = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
     held = device_peak + (host if plan.shared_host or device.type != "cuda" else 0)
@@ -151,7 +152,7 @@ def peak_check(plan, device: torch.device) -> Check:
     except RuntimeError:  # not a Jetson
         pass
     over = held > plan.budget
-    return Check("memory peak", figure, "FAIL" if over else "ok",
+    return Check(name, figure, "FAIL" if over else "ok",
                  "the plan's margins are off on this board: lower --memory-budget by the excess" if over else "")
 
 
@@ -350,6 +351,7 @@ def run(setup, chats: list, lines: list[int], max_new_tokens: int, memory_budget
         checks.append(output_check(attention, differences, len(picked), setup.dtype, lines))
         del hf
         gc.collect()
+    checks.append(peak_check(setup.plan, device, "memory peak, the whole self-check"))
     answer = max(map(len, ours.values()))
     itemsize = torch.finfo(setup.dtype).bits // 8
     checks.append(projection_check(setup.cfg, setup.plan, prompts, answer, max_new_tokens, rates, itemsize))
