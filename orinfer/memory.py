@@ -124,6 +124,7 @@ class MemoryPlan:
     mlp_rows: int | None = None  # the most rows one MLP product takes (None: a pass's every token at once)
     cuda: bool = True  # a CUDA device: a context, graphs and FlashAttention's kernels are among its items
     sized_to_run: bool = False  # the KV pool holds what the run can use, less than the budget leaves
+    graph_pool_bytes: int = 0  # the CUDA graphs' own memory pool (their largest pass's peak), besides the workspace
 
     @property
     def embedding_on_host(self) -> bool:
@@ -141,14 +142,16 @@ class MemoryPlan:
 
     def describe(self) -> str:
         items = " + ".join(f"{name} {size / GiB:.2f}" for name, size in self.overhead_items)
-        rest = self.budget - self.weights + self.embedding_table - self.overhead - self.workspace_bytes - self.kv_bytes
+        rest = (self.budget - self.weights + self.embedding_table - self.overhead - self.workspace_bytes
+                - self.graph_pool_bytes - self.kv_bytes)
         table = f" - token table {self.embedding_table / GiB:.2f} read from the file" if self.embedding_on_host else ""
         sized = ", sized to the run's prompts and answers" if self.sized_to_run else ""
+        pool = f" + graphs' pool {self.graph_pool_bytes / GiB:.2f}" if self.graph_pool_bytes else ""
         device = (f"; graphs {'on' if self.cuda_graphs else 'off'}, varlen attention "
                   f"{'allowed' if self.varlen_attention else 'off'}") if self.cuda else ""
         return (f"memory plan: budget {self.budget / GiB:.2f} GiB = weights {self.weights / GiB:.2f}{table} + overhead "
                 f"{self.overhead / GiB:.2f}{f' ({items})' if items else ''} + workspace "
-                f"{self.workspace_bytes / GiB:.2f} + KV {self.kv_bytes / GiB:.2f} ({self.kv_tokens} tokens{sized}) + "
+                f"{self.workspace_bytes / GiB:.2f}{pool} + KV {self.kv_bytes / GiB:.2f} ({self.kv_tokens} tokens{sized}) + "
                 f"unused {rest / GiB:.2f}; <= {self.max_num_seqs} sequences, {self.max_batched_tokens} tokens a "
                 f"pass{device}")
 
@@ -157,6 +160,9 @@ class MemoryPlan:
 # activations (most of a layer's) do not grow with the pass: an Orin's GEMMs stay compute-bound down to ~130 rows
 # (26.7 TFLOP/s against 204.8 GB/s), so 256-row products cost a prefill pass nothing, while the cache gains.
 SHARED_MLP_ROWS = 256
+# The most tokens a CUDA graph's pass holds (varlen_layout.GRAPH_TOKENS' largest; the padded layout's graphs hold at
+# most 512 one-token sequences).
+GRAPH_PASS_TOKENS = 1024
 # The least KV cache a plan may leave: a budget that leaves less is too small for any useful run.
 MIN_KV_TOKENS = 256
 
@@ -237,6 +243,9 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
     else:
         gather_tokens = max(2048, min(1 << 20, free // 10 // gather))
     layers = act(tokens) + gather_tokens * gather  # a pass's peak inside its layers
+    # Captured graphs keep their own pool, apart from the eager passes' memory: their largest pass's peak, in which
+    # the padded layout holds its gathered keys and values twice (SDPA's kernel takes them contiguous).
+    graph_pool = act(min(tokens, GRAPH_PASS_TOKENS)) + 2 * gather_tokens * gather if cuda_graphs else 0
     rows = 2 * tokens * cfg.hidden_size * itemsize if table else 0  # a pass's rows, read into a host buffer
     if rows:
         items.append(("token table rows of a pass", rows))
@@ -244,7 +253,7 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
     logits = max_num_seqs * (1 + max_drafts) * cfg.vocab_size * itemsize * 2  # the LM head's rows, and argmax's
     # The LM head runs after the last layer, when only the residual stream's two tensors are left of the pass.
     workspace = max(layers, 2 * tokens * cfg.hidden_size * itemsize + logits)
-    kv_tokens = (free - rows - workspace) // kv_per_token
+    kv_tokens = (free - rows - workspace - graph_pool) // kv_per_token
     if kv_tokens < MIN_KV_TOKENS:
         raise BudgetTooSmall(f"memory budget {budget / GiB:.2f} GiB leaves {max(0, kv_tokens)} tokens of KV cache "
                              f"after weights ({weights / GiB:.2f} GiB), overhead and workspace")
@@ -261,4 +270,4 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
                       max_num_seqs=int(max_num_seqs), max_batched_tokens=tokens, max_gather_tokens=int(gather_tokens),
                       max_drafts=max_drafts, cuda_graphs=cuda_graphs, varlen_attention=varlen_attention,
                       embedding_table=table, shared_host=shared_host, mlp_rows=mlp_rows, cuda=cuda,
-                      sized_to_run=sized)
+                      sized_to_run=sized, graph_pool_bytes=graph_pool)

@@ -209,12 +209,11 @@ def transformers_model(model, folder, attention: str):
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=bool(getattr(config, "auto_map",
                                                                                               None)), **{key: model.dtype})
-    state = model.state_dict()
-    for name, tensor in state.items():
-        if tensor.is_meta:  # the token table, kept in the file by the memory plan
-            path = next(p for p in checkpoint_files(folder) if name in read_header(p)[0])
-            with safe_open(path, "pt", device=str(model.device)) as f:
-                state[name] = f.get_tensor(name).to(model.dtype)
+    state = {name: t for name, t in model.state_dict().items() if not t.is_meta}
+    for name in hf.state_dict().keys() - state.keys():  # the token table, kept in the file by the memory plan
+        path = next(p for p in checkpoint_files(folder) if name in read_header(p)[0])
+        with safe_open(path, "pt", device=str(model.device)) as f:
+            state[name] = f.get_tensor(name).to(model.dtype)
     hf.load_state_dict(state, assign=True, strict=True)
     for module in hf.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):

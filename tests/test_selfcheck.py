@@ -65,3 +65,18 @@ def test_a_planted_difference_is_reported_with_its_margin(tiny_dir):
     assert check.verdict == "FAIL" and "line 2: new token 3" in check.figure and f"{margin:.3f}" in check.figure
     near = selfcheck.output_check("eager", [(1, 3, 5, 6, 0.25)], 3, torch.bfloat16, [1, 2, 3])
     assert near.verdict == "warn" and "near-ties" in near.figure
+
+
+def test_the_reference_reads_a_token_table_the_plan_keeps_in_the_file(tiny_dir):
+    """Where the plan serves the token table from the checkpoint (a tight Jetson budget), transformers' model gets
+    it from the file onto the device, and its tokens equal the engine's."""
+    from orinfer.memory import GiB, rss_bytes
+    from orinfer.observe import Observer
+    gen = optimize.build(tiny_dir, device="cpu", memory_budget=rss_bytes() + 3 * GiB, progress=False,
+                         observer=Observer())
+    assert gen.report().plan.embedding_on_host
+    chats = [r["message"] for r in records("test_dataset.jsonl")[:3]]
+    gen(chats, max_new_tokens=8, return_full_text=False)
+    prompts = dict(enumerate(optimize.prompt_ids(gen.tokenizer, chats)))
+    hf = selfcheck.transformers_model(gen.model, tiny_dir, "eager")
+    assert selfcheck.compare(dict(gen.observer.generated), prompts, hf, 8, set(gen.engine.eos_ids)) == []
