@@ -1,6 +1,7 @@
 """The generation loop: while the device runs pass n, the host schedules pass n+1 and, where it can fill it without
 pass n's tokens (other sequences, or pass n's decode steps chained to it: fed their tokens on the device), launches
 it before collecting pass n (else it collects first and tops pass n+1 up), until every request has finished."""
+from collections import Counter
 from typing import Callable, Iterable
 
 import torch
@@ -45,8 +46,9 @@ class Engine:
         # warm-up measures it on this device (runner.tokens_at_one_token_cost); 128 until then.
         lookup = options.lookup_draft_tokens
         self.lookup_draft_tokens = lookup if lookup is not None else 128 if model.device.type == "cuda" else 0
-        self.stats = {"passes": 0, "preemptions": 0, "oom_retries": 0, "prefill_tokens": 0, "max_batch": 0,
-                      "draft_tokens": 0, "accepted_drafts": 0, "chained_passes": 0}
+        # The one stats object: the loop's counters, and the scheduler's (preemptions, drafts), which it adds to.
+        self.stats = Counter({name: 0 for name in ("passes", "preemptions", "oom_retries", "prefill_tokens",
+                                                   "max_batch", "draft_tokens", "accepted_drafts", "chained_passes")})
 
     @property
     def lookup_budget(self) -> int:
@@ -115,8 +117,6 @@ class Engine:
             run.report()  # the loop ends only once every failed request is among the finished
         finally:  # however the loop ends (an interrupt too), the bar is done before anyone reports
             bar.close()
-        for name in ("preemptions", "draft_tokens", "accepted_drafts"):
-            self.stats[name] += getattr(run.scheduler, name)
         return sorted(run.taken, key=lambda s: s.index)
 
 
@@ -126,7 +126,7 @@ class _Run:
 
     def __init__(self, engine: Engine, seqs: Iterable[Sequence], on_finish: Callable[[Sequence], None] | None, bar):
         self.engine, self.on_finish, self.bar = engine, on_finish, bar
-        self.scheduler = Scheduler(engine.blocks, engine._limits(), engine.eos_ids)
+        self.scheduler = Scheduler(engine.blocks, engine._limits(), engine.eos_ids, engine.stats)
         self.source, self.taken = iter(seqs), []
         # Chained steps are fed the argmax on the device: not where the host looks the token table's rows up itself.
         self.chain = engine.options.chain_decode and not engine.model.embedding_on_host
@@ -204,8 +204,7 @@ class _Run:
         scheduler = self.scheduler
         if not (scheduler.has_work or scheduler.failed):
             return False
-        self.finished += scheduler.failed  # requests given up on (seq.error) are reported like finished ones
-        scheduler.failed = []
+        self.finished += scheduler.take_failed()  # given up on (seq.error): reported like finished ones
         works, chained = self.next_pass()
         launched = None
         if works:

@@ -36,7 +36,9 @@ class Limits:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, limits: Limits, eos_ids: list[int]):
+    def __init__(self, blocks: BlockManager, limits: Limits, eos_ids: list[int], stats: Counter | None = None):
+        """`stats`: the counters this scheduler adds to (preemptions, draft tokens proposed and accepted): the
+        engine's one stats object."""
         if limits.max_batched_tokens < limits.max_num_seqs:
             raise ValueError("max_batched_tokens must be >= max_num_seqs so every decoding sequence fits a pass")
         self.blocks, self.limits, self.eos = blocks, limits, set(eos_ids)
@@ -48,8 +50,7 @@ class Scheduler:
         self.in_flight: Counter[Sequence] = Counter()
         # Finished sequences whose blocks are not given back yet (release_finished).
         self.unreleased: list[Sequence] = []
-        self.preemptions = 0
-        self.draft_tokens = self.accepted_drafts = 0
+        self.stats = stats if stats is not None else Counter()
         self.pool = NgramPool()  # what this run's requests have generated, for each other's lookup drafts
         # Requests given up on (seq.error says why), until the engine reports them.
         self.failed: list[Sequence] = []
@@ -62,6 +63,11 @@ class Scheduler:
         self.blocks.hash_prompt(seq)
         self.waiting.append(seq)
         self.pool.add(seq)
+
+    def take_failed(self) -> list[Sequence]:
+        """The requests given up on since the last call (each with seq.error), handed over once."""
+        failed, self.failed = self.failed, []
+        return failed
 
     def _fail(self, seq: Sequence, why: str) -> None:
         """Give up on one request (it holds no blocks and is in no queue any more); the others go on."""
@@ -89,7 +95,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self._requeue(seq)
-        self.preemptions += 1
+        self.stats["preemptions"] += 1
 
     def _expected_growth(self, seq: Sequence) -> int:
         """Blocks a running sequence is expected to add before it ends: as many tokens again as it has generated (at
@@ -286,8 +292,8 @@ class Scheduler:
             while accepted < w.num_drafts and drafts[accepted] == out[accepted]:
                 accepted += 1
             seq.num_computed += len(w.tokens) - w.num_drafts + accepted
-            self.draft_tokens += w.num_drafts
-            self.accepted_drafts += accepted
+            self.stats["draft_tokens"] += w.num_drafts
+            self.stats["accepted_drafts"] += accepted
             if w.looked_up:  # all right: twice as many next time; some: one more than were right; none: half
                 seq.lookups.length = min(MAX_DRAFT_LENGTH, 2 * w.num_drafts if accepted == w.num_drafts else
                                        accepted + 1 if accepted else seq.lookups.length // 2)

@@ -93,7 +93,7 @@ def test_finished_sequences_give_their_blocks_back_when_released_or_when_needed(
     b = Sequence(index=1, token_ids=list(range(10, 20)), num_prompt_tokens=10, max_new_tokens=1)
     sch.add(b)
     works = sch.schedule()  # b needs 10 blocks: the scheduler gives a's back first, rather than wait or preempt
-    assert [w.seq for w in works] == [b] and not a.block_table and sch.preemptions == 0
+    assert [w.seq for w in works] == [b] and not a.block_table and sch.stats["preemptions"] == 0
     sch.postprocess(works, [3])
     assert sch.release_finished() and blocks.num_free == 12 and not sch.release_finished()
 
