@@ -19,6 +19,7 @@ from transformers import AutoTokenizer  # noqa: I100
 from orinfer import kernels
 from orinfer.config import Phi3Config, eos_token_ids
 from orinfer.engine import Engine
+from orinfer.integers import ceil_div
 from orinfer.loader import load_weights, serve_from_file, tensor_dtype
 from orinfer.memory import (GiB, MIN_KV_TOKENS, BudgetTooSmall, MemoryPlan, is_integrated, machine_bytes,
                             parse_budget, plan_memory, rss_bytes)
@@ -82,7 +83,7 @@ class Setup:
         while high - low > step:  # low never fits, high does
             mid = (low + high) // 2
             low, high = (low, mid) if fits(mid) else (mid, high)
-        return -(-high // step) * step
+        return ceil_div(high, step) * step
 
     def prompt_lengths(self, items: list) -> list[int]:
         """Each input's prompt tokens, counted with a tokenizer instance of its own, thrown away after: a check made

@@ -11,6 +11,7 @@ reference-counted blocks, prefix blocks published under a chained hash) and vLLM
 from collections import OrderedDict
 from typing import Callable
 
+from .integers import ceil_div
 from .sequence import Sequence
 
 SCRATCH_BLOCK = 0  # never handed out: padding tokens write here and padded block-table entries point here
@@ -83,7 +84,7 @@ class BlockManager:
         seq.num_computed = len(seq.block_table) * self.block_size
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+        return max(0, ceil_div(num_tokens, self.block_size) - len(seq.block_table))
 
     def grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Make room for `num_tokens` tokens in total; False (and nothing taken) if the cache is short."""

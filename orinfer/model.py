@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import EAGER, Kernels
 from .attention import Context, paged_attention
 from .config import Phi3Config
+from .integers import ceil_div
+from .kernels import EAGER, Kernels
 
 
 class Linear(nn.Module):
@@ -132,7 +133,7 @@ def _place_parameters(modules: list[nn.Module], device: torch.device | str, dtyp
     """Gives the modules' own parameters one allocation on `device` (each a view of it, 128-byte aligned or more).
     torch.empty, not to_empty(): that goes through torch._refs, which imports sympy (host memory)."""
     owned = [(m, name, p.shape) for m in modules for name, p in m.named_parameters(recurse=False)]
-    sizes = [-(-math.prod(shape) // 64) * 64 for _, _, shape in owned]
+    sizes = [ceil_div(math.prod(shape), 64) * 64 for _, _, shape in owned]
     flat = torch.empty(sum(sizes), dtype=dtype, device=device)
     for (module, name, shape), start in zip(owned, itertools.accumulate([0] + sizes)):
         view = flat[start:start + math.prod(shape)].view(shape)

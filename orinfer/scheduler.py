@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from .block_manager import BlockManager
 from .drafts import NgramPool, candidate_drafts, followed_candidates, lookup_drafts, lookup_length
+from .integers import ceil_div
 from .sequence import Sequence, Work
 
 
@@ -103,7 +104,7 @@ class Scheduler:
         books more room as it goes, and new ones wait instead of being admitted only to be evicted again (each
         eviction recomputes a whole prompt)."""
         tokens = min(seq.max_new_tokens - seq.num_generated, max(1, seq.num_generated))
-        return -(-tokens // self.blocks.block_size)
+        return ceil_div(tokens, self.blocks.block_size)
 
     def schedule(self, joining: list[Work] | None = None) -> list[Work]:
         """The works of the next pass, in four steps: decode steps (with a listed choice's drafts), lookup drafts

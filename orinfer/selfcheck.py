@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .board import MEASURED_SHARE, Jetson, datasheet, read_jetson
+from .integers import ceil_div
 from .memory import GiB, is_integrated, meminfo_available, peak_rss_bytes, proc_kib_fields
 from .reference import reference_attention
 
@@ -289,7 +290,7 @@ def projection_check(cfg, plan, prompts: list[list[int]], answer_tokens: int, ma
     gemm, read = rates
     unique = unique_prompt_tokens(prompts)
     prefill = unique * 2 * cfg.num_parameters / gemm
-    waves = -(-len(prompts) // plan.max_num_seqs)
+    waves = ceil_div(len(prompts), plan.max_num_seqs)
     per_pass = cfg.num_parameters * itemsize / read
     short, longest = prefill + waves * answer_tokens * per_pass, prefill + waves * max_new_tokens * per_pass
     return Check("projection", f"an estimate at the measured rates: Section 3 ~{short:.1f} s if no answer is longer than the longest checked one "
