@@ -77,10 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--self-check", action="store_true",
                    help="check the device, the memory plan, the kernels and the outputs against transformers on the "
                         "same weights, and estimate Section 3's time; untimed, writes no --out (docs/JETSON.md)")
-    p.add_argument("--check-records", type=_positive_int, default=8,
+    p.add_argument("--check-records", type=_positive_int, default=8, metavar="K",
                    help="--self-check: records compared with transformers (the longest, and others spread over --data)")
-    p.add_argument("--check-tokens", type=_positive_int, default=24,
-                   help="--self-check: new tokens compared a record (transformers at batch 1 takes a pass a token)")
+    p.add_argument("--check-tokens", type=_positive_int, default=24, metavar="T",
+                   help="--self-check: new tokens compared in each record (transformers at batch 1: a pass a token)")
     return p.parse_args(argv)
 
 
