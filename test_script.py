@@ -146,13 +146,18 @@ def self_check(args, prepare, model_dir, device, records: list, lines: list) -> 
     chats = [r["message"] for r in records]
     try:
         setup = _prepare(args, prepare, model_dir, device)
-        setup = setup.sized_for(setup.prompt_lengths(chats), args.max_new_tokens)
-    except optimize.InputError:
-        pass  # the unsized plan: the check of the longest record reports it
+        lengths = setup.prompt_lengths(chats)
+    except optimize.InputError as e:
+        raise DataError(Path(args.data), lines[e.index], str(e)) from None
     except optimize.SetupError as e:
         raise Refused(f"error: {e}") from None
+    refused = None
+    try:
+        setup = setup.sized_for(lengths, args.max_new_tokens)
+    except optimize.InputError as e:  # the unsized plan: the check of the longest record reports it
+        refused = f"line {lines[e.index]}: {e}"
     checks = selfcheck.run(setup, chats, lines, args.max_new_tokens, args.memory_budget, args.check_records,
-                           args.check_tokens)
+                           args.check_tokens, refused)
     return selfcheck.report(checks, sys.stdout)
 
 

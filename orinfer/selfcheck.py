@@ -124,8 +124,9 @@ def rate_checks(device: torch.device, dtype: torch.dtype, rates: tuple[float, fl
     return checks
 
 
-def memory_checks(plan, memory_budget: str, longest_need: int, shared_host: bool) -> list[Check]:
-    """Where the budget came from, the plan's lines, and the longest record's need against the KV cache."""
+def memory_checks(plan, memory_budget: str, longest_need: int, shared_host: bool, refused: str | None) -> list[Check]:
+    """Where the budget came from, the plan's lines, and the longest record's need against the KV cache (`refused`:
+    why optimize's Setup.sized_for, the one fit rule, refused this data file, with the budget that would hold it)."""
     source = "given (--memory-budget)" if memory_budget not in (None, "auto") else (
         "auto: this process + MemAvailable" if shared_host else "auto: the GPU's free memory")
     swap = proc_kib_fields("/proc/meminfo", ("SwapFree",))["SwapFree"]
@@ -133,10 +134,9 @@ def memory_checks(plan, memory_budget: str, longest_need: int, shared_host: bool
                                      f"{meminfo_available() / GiB:.2f} GiB, swap free {swap / GiB:.2f} GiB (swap "
                                      "never holds GPU memory)")]
     checks += [Check("plan", line.strip()) for line in plan.describe().splitlines() if line.strip()]
-    fits = longest_need <= plan.kv_tokens
     checks.append(Check("longest record", f"its prompt + max new tokens need {longest_need} KV tokens of the plan's "
-                                          f"{plan.kv_tokens}", "ok" if fits else "FAIL",
-                        "" if fits else "raise --memory-budget, or free memory (a headless boot frees ~0.8 GB)"))
+                                          f"{plan.kv_tokens}", "ok" if refused is None else "FAIL",
+                        "" if refused is None else f"{refused}; or free memory (a headless boot frees ~0.8 GB)"))
     return checks
 
 
@@ -326,7 +326,7 @@ def report(checks: list[Check], out) -> int:
 
 
 def run(setup, chats: list, lines: list[int], max_new_tokens: int, memory_budget: str, records: int,
-        new_tokens: int) -> list[Check]:
+        new_tokens: int, refused: str | None = None) -> list[Check]:
     """Every check, in order, with the model loaded once: `setup` is optimize.prepare's (sized for this file),
     `chats` the file's records' messages and `lines` the line each starts on."""
     from .observe import Observer
@@ -336,7 +336,7 @@ def run(setup, chats: list, lines: list[int], max_new_tokens: int, memory_budget
     checks = device_checks(device, jetson)
     prompts = prompt_ids(setup.tokenizer, chats)
     longest = max(map(len, prompts)) + max_new_tokens
-    checks += memory_checks(setup.plan, memory_budget, longest, setup.plan.shared_host)
+    checks += memory_checks(setup.plan, memory_budget, longest, setup.plan.shared_host, refused)
     gen = setup.load(observer=Observer(), progress=False)
     gen.warmup()
     checks.append(peak_check(setup.plan, device))

@@ -28,6 +28,20 @@ def test_self_check_demo_end_to_end(tmp_path):
     assert "0 failed" in out and list(tmp_path.iterdir()) == []
 
 
+def test_a_record_the_cache_cannot_hold_fails_its_check_with_the_budget_that_would(tmp_path):
+    """The one fit rule (optimize.Setup.sized_for) refuses the file: the longest record's line fails, naming the
+    record's line and the budget that would hold it; the other checks still run; exit 1, one stderr line."""
+    run = subprocess.run([sys.executable, str(ROOT / "test_script.py"), "--self-check", "--demo", "--data",
+                          str(ROOT / "data" / "test_dataset.jsonl"), "--max-new-tokens", "1000000",
+                          "--memory-budget", "1.6GiB", "--check-records", "2", "--check-tokens", "4"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stderr[-2000:]
+    [line] = [x for x in run.stdout.splitlines() if "] longest record:" in x]
+    assert line.startswith("[FAIL]") and "-> line " in line and "pass --memory-budget" in line
+    assert "outputs vs transformers (eager): identical 2/2" in run.stdout
+    assert run.stderr.strip().splitlines()[-1].startswith("self-check failed: longest record:")
+
+
 @pytest.mark.unit
 def test_the_jetson_lines_say_what_to_fix():
     maxn = {c.name: c for c in selfcheck.jetson_checks(board("maxn"), "2.3.0a0+40ec155e58.nv24.03")}
