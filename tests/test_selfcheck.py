@@ -73,7 +73,8 @@ def test_a_planted_difference_is_reported_with_its_margin(tiny_dir):
     planted[1] = ours[1][:3] + [ours[1][3] + 1] + ours[1][4:]
     [(record, position, mine, theirs, margin)] = selfcheck.compare(planted, prompts, hf, 10, eos)
     assert (record, position, mine, theirs) == (1, 3, ours[1][3] + 1, ours[1][3])
-    top = hf(torch.tensor([prompts[1] + ours[1][:3]])).logits[0, -1].topk(2).values
+    with torch.no_grad():
+        top = hf(torch.tensor([prompts[1] + ours[1][:3]])).logits[0, -1].topk(2).values
     assert margin == pytest.approx(float(top[0] - top[1]))
     check = selfcheck.output_check("eager", [(record, position, mine, theirs, margin)], 3, torch.float32, [1, 2, 3])
     assert check.verdict == "FAIL" and "line 2: new token 3" in check.figure and f"{margin:.3f}" in check.figure
