@@ -14,7 +14,7 @@ def fp32_exact(folder: Path, records: list, new_tokens: int = 32) -> dict:
     observer = Observer()
     gen = optimize.build(folder, device="cuda", dtype="float32", init=random_init(1), progress=False,
                          observer=observer)
-    hf = hf_model(gen.model, folder, torch.float32)
+    hf = hf_model(gen.model, folder)
     chats = [r["message"] for r in records]
     gen(chats, max_new_tokens=new_tokens, return_full_text=False)
     ours = [observer.generated[i] for i in range(len(chats))]

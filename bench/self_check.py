@@ -43,10 +43,7 @@ def main() -> int:
     ap.add_argument("--unified", action="store_true")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    folder = model_folder(tmp)
-    config = json.loads((folder / "config.json").read_text())
-    config.pop("auto_map")  # no modeling code in this folder: transformers' own class is the reference
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = model_folder(tmp)  # no modeling code in it: transformers' own class is the reference
     if args.unified:
         folder = with_token_table(folder)
 

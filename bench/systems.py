@@ -167,7 +167,7 @@ def hf_stage(names, w1, folder, records, prompts, scripts, gen_args, score, max_
     """transformers on the same random weights (the same seed's tensors, in a model of its own)."""
     ours = Phi3ForCausalLM(Phi3Config.from_folder(folder), "cuda", torch.bfloat16)
     random_init(0)(ours)
-    hf = hf_model(ours, folder, torch.bfloat16)
+    hf = hf_model(ours, folder)
     tok = AutoTokenizer.from_pretrained(folder)
     forwards = count_forwards(hf)
     by_prompt = {tuple(p): s for p, s in zip(prompts, scripts)} if scripts else None

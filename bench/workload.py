@@ -1,5 +1,6 @@
-"""White-box (it subclasses the engine, see bench/README.md). What the benchmark runs: workload W1 (OpenBookQA test in the competition's format), scripted answers for orinfer
-(a bench-side Engine) and for transformers (a LogitsProcessor), and the random Phi-3-medium both share."""
+"""White-box (it subclasses the engine, see bench/README.md). What the benchmark runs: workload W1 (OpenBookQA test
+in the competition's format), scripted answers for orinfer (a bench-side Engine) and for transformers (a
+LogitsProcessor), and the random Phi-3-medium both share."""
 import gc
 import json
 from dataclasses import replace
@@ -8,7 +9,7 @@ from pathlib import Path
 import torch
 
 from orinfer.engine import Engine
-from orinfer.selfcheck import unique_prompt_tokens  # noqa: F401  (the bench's stages count with it)
+from orinfer.selfcheck import transformers_model, unique_prompt_tokens  # noqa: F401  (stages count with it)
 from orinfer.tiny import ASSETS, END_TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,17 +150,9 @@ class Scripted:
         return forced
 
 
-def hf_model(ours, folder: Path, dtype):
-    import transformers
-    config = transformers.AutoConfig.from_pretrained(folder)
-    config._attn_implementation = "sdpa"
-    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    with torch.device("meta"):
-        hf = transformers.AutoModelForCausalLM.from_config(config, **{key: dtype})
-    hf.load_state_dict(ours.state_dict(), assign=True, strict=True)  # the very same tensors
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=config).to(ours.device)  # its buffers were on meta
-    hf.generation_config = transformers.GenerationConfig.from_pretrained(folder)
-    return hf.eval()
+def hf_model(ours, folder: Path):
+    """transformers' Phi-3 with SDPA on the very same tensors as `ours` (the self-check's reference)."""
+    return transformers_model(ours, folder, "sdpa")
 
 
 def count_forwards(model) -> list:

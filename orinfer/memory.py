@@ -151,7 +151,8 @@ class MemoryPlan:
                   f"{'allowed' if self.varlen_attention else 'off'}") if self.cuda else ""
         return (f"memory plan: budget {self.budget / GiB:.2f} GiB = weights {self.weights / GiB:.2f}{table} + overhead "
                 f"{self.overhead / GiB:.2f}{f' ({items})' if items else ''} + workspace "
-                f"{self.workspace_bytes / GiB:.2f}{pool} + KV {self.kv_bytes / GiB:.2f} ({self.kv_tokens} tokens{sized}) + "
+                f"{self.workspace_bytes / GiB:.2f}{pool} + KV {self.kv_bytes / GiB:.2f} "
+                f"({self.kv_tokens} tokens{sized}) + "
                 f"unused {rest / GiB:.2f}; <= {self.max_num_seqs} sequences, {self.max_batched_tokens} tokens a "
                 f"pass{device}")
 
@@ -160,8 +161,8 @@ class MemoryPlan:
 # activations (most of a layer's) do not grow with the pass: an Orin's GEMMs stay compute-bound down to ~130 rows
 # (26.7 TFLOP/s against 204.8 GB/s), so 256-row products cost a prefill pass nothing, while the cache gains.
 SHARED_MLP_ROWS = 256
-# The most tokens a CUDA graph's pass holds (varlen_layout.GRAPH_TOKENS' largest; the padded layout's graphs hold at
-# most 512 one-token sequences).
+# The most tokens a CUDA graph's pass holds (the varlen layout's largest graph; the padded layout's graphs hold at most
+# 512 one-token sequences).
 GRAPH_PASS_TOKENS = 1024
 # The least KV cache a plan may leave: a budget that leaves less is too small for any useful run.
 MIN_KV_TOKENS = 256

@@ -5,7 +5,6 @@ against what the run then holds, the attention kernels, the engine's outputs aga
 weight tensors, and the Section 3 time this data file can be expected to take. Untimed; writes no results file.
 """
 import gc
-import time
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +15,7 @@ from .board import MEASURED_SHARE, Jetson, datasheet, read_jetson
 from .integers import ceil_div
 from .memory import GiB, is_integrated, meminfo_available, peak_rss_bytes, proc_kib_fields
 from .reference import reference_attention
+from .warmup import seconds_per_call
 
 # bf16 and fp16 greedy outputs differ from another implementation's at near-ties (two logits within rounding of each
 # other); a first difference where transformers' top two logits are further apart than this is called a bug.
@@ -69,30 +69,13 @@ def jetson_checks(jetson: Jetson, torch_version: str) -> list[Check]:
     return checks
 
 
-def _seconds(device: torch.device, work, reps: int) -> float:
-    """Seconds one call of `work` takes, the mean of `reps` after one untimed call."""
-    work()
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            work()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / reps
-    t = time.perf_counter()
-    for _ in range(reps):
-        work()
-    return (time.perf_counter() - t) / reps
-
-
 def measure_rates(model, pass_tokens: int) -> tuple[float, float]:
     """(GEMM FLOP/s at a pass's shape, weight-read bytes/s), on the model's own weights: a pass's tokens times the
     first layer's gate_up_proj, and a reduction over whole layers' weights (a decode pass is such a read)."""
     device, weight = model.device, model.model.layers[0].mlp.gate_up_proj.weight
     rows = max(1, min(pass_tokens, 2048))
     x = torch.randn(rows, weight.shape[1], device=device, dtype=weight.dtype)
-    gemm = 2 * rows * weight.shape[0] * weight.shape[1] / _seconds(device, lambda: F.linear(x, weight), 5)
+    gemm = 2 * rows * weight.shape[0] * weight.shape[1] / seconds_per_call(device, lambda: F.linear(x, weight), 5)
     weights, size = [], 0
     for layer in model.model.layers:
         for p in layer.parameters():
@@ -100,7 +83,7 @@ def measure_rates(model, pass_tokens: int) -> tuple[float, float]:
             size += p.nbytes
         if size >= GiB:
             break
-    read = size / _seconds(device, lambda: [p.sum() for p in weights], 3)
+    read = size / seconds_per_call(device, lambda: [p.sum() for p in weights], 3)
     return gemm, read
 
 
@@ -208,17 +191,26 @@ def pick_records(lengths: list[int], k: int) -> list[int]:
     return list(dict.fromkeys(picked))[:min(k, n)]
 
 
+def own_modeling_code(folder) -> bool:
+    """Whether the folder carries the modeling code its config maps (Phi-3-medium's does): the organisers'
+    trust_remote_code=True load runs that code, so the reference does too; elsewhere transformers' own class."""
+    import json
+    from pathlib import Path
+    target = json.loads((Path(folder) / "config.json").read_text()).get("auto_map", {}).get("AutoModelForCausalLM")
+    return bool(target) and (Path(folder) / (target.split(".")[0] + ".py")).is_file()
+
+
 def transformers_model(model, folder, attention: str):
-    """transformers' causal LM for this folder (its own modeling code where the config maps one, as the organisers'
-    trust_remote_code=True load does) on the very same weight tensors as `model`: no second copy of the weights.
-    A token table the engine reads from the file is read onto the device for it; RoPE buffers are the engine's."""
+    """transformers' causal LM for this folder (its own modeling code where it carries one: own_modeling_code) on
+    the very same weight tensors as `model`: no second copy of the weights. A token table the engine reads from the
+    file is read onto the device for it; RoPE buffers are the engine's."""
     import transformers
-    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    own = own_modeling_code(folder)
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=own)
     config._attn_implementation = attention
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     with torch.device("meta"):
-        hf = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=bool(getattr(config, "auto_map",
-                                                                                              None)), **{key: model.dtype})
+        hf = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=own, **{key: model.dtype})
     state = {name: t for name, t in model.state_dict().items() if not t.is_meta}
     for name in hf.state_dict().keys() - state.keys():  # the token table, kept in the file by the memory plan
         rows = model.get_submodule(name.rpartition(".")[0]).rows  # loader.FileRows
@@ -266,15 +258,17 @@ def compare(ours: dict[int, list[int]], prompts: dict[int, list[int]], hf, new_t
     return differences
 
 
-def output_check(attention: str, differences: list, total: int, dtype: torch.dtype, lines: list[int]) -> Check:
-    """One line per attention implementation: identical k/K, and each difference with its margin."""
+def output_check(attention: str, differences: list, total: int, dtype: torch.dtype, lines: list[int],
+                 code: str = "") -> Check:
+    """One line per attention implementation: identical k/K, and each difference with its margin. `code`: which
+    modeling code the reference ran."""
     name = f"outputs vs transformers ({attention})"
     if not differences:
-        return Check(name, f"identical {total}/{total}")
+        return Check(name, f"identical {total}/{total}{code}")
     detail = "; ".join(f"line {lines[i]}: new token {j} (ours {a}, theirs {b}) at a top-2 margin of {m:.3f}"
                        for i, j, a, b, m in differences)
     near = all(m <= NEAR_TIE[dtype] for *_, m in differences)
-    figure = f"identical {total - len(differences)}/{total}; {detail}"
+    figure = f"identical {total - len(differences)}/{total}{code}; {detail}"
     if near:
         return Check(name, figure + f" (near-ties: <= {NEAR_TIE[dtype]} in {str(dtype).removeprefix('torch.')})",
                      "warn")
@@ -305,9 +299,9 @@ def projection_check(cfg, plan, prompts: list[list[int]], answer_tokens: int, ma
     waves = ceil_div(len(prompts), plan.max_num_seqs)
     per_pass = cfg.num_parameters * itemsize / read
     short, longest = prefill + waves * answer_tokens * per_pass, prefill + waves * max_new_tokens * per_pass
-    return Check("projection", f"an estimate at the measured rates: Section 3 ~{short:.1f} s if no answer is longer than the longest checked one "
-                               f"({answer_tokens} tokens), at most {longest:.1f} s if one runs to {max_new_tokens}; "
-                               f"{prefill:.1f} s of it prefill ({unique} prompt tokens after prefix sharing), "
+    return Check("projection", f"an estimate at the measured rates: Section 3 ~{short:.1f} s if no answer is "
+                               f"longer than the longest checked one ({answer_tokens} tokens), at most "
+                               f"{longest:.1f} s if one runs to {max_new_tokens}; {prefill:.1f} s of it prefill ({unique} prompt tokens after prefix sharing), "
                                f"{waves} wave(s) of up to {plan.max_num_seqs} sequences, {per_pass * 1e3:.0f} ms a "
                                "decode pass (drafts only shorten it)")
 
@@ -361,7 +355,8 @@ def run(setup, chats: list, lines: list[int], max_new_tokens: int, memory_budget
                                 .split(". ")[0] + "); the organisers' trust_remote_code load runs eager"))
             continue
         differences = compare(ours, {i: prompts[i] for i in picked}, hf, new_tokens, set(setup.eos))
-        checks.append(output_check(attention, differences, len(picked), setup.dtype, lines))
+        code = " (the folder's own modeling code)" if own_modeling_code(setup.folder) else " (transformers' own class)"
+        checks.append(output_check(attention, differences, len(picked), setup.dtype, lines, code))
         del hf
         gc.collect()
     checks.append(peak_check(setup.plan, device, "memory peak, the reference on the same weights"))

@@ -16,13 +16,14 @@ import torch
 from .attention import as_words, per_pass
 from .block_manager import SCRATCH_BLOCK
 from .integers import bucket, ceil_div
+from .memory import GRAPH_PASS_TOKENS  # the plan books the graphs' pool for passes this large
 from .pass_inputs import DeviceInputs, InputUploader, flat_tokens
 from .reference import reference_attention
 from .sequence import Work
 
 # Graphs under the varlen layout: buckets of tokens (the padding costs GEMM rows). A pass of up to ~1k tokens takes
 # about as long to launch eagerly as to run, and its launches compete with the host's other work.
-GRAPH_TOKENS = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024)
+GRAPH_TOKENS = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 640, 768, GRAPH_PASS_TOKENS)
 # cuBLAS picks a GEMM kernel by the exact token count, and the first use of a kernel in a process stalls the host
 # until the device is idle, then for milliseconds more. So an eager pass of more than PAD_ABOVE tokens (graphs take
 # the smaller ones, at their own sizes) is padded to a multiple of PAD_MULTIPLE tokens and sampled rows, and the

@@ -2,6 +2,7 @@
 GEMM kernel a pass can ask for, measure how many tokens a pass takes at one token's cost, and the probe of
 competition-shaped requests that grows the allocators' pools. Nothing here sees the data."""
 import random
+import time
 
 import torch
 
@@ -53,22 +54,31 @@ def tokens_at_one_token_cost(model: Phi3ForCausalLM, most: int, slack: float = 1
     layer = model.model.layers[0]
     linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
 
-    def elapsed_ms(n: int) -> float:
+    def seconds(n: int) -> float:
         xs = [torch.randn(n, linear.in_features, device=model.device, dtype=model.dtype) for linear in linears]
-        for linear, x in zip(linears, xs):  # its kernel met, outside the timing
-            linear(x)
+        return seconds_per_call(model.device, lambda: [linear(x) for linear, x in zip(linears, xs)], 5)
+
+    one = seconds(1)
+    sizes = (16, 32, 64, 96, 128, 192, 256, 384, 512)
+    return max([1] + [n for n in sizes if n <= most and seconds(n) <= slack * one])
+
+
+def seconds_per_call(device: torch.device, work, reps: int) -> float:
+    """Seconds one call of `work` takes on `device`: the mean of `reps` calls after one untimed call (its kernels
+    met), timed by CUDA events on a GPU."""
+    work()
+    if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(5):
-            for linear, x in zip(linears, xs):
-                linear(x)
+        for _ in range(reps):
+            work()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
-
-    one = elapsed_ms(1)
-    sizes = (16, 32, 64, 96, 128, 192, 256, 384, 512)
-    return max([1] + [n for n in sizes if n <= most and elapsed_ms(n) <= slack * one])
+        return start.elapsed_time(end) / 1e3 / reps
+    t = time.perf_counter()
+    for _ in range(reps):
+        work()
+    return (time.perf_counter() - t) / reps
 
 
 def probe(max_batched_tokens: int, max_num_seqs: int) -> list[Sequence]:
