@@ -43,7 +43,7 @@ class Engine:
         self.blocks = BlockManager(plan.num_blocks, plan.block_size)
         # A decode pass reads every weight once; it stays memory-bound up to roughly this many tokens on GPUs
         # (machine balance ~130 FLOP/byte on Orin, ~200 on H200), so that many lookup drafts ride along free. The
-        # warm-up measures it on this device (runner.tokens_at_one_token_cost); 128 until then.
+        # warm-up measures it on this device (warmup.tokens_at_one_token_cost); 128 until then.
         lookup = options.lookup_draft_tokens
         self.lookup_draft_tokens = lookup if lookup is not None else 128 if model.device.type == "cuda" else 0
         # The one stats object: the loop's counters, and the scheduler's (preemptions, drafts), which it adds to.
@@ -84,8 +84,8 @@ class Engine:
             return
         p, runner = self.plan, self.runner
         if "gemms" in steps:
-            padding = (runner.layouts[0].pad_above, runner.layouts[0].pad_multiple) if runner.varlen else None
-            meet_gemm_kernels(self.model, p.max_batched_tokens, p.max_num_seqs * (1 + p.max_drafts), padding)
+            meet_gemm_kernels(self.model, p.max_batched_tokens, p.max_num_seqs * (1 + p.max_drafts),
+                              runner.eager_padding)
         if "lookup_budget" in steps and self.options.lookup_draft_tokens is None:
             self.lookup_draft_tokens = tokens_at_one_token_cost(self.model, p.max_batched_tokens)
         if "graphs" in steps and self.options.cuda_graphs and p.cuda_graphs and not len(runner.graphs):

@@ -130,8 +130,8 @@ class Generator:
 
     def warmup(self, steps: tuple[str, ...] = WARMUP_STEPS + ("chat",)) -> None:
         """Untimed preparation before the clock: the engine's steps (engine.WARMUP_STEPS), then "chat": one short chat
-        through this generator (tokenizer and detokenizer paths). A step already done is not repeated. The prefix
-        cache is left empty: nothing of the warm-up reaches the timed run."""
+        through this generator (tokenizer and detokenizer paths). A step asked for again runs again, except the graphs'
+        capture, done once. The prefix cache is left empty: nothing of the warm-up reaches the timed run."""
         try:
             self.engine.warmup(tuple(s for s in steps if s != "chat"))
             if "chat" in steps:

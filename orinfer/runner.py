@@ -66,6 +66,13 @@ class ModelRunner:
         self._sampled: list[torch.Tensor] = []
         self._epoch: torch.cuda.Event | None = None  # the device clock's zero (the first launch)
 
+    @property
+    def eager_padding(self) -> tuple[int, int] | None:
+        """(above, multiple): an eager pass of more than `above` tokens is padded to a multiple of `multiple` (the
+        varlen layout's rule; None: no padding, the padded layout's passes)."""
+        first = self.layouts[0]
+        return (first.pad_above, first.pad_multiple) if self.varlen else None
+
     def release(self) -> None:
         """Drop the KV pool and the graphs (the layers' cache views too), so that their memory can be given back."""
         for layer in self.model.model.layers:

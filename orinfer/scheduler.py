@@ -297,7 +297,7 @@ class Scheduler:
             self.stats["accepted_drafts"] += accepted
             if w.looked_up:  # all right: twice as many next time; some: one more than were right; none: half
                 seq.lookups.length = min(MAX_DRAFT_LENGTH, 2 * w.num_drafts if accepted == w.num_drafts else
-                                       accepted + 1 if accepted else seq.lookups.length // 2)
+                                         accepted + 1 if accepted else seq.lookups.length // 2)
             for token in out[:accepted + 1]:
                 seq.token_ids.append(token)
                 if token in self.eos or seq.num_generated >= seq.max_new_tokens:
