@@ -17,6 +17,7 @@ from orinfer.pipeline import SLIDING_WINDOW_APPLIES, Generator, RecordError, Rep
 from transformers import AutoTokenizer  # noqa: I100
 
 from orinfer import kernels
+from orinfer.checkpoint import check_checkpoint
 from orinfer.config import Phi3Config, eos_token_ids
 from orinfer.engine import Engine
 from orinfer.integers import ceil_div
@@ -50,6 +51,13 @@ class InputError(ValueError):
         self.index = index
 
 
+class _NoPlan:
+    kv_tokens = -1
+
+
+NO_PLAN = _NoPlan()  # what a budget too small for any plan leaves
+
+
 @dataclass(frozen=True)
 class Setup:
     """All that build() decides before the weights load: the folder's config and tokenizer, the device, the dtype
@@ -69,21 +77,28 @@ class Setup:
         plan = plan_memory(budget=budget, kv_tokens_wanted=kv_tokens_wanted, **self.plan_inputs)
         return replace(plan, max_batched_tokens=self.options.pass_tokens) if self.options.pass_tokens else plan
 
-    def least_budget(self, kv_tokens: int) -> int | None:
-        """The smallest budget (to 0.01 GiB) whose plan leaves `kv_tokens` tokens of KV cache; None if none can."""
-        def fits(budget: int) -> bool:
+    def least_budget(self, kv_tokens: int, one_sequence: bool = False) -> int | None:
+        """The smallest budget (to 0.01 GiB) whose plan leaves `kv_tokens` tokens of KV cache (`one_sequence`: and
+        holds them as one sequence, its attention included); None if none can."""
+        def plan(budget: int) -> MemoryPlan | None:
             try:
-                return self.plan_for(budget).kv_tokens >= kv_tokens
+                return self.plan_for(budget)
             except MemoryError:
-                return False
+                return None
         step = GiB // 100
         low, high = 0, self.plan_inputs["weights"] + 8 * GiB + 2 * kv_tokens * self.cfg.kv_bytes_per_token
-        if not fits(high):
+        if (plan(high) or NO_PLAN).kv_tokens < kv_tokens:
             return None
-        while high - low > step:  # low never fits, high does
+        while high - low > step:  # the cache grows with the budget: low never leaves enough, high does
             mid = (low + high) // 2
-            low, high = (low, mid) if fits(mid) else (mid, high)
-        return ceil_div(high, step) * step
+            low, high = (low, mid) if (plan(mid) or NO_PLAN).kv_tokens >= kv_tokens else (mid, high)
+        # A larger budget can take larger passes, whose attention costs more a key: walk up rather than bisect.
+        budget = ceil_div(high, step) * step
+        while one_sequence and not plan(budget).holds(kv_tokens):
+            budget = ceil_div(budget * 51 // 50, step) * step
+            if budget > 64 * high:
+                return None
+        return budget
 
     def prompt_lengths(self, items: list) -> list[int]:
         """Each input's prompt tokens, counted with a tokenizer instance of its own, thrown away after: a check made
@@ -105,13 +120,15 @@ class Setup:
         the budget's cache cannot hold it whole, with the budget that would."""
         needs = [n + max_new_tokens for n in lengths]
         longest = max(range(len(needs)), key=needs.__getitem__)
-        if needs[longest] > self.plan.kv_tokens:
-            least = self.least_budget(needs[longest])
+        if not self.plan.holds(needs[longest]):
+            least = self.least_budget(needs[longest], one_sequence=True)
             hint = f"pass --memory-budget {least / GiB:.2f}GiB or more" if least else "no budget holds it"
+            short = (f"leaves {self.plan.kv_tokens}" if needs[longest] > self.plan.kv_tokens else
+                     "has too little room for the attention over them")
             raise InputError(longest, f"the prompt's {lengths[longest]} tokens and up to {max_new_tokens} new tokens "
                                       f"need {needs[longest]} tokens of KV cache, and the memory budget "
-                                      f"({self.plan.budget / GiB:.2f} GiB) leaves {self.plan.kv_tokens}: {hint}, or "
-                                      "lower --max-new-tokens")
+                                      f"({self.plan.budget / GiB:.2f} GiB) {short}: {hint}, or lower "
+                                      "--max-new-tokens")
         at_once = sum(sorted(needs, reverse=True)[:self.plan.max_num_seqs])
         return replace(self, plan=self.plan_for(self.plan.budget, at_once))
 
@@ -139,6 +156,28 @@ class Setup:
                               options.varlen and self.plan.varlen_attention, options.packed_queries)
         return Generator(Engine(model, self.eos, self.plan, options, attention, observer=observer), self.tokenizer,
                          progress)
+
+
+def _check_weights(folder: Path) -> None:
+    """Every shard whole before anything loads (a CheckpointError names the file); a folder with no checkpoint is
+    the load's to refuse, since `init` may fill the weights."""
+    try:
+        check_checkpoint(folder)
+    except FileNotFoundError:
+        pass
+
+
+def _tokenizer(folder: Path):
+    """The folder's own tokenizer; a folder without one is refused naming what it needs (transformers would
+    otherwise try to convert other files and suggest installing packages)."""
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise SetupError(f"{folder}: no tokenizer (tokenizer.json or tokenizer.model, with tokenizer_config.json): "
+                         "copy the model's tokenizer files into the folder")
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # transformers raises many kinds here, none of them the user's to read as a traceback
+        raise SetupError(f"{folder}: the tokenizer files cannot be read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}): copy them again") from None
 
 
 def _device(name: str | None) -> torch.device:
@@ -173,11 +212,12 @@ def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto
         raise SetupError(f"compile=True needs a torch >= 2.6, with Triton on CUDA (device {dev}, torch "
                          f"{torch.__version__})")
     try:
+        _check_weights(folder)
         cfg = Phi3Config.from_folder(folder)
         if not SLIDING_WINDOW_APPLIES:
             cfg = replace(cfg, sliding_window=None)
         eos = eos_token_ids(folder)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = _tokenizer(folder)
         torch_dtype = resolve_dtype(dtype, cfg)
         itemsize = torch.finfo(torch_dtype).bits // 8
         shared = is_integrated(dev) if unified_memory is None else unified_memory

@@ -11,15 +11,14 @@ does. Each result is appended to OUT.partial as it finishes and --out is replace
 dies loses nothing: --resume runs only what is missing.
 """
 import argparse
-import hashlib
 import signal
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from orinfer.dataset import DataError, fingerprint, read_records
-from orinfer.runfiles import Results, RunLock, beside, check_paths
+from orinfer.dataset import DataError, fingerprint, read_dataset
+from orinfer.runfiles import Results, RunLock, beside, check_data_path, results_path, run_settings
 
 EXIT_CODES = """exit codes:
   0    every record has its result in --out (--self-check: no check failed)
@@ -27,8 +26,13 @@ EXIT_CODES = """exit codes:
        (one line; its traceback in OUT.error.log, the finished results in OUT.partial), or (--self-check) a check
        failed, one line each
   2    a bad input or option: nothing was run, --out is as it was; one line names the file and line, or the option
-  130  interrupted (Ctrl-C) and 143 terminated (SIGTERM): the results finished so far are kept in OUT.partial
-       (--resume runs the rest)"""
+  130  interrupted (Ctrl-C); 143, 129, 131 terminated (SIGTERM, SIGHUP, SIGQUIT): the results finished so far are
+       kept in OUT.partial (--resume runs the rest)"""
+
+
+MODEL, OUT = "./models/Phi-3-medium-4k-instruct", "outputs.jsonl"
+# Signals that end a run as Ctrl-C does: the results so far kept, the lock released, one line.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,10 +59,11 @@ def _positive_int(text: str) -> int:
 
 def parse_args(argv=None):
     p = _Parser(prog="test_script.py", description=__doc__, epilog=EXIT_CODES, formatter_class=_Help)
-    p.add_argument("--model", default="./models/Phi-3-medium-4k-instruct", help="local HF folder of the model")
+    p.add_argument("--model", help=f"local HF folder of the model (default: {MODEL})")
     p.add_argument("--data", default="./data/test_dataset.jsonl",
                    help="records {'message': [...], 'answer': ...}: JSON lines, or one JSON array of them")
-    p.add_argument("--out", default="outputs.jsonl", help="results, one JSON line per record, in dataset order")
+    p.add_argument("--out", help=f"results, one JSON line per record, in dataset order (default: {OUT}); a link to a "
+                                 "file is written through")
     p.add_argument("--resume", action="store_true",
                    help="keep the results already in --out and OUT.partial (of this data and these settings only) "
                         "and run only the other records; its Elapsed_time is not a timing of the whole data set")
@@ -81,7 +86,12 @@ def parse_args(argv=None):
                    help="--self-check: records compared with transformers (the longest, and others spread over --data)")
     p.add_argument("--check-tokens", type=_positive_int, default=24, metavar="T",
                    help="--self-check: new tokens compared in each record (transformers at batch 1: a pass a token)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.self_check and (args.out is not None or args.resume):
+        p.error(f"argument {'--out' if args.out is not None else '--resume'}: --self-check writes no results")
+    if args.demo and args.model is not None:
+        p.error("argument --model: --demo runs the embedded tiny model; pass one or the other")
+    return args
 
 
 class Refused(Exception):
@@ -89,16 +99,18 @@ class Refused(Exception):
 
 
 class Stopped(BaseException):
-    """A signal that ends the run as Ctrl-C does: SIGINT (exit 130) or SIGTERM (exit 143)."""
+    """A signal that ends the run as Ctrl-C does: SIGINT (exit 130), SIGTERM (143), SIGHUP (129), SIGQUIT (131)."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
-        self.code, self.word = 128 + signum, "interrupted" if signum == signal.SIGINT else "terminated"
+        name = signal.Signals(signum).name
+        self.code = 128 + signum
+        self.word = {"SIGINT": "interrupted", "SIGTERM": "terminated"}.get(name, f"terminated by {name}")
 
 
 @contextmanager
 def _signals_stop_the_run():
-    """SIGINT and SIGTERM end the run through Stopped, once: a second one while the first is handled (the journal
+    """STOP_SIGNALS end the run through Stopped, once: a second one while the first is handled (the journal
     being closed, the message written), or one while an error is reported (after `settle()`), is ignored rather
     than break the handling with a traceback."""
     stopping = []
@@ -107,7 +119,7 @@ def _signals_stop_the_run():
         if not stopping:
             stopping.append(signum)
             raise Stopped(signum)
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield lambda: stopping.append(None)
     finally:
@@ -118,15 +130,12 @@ def _signals_stop_the_run():
 def _model_dir(args) -> tuple[str | Path, str | None]:
     if args.demo:
         from orinfer.tiny import demo_model_dir
-        return demo_model_dir(), args.device or "cpu"
-    return args.model, args.device
-
-
-def _settings(args, model_dir) -> str:
-    """What a result depends on besides its record: the model (its config), the dtype and max_new_tokens."""
-    config = Path(model_dir) / "config.json"
-    model = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else str(model_dir)
-    return fingerprint({"model": model, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens})
+        try:
+            return demo_model_dir(), args.device or "cpu"
+        except OSError as e:
+            raise Refused(f"error: the demo model cannot be built in {e.filename or 'the cache folder'} "
+                          f"({e.strerror}): set XDG_CACHE_HOME to a folder you can write") from None
+    return args.model or MODEL, args.device
 
 
 def _prepare(args, prepare, model_dir, device):
@@ -198,9 +207,9 @@ def report(outs: list, data: list, elapsed: float, results: Results, ran: int) -
         print(f"({unscored} of the {len(data)} records have no 'answer' to score against: counted as not correct)")
 
 
-def run(args, prepare, model_dir, device, results: Results, data_path: Path, records: list, lines: list,
-        todo: list) -> int:
-    gen = set_up(args, prepare, model_dir, device, data_path, records, lines, todo)
+def run(args, prepare, model_dir, device, results: Results, checked, data_path: Path, todo: list) -> int:
+    """Sections 1-4 on the records `todo` of the data file as `checked` (read_dataset) before the model loads."""
+    gen = set_up(args, prepare, model_dir, device, data_path, checked.records, checked.lines, todo)
     generation_args = {"max_new_tokens": args.max_new_tokens, "return_full_text": False, "temperature": 0.0,
                        "do_sample": False}
 
@@ -211,8 +220,12 @@ def run(args, prepare, model_dir, device, results: Results, data_path: Path, rec
     # Section 3: timed — data load + inference.
     failures: dict[int, str] = {}
     start = time.time()
-    data = read_records(data_path)[0]
-    gen([data[i]["message"] for i in todo], on_result=lambda j, out: results.add(todo[j], out),
+    dataset = read_dataset(data_path)
+    if dataset.identity != checked.identity:
+        raise DataError(data_path, None, "changed since it was checked before the model loaded: nothing was run; "
+                                         "run again once the file is final")
+    data, lines = dataset.records, dataset.lines
+    gen([data[i]["message"] for i in todo], on_result=lambda j, out: results.add(todo[j], out, data[todo[j]]),
         on_error=lambda j, why: failures.__setitem__(todo[j], why), **generation_args)
     outs = [results.done.get(i) for i in range(len(data))]
     end = time.time()
@@ -231,38 +244,46 @@ def run(args, prepare, model_dir, device, results: Results, data_path: Path, rec
 
 def _start(args, prepare) -> int:
     """Paths, lock, data and kept results checked (in that order, nothing loaded yet), then the run."""
-    data_path, out = Path(args.data), Path(args.out)
+    data_path = Path(args.data)
+    check_data_path(data_path)
     if args.self_check:  # no --out, no lock: it writes nothing
-        records, lines = read_records(data_path)
-        return self_check(args, prepare, *_model_dir(args), records, lines)
-    check_paths(data_path, out)
+        checked = read_dataset(data_path)
+        return self_check(args, prepare, *_model_dir(args), checked.records, checked.lines)
+    out = results_path(OUT if args.out is None else args.out, data_path)
+    args.out = str(out)  # the file written (a link's target): the error log and messages name it
     lock = RunLock(out)
     note = lock.acquire()
     results = None
     try:
         if note:
             print(note, file=sys.stderr)
-        records, lines = read_records(data_path)
+        checked = read_dataset(data_path)
         model_dir, device = _model_dir(args)
-        results = Results(out, args.resume, [fingerprint(r["message"]) for r in records], _settings(args, model_dir))
-        todo = [i for i in range(len(records)) if i not in results.done]
+        results = Results(out, args.resume, [fingerprint(r["message"]) for r in checked.records],
+                          run_settings(model_dir, args.dtype, args.max_new_tokens))
+        todo = [i for i in range(len(checked.records)) if i not in results.done]
         if not todo:
             results.finish()
             print(f"every record of {data_path} already has its result in {out}: nothing to run", file=sys.stderr)
             return 0
-        return run(args, prepare, model_dir, device, results, data_path, records, lines, todo)
+        return run(args, prepare, model_dir, device, results, checked, data_path, todo)
     except (Stopped, KeyboardInterrupt, Exception) as e:
         e.saved = results.saved() if results is not None else "nothing had started"
         raise
     finally:
-        if results is not None:
-            results.close()
-        lock.release()
+        try:
+            if results is not None:
+                results.close()
+        finally:
+            lock.release()
 
 
 def main(argv=None, prepare=None) -> int:
     """The whole run; what goes wrong is one line on stderr and an exit code, never a traceback (EXIT_CODES).
     `prepare` makes the set-up (default optimize.prepare; tests hand in one that changes the plan or the generator)."""
+    for stream in (sys.stdout, sys.stderr):  # an ASCII or Latin-1 terminal still gets the whole report
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = parse_args(argv)
     with _signals_stop_the_run() as settle:
         try:
@@ -278,21 +299,31 @@ def main(argv=None, prepare=None) -> int:
             return code
         except Exception as e:  # a fault inside the engine: the details go to a file, the user gets what was kept
             settle()
-            return _fault(e, Path(args.out))
+            return _fault(e, args)
 
 
-def _fault(e: Exception, out: Path) -> int:
+def _fault(e: Exception, args) -> int:
+    import errno
     import os
+    import tempfile
     import traceback
+    saved = getattr(e, "saved", "nothing had started")
     if isinstance(e, BrokenPipeError):  # stdout closed early (`| head`): no report to print, and none at exit either
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    log = beside(out, ".error.log")
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        print(f"error: no space left on the disk ({e.filename or e.strerror}): {saved}; free some space, then run "
+              "again with --resume", file=sys.stderr)
+        return 1
+    # The self-check writes nothing beside the user's files: its log goes to the temporary folder.
+    log = (Path(tempfile.gettempdir()) / f"orinfer-self-check-{os.getpid()}.error.log" if args.self_check
+           else beside(Path(args.out), ".error.log"))
     try:
         log.write_text(traceback.format_exc(), encoding="utf-8")
         where = f"traceback in {log}"
     except OSError:
+        log.unlink(missing_ok=True)
         where = "no log could be written"
-    print(f"error: {type(e).__name__}: {e} ({where}); {getattr(e, 'saved', 'nothing had started')}", file=sys.stderr)
+    print(f"error: {type(e).__name__}: {e} ({where}); {saved}", file=sys.stderr)
     return 1
 
 

@@ -64,7 +64,28 @@ class Phi3Config:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Phi3Config":
-        return cls.from_dict(json.loads((Path(folder) / "config.json").read_text()))
+        path = Path(folder) / "config.json"
+        raw = read_json(path)
+        try:
+            return cls.from_dict(raw)
+        except KeyError as e:
+            raise ValueError(f"{path}: has no {e.args[0]!r}, which a Phi-3 config holds") from None
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a model folder's file; what is not one is a ValueError naming the file."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text: the file is damaged; copy it again") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}): the file is damaged; copy it "
+                         "again") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: not a JSON object: the file is damaged; copy it again")
+    return raw
 
 
 def _rope(raw: dict) -> tuple[float, float]:
@@ -82,9 +103,12 @@ def _rope(raw: dict) -> tuple[float, float]:
 def eos_token_ids(folder: str | Path, config_eos: int | list | None = None) -> list[int]:
     """The stop tokens generate() uses: generation_config.json's eos_token_id (a list for Phi-3), else config.json's."""
     path = Path(folder) / "generation_config.json"
-    eos = json.loads(path.read_text()).get("eos_token_id") if path.exists() else None
+    eos = read_json(path).get("eos_token_id") if path.exists() else None
     if eos is None:
-        eos = config_eos if config_eos is not None else json.loads((Path(folder) / "config.json").read_text()).get("eos_token_id")
+        eos = config_eos if config_eos is not None else read_json(Path(folder) / "config.json").get("eos_token_id")
     if eos is None:
         raise ValueError(f"{folder}: no eos_token_id in generation_config.json or config.json")
-    return [eos] if isinstance(eos, int) else list(eos)
+    eos = [eos] if isinstance(eos, int) else eos
+    if not (isinstance(eos, list) and eos and all(isinstance(i, int) and not isinstance(i, bool) for i in eos)):
+        raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, not {eos!r}")
+    return eos

@@ -7,7 +7,10 @@ before a model loads, not from a traceback after it.
 import ast
 import hashlib
 import json
+import os
 import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
@@ -20,17 +23,43 @@ class DataError(ValueError):
         super().__init__(f"{path}:{line}: {what}" if line else f"{path}: {what}")
 
 
-def read_lines(path: Path) -> list[tuple[int, str]]:
-    """The file's lines as text, numbered from 1: a byte that is not UTF-8 is an error naming its line and column."""
+@dataclass(frozen=True)
+class FileIdentity:
+    """What a file was when it was read: a later read of other bytes, or of the same bytes rewritten, differs."""
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+def _read_bytes(path: Path) -> tuple[bytes, FileIdentity]:
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw, info = f.read(), os.fstat(f.fileno())
     except FileNotFoundError:
         raise DataError(path, None, "no such file") from None
     except IsADirectoryError:
         raise DataError(path, None, "is a directory, not a JSONL file") from None
     except OSError as e:
         raise DataError(path, None, f"cannot be read ({e.strerror})") from None
-    return [(n, _text(path, n, line)) for n, line in enumerate(raw.split(b"\n"), 1)]
+    return raw, FileIdentity(info.st_size, info.st_mtime_ns, hashlib.sha256(raw).hexdigest())
+
+
+def read_lines(path: Path, cut_last: bool = False, raw: bytes | None = None) -> list[tuple[int, str | None]]:
+    """The file's lines as text, numbered from 1: a byte that is not UTF-8 is an error naming its line and column.
+    With `cut_last`, the last non-blank line is None where it is not UTF-8 (a write cut inside a character)."""
+    if raw is None:
+        raw = _read_bytes(path)[0]
+    parts = raw.split(b"\n")
+    last = max((i for i, part in enumerate(parts) if part.strip()), default=-1)
+    lines = []
+    for n, line in enumerate(parts, 1):
+        try:
+            lines.append((n, _text(path, n, line)))
+        except DataError:
+            if not (cut_last and n == last + 1):
+                raise
+            lines.append((n, None))
+    return lines
 
 
 def _text(path: Path, n: int, line: bytes) -> str:
@@ -79,25 +108,35 @@ def _json_type(value) -> str:
             dict: "an object", str: "a string"}.get(type(value), type(value).__name__)
 
 
+_SPACE = re.compile(r"[ \t\r\n]*")
+
+
 def _array_records(text: str) -> list[tuple[int, object]] | None:
-    """The elements of a file that is one JSON array, each with the line it starts on; None for any other file
-    (datasets.load_dataset("json"), which the organisers' script uses, reads such a file as its records)."""
-    if not text.lstrip().startswith("["):
+    """The elements of a file that is one JSON array, each with the line it starts on, in one pass over the text;
+    None for any other file, or a broken array (then read line by line, which names the bad line).
+    datasets.load_dataset("json"), which the organisers' script uses, reads such a file as its records."""
+    at = _SPACE.match(text).end()
+    if not text.startswith("[", at):
         return None
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return None  # JSON lines, or a broken array: read line by line, which names the bad line
     decoder, found = json.JSONDecoder(), []
-    at, line, counted = text.index("[") + 1, 1, 0
+    at, line, counted = _SPACE.match(text, at + 1).end(), 1, 0
+    if text.startswith("]", at):
+        return found if not text[at + 1:].strip() else None
     while True:
-        at = len(text) - len(text[at:].lstrip(" \t\r\n,"))
-        if text[at] == "]":
-            return found
         line += text.count("\n", counted, at)
         counted = at
-        element, at = decoder.raw_decode(text, at)
+        try:
+            element, at = decoder.raw_decode(text, at)
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; so is a too-long integer
+            return None
         found.append((line, element))
+        at = _SPACE.match(text, at).end()
+        if text.startswith(",", at):
+            at = _SPACE.match(text, at + 1).end()
+        elif text.startswith("]", at):
+            return found if not text[at + 1:].strip() else None
+        else:
+            return None
 
 
 def _json_lines(path: Path, lines: list[tuple[int, str]]) -> list[tuple[int, object]]:
@@ -109,14 +148,28 @@ def _json_lines(path: Path, lines: list[tuple[int, str]]) -> list[tuple[int, obj
             found.append((n, json.loads(text)))
         except json.JSONDecodeError as e:
             raise DataError(path, n, f"not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(path, n, "not a record: JSON nested too deeply for the decoder") from None
+        except ValueError:  # the only other ValueError: an integer of more digits than Python converts
+            raise DataError(path, n, "not a record: it holds a number of more digits than the decoder converts "
+                                     f"({sys.get_int_max_str_digits()})") from None
     return found
 
 
-def read_records(path: str | Path) -> tuple[list[dict], list[int]]:
-    """Every record of a dataset, checked, and the line each starts on: JSON lines (blank lines skipped) or one JSON
-    array of records. A file with no record is an error."""
+@dataclass(frozen=True)
+class Dataset:
+    """A data file's records, the line each starts on, and what the file was when it was read."""
+    records: list[dict]
+    lines: list[int]
+    identity: FileIdentity
+
+
+def read_dataset(path: str | Path) -> Dataset:
+    """Every record of a dataset, checked: JSON lines (blank lines skipped) or one JSON array of records, read and
+    parsed once. A file with no record is an error."""
     path = Path(path)
-    lines = read_lines(path)
+    raw, identity = _read_bytes(path)
+    lines = read_lines(path, raw=raw)
     found = _array_records("\n".join(text for _, text in lines))
     if found is None:
         found = _json_lines(path, lines)
@@ -124,7 +177,13 @@ def read_records(path: str | Path) -> tuple[list[dict], list[int]]:
         check_record(rec, path, n)
     if not found:
         raise DataError(path, None, "holds no records (one JSON object a line, or a JSON array of them, expected)")
-    return [rec for _, rec in found], [n for n, _ in found]
+    return Dataset([rec for _, rec in found], [n for n, _ in found], identity)
+
+
+def read_records(path: str | Path) -> tuple[list[dict], list[int]]:
+    """Every record of a dataset and the line each starts on (read_dataset)."""
+    data = read_dataset(path)
+    return data.records, data.lines
 
 
 def fingerprint(value) -> str:

@@ -10,52 +10,19 @@ read from the file a row at a time, when a pass needs the row (FileRows): the ro
 cache, which it reclaims under pressure, and never in this process's memory beyond one pass (a memory map would make
 the pages the process's own, and the kernel maps a fault's neighbours in too).
 """
-import json
 import os
-import struct
 from pathlib import Path
 
 import torch
 
+from .checkpoint import check_checkpoint, checkpoint_files, read_exactly, read_header, stored_dtype
+
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-
-
-def checkpoint_files(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [folder / n for n in names]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors files (only safetensors checkpoints are loaded)")
-    missing = [str(f) for f in files if not f.exists()]
-    if missing:
-        raise FileNotFoundError(f"{folder}: the index names shards that are missing: {missing}")
-    return files
-
-
-def read_header(path: Path) -> tuple[dict, int]:
-    """The tensor table of one file and the offset where its data starts."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header, 8 + n
 
 
 def tensor_dtype(folder: str | Path, name: str) -> torch.dtype | None:
     """The dtype `name` is stored in, or None where the folder has no checkpoint holding it."""
-    try:
-        files = checkpoint_files(folder)
-    except FileNotFoundError:
-        return None
-    for path in files:
-        entry = read_header(path)[0].get(name)
-        if entry is not None:
-            return _DTYPES.get(entry["dtype"])
-    return None
+    return _DTYPES.get(stored_dtype(folder, name))
 
 
 def _check_complete(folder: str | Path, missing) -> None:
@@ -84,12 +51,7 @@ class FileRows:
         buffer = bytearray(len(unique) * size)
         view = memoryview(buffer)
         for i, row in enumerate(unique.tolist()):
-            part, got = view[i * size:(i + 1) * size], 0
-            while got < size:
-                n = os.preadv(self.fd, [part[got:]], self.offset + row * size + got)
-                if n <= 0:
-                    raise EOFError(f"{self.path.name}: the table ends before row {row}")
-                got += n
+            read_exactly(self.fd, view[i * size:(i + 1) * size], self.offset + row * size, self.path)
         table = torch.frombuffer(buffer, dtype=self.dtype) if buffer else torch.empty(0, dtype=self.dtype)
         return table.view(len(unique), self.shape[1])[inverse]
 
@@ -126,7 +88,7 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
     """
     served = serve_from_file(model, folder)
     params, loaded = dict(model.named_parameters()), set(served)
-    files = [(path, *read_header(path)) for path in checkpoint_files(folder)]
+    files = check_checkpoint(folder)
     # One buffer of the largest tensor's size, allocated once: growing it as bigger tensors come would briefly hold
     # the old and the new buffer (measured on the H200: host peak 0.87 GiB over idle instead of ~0.6).
     largest = max((e["data_offsets"][1] - e["data_offsets"][0] for _, h, _ in files for n, e in h.items()
@@ -147,10 +109,7 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
                 if list(param.shape) != entry["shape"]:
                     raise ValueError(f"{path.name}: {name} has shape {entry['shape']}, the model expects {list(param.shape)}")
                 size = end - begin
-                view = memoryview(buffer)[:size]
-                got = 0
-                while got < size:
-                    got += os.preadv(fd, [view[got:]], data_start + begin + got)
+                read_exactly(fd, memoryview(buffer)[:size], data_start + begin, path)
                 host = torch.frombuffer(buffer, dtype=_DTYPES[entry["dtype"]], count=size // _DTYPES[entry["dtype"]].itemsize)
                 with torch.no_grad():
                     param.copy_(host.view(entry["shape"]))

@@ -125,6 +125,10 @@ class MemoryPlan:
     cuda: bool = True  # a CUDA device: a context, graphs and FlashAttention's kernels are among its items
     sized_to_run: bool = False  # the KV pool holds what the run can use, less than the budget leaves
     graph_pool_bytes: int = 0  # the CUDA graphs' own memory pool (their largest pass's peak), besides the workspace
+    # One sequence's attention in a full pass, per key: its gathered keys and values, its mask's row of the pass's
+    # queries, and where no fused kernel takes a mask (the CPU) the scores; with the pass's other activations.
+    attention_bytes_per_key: int = 0
+    activation_bytes: int = 0
 
     @property
     def embedding_on_host(self) -> bool:
@@ -140,10 +144,20 @@ class MemoryPlan:
     def kv_tokens(self) -> int:
         return (self.num_blocks - 1) * self.block_size
 
+    @property
+    def unused(self) -> int:
+        return (self.budget - self.weights + self.embedding_table - self.overhead - self.workspace_bytes
+                - self.graph_pool_bytes - self.kv_bytes)
+
+    def holds(self, tokens: int) -> bool:
+        """Whether one sequence of `tokens` tokens (prompt and answer) fits: its KV cache, and its attention beside a
+        full pass's activations in the workspace and what the budget leaves unused."""
+        attention = self.activation_bytes + tokens * self.attention_bytes_per_key
+        return tokens <= self.kv_tokens and attention <= self.workspace_bytes + max(0, self.unused)
+
     def describe(self) -> str:
         items = " + ".join(f"{name} {size / GiB:.2f}" for name, size in self.overhead_items)
-        rest = (self.budget - self.weights + self.embedding_table - self.overhead - self.workspace_bytes
-                - self.graph_pool_bytes - self.kv_bytes)
+        rest = self.unused
         table = f" - token table {self.embedding_table / GiB:.2f} read from the file" if self.embedding_on_host else ""
         sized = ", sized to the run's prompts and answers" if self.sized_to_run else ""
         pool = f" + graphs' pool {self.graph_pool_bytes / GiB:.2f}" if self.graph_pool_bytes else ""
@@ -188,6 +202,14 @@ def gather_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
     """Attention copies each sequence's keys and values out of the paged pool, once: SDPA and FlashAttention read
     the copies as they are, and the padded layout frees one group's before the next's."""
     return 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
+
+
+def attention_bytes_per_query_key(cfg: Phi3Config, itemsize: int, cuda: bool) -> int:
+    """What attention holds for one query against one key besides the gathered keys: the padded layout's mask (one
+    row per query head of a KV head) and, where SDPA has no fused kernel that takes a mask (the CPU's math path),
+    the scores and their softmax in float32 for every head."""
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+    return groups * itemsize + (0 if cuda else cfg.num_attention_heads * 4 * 2)
 
 
 def _overhead(shared_host: bool, cuda: bool, host_bytes: int, free: int) -> tuple[list, bool, bool, bool]:
@@ -255,6 +277,7 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
     # The LM head runs after the last layer, when only the residual stream's two tensors are left of the pass.
     workspace = max(layers, 2 * tokens * cfg.hidden_size * itemsize + logits)
     kv_tokens = (free - rows - workspace - graph_pool) // kv_per_token
+    per_key = gather + attention_bytes_per_query_key(cfg, itemsize, cuda) * tokens
     if kv_tokens < MIN_KV_TOKENS:
         raise BudgetTooSmall(f"memory budget {budget / GiB:.2f} GiB leaves {max(0, kv_tokens)} tokens of KV cache "
                              f"after weights ({weights / GiB:.2f} GiB), overhead and workspace")
@@ -271,4 +294,5 @@ def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, share
                       max_num_seqs=int(max_num_seqs), max_batched_tokens=tokens, max_gather_tokens=int(gather_tokens),
                       max_drafts=max_drafts, cuda_graphs=cuda_graphs, varlen_attention=varlen_attention,
                       embedding_table=table, shared_host=shared_host, mlp_rows=mlp_rows, cuda=cuda,
-                      sized_to_run=sized, graph_pool_bytes=graph_pool)
+                      sized_to_run=sized, graph_pool_bytes=graph_pool, attention_bytes_per_key=per_key,
+                      activation_bytes=act(tokens))

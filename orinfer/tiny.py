@@ -6,11 +6,14 @@ weights, so it loads through exactly the path a real checkpoint takes, on any CP
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from .checkpoint import check_checkpoint
 
 ASSETS = Path(__file__).parent / "assets"
 END_TOKEN = 32007  # <|end|>, the token Phi-3 ends its turn with
@@ -79,10 +82,15 @@ DEMO = dict(seed=0, std=0.1, end_boost=3.0)
 
 
 def demo_model_dir() -> Path:
-    """The --demo model, built once in the user's cache directory (atomically, so a crash leaves no half folder)."""
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "orinfer"
+    """The --demo model, built once in the user's cache directory (atomically, so a crash leaves no half folder); a
+    cached folder that is no longer whole (a file cut or removed) is rebuilt. An OSError when the cache cannot be
+    written (HOME a file, or read-only)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "orinfer"
     folder = root / "tiny-random-phi3-v1"
-    if not (folder / "model.safetensors").exists():
+    if folder.exists() and not _whole(folder):
+        print(f"{folder}: the cached demo model is damaged: building it again", file=sys.stderr)
+        shutil.rmtree(folder)
+    if not folder.exists():
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root))
         write_tiny_model(tmp, **DEMO)
@@ -91,3 +99,14 @@ def demo_model_dir() -> Path:
         except OSError:  # another process won the race
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _whole(folder: Path) -> bool:
+    """Every file the demo writes is there, its config reads, and its checkpoint matches its header."""
+    expected = ["config.json", "generation_config.json", *(f.name for f in (ASSETS / "phi3-tokenizer").iterdir())]
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        check_checkpoint(folder)
+    except (OSError, ValueError):
+        return False
+    return all((folder / name).is_file() for name in expected)

@@ -8,12 +8,17 @@ import sys
 import pytest
 from conftest import ROOT
 
-from orinfer.dataset import DataError
-from orinfer.runfiles import Results, RunLock, check_paths, read_results
+from orinfer.dataset import DataError, fingerprint
+from orinfer.runfiles import Results, RunLock, check_data_path, read_results, results_path, run_settings
 
 pytestmark = pytest.mark.unit
 
-RECORDS, SETTINGS = ["r0", "r1", "r2"], "s"
+RECORDS, SETTINGS = ["r0", "r1", "r2"], {"weights": "w", "dtype": "auto"}
+
+
+def check_paths(data, out):
+    check_data_path(data)
+    return results_path(str(out), data)
 
 
 def result(i: int, text: str = "x", record: str | None = None, settings: str = SETTINGS) -> str:
@@ -38,7 +43,9 @@ def test_results_a_cut_last_line_is_dropped_any_other_bad_line_is_an_error(tmp_p
      "outside the data's 3 records"),
     (result(1, record="other"), "was made for another record"),
     (json.dumps({"index": 1, "output": [{"generated_text": "x"}]}), "was made for another record"),  # no fingerprint
-    (result(1, settings="other"), "made with another model, dtype or --max-new-tokens"),
+    (result(1, settings={"weights": "v", "dtype": "auto"}), "made with another weights: pass another --out"),
+    (result(1, settings={"weights": "w", "dtype": "float32"}), "made with another dtype: pass another --out"),
+    (result(1, settings="s"), "made with another settings \\(the line was written by an older orinfer"),
 ])
 def test_results_of_other_data_or_settings_are_refused(tmp_path, line, message):
     out = tmp_path / "o.jsonl"
@@ -56,9 +63,10 @@ def test_the_journal_is_made_only_when_the_run_begins_and_removed_if_it_holds_no
     assert not (tmp_path / "o.jsonl.partial").exists()  # a run that stopped before any result leaves nothing
     results = Results(out, False, RECORDS, SETTINGS)
     results.begin()
-    results.add(1, [{"generated_text": "y"}])
+    results.add(1, [{"generated_text": "y"}], {"message": "the record as Section 3 read it"})
     results.close()
-    assert (tmp_path / "o.jsonl.partial").read_text() == result(1, "y") + "\n"
+    assert (tmp_path / "o.jsonl.partial").read_text() == result(1, "y", record=fingerprint("the record as Section 3 "
+                                                                                          "read it")) + "\n"
     assert "1 results are kept" in results.saved()
 
 

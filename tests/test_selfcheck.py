@@ -32,7 +32,7 @@ def test_a_record_the_cache_cannot_hold_fails_its_check_with_the_budget_that_wou
     """The one fit rule (optimize.Setup.sized_for) refuses the file: the longest record's line fails, naming the
     record's line and the budget that would hold it; the other checks still run; exit 1, one stderr line."""
     run = subprocess.run([sys.executable, str(ROOT / "test_script.py"), "--self-check", "--demo", "--data",
-                          str(ROOT / "data" / "test_dataset.jsonl"), "--max-new-tokens", "1000000",
+                          str(ROOT / "data" / "test_dataset.jsonl"), "--max-new-tokens", "20000",
                           "--memory-budget", "1.6GiB", "--check-records", "2", "--check-tokens", "4"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 1, run.stderr[-2000:]

@@ -2,12 +2,15 @@
 every bad input or option is one line on stderr naming the file and line (or the option), before the model loads,
 with no traceback, a pre-existing --out left byte for byte as it was and nothing else left behind; a fault, a signal
 or a second run during a run keeps every result, and nothing mixes one run's results with another's."""
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,6 +112,17 @@ FAULTS = [
     ("out the data file", [GOOD[0]], ["--out", "{data}"], "is the data file"),
     ("out the data file by another spelling", [GOOD[0]], ["--out", "{tmp}/./data.jsonl"], "is the data file"),
     ("data a pipe", "fifo", [], "{data}: is not a regular file"),
+    ("nested too deeply", [GOOD[0], "[" * 100000 + "]" * 100000], [], "{data}:2: not a record: JSON nested too deeply"),
+    ("a 5,000-digit number", [GOOD[0], '{"message": ' + "9" * 5000 + "}"], [],
+     "{data}:2: not a record: it holds a number of more digits than the decoder converts"),
+    ("out empty", [GOOD[0]], ["--out", ""], "'': names a folder, not a file"),
+    ("out .", [GOOD[0]], ["--out", "."], ".: names a folder, not a file"),
+    ("out ./", [GOOD[0]], ["--out", "./"], "./: names a folder, not a file"),
+    ("out /", [GOOD[0]], ["--out", "/"], "/: names a folder, not a file"),
+    ("out a device", [GOOD[0]], ["--out", "/dev/null"], "/dev/null: is not a regular file"),
+    ("out a link to a device", [GOOD[0]], ["--out", "{tmp}/to-stdout"], "to-stdout: is a link to "),
+    ("out a dangling link", [GOOD[0]], ["--out", "{tmp}/dangling"], "which is not a regular file"),
+    ("journal a link", [GOOD[0]], ["--out", "{tmp}/linked.jsonl"], "linked.jsonl.partial: is not a regular file"),
 ]
 if not torch.cuda.is_available():
     FAULTS.append(("cuda without CUDA", [GOOD[0]], ["--device", "cuda"], "device 'cuda': this torch"))
@@ -178,6 +192,9 @@ def test_fault_table(tmp_path, capsys, weightless, name, lines, options, message
     elif lines is not None:
         data.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     out, before = previous_out(tmp_path)
+    (tmp_path / "to-stdout").symlink_to("/dev/stdout")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nothing-here")
+    (tmp_path / "linked.jsonl.partial").symlink_to(out)
     data_before = data.read_bytes() if data.is_file() else None
     files = sorted(tmp_path.iterdir())
     options = [o.replace("{tmp}", str(tmp_path)).replace("{data}", str(data)) for o in options]
@@ -296,8 +313,7 @@ def test_resume_refuses_the_results_of_other_data_with_as_many_records(tmp_path,
     assert_one_line_error(capsys, code, 2, f"{out}:1: the result for record 0 was made for another record")
     assert out.read_bytes() == before
     code = test_script.main(["--demo", "--data", str(other), "--out", str(out), "--max-new-tokens", "6", "--resume"])
-    assert_one_line_error(capsys, code, 2, f"{out}:1: the result was made with another model, dtype or "
-                                           "--max-new-tokens")
+    assert_one_line_error(capsys, code, 2, f"{out}:1: the result was made with another max_new_tokens")
 
 
 def test_a_second_run_on_the_same_out_is_refused_at_once(tmp_path, capsys):
@@ -362,3 +378,254 @@ def test_records_that_outgrow_the_cache_are_named_and_the_others_kept(tmp_path, 
     assert "records have no result" in captured.err.strip().splitlines()[-1]
     kept = [json.loads(line)["index"] for line in out.read_text().splitlines()]
     assert len(kept) + len(named) == 30 and kept == sorted(kept)
+
+
+def _truncate(folder, keep):
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:keep(path.stat().st_size)])
+
+
+def _replace_header(folder, length: int, header: bytes):
+    path = folder / "model.safetensors"
+    path.write_bytes(length.to_bytes(8, "little") + header + path.read_bytes()[8:])
+
+
+# (name, what is done to a whole tiny model folder, what stderr's last line holds; "{m}" is the folder)
+MODEL_FAULTS = [
+    ("checkpoint truncated", lambda m: _truncate(m, lambda n: n - 1000),
+     "{m}/model.safetensors: is {size} bytes but its header describes"),
+    ("checkpoint of 5 bytes", lambda m: _truncate(m, lambda n: 5), "{m}/model.safetensors: is 5 bytes, truncated"),
+    ("absurd header length", lambda m: _replace_header(m, 2 ** 62, b""), "its header claims 4611686018427387904 bytes"),
+    ("corrupt header", lambda m: _replace_header(m, 20, b"{not a json table!!}"),
+     "{m}/model.safetensors: its header is not a JSON table of tensors"),
+    ("shard named by the index missing", lambda m: (m / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})),
+     "{m}/model.safetensors.index.json: names shards that are not in the folder: model-00002-of-00002.safetensors"),
+    ("no tokenizer", lambda m: [(m / n).unlink() for n in ("tokenizer.json", "tokenizer.model")],
+     "{m}: no tokenizer (tokenizer.json or tokenizer.model"),
+    ("garbage config", lambda m: (m / "config.json").write_text("{\\x00 garbage"),
+     "{m}/config.json: not valid JSON"),
+    ("config not an object", lambda m: (m / "config.json").write_text("[1]"), "{m}/config.json: not a JSON object"),
+    ("config without a field", lambda m: (m / "config.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((m / "config.json").read_text()).items() if k != "hidden_size"})),
+     "{m}/config.json: has no 'hidden_size'"),
+    ("garbage generation config", lambda m: (m / "generation_config.json").write_text("eos?"),
+     "{m}/generation_config.json: not valid JSON"),
+    ("eos not a token id", lambda m: (m / "generation_config.json").write_text('{"eos_token_id": "end"}'),
+     "{m}/generation_config.json: eos_token_id must be a token id"),
+]
+
+
+@pytest.mark.parametrize("name, damage, message", MODEL_FAULTS, ids=[f[0] for f in MODEL_FAULTS])
+def test_a_model_folder_that_is_not_whole_is_refused_before_the_load(tmp_path, capsys, name, damage, message):
+    """Checked before any weight loads (a truncated checkpoint once hung the load at 100 % CPU): exit 2, one line
+    naming the file, nothing written."""
+    model = write_tiny_model(tmp_path / "model")
+    size = (model / "model.safetensors").stat().st_size
+    damage(model)
+    data = tmp_path / "data.jsonl"
+    data.write_text(GOOD[0] + "\n")
+    out, before = previous_out(tmp_path)
+    files = sorted(tmp_path.iterdir())
+    code = test_script.main(["--model", str(model), "--device", "cpu", "--data", str(data), "--out", str(out)])
+    assert_one_line_error(capsys, code, 2, message.format(m=model, size=size - 1000))
+    assert out.read_bytes() == before and sorted(tmp_path.iterdir()) == files
+
+
+def test_a_damaged_demo_cache_is_rebuilt(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "out.jsonl"
+    run(capsys, "--out", str(out), "--max-new-tokens", "5")
+    first = out.read_text()
+    weights = tmp_path / "cache" / "orinfer" / "tiny-random-phi3-v1" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    assert test_script.main(["--demo", "--out", str(out), "--max-new-tokens", "5"]) == 0
+    assert "the cached demo model is damaged: building it again" in capsys.readouterr().err
+    assert out.read_text() == first
+
+
+@pytest.mark.parametrize("change, differs", [
+    ("weights", "weights"), ("chat template", "chat template"), ("tokenizer", "chat template, tokenizer"),
+])
+def test_resume_refuses_results_of_another_model_with_the_same_config(tmp_path, capsys, change, differs):
+    """Another folder whose config.json is the same: other weights, another chat template or tokenizer."""
+    one = write_tiny_model(tmp_path / "one", seed=0)
+    two = write_tiny_model(tmp_path / "two", seed=1 if change == "weights" else 0)
+    if change != "weights":
+        config = json.loads((two / "tokenizer_config.json").read_text())
+        config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        if change == "tokenizer":
+            config["model_max_length"] = 1234
+            del config["chat_template"]
+            (two / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+        (two / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out.jsonl"
+    common = ["--device", "cpu", "--out", str(out), "--max-new-tokens", "5"]
+    assert test_script.main(["--model", str(one), *common]) == 0
+    out.write_text("\n".join(out.read_text().splitlines()[:12]) + "\n")
+    capsys.readouterr()
+    code = test_script.main(["--model", str(two), *common, "--resume"])
+    assert_one_line_error(capsys, code, 2, f"{out}:1: the result was made with another {differs}: pass another --out")
+
+
+def test_a_data_file_replaced_while_the_run_sets_up_is_refused(tmp_path, capsys):
+    data, out = tmp_path / "data.jsonl", tmp_path / "out.jsonl"
+    data.write_text("\n".join(GOOD) + "\n")
+    other = [json.loads(line) for line in GOOD]
+    for r in other:
+        r["message"][0]["content"] += " (changed)"
+
+    def replace_the_data(gen):
+        data.write_text("".join(json.dumps(r) + "\n" for r in other))
+        return gen
+    code = test_script.main(["--demo", "--data", str(data), "--out", str(out), "--max-new-tokens", "5"],
+                            prepare=reshaped(wrap=replace_the_data))
+    assert_one_line_error(capsys, code, 2, f"{data}: changed since it was checked before the model loaded")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
+
+
+class FullDisk(optimize.Generator):
+    """The disk fills after `results` results: the next line is cut inside a two-byte character."""
+
+    def __init__(self, gen, results: int, journal: Path):
+        super().__init__(gen.engine, gen.tokenizer, gen.progress)
+        self.results, self.journal = results, journal
+
+    def __call__(self, inputs, on_result=None, **kwargs):
+        if on_result is None:
+            return super().__call__(inputs, **kwargs)
+        done = []
+
+        def result(i, output):
+            if len(done) == self.results:
+                with open(self.journal, "ab") as f:
+                    f.write('{"index": 9, "output": [{"generated_text": "é'.encode()[:-1])
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.journal))
+            on_result(i, output)
+            done.append(i)
+        return super().__call__(inputs, on_result=result, **kwargs)
+
+
+def test_a_full_disk_keeps_the_results_says_so_and_releases_the_lock(tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    journal = out.with_name(out.name + ".partial")
+    code = test_script.main(["--demo", "--out", str(out), "--max-new-tokens", "20"],
+                            prepare=reshaped(wrap=lambda gen: FullDisk(gen, 9, journal)))
+    line = assert_one_line_error(capsys, code, 1, "error: no space left on the disk (")
+    assert f"9 results are kept in {journal}" in line and "run again with --resume" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [journal.name]  # no lock, no empty log
+    # The cut line ends inside a character: --resume excuses it and runs the rest.
+    printed = run(capsys, "--out", str(out), "--max-new-tokens", "20", "--resume")
+    assert "21 of 30 records ran in it" in printed
+
+
+def test_a_crash_while_resume_rewrites_the_journal_keeps_every_result(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    code = test_script.main(["--demo", "--out", str(out), "--max-new-tokens", "20"],
+                            prepare=reshaped(wrap=lambda gen: DiesAfter(gen, 9, KeyboardInterrupt())))
+    journal = out.with_name(out.name + ".partial")
+    kept = journal.read_bytes()
+    assert code == 130 and len(kept.splitlines()) == 9
+
+    def crash(fd):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "fsync", crash)  # the rewrite dies before its new file is in place
+    code = test_script.main(["--demo", "--out", str(out), "--max-new-tokens", "20", "--resume"])
+    assert_one_line_error(capsys, code, 130, "interrupted: 9 results are kept in ")
+    assert journal.read_bytes() == kept and sorted(p.name for p in tmp_path.iterdir()) == [journal.name]
+
+
+def test_a_json_array_of_100000_records_is_read_in_linear_time(tmp_path):
+    from orinfer.dataset import read_dataset
+    data = tmp_path / "data.json"
+    record = json.loads(GOOD[0])
+    data.write_text("[\n" + ",\n".join(json.dumps(record) for _ in range(100000)) + "\n]\n")
+    start = time.perf_counter()
+    read = read_dataset(data)
+    assert len(read.records) == 100000 and read.lines[-1] == 100001
+    assert time.perf_counter() - start < 30  # 1.3 s on a 2-core machine; quadratic parsing took 49 s
+
+
+def test_the_self_checks_inputs_are_checked_as_a_runs_and_it_writes_nothing(tmp_path, capsys):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for data, message in ((fifo, f"{fifo}: is not a regular file"), ("/dev/zero", "/dev/zero: is not a regular file")):
+        code = test_script.main(["--self-check", "--demo", "--data", str(data)])
+        assert_one_line_error(capsys, code, 2, message)
+    for extra, option in ((["--out", "x.jsonl"], "--out"), (["--resume"], "--resume")):
+        with pytest.raises(SystemExit) as e:
+            test_script.main(["--self-check", "--demo", *extra])
+        assert_one_line_error(capsys, e.value.code, 2, f"argument {option}: --self-check writes no results")
+    with pytest.raises(SystemExit) as e:
+        test_script.main(["--demo", "--model", str(tmp_path)])
+    assert_one_line_error(capsys, e.value.code, 2, "argument --model: --demo runs the embedded tiny model")
+
+
+def test_a_fault_in_the_self_check_writes_nothing_beside_the_users_files(tmp_path, capsys, monkeypatch):
+    from orinfer import selfcheck
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a fault inside the self-check")
+    monkeypatch.setattr(selfcheck, "run", broken)
+    monkeypatch.chdir(tmp_path)
+    code = test_script.main(["--self-check", "--demo", "--data", str(ROOT / "data" / "test_dataset.jsonl")])
+    last = assert_one_line_error(capsys, code, 1, "error: RuntimeError: a fault inside the self-check (traceback in ")
+    assert list(tmp_path.iterdir()) == []
+    Path(last.split("traceback in ")[1].split(")")[0]).unlink()
+
+
+def test_a_prompt_the_budget_cannot_attend_over_is_refused_before_it_costs_memory(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"message": [{"role": "user", "content": "word " * 200000}]}) + "\n")
+    code = test_script.main(["--demo", "--data", str(data), "--out", str(tmp_path / "o.jsonl"),
+                             "--memory-budget", "3GiB"])
+    assert_one_line_error(capsys, code, 2, f"{data}:1: the prompt's 200004 tokens and up to 500 new tokens need")
+
+
+def test_an_out_link_to_a_file_is_written_through(tmp_path, capsys):
+    target, link = tmp_path / "elsewhere" / "results.jsonl", tmp_path / "out.jsonl"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link.symlink_to(target)
+    run(capsys, "--out", str(link), "--max-new-tokens", "5")
+    assert link.is_symlink() and len(target.read_text().splitlines()) == 30
+
+
+def _command(tmp_path, *argv, env=None, **kwargs):
+    return subprocess.run([sys.executable, str(ROOT / "test_script.py"), *argv], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, **(env or {})}, timeout=600, **kwargs)
+
+
+@pytest.mark.parametrize("home", ["a file", "read-only"])
+def test_a_home_the_demo_cannot_use_is_one_line(tmp_path, home):
+    path = tmp_path / "home"
+    if home == "a file":
+        path.write_text("")
+    else:
+        path.mkdir()
+        path.chmod(0o500)
+    run = _command(tmp_path, "--demo", "--data", str(ROOT / "data" / "test_dataset.jsonl"),
+                   env={"HOME": str(path), "XDG_CACHE_HOME": "", "HF_HOME": str(tmp_path / "hf")})
+    if home == "read-only" and os.geteuid() == 0:  # root writes anyway: the run simply works
+        assert run.returncode == 0, run.stderr
+        return
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "the demo model cannot be built in " in run.stderr and "set XDG_CACHE_HOME" in run.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT])
+def test_hangup_and_quit_end_the_run_as_sigterm_does(tmp_path, capsys, signum):
+    out = tmp_path / "out.jsonl"
+    code = test_script.main(["--demo", "--out", str(out), "--max-new-tokens", "20"],
+                            prepare=reshaped(wrap=lambda gen: DiesAfter(gen, 4, signum)))
+    assert_one_line_error(capsys, code, 128 + signum, f"terminated by {signal.Signals(signum).name}: 4 results are kept")
+    assert not out.with_name(out.name + ".lock").exists()
+
+
+def test_the_report_is_printed_in_any_encoding(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"message": [{"role": "user", "content": "x"}], "answer": "é"}) + "\n")
+    run = _command(tmp_path, "--demo", "--data", str(data), "--max-new-tokens", "30",
+                   env={"PYTHONIOENCODING": "ascii"})
+    assert run.returncode == 0, run.stderr
+    assert "Correctness: 0/1" in run.stdout
