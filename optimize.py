@@ -6,6 +6,7 @@ resolved once (prepare -> Setup), the weights loaded (Setup.load), and a pipe()-
     gen.warmup()
     outs = gen(KeyDataset(data, "message"), max_new_tokens=500, return_full_text=False, do_sample=False)
 """
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,7 @@ from orinfer.pipeline import SLIDING_WINDOW_APPLIES, Generator, RecordError, Rep
 from transformers import AutoTokenizer  # noqa: I100
 
 from orinfer import kernels
+from orinfer.board import Jetson, environment_notes, is_jetson, read_jetson
 from orinfer.checkpoint import check_checkpoint
 from orinfer.config import Phi3Config, eos_token_ids
 from orinfer.engine import Engine
@@ -71,6 +73,18 @@ class Setup:
     plan: MemoryPlan
     options: Options  # its `compile` resolved to True or False
     plan_inputs: dict = field(default_factory=dict)  # plan_memory's arguments besides the budget and the run's needs
+    board: Jetson | None = None  # on a Jetson: its module, power mode, clocks (orinfer/board.py)
+
+    def describe_machine(self) -> str:
+        """Section 1's lines about the machine: on a Jetson the board (loud when below full speed); the settings of
+        the environment that change the plan."""
+        lines = []
+        if self.board is not None:
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            lines.append(self.board.describe(sms))
+        lines += [f"environment ({verdict}): {note}" for verdict, note in environment_notes(dict(os.environ),
+                                                                                           self.board)]
+        return "\n".join(lines)
 
     def plan_for(self, budget: int, kv_tokens_wanted: int | None = None) -> MemoryPlan:
         """The memory plan at this budget; its pass size is Options.pass_tokens where that is set."""
@@ -146,8 +160,9 @@ class Setup:
         model = Phi3ForCausalLM(self.cfg, self.device, self.dtype,
                                 kernels.compiled() if self.options.compile else kernels.EAGER,
                                 embedding_on_host=self.plan.embedding_on_host, mlp_rows=self.plan.mlp_rows)
+        loaded = None
         if init is None:
-            load_weights(model, self.folder)
+            loaded = load_weights(model, self.folder)
         else:
             init(model)
             serve_from_file(model, self.folder)
@@ -155,7 +170,7 @@ class Setup:
         attention = available(self.device, self.dtype, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                               options.varlen and self.plan.varlen_attention, options.packed_queries)
         return Generator(Engine(model, self.eos, self.plan, options, attention, observer=observer), self.tokenizer,
-                         progress)
+                         progress, loaded)
 
 
 def _check_weights(folder: Path) -> None:
@@ -182,6 +197,10 @@ def _tokenizer(folder: Path):
 
 def _device(name: str | None) -> torch.device:
     if name is None:
+        if not torch.cuda.is_available() and is_jetson():
+            raise SetupError("this is a Jetson, but torch sees no CUDA device (a container started without the NVIDIA "
+                             "runtime, or a torch built without CUDA): start the container with --runtime nvidia, "
+                             "use NVIDIA's JetPack torch, or pass --device cpu to run on the CPU (hours)")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
@@ -233,7 +252,8 @@ def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto
             raise SetupError(f"--memory-budget {budget / GiB:.2f} GiB is more than this machine has "
                              f"({most / GiB:.2f} GiB)")
         budget = most  # RSS + MemAvailable counts a file's mapped pages twice
-    setup = Setup(folder, cfg, eos, tokenizer, dev, torch_dtype, None, options, inputs)
+    board = read_jetson() if dev.type == "cuda" and shared else None
+    setup = Setup(folder, cfg, eos, tokenizer, dev, torch_dtype, None, options, inputs, board)
     try:
         return replace(setup, plan=setup.plan_for(budget))
     except BudgetTooSmall as e:

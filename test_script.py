@@ -165,8 +165,13 @@ def self_check(args, prepare, model_dir, device, records: list, lines: list) -> 
         setup = setup.sized_for(lengths, args.max_new_tokens)
     except optimize.InputError as e:  # the unsized plan: the check of the longest record reports it
         refused = f"line {lines[e.index]}: {e}"
-    checks = selfcheck.run(setup, chats, lines, args.max_new_tokens, args.memory_budget, args.check_records,
-                           args.check_tokens, refused)
+    checks = selfcheck.Checks(sys.stdout)
+    try:
+        selfcheck.run(setup, chats, lines, args.max_new_tokens, args.memory_budget, args.check_records,
+                      args.check_tokens, refused, checks)
+    except Exception as e:  # the lines so far are out; this one says where it stopped (the traceback: _fault)
+        print(f"[FAIL] self-check stopped during {checks.step}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        raise
     return selfcheck.report(checks, sys.stdout)
 
 
@@ -182,8 +187,13 @@ def set_up(args, prepare, model_dir, device, data_path: Path, records: list, lin
         raise DataError(data_path, lines[todo[e.index]], str(e)) from None
     except optimize.SetupError as e:
         raise Refused(f"error: {e}") from None
+    machine = setup.describe_machine()
+    if machine:
+        print(machine, file=sys.stderr)
     print(setup.plan.describe(), file=sys.stderr)
     gen = setup.load()
+    if gen.load_report is not None:
+        print(gen.load_report.describe(), file=sys.stderr)
     print(gen.describe(), file=sys.stderr)
     return gen
 
@@ -314,6 +324,12 @@ def _fault(e: Exception, args) -> int:
         print(f"error: no space left on the disk ({e.filename or e.strerror}): {saved}; free some space, then run "
               "again with --resume", file=sys.stderr)
         return 1
+    if "torch" in sys.modules:  # only an engine that ran can have run out of memory
+        from orinfer.memory import is_out_of_memory
+        if is_out_of_memory(e):
+            e = RuntimeError(f"the device ran out of memory outside the engine's passes (the load or the warm-up; "
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:160]}): this board gives less than the "
+                             "plan's budget: run --self-check, or pass a lower --memory-budget")
     # The self-check writes nothing beside the user's files: its log goes to the temporary folder.
     log = (Path(tempfile.gettempdir()) / f"orinfer-self-check-{os.getpid()}.error.log" if args.self_check
            else beside(Path(args.out), ".error.log"))

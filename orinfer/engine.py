@@ -8,7 +8,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .block_manager import BlockManager
-from .memory import MemoryPlan
+from .loader import FileRows
+from .memory import MemoryPlan, is_out_of_memory
 from .model import Phi3ForCausalLM
 from .observe import Observer, PassRecord
 from .options import Options
@@ -23,7 +24,7 @@ from .warmup import meet_gemm_kernels, probe, tokens_at_one_token_cost
 # stage); on the H200's plan all three give the same 6 passes.
 AHEAD_FILL = 0.9
 # Engine.warmup's steps, in the order they run.
-WARMUP_STEPS = ("gemms", "lookup_budget", "graphs", "probe")
+WARMUP_STEPS = ("token_table", "gemms", "lookup_budget", "graphs", "probe")
 
 
 class Engine:
@@ -76,10 +77,15 @@ class Engine:
 
     def warmup(self, steps: tuple[str, ...] = WARMUP_STEPS) -> None:
         """Untimed preparation before the clock starts, in named steps (WARMUP_STEPS; a benchmark may take them one
-        at a time): "gemms" meets every GEMM kernel a pass can ask for, "lookup_budget" measures the pass size under
+        at a time): "token_table" reads a token table kept in the checkpoint's file once, so that its rows are in
+        the page cache (loader.FileRows.warm), "gemms" meets every GEMM kernel a pass can ask for, "lookup_budget" measures the pass size under
         which lookup drafts ride along, "graphs" captures the CUDA graphs, "probe" runs competition-shaped requests
         (random ids) so that the allocators grow their pools now (graph capture empties the device cache, so it
-        comes first). The prefix cache is left empty. Nothing to do off CUDA."""
+        comes first). The prefix cache is left empty. Only the first step has anything to do off CUDA."""
+        if "token_table" in steps:
+            for module in self.model.modules():
+                if isinstance(getattr(module, "rows", None), FileRows):
+                    module.rows.warm()
         if self.model.device.type != "cuda":
             return
         p, runner = self.plan, self.runner
@@ -188,7 +194,9 @@ class _Run:
         engine = self.engine
         try:
             pending = engine.runner.launch(works, self.in_flight[1] if chained else None)
-        except torch.cuda.OutOfMemoryError:
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
             self.commit()
             self.scheduler.rollback(works)
             engine.stats["oom_retries"] += 1

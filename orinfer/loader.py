@@ -11,6 +11,8 @@ cache, which it reclaims under pressure, and never in this process's memory beyo
 the pages the process's own, and the kernel maps a fault's neighbours in too).
 """
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,6 +57,19 @@ class FileRows:
         table = torch.frombuffer(buffer, dtype=self.dtype) if buffer else torch.empty(0, dtype=self.dtype)
         return table.view(len(unique), self.shape[1])[inverse]
 
+    def warm(self) -> int:
+        """Read the whole table once, in order, so its rows sit in the page cache (reclaimable) when passes ask for
+        them: after a 26 GiB load the cache no longer holds them, and each distinct token would be a cold random
+        read inside the timed run. The same bytes whatever the data; returns them."""
+        size = self.shape[0] * self.row_bytes
+        buffer = memoryview(bytearray(min(size, 16 << 20)))
+        with open(self.path, "rb", buffering=0) as f:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), self.offset, size, os.POSIX_FADV_WILLNEED)
+            for at in range(0, size, len(buffer)):
+                read_exactly(f.fileno(), buffer[:min(len(buffer), size - at)], self.offset + at, self.path)
+        return size
+
     def __del__(self):
         os.close(self.fd)
 
@@ -80,12 +95,42 @@ def serve_from_file(model: torch.nn.Module, folder: str | Path) -> set[str]:
     return served
 
 
-def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
+@dataclass(frozen=True)
+class LoadReport:
+    """How the checkpoint was read: bytes, seconds, and the block device holding it (nvme0n1, mmcblk0...)."""
+    bytes: int
+    seconds: float
+    disk: str
+
+    SLOW = 1e9  # bytes/s under which the load is worth a warning: an NVMe drive gives 1.5-3 GB/s
+
+    def describe(self) -> str:
+        rate = self.bytes / max(self.seconds, 1e-9)
+        line = (f"load: {self.bytes / 2**30:.2f} GiB of weights in {self.seconds:.1f} s ({rate / 1e9:.2f} GB/s) "
+                f"from {self.disk}")
+        if rate < self.SLOW and self.bytes > 2**30:
+            line += ("\n!! the checkpoint's disk reads under 1 GB/s: an eMMC or SD card loads 26 GiB in minutes; "
+                     "an NVMe drive in ~15 s (docs/JETSON.md)")
+        return line
+
+
+def block_device(path: Path) -> str:
+    """The block device a file lives on, by its name in /sys/dev/block (the partition's disk, e.g. nvme0n1p1)."""
+    dev = os.stat(path).st_dev
+    link = Path("/sys/dev/block") / f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        return link.resolve(strict=True).name
+    except OSError:
+        return f"device {os.major(dev)}:{os.minor(dev)} (not a block device: a network or overlay file system?)"
+
+
+def load_weights(model: torch.nn.Module, folder: str | Path) -> LoadReport:
     """Fill every parameter of `model` (names as in transformers' Phi3ForCausalLM) from the checkpoint.
 
     Each tensor is converted to the parameter's dtype on the device; tables left on the meta device are read from
     the file as needed (serve_from_file). Unknown or missing names are an error (_check_complete).
     """
+    start = time.perf_counter()
     served = serve_from_file(model, folder)
     params, loaded = dict(model.named_parameters()), set(served)
     files = check_checkpoint(folder)
@@ -93,31 +138,38 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
     # the old and the new buffer (measured on the H200: host peak 0.87 GiB over idle instead of ~0.6).
     largest = max((e["data_offsets"][1] - e["data_offsets"][0] for _, h, _ in files for n, e in h.items()
                    if n not in served), default=0)
-    buffer = bytearray(largest)
+    buffer, read = bytearray(largest), 0
     for path, header, data_start in files:
         fd = os.open(path, os.O_RDONLY)
         try:
             for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                if name in served:
-                    continue
-                if name not in params:
-                    raise KeyError(f"{path.name}: tensor {name!r} has no place in the Phi-3 model")
-                param = params[name]
-                begin, end = entry["data_offsets"]
-                if entry["dtype"] not in _DTYPES:
-                    raise TypeError(f"{path.name}: {name} has unsupported dtype {entry['dtype']}")
-                if list(param.shape) != entry["shape"]:
-                    raise ValueError(f"{path.name}: {name} has shape {entry['shape']}, the model expects {list(param.shape)}")
-                size = end - begin
-                read_exactly(fd, memoryview(buffer)[:size], data_start + begin, path)
-                host = torch.frombuffer(buffer, dtype=_DTYPES[entry["dtype"]], count=size // _DTYPES[entry["dtype"]].itemsize)
-                with torch.no_grad():
-                    param.copy_(host.view(entry["shape"]))
-                if param.device.type != "cpu":
-                    torch.cuda.synchronize(param.device)  # the buffer is reused for the next tensor
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(fd, data_start + begin, size, os.POSIX_FADV_DONTNEED)
-                loaded.add(name)
+                if name not in served:
+                    read += _load_tensor(fd, path, name, entry, data_start, params, buffer)
+                    loaded.add(name)
         finally:
             os.close(fd)
     _check_complete(folder, set(params) - loaded)
+    return LoadReport(read, time.perf_counter() - start, block_device(files[0][0]))
+
+
+def _load_tensor(fd: int, path: Path, name: str, entry: dict, data_start: int, params: dict,
+                 buffer: bytearray) -> int:
+    """One tensor from the file into its parameter, through `buffer`; its pages then leave the page cache."""
+    if name not in params:
+        raise KeyError(f"{path.name}: tensor {name!r} has no place in the Phi-3 model")
+    param = params[name]
+    begin, end = entry["data_offsets"]
+    if entry["dtype"] not in _DTYPES:
+        raise TypeError(f"{path.name}: {name} has unsupported dtype {entry['dtype']}")
+    if list(param.shape) != entry["shape"]:
+        raise ValueError(f"{path.name}: {name} has shape {entry['shape']}, the model expects {list(param.shape)}")
+    size, dtype = end - begin, _DTYPES[entry["dtype"]]
+    read_exactly(fd, memoryview(buffer)[:size], data_start + begin, path)
+    host = torch.frombuffer(buffer, dtype=dtype, count=size // dtype.itemsize)
+    with torch.no_grad():
+        param.copy_(host.view(entry["shape"]))
+    if param.device.type != "cpu":
+        torch.cuda.synchronize(param.device)  # the buffer is reused for the next tensor
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, data_start + begin, size, os.POSIX_FADV_DONTNEED)
+    return size

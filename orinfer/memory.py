@@ -7,6 +7,7 @@ attention tokens, sequences at once) is derived here from what the budget leaves
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -74,12 +75,91 @@ def is_integrated(device: torch.device) -> bool:
     return bool(getattr(props, "is_integrated", False)) or (props.major, props.minor) in ((8, 7), (7, 2))
 
 
+# Kept out of an automatic budget on shared memory: what other processes allocate while the run goes on (a shell, the
+# journal, a monitor) would otherwise come out of the run's own margin, and zram turns that overrun into a swap storm.
+AUTO_RESERVE_BYTES = 256 * MiB
+DESKTOP_PROCESSES = ("Xorg", "Xwayland", "gnome-shell", "gdm3", "lightdm", "plasmashell", "xfce4-session")
+
+
+def shared_memory_terms(root: Path = Path("/")) -> dict[str, int]:
+    """What an automatic budget on shared memory is made of, each in bytes (files under `root`, for tests): this
+    process's private memory (RssAnon: its mapped file pages are the page cache's, already in MemAvailable),
+    MemAvailable, the free CMA pool inside it (reserved for contiguous device buffers: GPU pages cannot use it), the
+    reserve, and a container's cgroup limit less what the cgroup holds (absent where there is none)."""
+    meminfo = proc_kib_fields(str(root / "proc/meminfo"), ("MemAvailable",))
+    terms = {"private": proc_kib_fields(str(root / "proc/self/status"), ("RssAnon",))["RssAnon"],
+             "available": meminfo["MemAvailable"], "reserve": AUTO_RESERVE_BYTES,
+             "free CMA": _optional_kib(root / "proc/meminfo", "CmaFree")}
+    limit = _cgroup_room(root)
+    if limit is not None:
+        terms["cgroup room"] = limit
+    return terms
+
+
+def _optional_kib(path: Path, name: str) -> int:
+    try:
+        return proc_kib_fields(str(path), (name,))[name]
+    except (RuntimeError, OSError):
+        return 0
+
+
+def _cgroup_room(root: Path) -> int | None:
+    """The container's memory limit less what its cgroup holds now (cgroup v2, else v1); None without a limit."""
+    for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            cap = (root / "sys/fs/cgroup" / limit).read_text().strip()
+            used = int((root / "sys/fs/cgroup" / usage).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if cap.isdigit() and int(cap) < 1 << 60:  # v1 writes a huge number for "no limit"
+            return int(cap) - used
+    return None
+
+
+def shared_budget(terms: dict[str, int]) -> int:
+    """The automatic budget on shared memory from shared_memory_terms: private + available - free CMA - reserve, no
+    more than the process's private memory plus the cgroup's room where a container caps it."""
+    budget = terms["private"] + terms["available"] - terms["free CMA"] - terms["reserve"]
+    if "cgroup room" in terms:
+        budget = min(budget, terms["private"] + terms["cgroup room"] - terms["reserve"])
+    return max(0, budget)
+
+
+def describe_terms(terms: dict[str, int]) -> str:
+    """'this process's private 0.26 + MemAvailable 22.20 - free CMA 0.50 - reserve 0.25 GiB (cgroup room 20.00)'."""
+    text = (f"this process's private {terms['private'] / GiB:.2f} + MemAvailable {terms['available'] / GiB:.2f} - "
+            f"free CMA {terms['free CMA'] / GiB:.2f} - reserve {terms['reserve'] / GiB:.2f} GiB")
+    return text + (f" (a container's limit leaves {terms['cgroup room'] / GiB:.2f})" if "cgroup room" in terms else "")
+
+
+def desktop_session(root: Path = Path("/")) -> str | None:
+    """The name of a desktop session's process, where one runs (it holds ~0.8 GB a headless boot frees)."""
+    for comm in (root / "proc").glob("[0-9]*/comm"):
+        try:
+            name = comm.read_text().strip()
+        except OSError:
+            continue
+        if name in DESKTOP_PROCESSES:
+            return name
+    return None
+
+
 def auto_budget(device: torch.device) -> int:
-    """Bytes this process may use in all: on shared memory what it holds now plus MemAvailable, else free VRAM."""
+    """Bytes this process may use in all: on shared memory shared_budget (the CPU too), else free VRAM."""
     if is_integrated(device):
-        return rss_bytes() + meminfo_available()
+        return shared_budget(shared_memory_terms())
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation that failed: torch's OutOfMemoryError, or what a failed cudaMalloc raises on Tegra, where the
+    caching allocator asks NVML (which has no Orin GPU) and fails an assert instead (pytorch/pytorch#185240)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("NVML_SUCCESS == r INTERNAL ASSERT FAILED" in text
+                                                or "CUDA error: out of memory" in text)
 
 
 def parse_budget(text: str | int | None, device: torch.device) -> int:

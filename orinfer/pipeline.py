@@ -92,8 +92,9 @@ class Report:
 class Generator:
     """pipe()-compatible greedy text generation over the orinfer engine."""
 
-    def __init__(self, engine: Engine, tokenizer, progress: bool = True):
+    def __init__(self, engine: Engine, tokenizer, progress: bool = True, load_report=None):
         self.engine, self.tokenizer, self.progress = engine, tokenizer, progress
+        self.load_report = load_report  # loader.LoadReport: how the checkpoint was read (None: weights given)
 
     @property
     def model(self):

@@ -5,15 +5,17 @@ against what the run then holds, the attention kernels, the engine's outputs aga
 weight tensors, and the Section 3 time this data file can be expected to take. Untimed; writes no results file.
 """
 import gc
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .board import MEASURED_SHARE, Jetson, datasheet, read_jetson
+from .board import MEASURED_SHARE, ORIN_DRAM_BYTES, Jetson, datasheet, environment_notes, read_jetson
 from .integers import ceil_div
-from .memory import GiB, is_integrated, meminfo_available, peak_rss_bytes, proc_kib_fields
+from .memory import (SAFETY_BYTES, GiB, describe_terms, desktop_session, is_integrated, is_out_of_memory, meminfo_available, peak_rss_bytes,
+                     proc_kib_fields, shared_memory_terms)
 from .reference import reference_attention
 from .warmup import seconds_per_call
 
@@ -33,6 +35,20 @@ class Check:
         return f"[{self.verdict:>4}] {self.name}: {self.figure}" + (f" -> {self.fix}" if self.fix else "")
 
 
+class Checks(list):
+    """The checks so far, each printed the moment it is made, so that a self-check killed by the OOM killer, an
+    assert or a hang still shows what it found; `step` names what it is doing now (for the line a fault prints)."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out, self.step = out, "start"
+
+    def add(self, *checks: Check) -> None:
+        for check in checks:
+            self.append(check)
+            print(check.line(), file=self.out, flush=True)
+
+
 def device_checks(device: torch.device, jetson: Jetson | None) -> list[Check]:
     """What the device is; on a Jetson also its board, power mode and GPU clock (jetson_checks)."""
     if device.type != "cuda":
@@ -40,17 +56,24 @@ def device_checks(device: torch.device, jetson: Jetson | None) -> list[Check]:
         import platform
         return [Check("device", f"CPU ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}")]
     props = torch.cuda.get_device_properties(device)
-    return [Check("device", f"{props.name}, sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
-                            f"{props.total_memory / GiB:.1f} GiB, torch {torch.__version__}")] + \
-        (jetson_checks(jetson, torch.__version__) if jetson is not None else [])
+    checks = [Check("device", f"{props.name}, sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
+                              f"{props.total_memory / GiB:.1f} GiB, torch {torch.__version__}")]
+    if jetson is not None:
+        checks += jetson_checks(jetson, torch.__version__, torch.cuda.get_arch_list(), props.multi_processor_count)
+    return checks + [Check("environment", note, verdict) for verdict, note in environment_notes(dict(os.environ),
+                                                                                                jetson)]
 
 
-def jetson_checks(jetson: Jetson, torch_version: str) -> list[Check]:
-    """The board, its power mode and its GPU clock, each with the command that fixes it where it is off."""
-    wheel = "nv" in torch_version  # NVIDIA's JetPack wheels: 2.3.0a0+...nv24.03 and the like
-    checks = [Check("board", f"{jetson.model}, L4T {jetson.l4t or 'unknown'}, torch {torch_version}"
-                    + ("" if wheel else " (not one of NVIDIA's JetPack wheels)"), "ok" if wheel else "warn",
-                    "" if wheel else "use the image's torch (docker/, docs/JETSON.md)")]
+def jetson_checks(jetson: Jetson, torch_version: str, arch_list: list[str], sms: int | None = None) -> list[Check]:
+    """The board, its module's speed, power mode and GPU clock, each with the command that fixes it where it is off;
+    the torch build (a JetPack build has sm_87 kernels, whatever its version string says)."""
+    first, *loud = jetson.describe(sms).split("\n")
+    checks = [Check("board", first.removeprefix("board: "), "warn" if loud else "ok",
+                    "sudo nvpmodel -m 0 (MAXN), then sudo jetson_clocks" if loud else "")]
+    built = "sm_87" in arch_list
+    checks.append(Check("torch build", f"torch {torch_version}, kernels for {', '.join(arch_list) or 'no GPU'}",
+                        "ok" if built else "FAIL",
+                        "" if built else "this torch has no sm_87 kernels: use NVIDIA's JetPack wheel (the image's)"))
     if jetson.power_mode is None:
         checks.append(Check("power mode", "nvpmodel gave no answer", "warn", "sudo nvpmodel -q says which mode is set"))
     elif not jetson.power_mode.startswith("MAXN"):
@@ -92,7 +115,7 @@ def rate_checks(device: torch.device, dtype: torch.dtype, rates: tuple[float, fl
     """The measured rates against the device's datasheet, where the project knows it."""
     gemm, read, kind = rates[0], rates[1], str(dtype).removeprefix("torch.")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    sheet = datasheet(name if jetson is None else "orin")
+    sheet = datasheet(name) if jetson is None else (jetson.maxn_peak_flops(), ORIN_DRAM_BYTES)
     if sheet is None or dtype == torch.float32:  # the datasheets give half-precision tensor rates
         return [Check("rates", f"{kind} GEMM {gemm / 1e12:.2f} TFLOP/s, weight read {read / 1e9:.1f} GB/s "
                                "(no datasheet figure for this device and dtype to compare)")]
@@ -111,7 +134,10 @@ def memory_checks(plan, memory_budget: str, longest_need: int, shared_host: bool
     """Where the budget came from, the plan's lines, and the longest record's need against the KV cache (`refused`:
     why optimize's Setup.sized_for, the one fit rule, refused this data file, with the budget that would hold it)."""
     source = "given (--memory-budget)" if memory_budget not in (None, "auto") else (
-        "auto: this process + MemAvailable" if shared_host else "auto: the GPU's free memory")
+        "auto: " + describe_terms(shared_memory_terms()) if shared_host else "auto: the GPU's free memory")
+    desktop = desktop_session()
+    if desktop:
+        source += f"; a desktop session runs ({desktop}): a headless boot frees ~0.8 GB"
     swap = proc_kib_fields("/proc/meminfo", ("SwapFree",))["SwapFree"]
     checks = [Check("memory budget", f"{plan.budget / GiB:.2f} GiB, {source}; MemAvailable now "
                                      f"{meminfo_available() / GiB:.2f} GiB, swap free {swap / GiB:.2f} GiB (swap "
@@ -307,36 +333,68 @@ def projection_check(cfg, plan, prompts: list[list[int]], answer_tokens: int, ma
 
 
 def report(checks: list[Check], out) -> int:
-    """Every check's line; then, on stderr, one line per failing check. 0 when none failed, else 1."""
-    for check in checks:
-        print(check.line(), file=out, flush=True)
+    """The closing line (each check's line was printed as it was made); then, on stderr, one line per failing
+    check. 0 when none failed, else 1."""
+    import sys
     failed = [c for c in checks if c.verdict == "FAIL"]
     warned = sum(c.verdict == "warn" for c in checks)
     print(f"self-check: {len(checks) - len(failed) - warned} ok, {warned} warnings, {len(failed)} failed", file=out)
     for check in failed:
-        import sys
         print(f"self-check failed: {check.name}: {check.figure}", file=sys.stderr)
     return 1 if failed else 0
 
 
+def oom_check(gen, device: torch.device) -> Check:
+    """Provoke one out-of-memory under the plan's cap (an allocation larger than the device leaves), and show the
+    engine goes on after it: which exception came (on Tegra torch's allocator fails an NVML assert instead of
+    raising OutOfMemoryError) and whether the engine's handler takes it for one (memory.is_out_of_memory)."""
+    if device.type != "cuda":
+        return Check("out of memory", "not provoked on the CPU (no device allocator to exhaust)")
+    total = torch.cuda.get_device_properties(device).total_memory
+    try:
+        torch.empty(total + GiB, dtype=torch.uint8, device=device)
+        return Check("out of memory", "an allocation larger than the device succeeded", "FAIL",
+                     "the allocator is not capped: report it")
+    except Exception as e:  # what the allocator raises is what this check is about
+        kind, handled = type(e).__name__, is_out_of_memory(e)
+    gen(["Say yes."], max_new_tokens=2)
+    torch.cuda.empty_cache()
+    return Check("out of memory", f"provoked: {kind} ({'taken for' if handled else 'NOT taken for'} an "
+                                  "out-of-memory by the engine), and the engine ran a request after it",
+                 "ok" if handled else "FAIL", "" if handled else "report this torch build's out-of-memory message")
+
+
 def run(setup, chats: list, lines: list[int], max_new_tokens: int, memory_budget: str, records: int,
-        new_tokens: int, refused: str | None = None) -> list[Check]:
-    """Every check, in order, with the model loaded once: `setup` is optimize.prepare's (sized for this file),
-    `chats` the file's records' messages and `lines` the line each starts on."""
+        new_tokens: int, refused: str | None, checks: Checks) -> None:
+    """Every check, in order, each added to `checks` (printed as made), with the model loaded once: `setup` is
+    optimize.prepare's (sized for this file), `chats` the file's records' messages and `lines` the line each
+    starts on. The device, the board, the budget and the plan come before the load."""
     from .observe import Observer
     from .pipeline import prompt_ids
     device = setup.device
-    jetson = read_jetson() if device.type == "cuda" and is_integrated(device) else None
-    checks = device_checks(device, jetson)
+    checks.step = "the device and the board"
+    jetson = setup.board if setup.board is not None else (
+        read_jetson() if device.type == "cuda" and is_integrated(device) else None)
+    checks.add(*device_checks(device, jetson))
+    checks.step = "the memory plan"
     prompts = prompt_ids(setup.tokenizer, chats)
     longest = max(map(len, prompts)) + max_new_tokens
-    checks += memory_checks(setup.plan, memory_budget, longest, setup.plan.shared_host, refused)
+    watch = MemoryWatch(setup.plan)
+    checks.add(*memory_checks(setup.plan, memory_budget, longest, setup.plan.shared_host, refused))
+    checks.step = "the load"
     gen = setup.load(observer=Observer(), progress=False)
+    watch.sample("after the load")
+    checks.step = "the warm-up"
     gen.warmup()
-    checks.append(peak_check(setup.plan, device))
+    watch.sample("after the warm-up")
+    checks.add(peak_check(setup.plan, device), *watch.checks())
+    checks.step = "a provoked out-of-memory"
+    checks.add(oom_check(gen, device))
+    checks.step = "the rates"
     rates = measure_rates(gen.model, setup.plan.max_batched_tokens)
-    checks += rate_checks(device, setup.dtype, rates, jetson)
-    checks += kernel_checks(device, setup.dtype, gen.describe())
+    checks.add(*rate_checks(device, setup.dtype, rates, jetson))
+    checks.add(*kernel_checks(device, setup.dtype, gen.describe()))
+    checks.step = "the engine's outputs"
     picked = pick_records([len(p) for p in prompts], records)
     gen([chats[i] for i in picked], max_new_tokens=new_tokens, return_full_text=False)
     ours = {i: gen.observer.generated[j] for j, i in enumerate(picked)}
@@ -347,20 +405,71 @@ def run(setup, chats: list, lines: list[int], max_new_tokens: int, memory_budget
     if device.type == "cuda":
         torch.cuda.empty_cache()
     reset_peaks(device)
+    checks.step = "transformers' outputs on the same weights"
+    _reference_checks(setup, model, ours, prompts, picked, new_tokens, lines, checks)
+    checks.add(peak_check(setup.plan, device, "memory peak, the reference on the same weights"))
+    answer = max(map(len, ours.values()))
+    itemsize = torch.finfo(setup.dtype).bits // 8
+    checks.add(projection_check(setup.cfg, setup.plan, prompts, answer, max_new_tokens, rates, itemsize))
+
+
+def _reference_checks(setup, model, ours, prompts, picked, new_tokens, lines, checks: Checks) -> None:
+    """The engine's tokens against transformers' (eager, as the organisers' load runs it, and SDPA)."""
     for attention in ("eager", "sdpa"):
         try:
             hf = transformers_model(model, setup.folder, attention)
         except ValueError as e:  # the folder's own modeling code (trust_remote_code) may offer eager alone
-            checks.append(Check(f"outputs vs transformers ({attention})", f"not offered by this model's code ({e})"
-                                .split(". ")[0] + "); the organisers' trust_remote_code load runs eager"))
+            checks.add(Check(f"outputs vs transformers ({attention})", f"not offered by this model's code ({e})"
+                             .split(". ")[0] + "); the organisers' trust_remote_code load runs eager"))
             continue
         differences = compare(ours, {i: prompts[i] for i in picked}, hf, new_tokens, set(setup.eos))
         code = " (the folder's own modeling code)" if own_modeling_code(setup.folder) else " (transformers' own class)"
-        checks.append(output_check(attention, differences, len(picked), setup.dtype, lines, code))
+        checks.add(output_check(attention, differences, len(picked), setup.dtype, lines, code))
         del hf
         gc.collect()
-    checks.append(peak_check(setup.plan, device, "memory peak, the reference on the same weights"))
-    answer = max(map(len, ours.values()))
-    itemsize = torch.finfo(setup.dtype).bits // 8
-    checks.append(projection_check(setup.cfg, setup.plan, prompts, answer, max_new_tokens, rates, itemsize))
-    return checks
+
+
+class MemoryWatch:
+    """What the plan assumes, measured where memory is shared (a Jetson, or the emulation): the memory the process
+    takes that torch's allocator does not hold (the CUDA context, kernel modules, page tables, the heap), the lowest
+    MemAvailable, and pages swapped out (zram turns an overrun into a swap storm before any error)."""
+
+    def __init__(self, plan):
+        self.plan, self.samples = plan, []
+        self.start_available, self.start_swap = meminfo_available(), _swapped_out()
+
+    def sample(self, when: str) -> None:
+        device = torch.device("cuda") if self.plan.cuda and torch.cuda.is_available() else None
+        reserved = torch.cuda.memory_reserved(device) if device is not None else 0
+        used = self.start_available - meminfo_available()
+        self.samples.append((when, used, reserved, meminfo_available()))
+
+    def checks(self) -> list[Check]:
+        if not self.plan.shared_host or not self.samples:
+            return []
+        booked = self.plan.overhead - dict(self.plan.overhead_items).get("host at planning", 0)
+        parts = [f"{when}: {(used - reserved) / GiB:.2f} GiB taken besides torch's pool"
+                 for when, used, reserved, _ in self.samples]
+        outside = max(used - reserved for _, used, reserved, _ in self.samples)
+        lowest = min(avail for *_, avail in self.samples)
+        swapped = _swapped_out() - self.start_swap
+        over = max(0, outside - booked - SAFETY_BYTES)
+        checks = [Check("memory outside torch", "; ".join(parts) + f" (the plan books {booked / GiB:.2f} for it); "
+                        f"lowest MemAvailable {lowest / GiB:.2f} GiB", "warn" if over else "ok",
+                        f"pass --memory-budget {(self.plan.budget - over) / GiB:.2f}GiB to keep the plan's margins"
+                        if over else "")]
+        checks.append(Check("swap", f"{swapped / 2**20:.0f} MiB swapped out during the self-check",
+                            "FAIL" if swapped else "ok",
+                            f"the run overran the memory: pass --memory-budget {(self.plan.budget - swapped) / GiB:.2f}"
+                            "GiB or less" if swapped else ""))
+        return checks
+
+
+def _swapped_out() -> int:
+    """Bytes swapped out since boot (/proc/vmstat's pswpout, in pages)."""
+    try:
+        with open("/proc/vmstat") as f:
+            pages = next((int(line.split()[1]) for line in f if line.startswith("pswpout ")), 0)
+    except OSError:
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")

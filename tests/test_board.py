@@ -44,3 +44,46 @@ def test_no_jetson_and_unreadable_answers(tmp_path):
 def test_datasheets_known_by_device_name():
     assert datasheet("Orin") == (26.69e12, 204.8e9) and datasheet("NVIDIA H200")[1] == 4.8e12
     assert datasheet("NVIDIA GeForce RTX 4090") is None
+
+
+@pytest.mark.unit
+def test_the_module_is_named_and_its_peak_computed_from_sms_and_clock():
+    production, devkit = board("maxn"), board("devkit-0000")
+    assert production.module == "p3701-0004" and devkit.module == "p3701-0000"
+    assert production.peak_flops(14) == pytest.approx(26.69e12, rel=1e-3)
+    assert devkit.peak_flops(16) == pytest.approx(42.6e12, rel=1e-3)
+    assert production.temperature == 47.5
+    assert production.slow_reasons(14) == [] and devkit.slow_reasons(16) == []
+    line = production.describe(14)
+    assert line.startswith("board: AGX Orin 32GB, P3701-0004, 14 SMs, GPU 931 of 931 MHz, power mode MAXN, clocks "
+                           "pinned, 48 C, L4T R36.3.0, bf16 peak 26.7 TFLOP/s") and "\n" not in line
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name, sms, reasons", [
+    ("30w", 8, ["power mode 30W, not MAXN", "GPU clock capped at 612 MHz (MAXN: 931)", "8 of the module's 14 SMs on"]),
+    ("container-30w", 14, ["GPU clock capped at 612 MHz (MAXN: 931)"]),
+    ("unpinned", 14, ["clocks not pinned (they ramp up under load)"]),
+])
+def test_a_board_below_full_speed_says_so_loudly_in_a_container_too(name, sms, reasons):
+    b = board(name)
+    assert b.slow_reasons(sms) == reasons
+    first, loud = b.describe(sms).split("\n")
+    assert loud.startswith("!! NOT AT FULL SPEED: ") and "sudo nvpmodel -m 0" in loud
+    if name == "container-30w":
+        assert b.in_container and b.l4t is None and b.power_mode is None
+        assert "power mode unread (no nvpmodel here)" in first and "in a container" in first
+        assert b.peak_flops(8) == pytest.approx(8 * 2048 * 612e6)
+
+
+@pytest.mark.unit
+def test_environment_settings_that_change_the_plan_are_named():
+    from orinfer.board import environment_notes
+    assert environment_notes({}, board("maxn")) == []
+    notes = environment_notes({"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync", "CUDA_MODULE_LOADING": "EAGER"},
+                              board("maxn"))
+    assert [v for v, _ in notes] == ["warn", "warn"] and "unset it" in notes[0][1]
+    old = read_jetson(BOARDS / "maxn", "")
+    old = type(old)(**{**old.__dict__, "l4t": "R35.4.1"})
+    assert environment_notes({}, old) == [("warn", "L4T R35.4.1: JetPack 6.0 is L4T R36.3; this release is untested "
+                                                   "here")]

@@ -96,3 +96,16 @@ def test_reading_a_table_from_the_file_needs_the_stored_dtype(tmp_path):
     model = Phi3ForCausalLM(Phi3Config.from_folder(folder), "cpu", torch.float32, embedding_on_host=True)
     with pytest.raises(ValueError, match="reading it from the file needs torch.float32"):
         load_weights(model, folder)
+
+
+def test_the_token_table_is_read_once_in_the_warm_up_and_the_load_says_how_fast(tmp_path):
+    from orinfer.loader import FileRows, LoadReport, block_device
+    folder = write_tiny_model(tmp_path, seed=6)
+    model = Phi3ForCausalLM(Phi3Config.from_folder(folder), "cpu", torch.float32, embedding_on_host=True)
+    report = load_weights(model, folder)
+    rows = model.model.embed_tokens.rows
+    assert isinstance(rows, FileRows) and rows.warm() == rows.shape[0] * rows.row_bytes
+    assert report.bytes == sum(p.nbytes for p in model.parameters()) and report.disk == block_device(folder)
+    assert "GiB of weights in" in report.describe() and "\n" not in report.describe()
+    slow = LoadReport(26 * 2**30, 110.0, "mmcblk0").describe()
+    assert slow.splitlines()[1].startswith("!! the checkpoint's disk reads under 1 GB/s")

@@ -145,3 +145,48 @@ def test_orin_plan_books_the_larger_of_a_passs_two_peaks(budget_gib):
     assert plan.weights - plan.embedding_table + plan.overhead + plan.workspace_bytes + plan.kv_bytes <= plan.budget
     if budget_gib == 28.5:  # issue 16's target for the emulation's 28.5 GiB
         assert plan.kv_tokens >= 5000 and tokens >= 1024
+
+
+def _fake_machine(root, available_kib, cma_free_kib=None, cgroup=None, desktop=None):
+    (root / "proc" / "self").mkdir(parents=True)
+    meminfo = f"MemTotal: 31000000 kB\nMemAvailable: {available_kib} kB\n"
+    if cma_free_kib is not None:
+        meminfo += f"CmaTotal: 524288 kB\nCmaFree: {cma_free_kib} kB\n"
+    (root / "proc" / "meminfo").write_text(meminfo)
+    (root / "proc" / "self" / "status").write_text("VmRSS: 900000 kB\nRssAnon: 400000 kB\nRssFile: 500000 kB\n")
+    if cgroup is not None:
+        (root / "sys" / "fs" / "cgroup").mkdir(parents=True)
+        (root / "sys" / "fs" / "cgroup" / "memory.max").write_text(f"{cgroup[0]}\n")
+        (root / "sys" / "fs" / "cgroup" / "memory.current").write_text(f"{cgroup[1]}\n")
+    if desktop:
+        (root / "proc" / "1234").mkdir()
+        (root / "proc" / "1234" / "comm").write_text(desktop + "\n")
+    return root
+
+
+@pytest.mark.unit
+def test_the_automatic_budget_counts_private_memory_and_keeps_free_cma_and_a_reserve_out(tmp_path):
+    from orinfer.memory import AUTO_RESERVE_BYTES, describe_terms, desktop_session, shared_budget, shared_memory_terms
+    orin = shared_memory_terms(_fake_machine(tmp_path / "orin", 29_000_000, cma_free_kib=500_000))
+    assert orin == {"private": 400_000 * 1024, "available": 29_000_000 * 1024, "free CMA": 500_000 * 1024,
+                    "reserve": AUTO_RESERVE_BYTES}
+    assert shared_budget(orin) == (400_000 + 29_000_000 - 500_000) * 1024 - AUTO_RESERVE_BYTES
+    assert "free CMA 0.48 - reserve 0.25 GiB" in describe_terms(orin)
+    # A container capped at 20 GiB that holds 2 GiB: the process's private memory plus 18 GiB, less the reserve.
+    capped = shared_memory_terms(_fake_machine(tmp_path / "box", 29_000_000, cgroup=(20 * GiB, 2 * GiB)))
+    assert shared_budget(capped) == 400_000 * 1024 + 18 * GiB - AUTO_RESERVE_BYTES
+    assert "a container's limit leaves 18.00" in describe_terms(capped)
+    unlimited = shared_memory_terms(_fake_machine(tmp_path / "free", 29_000_000, cgroup=("max", 2 * GiB)))
+    assert "cgroup room" not in unlimited
+    assert desktop_session(_fake_machine(tmp_path / "desk", 1, desktop="gnome-shell")) == "gnome-shell"
+    assert desktop_session(tmp_path / "orin") is None
+
+
+@pytest.mark.unit
+def test_out_of_memory_is_known_by_either_exception():
+    from orinfer.memory import is_out_of_memory
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("NVML_SUCCESS == r INTERNAL ASSERT FAILED at \"../c10/cuda/"
+                                         "CUDACachingAllocator.cpp\":1154, please report a bug to PyTorch."))
+    assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_out_of_memory(ValueError("NVML_SUCCESS == r INTERNAL ASSERT FAILED"))

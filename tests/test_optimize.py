@@ -2,6 +2,7 @@
 from dataclasses import replace
 
 import pytest
+import torch
 from conftest import NEW, generator, reference
 
 import optimize
@@ -216,3 +217,12 @@ def test_positions_past_max_position_embeddings_equal_pipeline(tmp_path, public_
     chats = public_chats[:4] + [longest_chat]
     expected = reference(hf_pipeline(folder), chats, max_new_tokens=40, return_full_text=False)
     assert generator(folder)(chats, max_new_tokens=40, return_full_text=False) == expected
+
+
+@pytest.mark.unit
+def test_a_jetson_whose_torch_sees_no_cuda_is_refused_unless_the_cpu_is_asked_for(tiny_dir, monkeypatch):
+    monkeypatch.setattr(optimize, "is_jetson", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(optimize.SetupError, match="this is a Jetson, but torch sees no CUDA device .* --runtime nvidia"):
+        optimize.prepare(tiny_dir)
+    assert optimize.prepare(tiny_dir, device="cpu").device.type == "cpu"

@@ -48,7 +48,14 @@ def test_sequence_outgrowing_the_whole_cache_fails_alone_and_the_others_finish(t
     assert all(outs[i] is None for i in failed)
 
 
-def test_out_of_memory_splits_the_batch_and_retries(tiny_dir, public_chats, expected):
+# What a failed allocation raises: torch's own error, and on Tegra the caching allocator's NVML assert.
+OUT_OF_MEMORY = [lambda: torch.cuda.OutOfMemoryError("simulated"),
+                 lambda: RuntimeError("NVML_SUCCESS == r INTERNAL ASSERT FAILED at "
+                                      "\"/opt/pytorch/c10/cuda/CUDACachingAllocator.cpp\":830, please report a bug")]
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["OutOfMemoryError", "Tegra NVML assert"])
+def test_out_of_memory_splits_the_batch_and_retries(tiny_dir, public_chats, expected, error):
     g = generator(tiny_dir)
     launch = g.engine.runner.launch
     failures = []
@@ -56,7 +63,7 @@ def test_out_of_memory_splits_the_batch_and_retries(tiny_dir, public_chats, expe
     def flaky(works, fed_by=None):  # a pass over more than 200 tokens "runs out of memory"
         if sum(len(w.tokens) for w in works) > 200:
             failures.append(len(works))
-            raise torch.cuda.OutOfMemoryError("simulated")
+            raise error()
         return launch(works, fed_by)
 
     g.engine.runner.launch = flaky
@@ -67,16 +74,28 @@ def test_out_of_memory_splits_the_batch_and_retries(tiny_dir, public_chats, expe
     assert sorted(finished) == list(range(len(public_chats)))  # nothing lost, nothing run twice
 
 
-def test_out_of_memory_on_a_single_token_fails_that_request(tiny_dir, public_chats):
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["OutOfMemoryError", "Tegra NVML assert"])
+def test_out_of_memory_on_a_single_token_fails_that_request(tiny_dir, public_chats, error):
     g = generator(tiny_dir)
 
     def always(works, fed_by=None):
-        raise torch.cuda.OutOfMemoryError("simulated")
+        raise error()
 
     g.engine.runner.launch = always
     failed = {}
     assert g(public_chats[:2], max_new_tokens=4, on_error=failed.__setitem__) == [None, None]
     assert sorted(failed) == [0, 1] and all("out of device memory" in why for why in failed.values())
+
+
+def test_any_other_runtime_error_is_not_taken_for_out_of_memory(tiny_dir, public_chats):
+    g = generator(tiny_dir)
+
+    def broken(works, fed_by=None):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    g.engine.runner.launch = broken
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        g(public_chats[:2], max_new_tokens=4)
 
 
 @pytest.mark.unit

@@ -2,6 +2,7 @@
 and the output check reporting a planted difference with transformers' margin there."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,13 +45,15 @@ def test_a_record_the_cache_cannot_hold_fails_its_check_with_the_budget_that_wou
 
 @pytest.mark.unit
 def test_the_jetson_lines_say_what_to_fix():
-    maxn = {c.name: c for c in selfcheck.jetson_checks(board("maxn"), "2.3.0a0+40ec155e58.nv24.03")}
+    maxn = {c.name: c for c in selfcheck.jetson_checks(board("maxn"), "2.3.0", ["sm_72", "sm_87"], 14)}
     assert all(c.verdict == "ok" for c in maxn.values()) and "931 MHz" in maxn["gpu clock"].figure
-    thirty = {c.name: c for c in selfcheck.jetson_checks(board("30w"), "2.3.0a0+40ec155e58.nv24.03")}
+    thirty = {c.name: c for c in selfcheck.jetson_checks(board("30w"), "2.3.0a0+40ec155e58.nv24.03", ["sm_87"], 8)}
     assert thirty["power mode"].verdict == "warn" and "sudo nvpmodel -m 0" in thirty["power mode"].fix
-    unpinned = {c.name: c for c in selfcheck.jetson_checks(board("unpinned"), "2.4.1")}
+    unpinned = {c.name: c for c in selfcheck.jetson_checks(board("unpinned"), "2.4.1", ["sm_80", "sm_90"], 14)}
     assert unpinned["gpu clock"].verdict == "warn" and unpinned["gpu clock"].fix == "sudo jetson_clocks"
-    assert unpinned["board"].verdict == "warn"  # PyPI's torch, not NVIDIA's wheel
+    assert unpinned["board"].verdict == "warn" and thirty["board"].verdict == "warn"  # below full speed
+    assert maxn["torch build"].verdict == "ok"  # NVIDIA's JetPack 2.3.0 may report a plain version: sm_87 tells
+    assert unpinned["torch build"].verdict == "FAIL" and "no sm_87 kernels" in unpinned["torch build"].fix
 
 
 @pytest.mark.unit
@@ -95,3 +98,20 @@ def test_the_reference_reads_a_token_table_the_plan_keeps_in_the_file(tiny_dir):
     prompts = dict(enumerate(optimize.prompt_ids(gen.tokenizer, chats)))
     hf = selfcheck.transformers_model(gen.model, tiny_dir, "eager")
     assert selfcheck.compare(dict(gen.observer.generated), prompts, hf, 8, set(gen.engine.eos_ids)) == []
+
+
+def test_a_self_check_that_dies_after_its_plan_still_shows_its_lines(tmp_path, monkeypatch, capsys):
+    import optimize
+    import test_script
+
+    def load_dies(self, *args, **kwargs):
+        raise RuntimeError("NVML_SUCCESS == r INTERNAL ASSERT FAILED (as a Tegra board's allocator fails)")
+    monkeypatch.setattr(optimize.Setup, "load", load_dies)
+    monkeypatch.chdir(tmp_path)
+    code = test_script.main(["--self-check", "--demo", "--data", str(ROOT / "data" / "test_dataset.jsonl")])
+    out, err = capsys.readouterr()
+    names = [line.split("] ")[1].split(":")[0] for line in out.splitlines()]
+    assert names == ["device", "memory budget", "plan", "longest record", "self-check stopped during the load"]
+    assert code == 1 and "Traceback" not in out + err and "(traceback in " in err.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+    Path(err.split("traceback in ")[1].split(")")[0]).unlink()
