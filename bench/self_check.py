@@ -5,7 +5,7 @@ test_script.main's `prepare` hook, the documented way to hand a run its set-up.
     python3 bench/self_check.py --out OUT [--dtype bfloat16|float32] [--memory-budget 28.5GiB --unified]
 
 --unified plans as on a Jetson (the host and the CUDA context inside the budget, the allocator capped, the token
-table read from a checkpoint file); run it with the Jetson image's transformers on PYTHONPATH for the Orin emulation.
+table read from a checkpoint file, eager kernels: JetPack's torch has no Triton); run it with the Jetson image's transformers on PYTHONPATH for the Orin emulation.
 The folder has no modeling code, so transformers' own Phi3ForCausalLM is the reference.
 """
 import argparse
@@ -52,7 +52,7 @@ def main() -> int:
         return RandomWeights(**{f.name: getattr(setup, f.name) for f in fields(setup)})
 
     argv = ["--self-check", "--model", str(folder), "--data", str(write_w1(tmp)), "--dtype", args.dtype,
-            "--memory-budget", args.memory_budget]
+            "--memory-budget", args.memory_budget] + (["--no-compile"] if args.unified else [])  # no Triton on JetPack
     report, start = io.StringIO(), time.perf_counter()
     with contextlib.redirect_stdout(report):
         code = test_script.main(argv, prepare=prepare)

@@ -52,7 +52,6 @@ class Checks(list):
 def device_checks(device: torch.device, jetson: Jetson | None) -> list[Check]:
     """What the device is; on a Jetson also its board, power mode and GPU clock (jetson_checks)."""
     if device.type != "cuda":
-        import os
         import platform
         return [Check("device", f"CPU ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}")]
     props = torch.cuda.get_device_properties(device)
@@ -439,9 +438,15 @@ class MemoryWatch:
         self.start_available, self.start_swap = meminfo_available(), _swapped_out()
 
     def sample(self, when: str) -> None:
-        device = torch.device("cuda") if self.plan.cuda and torch.cuda.is_available() else None
-        reserved = torch.cuda.memory_reserved(device) if device is not None else 0
-        used = self.start_available - meminfo_available()
+        """The host's growth since the start (on a Jetson it includes every device allocation), and on a discrete GPU
+        emulating one the device memory torch does not hold (the CUDA context, kernel modules, cuBLAS)."""
+        used, reserved = self.start_available - meminfo_available(), 0
+        if self.plan.cuda and torch.cuda.is_available():
+            device = torch.device("cuda")
+            reserved = torch.cuda.memory_reserved(device)
+            if not is_integrated(device):
+                free, total = torch.cuda.mem_get_info(device)
+                used += total - free  # reserved included: taken off below, as on a Jetson
         self.samples.append((when, used, reserved, meminfo_available()))
 
     def checks(self) -> list[Check]:
