@@ -104,10 +104,11 @@ class PaddedLayout:
     name = "padded SDPA"
 
     def __init__(self, uploader: InputUploader, query_groups: int, sliding_window: int | None, max_positions: int,
-                 max_gather_tokens: int):
+                 max_gather_tokens: int, pad_above: int = 0, pad_multiple: int = 1):
         self.uploader, self.block_size = uploader, uploader.block_size
         self.query_groups, self.sliding_window = query_groups, sliding_window
         self.max_positions, self.max_gather_tokens = max_positions, max_gather_tokens
+        self.pad_above, self.pad_multiple = pad_above, pad_multiple
 
     def takes(self, ends: list[int]) -> bool:
         return True
@@ -139,7 +140,9 @@ class PaddedLayout:
         the pass's tokens in the folded queries and again in SDPA's output). Padding: to `shape` = (sequences,
         blocks) with one-token sequences, in one group; an eager pass's keys to whole multiples of 16 (the
         memory-efficient SDPA kernel wants its mask's rows 16-aligned, and otherwise pads a copy of the mask in every
-        layer; the extra keys point at the scratch block, masked)."""
+        layer; the extra keys point at the scratch block, masked); an eager pass of more than pad_above tokens with
+        one-token sequences in a group of their own to a multiple of pad_multiple tokens, and its sampled rows with
+        row 0 sampled again (so that its GEMMs take only the counts the warm-up met)."""
         bs, n, align = self.block_size, len(works), max(1, 16 // self.block_size)
         blocks = [ceil_div(ceil_div(w.start + len(w.tokens), bs), align) * align for w in works]
         queries = [(len(w.tokens) - 1).bit_length() for w in works]  # the class of its count of new tokens
@@ -150,10 +153,15 @@ class PaddedLayout:
         if shape is not None:
             lens += [1] * (shape[0] - n)
             sample_rows += range(len(ids), len(ids) + shape[0] - n)
+        elif len(ids) > self.pad_above:
+            lens += [1] * (-len(ids) % self.pad_multiple)
+            sample_rows += [0] * (-len(sample_rows) % self.pad_multiple)
         starts += [0] * (len(lens) - n)
         ids += [0] * (sum(lens) - len(ids))
-        # spans: (first sequence, end, blocks of its longest) of each group
+        # spans: (first sequence, end, blocks of its longest) of each group; padding sequences in a group of their own
         spans = [(0, len(lens), shape[1])] if shape is not None else self._spans(order, blocks, queries)
+        if shape is None and len(lens) > n:
+            spans.append((n, len(lens), align))
         query_slots, mask_rows, grids = self._grids(spans, starts, lens)
         t = self.uploader.upload(works, order, ids, sample_rows, starts, lens, max(most for _, _, most in spans),
                                  query_slots + mask_rows, feed)

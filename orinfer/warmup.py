@@ -23,11 +23,7 @@ def meet_gemm_kernels(model: Phi3ForCausalLM, max_tokens: int, max_sampled: int,
     layer = model.model.layers[0]
 
     def counts(most: int) -> list[int]:
-        found = {int(1.25 ** k) for k in range(64) if 1.25 ** k <= most} | {most}
-        if eager_padding is not None:
-            above, multiple = eager_padding
-            found = {c for c in found if c <= above} | set(range(multiple, most + multiple, multiple))
-        return sorted(found)
+        return gemm_counts(most, eager_padding)
 
     def zeros(n: int, features: int) -> torch.Tensor:
         return torch.zeros(n, features, device=model.device, dtype=model.dtype)
@@ -40,10 +36,22 @@ def meet_gemm_kernels(model: Phi3ForCausalLM, max_tokens: int, max_sampled: int,
         layer.mlp(zeros(n, model.cfg.hidden_size))  # its own path: one gate_up product when compiled, two eager
     for n in reversed(counts(max_sampled)):  # the LM head sees sampled rows only
         model.lm_head(zeros(n, model.cfg.hidden_size)).argmax(-1)
-    torch.cuda.synchronize()
-    # Its many odd-sized blocks would stay cached beside the ones the real passes need: give them back (on a 32 GB
-    # Orin's plan they raised the device peak by ~30 MiB).
-    torch.cuda.empty_cache()
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+        # Its many odd-sized blocks would stay cached beside the ones the real passes need: give them back (on a 32 GB
+        # Orin's plan they raised the device peak by ~30 MiB).
+        torch.cuda.empty_cache()
+
+
+def gemm_counts(most: int, eager_padding: tuple[int, int] | None) -> list[int]:
+    """The token counts up to `most` the warm-up runs through each GEMM: with `eager_padding` (above, multiple) every
+    count up to `above` it meets on a geometric ladder (graphs take those passes at their own sizes) and every
+    multiple above it (what padded passes bring); without, a geometric ladder only (a CPU, which loads no kernels)."""
+    found = {int(1.25 ** k) for k in range(64) if 1.25 ** k <= most} | {most}
+    if eager_padding is not None:
+        above, multiple = eager_padding
+        found = {c for c in found if c <= above} | set(range(multiple, most + multiple, multiple))
+    return sorted(found)
 
 
 @torch.inference_mode()

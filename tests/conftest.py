@@ -66,16 +66,18 @@ KV_TOKENS = 16384
 
 
 def generator(folder, options: Options = Options(), attention: AttentionKernels | None = None,
-              padding: tuple[int, int] | None = None, observer: Observer | None = None, **plan_changes):
+              padding: tuple[int, int] | None = None, observer: Observer | None = None,
+              padded_multiple: int | None = None, **plan_changes):
     """optimize.build on the CPU; optionally a hand-set memory plan (small caches, tiny passes...), the varlen layout's
     kernels (float32 references: the CPU has no FlashAttention), the runner's padding of eager varlen passes
-    (pad_above, pad_multiple) and an observer."""
+    (pad_above, pad_multiple) or of the padded layout's (padded_multiple, as on CUDA) and an observer."""
     gen = optimize.build(folder, device="cpu", options=options, progress=False, observer=observer, kv_tokens=KV_TOKENS)
-    if plan_changes or attention or padding:
+    if plan_changes or attention or padding or padded_multiple:
         e = gen.engine
         plan = replace(e.plan, **plan_changes)
-        runner = ModelRunner(e.model, plan.num_blocks, plan.block_size, attention or AttentionKernels(), *padding,
-                             max_gather_tokens=plan.max_gather_tokens) if padding else None
+        runner = ModelRunner(e.model, plan.num_blocks, plan.block_size, attention or AttentionKernels(),
+                             *(padding or ()), max_gather_tokens=plan.max_gather_tokens,
+                             padded_multiple=padded_multiple) if padding or padded_multiple else None
         gen.engine = Engine(e.model, e.eos_ids, plan, options, attention=attention, runner=runner, observer=observer)
     return gen
 

@@ -70,6 +70,27 @@ def test_eager_passes_padded_to_a_multiple_give_the_pipelines_text(packed, tiny_
     assert any(padding)
 
 
+def test_the_padded_layouts_passes_padded_to_a_multiple_give_the_pipelines_text(tiny_dir, public_chats,
+                                                                                 longest_chat, expected, monkeypatch):
+    """On CUDA every eager pass of the padded layout (the Orin's) comes in multiples of 16 tokens and sampled rows,
+    the padding one-token sequences in a group of their own; here the same on the CPU, prompt chunks, decode steps
+    and drafts mixed."""
+    gen = generator(tiny_dir, padded_multiple=16, max_batched_tokens=256, max_num_seqs=64)
+    runner, padding = gen.engine.runner, []
+    assert runner.eager_padding == (0, 16)
+    context = runner.context
+
+    def checked_context(works, shape=None, feed=None):
+        ids, ctx = context(works, shape, feed)
+        assert ids.numel() % 16 == 0 and ctx.sample_rows.numel() % 16 == 0
+        padding.append(ids.numel() - sum(len(w.tokens) for w in works))
+        return ids, ctx
+
+    monkeypatch.setattr(runner, "context", checked_context)
+    assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    assert any(padding) and max(padding) < 16
+
+
 def test_a_pass_with_a_long_prompt_chunk_runs_eagerly(packed, tiny_dir):
     """A graph gives every sequence to the packed kernel; a pass holding a chunk longer than it takes runs eagerly."""
     runner = generator(tiny_dir, attention=packed).engine.runner
