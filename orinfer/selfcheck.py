@@ -331,6 +331,29 @@ def projection_check(cfg, plan, prompts: list[list[int]], answer_tokens: int, ma
                                "decode pass (drafts only shorten it)")
 
 
+def timed_pass_check(passes: list, cfg, plan, prompts: list[list[int]], answer_tokens: int,
+                     max_new_tokens: int) -> Check:
+    """Section 3 projected from passes of the plan's sizes timed on this device (the warm-up's probe and the outputs'
+    run, each pass from its first kernel to its tokens' copy on the device's clock): the largest pass's tokens a
+    second for the prompts after prefix sharing, and the median small pass (the plan's sequences and drafts or
+    fewer) for each decode step. Every kernel of a pass is in it, which the rates' estimate leaves out."""
+    timed = [(p.tokens, p.device[1] - p.device[0]) for p in passes if p.device is not None and not p.graph]
+    if not timed:
+        return Check("projection from timed passes", "no pass was timed on a device clock here (the CPU)")
+    big = max(timed)
+    small = sorted(s for t, s in timed if t <= plan.max_num_seqs * (1 + plan.max_drafts) and t < big[0])
+    if not small or big[0] < plan.max_batched_tokens // 2:
+        return Check("projection from timed passes", f"no pass of the plan's sizes was timed (largest {big[0]} tokens)")
+    decode = small[len(small) // 2]
+    prefill = unique_prompt_tokens(prompts) * big[1] / big[0]
+    waves = ceil_div(len(prompts), plan.max_num_seqs)
+    short, longest = prefill + waves * answer_tokens * decode, prefill + waves * max_new_tokens * decode
+    return Check("projection from timed passes", f"a {big[0]}-token pass took {big[1] * 1e3:.0f} ms "
+                 f"({big[0] / big[1]:.0f} tokens/s), a decode pass {decode * 1e3:.0f} ms (the median of {len(small)}): "
+                 f"Section 3 ~{short:.1f} s if no answer is longer than the longest checked one, at most "
+                 f"{longest:.1f} s if one runs to {max_new_tokens}; {prefill:.1f} s of it prefill")
+
+
 def report(checks: list[Check], out) -> int:
     """The closing line (each check's line was printed as it was made); then, on stderr, one line per failing
     check. 0 when none failed, else 1."""
@@ -397,7 +420,7 @@ def run(setup, chats: list, lines: list[int], max_new_tokens: int, memory_budget
     picked = pick_records([len(p) for p in prompts], records)
     gen([chats[i] for i in picked], max_new_tokens=new_tokens, return_full_text=False)
     ours = {i: gen.observer.generated[j] for j, i in enumerate(picked)}
-    model = gen.model
+    passes, model = list(gen.observer.passes), gen.model
     gen.release()  # the KV pool and graphs go: the reference fits the same budget, on the same weights
     del gen
     gc.collect()
@@ -409,7 +432,8 @@ def run(setup, chats: list, lines: list[int], max_new_tokens: int, memory_budget
     checks.add(peak_check(setup.plan, device, "memory peak, the reference on the same weights"))
     answer = max(map(len, ours.values()))
     itemsize = torch.finfo(setup.dtype).bits // 8
-    checks.add(projection_check(setup.cfg, setup.plan, prompts, answer, max_new_tokens, rates, itemsize))
+    checks.add(projection_check(setup.cfg, setup.plan, prompts, answer, max_new_tokens, rates, itemsize),
+               timed_pass_check(passes, setup.cfg, setup.plan, prompts, answer, max_new_tokens))
 
 
 def _reference_checks(setup, model, ours, prompts, picked, new_tokens, lines, checks: Checks) -> None:

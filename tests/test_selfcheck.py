@@ -115,3 +115,23 @@ def test_a_self_check_that_dies_after_its_plan_still_shows_its_lines(tmp_path, m
     assert code == 1 and "Traceback" not in out + err and "(traceback in " in err.strip().splitlines()[-1]
     assert list(tmp_path.iterdir()) == []
     Path(err.split("traceback in ")[1].split(")")[0]).unlink()
+
+
+@pytest.mark.unit
+def test_section_3_is_projected_from_passes_timed_on_the_device():
+    from types import SimpleNamespace
+
+    from orinfer.observe import PassRecord
+    plan = SimpleNamespace(max_batched_tokens=1024, max_num_seqs=4, max_drafts=4)
+
+    def timed(tokens, seconds):
+        return PassRecord(tokens, (), 0.0, 0.0, False, 0.0, (1.0, 1.0 + seconds))
+    passes = [timed(1024, 2.0), timed(4, 0.2), timed(8, 0.21), timed(20, 0.19), timed(700, 1.4)]
+    prompts = [[1, 2, 3] + [i] * 509 for i in range(8)]  # 3 shared + 8 x 509 = 4,075 unique tokens
+    check = selfcheck.timed_pass_check(passes, None, plan, prompts, 10, 500)
+    assert "a 1024-token pass took 2000 ms (512 tokens/s), a decode pass 200 ms (the median of 3)" in check.figure
+    # 4,075 / 512 s of prefill, then 2 waves of 4 sequences: 10 or 500 decode steps of 0.2 s each
+    assert "Section 3 ~12.0 s" in check.figure and "at most 207.96 s" not in check.figure
+    assert f"at most {4075 / 512 + 2 * 500 * 0.2:.1f} s" in check.figure
+    cpu = selfcheck.timed_pass_check([PassRecord(8, (), 0, 0, False, 0, None)], None, plan, prompts, 10, 500)
+    assert "no pass was timed on a device clock" in cpu.figure
