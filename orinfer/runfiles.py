@@ -44,6 +44,17 @@ def check_data_path(data: Path) -> None:
                                     "before the model loads and again inside the timed section; save it to a file")
 
 
+def forget_pages(path: Path) -> None:
+    """Drop a file's pages from the page cache (where the kernel allows: clean pages), so that the next read of it
+    comes from the disk, as a first read would."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def results_path(text: str, data: Path) -> Path:
     """--out checked before anything is read or loaded, and the path the run writes: --out itself, or the regular
     file a symbolic link names (written through: the link stays, its file is replaced and its companions are made

@@ -226,3 +226,22 @@ def test_a_jetson_whose_torch_sees_no_cuda_is_refused_unless_the_cpu_is_asked_fo
     with pytest.raises(optimize.SetupError, match="this is a Jetson, but torch sees no CUDA device .* --runtime nvidia"):
         optimize.prepare(tiny_dir)
     assert optimize.prepare(tiny_dir, device="cpu").device.type == "cpu"
+
+
+def test_a_kv_pool_sized_to_the_data_runs_the_same_passes_as_the_whole_budgets(tiny_dir, public_chats, longest_chat):
+    """test_script.py sizes the KV pool to the run (Setup.sized_for: the largest answers at the plan's concurrency)
+    so a small model on a CPU does not book its whole budget; the engine's limits never depend on the data, and
+    Section 3's passes are the very same as with the pool the budget alone gives."""
+    chats = public_chats + [longest_chat]
+    setup = optimize.prepare(tiny_dir, device="cpu")
+    sized = setup.sized_for(setup.prompt_lengths(chats), 64)
+    assert sized.plan.kv_tokens < setup.plan.kv_tokens
+    assert replace(sized.plan, num_blocks=0, kv_bytes=0, sized_to_run=False) == \
+        replace(setup.plan, num_blocks=0, kv_bytes=0, sized_to_run=False)  # every limit but the pool's size
+    runs = []
+    for plan in (sized, setup):
+        observer = Observer()
+        gen = plan.load(progress=False, observer=observer)
+        outs = gen(chats, max_new_tokens=64, return_full_text=False)
+        runs.append((outs, [(p.tokens, p.requests) for p in observer.passes]))
+    assert runs[0] == runs[1]

@@ -629,3 +629,32 @@ def test_the_report_is_printed_in_any_encoding(tmp_path):
                    env={"PYTHONIOENCODING": "ascii"})
     assert run.returncode == 0, run.stderr
     assert "Correctness: 0/1" in run.stdout
+
+
+def test_section_3_runs_what_its_own_read_gives_and_the_check_leaves_nothing_warm(tmp_path, capsys, monkeypatch):
+    """Nothing built from the read before the clock reaches Section 3: the chats the generator gets are the very
+    objects of Section 3's own read of the file, and the file's pages were dropped from the page cache before it."""
+    reads, given, dropped = [], [], []
+    read = test_script.read_dataset
+
+    def recorded_read(path):
+        reads.append(read(path))
+        return reads[-1]
+
+    class Recording(optimize.Generator):
+        def __init__(self, gen):
+            super().__init__(gen.engine, gen.tokenizer, gen.progress)
+
+        def __call__(self, inputs, **kwargs):
+            if "on_result" in kwargs:
+                given.extend(inputs)
+            return super().__call__(inputs, **kwargs)
+    monkeypatch.setattr(test_script, "read_dataset", recorded_read)
+    monkeypatch.setattr(test_script, "forget_pages", lambda path: dropped.append((path, len(reads))))
+    out = tmp_path / "out.jsonl"
+    assert test_script.main(["--demo", "--out", str(out), "--max-new-tokens", "5"],
+                            prepare=reshaped(wrap=Recording)) == 0
+    before, section_3 = reads
+    assert dropped == [(Path(test_script.parse_args([]).data), 1)]  # after the check's read, before Section 3's
+    assert len(given) == 30 and all(chat is record["message"] for chat, record in zip(given, section_3.records))
+    assert not any(chat is record["message"] for chat, record in zip(given, before.records))
