@@ -9,6 +9,8 @@ from conftest import ROOT
 pytestmark = pytest.mark.unit
 
 DOCKERFILE = (ROOT / "docker" / "Dockerfile.jetson").read_text()
+# NVIDIA's wheel for JetPack 6, named as NVIDIA publishes it (the link in its PyTorch-for-Jetson release notes).
+TORCH_WHEEL = "torch-2.3.0a0+40ec155e58.nv24.03.13384722-cp310-cp310-linux_aarch64.whl"
 
 
 def lock() -> dict[str, tuple[str, list[str]]]:
@@ -33,7 +35,7 @@ def test_the_lock_pins_every_package_with_a_hash_and_holds_requirements_jetson()
 
 def test_the_image_installs_the_lock_and_the_torch_minor_ci_tests():
     assert "--require-hashes -r requirements-jetson.lock" in DOCKERFILE
-    assert "--no-deps /tmp/torch-2.3.0-cp310-cp310-linux_aarch64.whl" in DOCKERFILE
+    assert f"--no-deps /tmp/{TORCH_WHEEL}" in DOCKERFILE
     run_sh = (ROOT / "tests" / "run.sh").read_text()
     assert re.search(r'make_venv jetpack "\$py310" "torch==2\.3\.\d+"', run_sh)  # the same minor, 2.3
     assert 'sha256sum -c' in DOCKERFILE and "import torch, transformers, optimize, test_script" in DOCKERFILE
@@ -44,7 +46,23 @@ def test_the_build_context_leaves_out_models_environments_and_results():
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[ignore.index("*")] == "*"  # everything is left out but what is named
     named = [line[1:] for line in ignore if line.startswith("!")]
-    assert sorted(named) == sorted(["optimize.py", "test_script.py", "LICENSE", "NOTICE", "orinfer/", "data/",
-                                    "docker/requirements-jetson.lock"])
+    assert sorted(named) == sorted(["optimize.py", "test_script.py", "LICENSE", "NOTICE", "LICENSES/", "orinfer/",
+                                    "data/", "docker/requirements-jetson.lock"])
+    assert "bench" not in " ".join(named)  # OpenBookQA's test split, on which defaults were tuned, stays out
     copied = re.findall(r"^COPY (.+) \S+$", DOCKERFILE, re.MULTILINE)
     assert all(path.rstrip("/") in {n.rstrip("/") for n in named} for line in copied for path in line.split())
+
+
+def test_the_image_the_docs_and_the_lock_name_the_same_artefacts():
+    """The wheel NVIDIA publishes (versioned name), the libraries it links against, the build's checks, the
+    entrypoint that takes --data, and docs/JETSON.md's commands naming the very same files."""
+    jetson = (ROOT / "docs" / "JETSON.md").read_text()
+    url = re.search(r"^ARG TORCH_WHEEL=(\S+)$", DOCKERFILE, re.MULTILINE).group(1)
+    cusparselt = re.search(r"^ARG CUSPARSELT=(\S+)$", DOCKERFILE, re.MULTILINE).group(1)
+    assert url.endswith("/" + TORCH_WHEEL) and url in jetson and cusparselt in jetson
+    assert "libopenmpi-dev" in DOCKERFILE and "libomp-dev" in DOCKERFILE  # what the wheel links against
+    assert "ldd" in DOCKERFILE and "sm_87" in DOCKERFILE and "ARTEFACTS.sha256" in DOCKERFILE
+    assert 'ENTRYPOINT ["python3", "/orinfer/test_script.py", "--model", "/models/Phi-3-medium-4k-instruct"]' in DOCKERFILE
+    assert "orinfer:jp60 --data /data/private.jsonl" in jetson and "orinfer:jp60 --self-check" in jetson
+    version = TORCH_WHEEL.split("-")[1].split("a0")[0]  # 2.3.0: the minor CI's JetPack stack tests
+    assert re.search(rf'"torch=={version[:3]}\.\d+"', (ROOT / "tests" / "run.sh").read_text())

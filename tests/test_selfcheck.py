@@ -111,7 +111,8 @@ def test_a_self_check_that_dies_after_its_plan_still_shows_its_lines(tmp_path, m
     code = test_script.main(["--self-check", "--demo", "--data", str(ROOT / "data" / "test_dataset.jsonl")])
     out, err = capsys.readouterr()
     names = [line.split("] ")[1].split(":")[0] for line in out.splitlines()]
-    assert names == ["device", "memory budget", "plan", "longest record", "self-check stopped during the load"]
+    assert names == ["device", "model files", "memory budget", "plan", "longest record",
+                     "self-check stopped during the load"]
     assert code == 1 and "Traceback" not in out + err and "(traceback in " in err.strip().splitlines()[-1]
     assert list(tmp_path.iterdir()) == []
     Path(err.split("traceback in ")[1].split(")")[0]).unlink()
