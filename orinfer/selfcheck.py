@@ -456,7 +456,11 @@ def run(setup, chats: list, lines: list[int], max_new_tokens: int, memory_budget
 
 
 def _reference_checks(setup, model, ours, prompts, picked, new_tokens, lines, checks: Checks) -> None:
-    """The engine's tokens against transformers' (eager, as the organisers' load runs it, and SDPA)."""
+    """The engine's tokens against transformers' (eager, as the organisers' load runs it, and SDPA); where the folder
+    carries its own modelling code, a line says so before that code runs (a plain run never runs it)."""
+    if own_modeling_code(setup.folder):
+        checks.add(Check("reference code", f"the reference now runs the modelling code in {setup.folder} (its "
+                                           "config's auto_map), as the organisers' trust_remote_code=True load does"))
     for attention in ("eager", "sdpa"):
         try:
             hf = transformers_model(model, setup.folder, attention)

@@ -658,3 +658,21 @@ def test_section_3_runs_what_its_own_read_gives_and_the_check_leaves_nothing_war
     assert dropped == [(Path(test_script.parse_args([]).data), 1)]  # after the check's read, before Section 3's
     assert len(given) == 30 and all(chat is record["message"] for chat, record in zip(given, section_3.records))
     assert not any(chat is record["message"] for chat, record in zip(given, before.records))
+
+
+def test_a_plain_run_never_executes_code_from_the_model_folder(tmp_path, capsys):
+    """The folder's own modelling code (Phi-3-medium's carries one, mapped by its config's auto_map) runs only in
+    --self-check's reference, which says so first; the engine reads the config's numbers and the weights alone."""
+    model = write_tiny_model(tmp_path / "model")
+    mark = tmp_path / "the folder's code ran"
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_phi3.Phi3Config",
+                          "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"}
+    (model / "config.json").write_text(json.dumps(config))
+    for name in ("configuration_phi3.py", "modeling_phi3.py"):
+        (model / name).write_text(f"open({str(mark)!r}, 'w').write('{name}')\n")
+    out = tmp_path / "out.jsonl"
+    assert test_script.main(["--model", str(model), "--device", "cpu", "--out", str(out), "--max-new-tokens", "4"]) == 0
+    assert not mark.exists() and len(out.read_text().splitlines()) == 30
+    from orinfer.selfcheck import own_modeling_code
+    assert own_modeling_code(model)  # the self-check would run it, and prints a line saying so first
