@@ -200,11 +200,13 @@ def set_up(args, prepare, model_dir, device, data_path: Path, records: list, lin
     return gen
 
 
-def report(outs: list, data: list, elapsed: float, results: Results, ran: int) -> None:
-    """Section 4 (untimed), as the organisers' script prints it: every answer, then the time and the score."""
+def report(outs: dict, data: list, elapsed: float, results: Results, ran: int) -> None:
+    """Section 4 (untimed), as the organisers' script prints it: every answer, then the time and the score. `outs`:
+    record index -> its output; a record without one (named on stderr) is printed as such and scored as wrong."""
     print("===== Answers =====")
     correct = 0
-    for i, out in enumerate(outs):
+    for i in range(len(data)):
+        out = outs.get(i)
         answer = out[0]["generated_text"].lstrip().replace("\n", "") if out is not None else None
         correct += answer is not None and answer == data[i].get("answer")
         print(answer if answer is not None else "(no result)")
@@ -223,6 +225,7 @@ def run(args, prepare, model_dir, device, results: Results, checked, data_path: 
     """Sections 1-4 on the records `todo` of the data file as `checked` (read_dataset) before the model loads. Of
     that read only the file's identity goes on past Section 1: Section 3 reads the file again, as the organisers'
     script does, and takes its records, their lines and the records to run from that read."""
+    from optimize import RecordError
     gen = set_up(args, prepare, model_dir, device, data_path, checked.records, checked.lines, todo)
     identity = checked.identity
     del checked, todo
@@ -243,9 +246,12 @@ def run(args, prepare, model_dir, device, results: Results, checked, data_path: 
                                          "run again once the file is final")
     data, lines = dataset.records, dataset.lines
     todo = [i for i in range(len(data)) if i not in results.done]
-    gen([data[i]["message"] for i in todo], on_result=lambda j, out: results.add(todo[j], out, data[todo[j]]),
-        on_error=lambda j, why: failures.__setitem__(todo[j], why), **generation_args)
-    outs = [results.done.get(i) for i in range(len(data))]
+    try:
+        gen([data[i]["message"] for i in todo], on_result=lambda j, out: results.add(todo[j], out, data[todo[j]]),
+            on_error=lambda j, why: failures.__setitem__(todo[j], why), **generation_args)
+    except RecordError:  # the records named in `failures`; every other result is in `results`
+        pass
+    outs = dict(results.done)
     end = time.time()
 
     # Section 4: untimed — the answers and the accuracy, scored as the organisers score them.

@@ -123,7 +123,10 @@ def capped(folder: Path, records: list, budget_gib: float, run_names: list[str])
         t = time.perf_counter()
         set_scripts(gen, script)
         failed = {}
-        gen(chats, max_new_tokens=new, return_full_text=False, on_error=failed.__setitem__)
+        try:
+            gen(chats, max_new_tokens=new, return_full_text=False, on_error=failed.__setitem__)
+        except optimize.RecordError:  # the records in `failed`, reported below
+            pass
         torch.cuda.synchronize()
         peak_dev, peak_host = torch.cuda.max_memory_reserved(), peak_rss_bytes()
         log = list(observer.passes)[log_start:]

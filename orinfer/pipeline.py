@@ -158,8 +158,8 @@ class Generator:
         """Same call and same output nesting as pipeline("text-generation"). `batch_size` is accepted and ignored
         (the engine batches by memory). `on_result(i, output)` is called as each input finishes. An input the
         engine cannot finish (its tokens outgrow the KV cache, its text does not tokenise) does not stop the
-        others: `on_error(i, why)` is called for it and its output is None; without `on_error` the call raises
-        RecordError once every other input has finished."""
+        others: `on_error(i, why)` is called for it as it fails, and once every other input has finished the call
+        raises RecordError, which holds the finished outputs: the call never returns None in place of an output."""
         if do_sample:
             raise ValueError("only greedy decoding is supported (do_sample=True was given)")
         if unsupported:
@@ -177,8 +177,8 @@ class Generator:
 
         outputs = self._generate(items, max_new_tokens, return_full_text, on_result, failed,
                                  self.progress if progress is None else progress)
-        if failures and on_error is None:
-            raise RecordError(failures)
+        if failures:
+            raise RecordError(failures, {i: o for i, o in enumerate(outputs) if i not in failures})
         return outputs[0] if single else outputs
 
     @staticmethod
@@ -280,8 +280,9 @@ class Generator:
 
 
 class RecordError(RuntimeError):
-    """Some inputs of a call could not be finished (the others were): `failures` maps input index -> why."""
+    """Some inputs of a call could not be finished (the others were): `failures` maps input index -> why, and
+    `outputs` input index -> output for the others."""
 
-    def __init__(self, failures: dict[int, str]):
-        self.failures = failures
+    def __init__(self, failures: dict[int, str], outputs: dict[int, list] | None = None):
+        self.failures, self.outputs = failures, outputs or {}
         super().__init__("; ".join(f"input {i}: {why}" for i, why in sorted(failures.items())))

@@ -198,12 +198,13 @@ def test_an_input_that_fails_to_tokenise_or_detokenise_fails_alone(gen, public_c
     chats = [public_chats[0], [{"role": "user", "content": "BROKEN"}], public_chats[1],
              [{"role": "user", "content": "UNDECODABLE"}], public_chats[2], public_chats[3]]
     failed, done = {}, {}
-    outs = gen(chats, max_new_tokens=6, return_full_text=False, on_error=failed.__setitem__,
-               on_result=done.__setitem__)
-    assert sorted(failed) == [1, 3]
+    with pytest.raises(optimize.RecordError) as raised:
+        gen(chats, max_new_tokens=6, return_full_text=False, on_error=failed.__setitem__, on_result=done.__setitem__)
+    assert sorted(failed) == [1, 3] == sorted(raised.value.failures)
     assert "could not be tokenised (ValueError: unrenderable)" in failed[1]
     assert "could not be turned into text (UnicodeError: bad bytes)" in failed[3]
-    assert [outs[i] for i in (0, 2, 4, 5)] == expected and outs[1] is outs[3] is None
+    outs = raised.value.outputs
+    assert sorted(outs) == [0, 2, 4, 5] and [outs[i] for i in (0, 2, 4, 5)] == expected
     assert sorted(done) == [0, 2, 4, 5]
 
 

@@ -29,10 +29,12 @@ def test_small_cache_preempts_and_recomputes(gen, tiny_dir, public_chats):
 def test_prompt_larger_than_the_cache_fails_alone(tiny_dir, public_chats, longest_chat, gen):
     g = generator(tiny_dir, block_size=4, num_blocks=40)  # 156 tokens: the 868-token prompt cannot fit
     failed, done = {}, []
-    outs = g([public_chats[0], longest_chat, public_chats[1]], max_new_tokens=4, return_full_text=False,
-             on_result=lambda i, o: done.append(i), on_error=failed.__setitem__)
+    with pytest.raises(optimize.RecordError) as raised:  # never None in place of an output
+        g([public_chats[0], longest_chat, public_chats[1]], max_new_tokens=4, return_full_text=False,
+          on_result=lambda i, o: done.append(i), on_error=failed.__setitem__)
     assert list(failed) == [1] and "868 prompt tokens do not fit the KV cache (156 tokens" in failed[1]
-    assert outs[1] is None and sorted(done) == [0, 2]
+    outs = raised.value.outputs
+    assert sorted(outs) == sorted(done) == [0, 2] and raised.value.failures == failed
     assert [outs[0], outs[2]] == gen([public_chats[0], public_chats[1]], max_new_tokens=4, return_full_text=False)
     with pytest.raises(optimize.RecordError, match="input 0: its 868 prompt tokens do not fit"):
         g([longest_chat], max_new_tokens=4)  # no on_error: the call raises, after the others finished
@@ -41,11 +43,12 @@ def test_prompt_larger_than_the_cache_fails_alone(tiny_dir, public_chats, longes
 def test_sequence_outgrowing_the_whole_cache_fails_alone_and_the_others_finish(tiny_dir, public_chats, gen):
     g = generator(tiny_dir, block_size=4, num_blocks=40)  # 156 tokens: a ~100-token prompt cannot grow by 100
     failed = {}
-    outs = g(public_chats, max_new_tokens=100, on_error=failed.__setitem__)
+    with pytest.raises(optimize.RecordError) as raised:
+        g(public_chats, max_new_tokens=100, on_error=failed.__setitem__)
     assert failed and all("no longer fit the KV cache (156 tokens" in why for why in failed.values())
-    full = gen(public_chats, max_new_tokens=100)
-    assert [o for i, o in enumerate(outs) if i not in failed] == [o for i, o in enumerate(full) if i not in failed]
-    assert all(outs[i] is None for i in failed)
+    full, outs = gen(public_chats, max_new_tokens=100), raised.value.outputs
+    assert sorted(outs) == [i for i in range(len(full)) if i not in failed]
+    assert all(outs[i] == full[i] for i in outs)
 
 
 # What a failed allocation raises: torch's own error, and on Tegra the caching allocator's NVML assert.
@@ -83,7 +86,9 @@ def test_out_of_memory_on_a_single_token_fails_that_request(tiny_dir, public_cha
 
     g.engine.runner.launch = always
     failed = {}
-    assert g(public_chats[:2], max_new_tokens=4, on_error=failed.__setitem__) == [None, None]
+    with pytest.raises(optimize.RecordError) as raised:
+        g(public_chats[:2], max_new_tokens=4, on_error=failed.__setitem__)
+    assert raised.value.outputs == {}
     assert sorted(failed) == [0, 1] and all("out of device memory" in why for why in failed.values())
 
 
