@@ -66,15 +66,21 @@ def copy_rate() -> float:
 
 
 def split(prof) -> dict:
-    """Each kernel class's device time (s) and launches, from a profile of one call."""
-    classes = {}
+    """Each kernel class's device time (s) and launches, and its five costliest kernels by name, from a profile of
+    one call."""
+    classes, names = {}, {}
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        cls = kernel_class(event.name)
-        seconds, count = classes.get(cls, (0.0, 0))
-        classes[cls] = (seconds + (event.time_range.end - event.time_range.start) / 1e6, count + 1)
-    return {cls: {"seconds": s, "launches": n} for cls, (s, n) in sorted(classes.items())}
+        cls, seconds = kernel_class(event.name), (event.time_range.end - event.time_range.start) / 1e6
+        total, count = classes.get(cls, (0.0, 0))
+        classes[cls] = (total + seconds, count + 1)
+        named = names.setdefault(cls, {}).setdefault(event.name[:90], [0.0, 0])
+        named[0] += seconds
+        named[1] += 1
+    return {cls: {"seconds": s, "launches": n,
+                  "top": sorted(([name, t, k] for name, (t, k) in names[cls].items()), key=lambda x: -x[1])[:5]}
+            for cls, (s, n) in sorted(classes.items())}
 
 
 def project(classes: dict, pass_tokens: list[int], flops_per_token: float, weight_bytes: int, rate: float) -> dict:

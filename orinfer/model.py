@@ -67,13 +67,16 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.heads * self.dim, cfg.hidden_size)
         self.k_cache = self.v_cache = None  # bound by the runner to this layer's slice of the KV pool
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Context,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Every token's keys and values are written to the cache; the output is `rows`' only (None: all)."""
         tokens = x.shape[0]
         qk, v = self.qkv_proj(x).split([(self.heads + self.kv_heads) * self.dim, self.kv_heads * self.dim], -1)
         # Query and key heads rotate together: one kernel, and the views below need no copy.
         q, k = self.kernels.rope(qk.view(tokens, -1, self.dim), cos, sin).split([self.heads, self.kv_heads], dim=1)
         v = v.view(tokens, self.kv_heads, self.dim)
-        return self.o_proj(paged_attention(q, k, v, self.k_cache, self.v_cache, ctx))
+        out = paged_attention(q, k, v, self.k_cache, self.v_cache, ctx)
+        return self.o_proj(out if rows is None else out[rows])
 
 
 class MLP(nn.Module):
@@ -110,14 +113,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
 
     def forward(self, h: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+                ctx: Context, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """h is the residual stream before the previous layer's MLP output `delta` is added (None for the first
-        layer): each add is fused into the norm that reads its result. Returns the same pair for the next layer."""
+        layer): each add is fused into the norm that reads its result. Returns the same pair for the next layer,
+        for `rows` only where given (the last layer: what follows its attention is needed where a token is
+        sampled, and its keys and values, all that later tokens read, are written for every token)."""
         if delta is None:
             x = self.input_layernorm(h)
         else:
             h, x = self.input_layernorm(delta, h)
-        h, x = self.post_attention_layernorm(self.self_attn(x, cos, sin, ctx), h)
+        h, x = self.post_attention_layernorm(self.self_attn(x, cos, sin, ctx, rows), h if rows is None else h[rows])
         return h, self.mlp(x)
 
 
@@ -189,8 +194,9 @@ class Phi3ForCausalLM(nn.Module):
         angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
         h, delta = self.model.embed_tokens(input_ids).to(self.device), None  # sent up if the table is on the host
-        for layer in self.model.layers:
+        *layers, last = self.model.layers
+        for layer in layers:
             h, delta = layer(h, delta, cos, sin, ctx)
-        rows = ctx.sample_rows
-        logits = self.lm_head(self.model.norm(delta[rows], h[rows])[1])
+        h, delta = last(h, delta, cos, sin, ctx, ctx.sample_rows)
+        logits = self.lm_head(self.model.norm(delta, h)[1])
         return logits.argmax(dim=-1)

@@ -34,7 +34,9 @@ def meet_gemm_kernels(model: Phi3ForCausalLM, max_tokens: int, max_sampled: int,
         for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj):
             linear(zeros(n, linear.in_features))
         layer.mlp(zeros(n, model.cfg.hidden_size))  # its own path: one gate_up product when compiled, two eager
-    for n in reversed(counts(max_sampled)):  # the LM head sees sampled rows only
+    for n in reversed(counts(max_sampled)):  # after the last layer's attention, sampled rows only
+        layer.self_attn.o_proj(zeros(n, layer.self_attn.o_proj.in_features))
+        layer.mlp(zeros(n, model.cfg.hidden_size))
         model.lm_head(zeros(n, model.cfg.hidden_size)).argmax(-1)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
