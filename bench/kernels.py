@@ -6,6 +6,7 @@ warm-up reads them back: the product's path) and dropped after it (a cold read o
 timed call: what a board met before the warm-up read the table).
 
     PYTHONPATH=JETSON_PIN python3 bench/kernels.py --out OUT [--budget 28.5] [--workloads w1,prefill,decode]
+                                                   [--no-table-read]
 
 Pricing (REFERENCE.md section 8): GEMMs by their FLOPs (each pass's computed tokens x 2 x the parameters they pass
 through) at ORIN_GEMM FLOP/s, but no pass under one read of the weights at ORIN_READ bytes/s; every other kernel by
@@ -118,6 +119,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget", type=float, default=28.5)
     ap.add_argument("--workloads", default="w1,prefill,decode")
+    ap.add_argument("--no-table-read", action="store_true", help="skip W1 timed with cold and warm token-table pages")
     args = ap.parse_args()
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "orinfer-kernels"
     tmp.mkdir(exist_ok=True)
@@ -155,7 +157,8 @@ def main() -> int:
                         "orin": project(classes, tokens, flops_per_token, weight_bytes, rate), "floor_s": floor}
         report[name]["x_floor"] = report[name]["orin"]["total_s"] / floor
         print(name, json.dumps(report[name]), flush=True)
-    report["table_read"] = table_read(gen, folder, records)
+    if not args.no_table_read:
+        report["table_read"] = table_read(gen, folder, records)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "kernels.json").write_text(json.dumps(report, indent=1))
     return 0
