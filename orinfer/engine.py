@@ -90,8 +90,9 @@ class Engine:
             return
         p, runner = self.plan, self.runner
         if "gemms" in steps:
+            graphs = runner.varlen and p.cuda_graphs and self.options.cuda_graphs  # they take the small passes
             meet_gemm_kernels(self.model, p.max_batched_tokens, p.max_num_seqs * (1 + p.max_drafts),
-                              runner.eager_padding)
+                              runner.eager_padding, every_small_count=not graphs)
         if "lookup_budget" in steps and self.options.lookup_draft_tokens is None:
             self.lookup_draft_tokens = tokens_at_one_token_cost(self.model, p.max_batched_tokens)
         if "graphs" in steps and self.options.cuda_graphs and p.cuda_graphs and not len(runner.graphs):

@@ -38,21 +38,16 @@ class Pending:
     device_span: tuple[float, float] | None = None  # set by collect on CUDA: start and end on the device's clock
 
 
-# The padded layout's eager passes come in multiples of this many tokens (and sampled rows), so the warm-up meets
-# each GEMM count they can bring (64 counts for 1,024-token passes); at most 15 padding tokens a pass.
-PADDED_MULTIPLE = 16
-
-
 class ModelRunner:
     """`attention`: the varlen layout's kernels (varlen_layout.available; none: the padded layout alone);
     `pad_above` and `pad_multiple`: an eager varlen pass of more than pad_above tokens is padded to a multiple of
     pad_multiple tokens and sampled rows; `max_gather_tokens`: the keys the padded layout gathers at once (the
-    memory plan's), its groups' bound; `padded_multiple`: every eager pass of the padded layout is padded to a
-    multiple of it (default: PADDED_MULTIPLE on CUDA, where cuBLAS picks kernels by the exact count; 1 elsewhere)."""
+    memory plan's), its groups' bound; `padded_multiple`: the padded layout's eager passes of more than PAD_ABOVE
+    tokens are padded to a multiple of it (default PAD_MULTIPLE, as the varlen layout's; 1: none)."""
 
     def __init__(self, model: Phi3ForCausalLM, num_blocks: int, block_size: int, attention: AttentionKernels,
                  pad_above: int = PAD_ABOVE, pad_multiple: int = PAD_MULTIPLE, max_gather_tokens: int = 1 << 30,
-                 padded_multiple: int | None = None):
+                 padded_multiple: int = PAD_MULTIPLE):
         cfg = model.cfg
         self.model, self.block_size, self.device = model, block_size, model.device
         self.kv = torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads,
@@ -62,10 +57,8 @@ class ModelRunner:
         uploader = InputUploader(self.device, block_size, model.embedding_on_host)
         # The layouts, in the order they are tried: the varlen one where its kernel was given (a pass whose keys
         # reach past the sliding window takes the padded one). Graphs are captured for the first.
-        if padded_multiple is None:
-            padded_multiple = PADDED_MULTIPLE if self.device.type == "cuda" else 1
         self.layouts = [PaddedLayout(uploader, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.sliding_window,
-                                     cfg.max_position_embeddings, max_gather_tokens, 0, padded_multiple)]
+                                     cfg.max_position_embeddings, max_gather_tokens, PAD_ABOVE, padded_multiple)]
         if attention.varlen is not None:
             self.layouts.insert(0, VarlenLayout(attention, uploader, cfg.sliding_window, cfg.max_position_embeddings,
                                                 pad_above, pad_multiple))

@@ -12,18 +12,21 @@ from .sequence import Sequence
 
 @torch.inference_mode()
 def meet_gemm_kernels(model: Phi3ForCausalLM, max_tokens: int, max_sampled: int,
-                      eager_padding: tuple[int, int] | None) -> None:
+                      eager_padding: tuple[int, int] | None, every_small_count: bool = False) -> None:
     """Run every GEMM of a layer and the LM head once at each token count a pass can bring, up to `max_tokens` tokens
-    and `max_sampled` sampled rows. `eager_padding` (above, multiple): eager passes of more than `above` tokens come
-    padded to a multiple of `multiple` (the varlen layout's).
+    and `max_sampled` sampled rows (after the last layer's attention, the sampled rows alone go on). `eager_padding`
+    (above, multiple): eager passes of more than `above` tokens come padded to a multiple of `multiple`;
+    `every_small_count`: passes of up to `above` tokens run eagerly at any count (no graphs take them), so every
+    count is met (gemm_counts). An MLP that takes its rows in parts (the model's mlp_rows) meets part sizes only.
 
     cuBLAS picks its kernel by the exact token count, and a kernel's first use in a process holds up the host
     launching a pass: without this the first timed call spent 0.88 s inside `linear` against 0.11 s in later calls
     (H200)."""
     layer = model.model.layers[0]
+    mlp_rows = layer.mlp.rows or max(max_tokens, max_sampled)
 
     def counts(most: int) -> list[int]:
-        return gemm_counts(most, eager_padding)
+        return gemm_counts(most, eager_padding, every_small_count)
 
     def zeros(n: int, features: int) -> torch.Tensor:
         return torch.zeros(n, features, device=model.device, dtype=model.dtype)
@@ -33,10 +36,12 @@ def meet_gemm_kernels(model: Phi3ForCausalLM, max_tokens: int, max_sampled: int,
     for n in reversed(counts(max_tokens)):
         for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj):
             linear(zeros(n, linear.in_features))
-        layer.mlp(zeros(n, model.cfg.hidden_size))  # its own path: one gate_up product when compiled, two eager
+        if n <= mlp_rows:
+            layer.mlp(zeros(n, model.cfg.hidden_size))  # its own path: one gate_up product when compiled, two eager
     for n in reversed(counts(max_sampled)):  # after the last layer's attention, sampled rows only
         layer.self_attn.o_proj(zeros(n, layer.self_attn.o_proj.in_features))
-        layer.mlp(zeros(n, model.cfg.hidden_size))
+        if n <= mlp_rows:
+            layer.mlp(zeros(n, model.cfg.hidden_size))
         model.lm_head(zeros(n, model.cfg.hidden_size)).argmax(-1)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
@@ -45,14 +50,16 @@ def meet_gemm_kernels(model: Phi3ForCausalLM, max_tokens: int, max_sampled: int,
         torch.cuda.empty_cache()
 
 
-def gemm_counts(most: int, eager_padding: tuple[int, int] | None) -> list[int]:
-    """The token counts up to `most` the warm-up runs through each GEMM: with `eager_padding` (above, multiple) every
-    count up to `above` it meets on a geometric ladder (graphs take those passes at their own sizes) and every
-    multiple above it (what padded passes bring); without, a geometric ladder only (a CPU, which loads no kernels)."""
+def gemm_counts(most: int, eager_padding: tuple[int, int] | None, every_small_count: bool = False) -> list[int]:
+    """The token counts up to `most` the warm-up runs through each GEMM: with `eager_padding` (above, multiple),
+    every multiple above `above` (what padded passes bring) and, below it, every count where small passes run
+    eagerly (`every_small_count`: the Orin's plan) or a geometric ladder where graphs take them at their own sizes;
+    without padding, a geometric ladder only (a CPU, which loads no kernels)."""
     found = {int(1.25 ** k) for k in range(64) if 1.25 ** k <= most} | {most}
     if eager_padding is not None:
         above, multiple = eager_padding
-        found = {c for c in found if c <= above} | set(range(multiple, most + multiple, multiple))
+        small = range(1, min(above, most) + 1) if every_small_count else [c for c in found if c <= above]
+        found = set(small) | set(range(multiple, most + multiple, multiple))
     return sorted(found)
 
 

@@ -77,7 +77,8 @@ def generator(folder, options: Options = Options(), attention: AttentionKernels 
         plan = replace(e.plan, **plan_changes)
         runner = ModelRunner(e.model, plan.num_blocks, plan.block_size, attention or AttentionKernels(),
                              *(padding or ()), max_gather_tokens=plan.max_gather_tokens,
-                             padded_multiple=padded_multiple) if padding or padded_multiple else None
+                             **({"padded_multiple": padded_multiple} if padded_multiple else {})) \
+            if padding or padded_multiple else None
         gen.engine = Engine(e.model, e.eos_ids, plan, options, attention=attention, runner=runner, observer=observer)
     return gen
 

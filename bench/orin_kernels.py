@@ -5,7 +5,7 @@ on an Orin. Also the warm-up's token-table read: W1 timed with the table's pages
 warm-up reads them back: the product's path) and dropped after it (a cold read of every distinct token inside the
 timed call: what a board met before the warm-up read the table).
 
-    PYTHONPATH=JETSON_PIN python3 bench/kernels.py --out OUT [--budget 28.5] [--workloads w1,prefill,decode]
+    PYTHONPATH=JETSON_PIN python3 bench/orin_kernels.py --out OUT [--budget 28.5] [--workloads w1,prefill,decode]
                                                    [--no-table-read]
 
 Pricing (REFERENCE.md section 8): GEMMs by their FLOPs (each pass's computed tokens x 2 x the parameters they pass
