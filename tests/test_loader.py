@@ -1,4 +1,3 @@
-import json
 
 import pytest
 import torch
@@ -6,7 +5,7 @@ import torch
 from orinfer.config import Phi3Config
 from orinfer.loader import load_weights
 from orinfer.model import Phi3ForCausalLM
-from orinfer.tiny import tiny_config, write_tiny_model
+from orinfer.tiny import write_tiny_model
 
 
 def load(folder, dtype=torch.float32):

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 
 from orinfer.dataset import DataError, fingerprint
-from orinfer.runfiles import Results, RunLock, check_data_path, read_results, results_path, run_settings
+from orinfer.runfiles import Results, RunLock, check_data_path, read_results, results_path
 
 pytestmark = pytest.mark.unit
 

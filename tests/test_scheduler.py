@@ -107,7 +107,7 @@ def test_any_other_runtime_error_is_not_taken_for_out_of_memory(tiny_dir, public
 def test_finished_sequences_give_their_blocks_back_when_released_or_when_needed():
     from orinfer.block_manager import BlockManager
     from orinfer.scheduler import Limits, Scheduler
-    from orinfer.sequence import Lookups, Sequence
+    from orinfer.sequence import Sequence
     blocks = BlockManager(13, 1)  # 12 one-token blocks besides the scratch block
     sch = Scheduler(blocks, Limits(max_num_seqs=4, max_batched_tokens=64, max_gather_tokens=1000), eos_ids=[0])
     a = Sequence(index=0, token_ids=[5, 6, 7, 8, 9], num_prompt_tokens=5, max_new_tokens=1)
