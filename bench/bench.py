@@ -100,7 +100,7 @@ def main():
         res["free"] = systems_stage(args, w1, folder, records)
     elif args.stage == "passes":
         from passes import passes_stage
-        res["passes_per_request"] = passes_stage(w1, records)
+        res["passes_per_request"] = passes_stage(records)
     elif args.stage == "fp32":
         from exactness import fp32_exact
         res["fp32_exact"] = fp32_exact(folder, records[:args.fp32_exact])

@@ -9,7 +9,8 @@ host time per pass.
 The workloads (the speculation table of BENCHMARKS.md): W1 scripted (short answers, drafts from the choices);
 answers that copy a span of their own prompt; answers that repeat one explanation with the item's answer in it
 (drafts from earlier requests' outputs, the run's n-gram pool); and W1 with 10 answers that run to 500 tokens
-repeating themselves."""
+repeating themselves; and W1's shape without OpenBookQA's text (workload.synthetic_records: pseudo-words of
+the same lengths), for whether what was tuned on W1 holds elsewhere."""
 import itertools
 import tempfile
 from dataclasses import replace
@@ -18,13 +19,12 @@ from pathlib import Path
 import optimize
 from measure import ORIN_MEASURED, orin_projection, pass_costs
 from orinfer.config import Phi3Config
-from orinfer.dataset import read_records
 from orinfer.engine import Engine
 from orinfer.memory import GiB, plan_memory
 from orinfer.observe import Observer
 from orinfer.options import Options
 from orinfer.tiny import ASSETS, END_TOKEN, write_tiny_model
-from workload import ScriptedEngine, answer_scripts, long_answers
+from workload import ScriptedEngine, answer_scripts, long_answers, synthetic_records
 
 # Host time a decode pass takes with no pass in flight, measured on the H200's host at batch 128 (W3, run 44), and
 # how much slower an Orin's Cortex-A78AE cores are assumed to be (an assumption: no Orin was measured).
@@ -33,17 +33,22 @@ EXPLANATION = ("The correct choice follows from the facts stated in the question
                "contradicts one of them, so the answer is")
 
 
-def workloads(tokenizer, records: list) -> dict[str, list[list[int]]]:
+def workloads(tokenizer, records: list) -> dict[str, tuple[list, list[list[int]]]]:
+    """Each workload's chats and scripted answers: W1's own, and W1's shape without OpenBookQA's text."""
+    chats = [r["message"] for r in records]
     scripts = answer_scripts(tokenizer, records)
-    prompts = optimize.prompt_ids(tokenizer, [r["message"] for r in records])
+    prompts = optimize.prompt_ids(tokenizer, chats)
     explained = tokenizer([f"{EXPLANATION} {r['answer']}." for r in records], add_special_tokens=False)["input_ids"]
     # The span of the prompt after the shared 37-token instruction: the question's own words.
     copied = [list(p[40:104]) + [END_TOKEN] for p in prompts]
-    return {"w1_scripted": scripts, "copy_prompt_64": copied,
-            "repeat_explanation": [e + [END_TOKEN] for e in explained], "w1_long10": long_answers(scripts, 10)}
+    synthetic = synthetic_records(records)
+    return {"w1_scripted": (chats, scripts), "copy_prompt_64": (chats, copied),
+            "repeat_explanation": (chats, [e + [END_TOKEN] for e in explained]),
+            "w1_long10": (chats, long_answers(scripts, 10)),
+            "synthetic_scripted": ([r["message"] for r in synthetic], answer_scripts(tokenizer, synthetic))}
 
 
-def passes_stage(w1: Path, records: list, only: set[str] | None = None) -> dict:
+def passes_stage(records: list, only: set[str] | None = None) -> dict:
     """`only`: the workloads to run (default: all of them)."""
     folder = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     setup = optimize.prepare(folder, device="cpu")
@@ -55,9 +60,8 @@ def passes_stage(w1: Path, records: list, only: set[str] | None = None) -> dict:
     limits = ("num_blocks", "block_size", "max_num_seqs", "max_batched_tokens", "max_gather_tokens", "max_drafts")
     plans = {"h200": replace(setup.plan, max_batched_tokens=16384, max_num_seqs=512, max_drafts=16),
              "orin": replace(setup.plan, **{k: getattr(orin, k) for k in limits})}
-    chats = [r["message"] for r in read_records(w1)[0]]
     out = {"orin_plan": orin.describe(), "host_s_per_pass": HOST_S_PER_PASS, "orin_host_slower": ORIN_HOST_SLOWER}
-    for (work, scripts), (plan_name, plan), (name, speculate) in itertools.product(
+    for (work, (chats, scripts)), (plan_name, plan), (name, speculate) in itertools.product(
             [(k, v) for k, v in workloads(setup.tokenizer, records).items() if only is None or k in only], plans.items(),
             (("speculation", True), ("no_speculation", False))):
         # Lookup drafts as on a GPU (the CPU's default has none), under 128 tokens a pass (an Orin's balance).

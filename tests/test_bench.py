@@ -150,10 +150,13 @@ def test_the_cpu_stages_run_on_the_tiny_model(tiny_dir, tmp_path):
     import real_text
     w1 = workload.write_w1(tmp_path)
     few = [json.loads(line) for line in w1.read_text().splitlines()][:3]
-    (tmp_path / "few.jsonl").write_text("".join(json.dumps(r) + "\n" for r in few))
-    out = passes.passes_stage(tmp_path / "few.jsonl", few, only={"w1_scripted"})
-    w1_runs = [v for k, v in out.items() if k.startswith("w1_scripted_")]
-    assert len(w1_runs) == 4 and all(r["generated_tokens"] > 0 and r["orin_projection_s"] > 0 for r in w1_runs)
+    out = passes.passes_stage(few, only={"w1_scripted", "synthetic_scripted"})
+    for work in ("w1_scripted_", "synthetic_scripted_"):
+        runs = [v for k, v in out.items() if k.startswith(work)]
+        assert len(runs) == 4 and all(r["generated_tokens"] > 0 and r["orin_projection_s"] > 0 for r in runs)
+    synthetic = workload.synthetic_records(few)  # W1's shape, none of its words
+    assert [len(s["answer"]) for s in synthetic] == [len(r["answer"]) for r in few]
+    assert not set(synthetic[0]["answer"].split()) & set(few[0]["message"][0]["content"].split())
     loads = {"mc": ([r["message"] for r in few], 6, [r["answer"] for r in few])}
     table = real_text.drafting(tiny_dir, "cpu", loads, quick=True, variants=["off", "defaults"], dtypes=["float32"],
                                repeat=1)
