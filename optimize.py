@@ -53,13 +53,6 @@ class InputError(ValueError):
         self.index = index
 
 
-class _NoPlan:
-    kv_tokens = -1
-
-
-NO_PLAN = _NoPlan()  # what a budget too small for any plan leaves
-
-
 @dataclass(frozen=True)
 class Setup:
     """All that build() decides before the weights load: the folder's config and tokenizer, the device, the dtype
@@ -94,21 +87,21 @@ class Setup:
     def least_budget(self, kv_tokens: int, one_sequence: bool = False) -> int | None:
         """The smallest budget (to 0.01 GiB) whose plan leaves `kv_tokens` tokens of KV cache (`one_sequence`: and
         holds them as one sequence, its attention included); None if none can."""
-        def plan(budget: int) -> MemoryPlan | None:
+        def leaves(budget: int) -> int:  # the plan's KV tokens; -1 where the budget holds no plan at all
             try:
-                return self.plan_for(budget)
+                return self.plan_for(budget).kv_tokens
             except MemoryError:
-                return None
+                return -1
         step = GiB // 100
         low, high = 0, self.plan_inputs["weights"] + 8 * GiB + 2 * kv_tokens * self.cfg.kv_bytes_per_token
-        if (plan(high) or NO_PLAN).kv_tokens < kv_tokens:
+        if leaves(high) < kv_tokens:
             return None
         while high - low > step:  # the cache grows with the budget: low never leaves enough, high does
             mid = (low + high) // 2
-            low, high = (low, mid) if (plan(mid) or NO_PLAN).kv_tokens >= kv_tokens else (mid, high)
+            low, high = (low, mid) if leaves(mid) >= kv_tokens else (mid, high)
         # A larger budget can take larger passes, whose attention costs more a key: walk up rather than bisect.
         budget = ceil_div(high, step) * step
-        while one_sequence and not plan(budget).holds(kv_tokens):
+        while one_sequence and not self.plan_for(budget).holds(kv_tokens):  # budgets >= high all plan
             budget = ceil_div(budget * 51 // 50, step) * step
             if budget > 64 * high:
                 return None

@@ -36,6 +36,7 @@ from orinfer.dataset import read_records  # noqa: E402
 from orinfer.memory import GiB, rss_bytes  # noqa: E402
 from orinfer.observe import Observer  # noqa: E402
 from orinfer.options import Options  # noqa: E402
+from orinfer.runfiles import forget_pages  # noqa: E402
 from orinfer.selfcheck import unique_prompt_tokens  # noqa: E402
 from workload import answer_scripts, fresh_run, model_folder, random_init, scripted, set_scripts, write_w1  # noqa
 
@@ -109,9 +110,7 @@ def drop_pages(folder: Path) -> None:
     first, since only clean pages can be dropped."""
     os.sync()
     for path in folder.glob("*.safetensors"):
-        fd = os.open(path, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
+        forget_pages(path)
 
 
 def main() -> int:
