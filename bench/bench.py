@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 # Each stage's module is imported in the stage's own process only: the capped stage measures the host memory of
 # what the product imports, not the profiler's, transformers' model code's or the chart's.
 from orinfer.dataset import read_records  # noqa: E402
-from workload import model_folder, write_w1  # noqa: E402
+from workload import model_folder, synthetic_records, write_w1  # noqa: E402
 
 
 def parse_args():
@@ -47,6 +47,9 @@ def parse_args():
                     help="the free stage's variants (NAME_repeat: a second call on NAME's generator)")
     ap.add_argument("--free-tokens", type=int, default=32)
     ap.add_argument("--limit", type=int, default=0, help="first N items only")
+    ap.add_argument("--workload", default="w1", choices=["w1", "synthetic"],
+                    help="synthetic: W1's shape without OpenBookQA's text (workload.synthetic_records)")
+    ap.add_argument("--ahead-fill", default="", help="passes stage: instead, sweep engine.AHEAD_FILL over these values")
     ap.add_argument("--fp32-exact", type=int, default=50, help="items for the fp32 full-shape exactness check")
     ap.add_argument("--capped", type=float, default=28.5, help="Orin emulation: total budget in GiB")
     ap.add_argument("--capped-runs", default="w1_scripted,longest_free500,w1_first64_free500")
@@ -87,8 +90,11 @@ def main():
     w1 = write_w1(tmp)
     folder = model_folder(tmp)
     records = read_records(w1)[0]
+    if args.workload == "synthetic":
+        records = synthetic_records(records)
     if args.limit:
         records = records[:args.limit]
+    if args.limit or args.workload != "w1":
         w1.write_text("".join(json.dumps(r) + "\n" for r in records))
     if args.stage == "systems":
         from systems import systems_stage
@@ -100,7 +106,11 @@ def main():
         res["free"] = systems_stage(args, w1, folder, records)
     elif args.stage == "passes":
         from passes import passes_stage
-        res["passes_per_request"] = passes_stage(records)
+        if args.ahead_fill:  # the sweep alone
+            from passes import ahead_fill_sweep
+            res["ahead_fill"] = ahead_fill_sweep(records, [float(v) for v in args.ahead_fill.split(",")])
+        else:
+            res["passes_per_request"] = passes_stage(records)
     elif args.stage == "fp32":
         from exactness import fp32_exact
         res["fp32_exact"] = fp32_exact(folder, records[:args.fp32_exact])

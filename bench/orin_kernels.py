@@ -38,7 +38,8 @@ from orinfer.observe import Observer  # noqa: E402
 from orinfer.options import Options  # noqa: E402
 from orinfer.runfiles import forget_pages  # noqa: E402
 from orinfer.selfcheck import unique_prompt_tokens  # noqa: E402
-from workload import answer_scripts, fresh_run, model_folder, random_init, scripted, set_scripts, write_w1  # noqa
+from workload import (answer_scripts, fresh_run, model_folder, random_init, scripted, set_scripts,  # noqa: E402
+                      synthetic_records, write_w1)
 
 ORIN_GEMM, ORIN_READ, ORIN_LAUNCH = 21e12, 150e9, 8e-6
 # Kernel classes by the kernel's name, first match wins.
@@ -97,11 +98,13 @@ def project(classes: dict, pass_tokens: list[int], flops_per_token: float, weigh
 
 def workloads(tokenizer, records: list, names: list[str]) -> list[tuple[str, list, list | None, int]]:
     """W1 scripted; prefill-heavy: every W1 prompt, one scripted token each; decode-heavy: 16 W1 items free-running
-    256 tokens."""
+    256 tokens; synthetic: W1's shape without OpenBookQA's text, scripted (workload.synthetic_records)."""
     scripts = answer_scripts(tokenizer, records)
     chats = [r["message"] for r in records]
+    synthetic = synthetic_records(records)
     runs = [("w1", chats, scripts, 500), ("prefill", chats, [s[:1] for s in scripts], 1),
-            ("decode", chats[:16], None, 256)]
+            ("decode", chats[:16], None, 256),
+            ("synthetic", [r["message"] for r in synthetic], answer_scripts(tokenizer, synthetic), 500)]
     return [run for run in runs if run[0] in names]
 
 

@@ -48,37 +48,68 @@ def workloads(tokenizer, records: list) -> dict[str, tuple[list, list[list[int]]
             "synthetic_scripted": ([r["message"] for r in synthetic], answer_scripts(tokenizer, synthetic))}
 
 
-def passes_stage(records: list, only: set[str] | None = None) -> dict:
-    """`only`: the workloads to run (default: all of them)."""
-    folder = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
-    setup = optimize.prepare(folder, device="cpu")
-    model = setup.load(progress=False).model
+def _plans(setup) -> tuple[dict, tuple[float, int]]:
+    """The H200's and the Orin emulation's limits on the tiny model's plan, and Phi-3-medium's pass costs."""
     medium = Phi3Config.from_folder(ASSETS)
     flops_per_token, weight_bytes = pass_costs(medium)
     orin = plan_memory(medium, int(28.5 * GiB), weight_bytes, 2, shared_host=True, host_bytes=int(0.535 * GiB),
                        table_in_checkpoint=True)
     limits = ("num_blocks", "block_size", "max_num_seqs", "max_batched_tokens", "max_gather_tokens", "max_drafts")
-    plans = {"h200": replace(setup.plan, max_batched_tokens=16384, max_num_seqs=512, max_drafts=16),
-             "orin": replace(setup.plan, **{k: getattr(orin, k) for k in limits})}
-    out = {"orin_plan": orin.describe(), "host_s_per_pass": HOST_S_PER_PASS, "orin_host_slower": ORIN_HOST_SLOWER}
+    return ({"h200": replace(setup.plan, max_batched_tokens=16384, max_num_seqs=512, max_drafts=16),
+             "orin": replace(setup.plan, **{k: getattr(orin, k) for k in limits})}, (flops_per_token, weight_bytes))
+
+
+def _tiny():
+    folder = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
+    setup = optimize.prepare(folder, device="cpu")
+    return setup, setup.load(progress=False).model
+
+
+def _run(setup, model, plan, speculate: bool, chats: list, scripts: list, costs: tuple[float, int]) -> dict:
+    """One scripted call: its passes, drafts and the Orin projection of its pass sizes."""
+    # Lookup drafts as on a GPU (the CPU's default has none), under 128 tokens a pass (an Orin's balance).
+    observer = Observer()
+    engine = ScriptedEngine(Engine(model, setup.eos, plan, Options(speculate=speculate, lookup_draft_tokens=128),
+                                   observer=observer), scripts)
+    optimize.Generator(engine, setup.tokenizer, progress=False)(chats, max_new_tokens=500)
+    per = list(observer.passes_per_request().values())
+    generated = [len(observer.generated[i]) for i in range(len(chats))]
+    tokens = [p.tokens for p in observer.passes]
+    device = orin_projection(tokens, *costs)
+    return {"mean_passes_per_request": sum(per) / len(per), "max": max(per), "batch_passes": len(tokens),
+            "generated_tokens": sum(generated), "passes_per_generated_token": sum(per) / sum(generated),
+            "stats": dict(engine.stats), "orin_projection_s": device,
+            "orin_projection_measured_rates_s": orin_projection(tokens, *costs, ORIN_MEASURED),
+            "orin_projection_with_host_s": device + len(tokens) * HOST_S_PER_PASS * ORIN_HOST_SLOWER}
+
+
+def passes_stage(records: list, only: set[str] | None = None) -> dict:
+    """`only`: the workloads to run (default: all of them)."""
+    setup, model = _tiny()
+    plans, costs = _plans(setup)
+    out = {"orin_plan": plans["orin"].describe(), "host_s_per_pass": HOST_S_PER_PASS,
+           "orin_host_slower": ORIN_HOST_SLOWER}
     for (work, (chats, scripts)), (plan_name, plan), (name, speculate) in itertools.product(
             [(k, v) for k, v in workloads(setup.tokenizer, records).items() if only is None or k in only], plans.items(),
             (("speculation", True), ("no_speculation", False))):
-        # Lookup drafts as on a GPU (the CPU's default has none), under 128 tokens a pass (an Orin's balance).
-        observer = Observer()
-        engine = ScriptedEngine(Engine(model, setup.eos, plan, Options(speculate=speculate, lookup_draft_tokens=128),
-                                       observer=observer), scripts)
-        optimize.Generator(engine, setup.tokenizer, progress=False)(chats, max_new_tokens=500)
-        per = list(observer.passes_per_request().values())
-        generated = [len(observer.generated[i]) for i in range(len(chats))]
-        tokens = [p.tokens for p in observer.passes]
-        device = orin_projection(tokens, flops_per_token, weight_bytes)
-        out[f"{work}_{plan_name}_{name}"] = {
-            "mean_passes_per_request": sum(per) / len(per), "max": max(per), "batch_passes": len(tokens),
-            "generated_tokens": sum(generated),
-            "passes_per_generated_token": sum(per) / sum(generated), "stats": dict(engine.stats),
-            "orin_projection_s": device,
-            "orin_projection_measured_rates_s": orin_projection(tokens, flops_per_token, weight_bytes, ORIN_MEASURED),
-            "orin_projection_with_host_s": device + len(tokens) * HOST_S_PER_PASS * ORIN_HOST_SLOWER}
+        out[f"{work}_{plan_name}_{name}"] = _run(setup, model, plan, speculate, chats, scripts, costs)
         print("passes", work, plan_name, name, out[f"{work}_{plan_name}_{name}"], flush=True)
+    return out
+
+
+def ahead_fill_sweep(records: list, values: list[float]) -> dict:
+    """engine.AHEAD_FILL (how full a pass launched before the last one commits must be) under the Orin emulation's
+    plan, on `records` as given (W1, or its synthetic shape: bench.py --workload): passes and their projection."""
+    import orinfer.engine
+    setup, model = _tiny()
+    plans, costs = _plans(setup)
+    chats, scripts = [r["message"] for r in records], answer_scripts(setup.tokenizer, records)
+    out, kept = {}, orinfer.engine.AHEAD_FILL
+    try:
+        for value in values:
+            orinfer.engine.AHEAD_FILL = value
+            out[str(value)] = _run(setup, model, plans["orin"], True, chats, scripts, costs)
+            print("ahead_fill", value, out[str(value)], flush=True)
+    finally:
+        orinfer.engine.AHEAD_FILL = kept
     return out
