@@ -20,13 +20,13 @@ from transformers import AutoTokenizer  # noqa: I100
 from orinfer import kernels
 from orinfer.board import Jetson, environment_notes, is_jetson, read_jetson
 from orinfer.checkpoint import check_checkpoint
-from orinfer.config import Phi3Config, eos_token_ids
+from orinfer.config import ModelConfig, eos_token_ids
 from orinfer.engine import Engine
 from orinfer.integers import ceil_div
 from orinfer.loader import load_weights, serve_from_file, tensor_dtype
 from orinfer.memory import (GiB, MIN_KV_TOKENS, BudgetTooSmall, MemoryPlan, is_integrated, machine_bytes,
                             parse_budget, plan_memory, rss_bytes)
-from orinfer.model import Phi3ForCausalLM
+from orinfer.model import CausalLM
 from orinfer.observe import Observer
 from orinfer.options import Options
 from orinfer.varlen_layout import available
@@ -34,7 +34,7 @@ from orinfer.varlen_layout import available
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def resolve_dtype(dtype: str, cfg: Phi3Config) -> torch.dtype:
+def resolve_dtype(dtype: str, cfg: ModelConfig) -> torch.dtype:
     name = cfg.torch_dtype if dtype == "auto" else dtype
     if name not in _DTYPES:
         raise ValueError(f"dtype {name!r}: choose auto, bfloat16, float16 or float32")
@@ -58,7 +58,7 @@ class Setup:
     """All that build() decides before the weights load: the folder's config and tokenizer, the device, the dtype
     and the memory plan. A caller checks its inputs against it (prompt_lengths, sized_for) before the load."""
     folder: Path
-    cfg: Phi3Config
+    cfg: ModelConfig
     eos: list[int]
     tokenizer: object
     device: torch.device
@@ -139,7 +139,7 @@ class Setup:
         at_once = sum(sorted(needs, reverse=True)[:self.plan.max_num_seqs])
         return replace(self, plan=self.plan_for(self.plan.budget, at_once))
 
-    def load(self, init: Callable[[Phi3ForCausalLM], None] | None = None, progress: bool = True,
+    def load(self, init: Callable[[CausalLM], None] | None = None, progress: bool = True,
              observer: Observer | None = None) -> Generator:
         """The weights onto the device (or `init` fills those on the device), and the generator. A token table the
         plan keeps off the device is read from the checkpoint's file either way."""
@@ -150,7 +150,7 @@ class Setup:
             index = torch.cuda.current_device() if self.device.index is None else self.device.index
             total = torch.cuda.get_device_properties(index).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.plan.device_cap / total), index)
-        model = Phi3ForCausalLM(self.cfg, self.device, self.dtype,
+        model = CausalLM(self.cfg, self.device, self.dtype,
                                 kernels.compiled() if self.options.compile else kernels.EAGER,
                                 embedding_on_host=self.plan.embedding_on_host, mlp_rows=self.plan.mlp_rows)
         loaded = None
@@ -225,7 +225,7 @@ def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto
                          f"{torch.__version__})")
     try:
         _check_weights(folder)
-        cfg = Phi3Config.from_folder(folder)
+        cfg = ModelConfig.from_folder(folder)
         if not SLIDING_WINDOW_APPLIES:
             cfg = replace(cfg, sliding_window=None)
         eos = eos_token_ids(folder)
@@ -256,7 +256,7 @@ def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto
 
 def build(model_dir: str | Path, device: str | None = None, dtype: str = "auto", memory_budget: str | int = "auto",
           options: Options = Options(), progress: bool = True, unified_memory: bool | None = None,
-          init: Callable[[Phi3ForCausalLM], None] | None = None, observer: Observer | None = None,
+          init: Callable[[CausalLM], None] | None = None, observer: Observer | None = None,
           kv_tokens: int | None = None) -> Generator:
     """Load a local HF Phi-3 folder straight onto the device and return the pipe()-compatible generator
     (prepare, then Setup.load).

@@ -29,8 +29,8 @@ def write_token_table(folder: Path, seed: int = 1) -> None:
     """The random token table as the folder's one-tensor checkpoint (run in a child process: its host copy must not
     count in the measured process), for a plan that reads the table's rows from the file."""
     from safetensors.torch import save_file
-    from orinfer.config import Phi3Config
-    cfg = Phi3Config.from_folder(folder)
+    from orinfer.config import ModelConfig
+    cfg = ModelConfig.from_folder(folder)
     g = torch.Generator(device="cuda").manual_seed(seed)
     table = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02, generator=g)
     save_file({"model.embed_tokens.weight": table.cpu()}, str(folder / "model.safetensors"))
@@ -147,9 +147,9 @@ def write_checkpoint(folder: Path, shard_bytes: int = 4 << 30, device: str = "cu
     """A full-size random checkpoint in HF's sharded safetensors layout (run in a child process: its host copies of
     the tensors must not count in the loading process's RSS)."""
     from safetensors.torch import save_file
-    from orinfer.config import Phi3Config
-    from orinfer.model import Phi3ForCausalLM
-    model = Phi3ForCausalLM(Phi3Config.from_folder(folder), device, torch.bfloat16)
+    from orinfer.config import ModelConfig
+    from orinfer.model import CausalLM
+    model = CausalLM(ModelConfig.from_folder(folder), device, torch.bfloat16)
     random_init(0)(model)
     shards, current, size = [], {}, 0
     for name, p in model.named_parameters():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import optimize
 from measure import ORIN_MEASURED, orin_projection, pass_costs
-from orinfer.config import Phi3Config
+from orinfer.config import ModelConfig
 from orinfer.engine import Engine
 from orinfer.memory import GiB, plan_memory
 from orinfer.observe import Observer
@@ -50,7 +50,7 @@ def workloads(tokenizer, records: list) -> dict[str, tuple[list, list[list[int]]
 
 def _plans(setup) -> tuple[dict, tuple[float, int]]:
     """The H200's and the Orin emulation's limits on the tiny model's plan, and Phi-3-medium's pass costs."""
-    medium = Phi3Config.from_folder(ASSETS)
+    medium = ModelConfig.from_folder(ASSETS)
     flops_per_token, weight_bytes = pass_costs(medium)
     orin = plan_memory(medium, int(28.5 * GiB), weight_bytes, 2, shared_host=True, host_bytes=int(0.535 * GiB),
                        table_in_checkpoint=True)

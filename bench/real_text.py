@@ -1,4 +1,4 @@
-"""Real text, on a GPU (or the CPU): SmolLM2-135M-Instruct in Phi-3's layout (tests/real_model.py), a real trained
+"""Real text, on a GPU (or the CPU): SmolLM2-135M-Instruct in its own Llama layout (tests/real_model.py), a real trained
 model, a stand-in for what real text does to drafting and to bf16 agreement, not for Phi-3-medium's accuracy.
 
     python3 bench/real_text.py --out OUT [--device cuda] [--stages drafting,agreement] [--quick]
@@ -29,7 +29,7 @@ import optimize  # noqa: E402
 from orinfer.config import eos_token_ids  # noqa: E402
 from orinfer.observe import Observer  # noqa: E402
 from orinfer.options import Options  # noqa: E402
-from real_model import smollm2_phi3  # noqa: E402
+from real_model import smollm2  # noqa: E402
 from workload import competition_record, fresh_run  # noqa: E402
 
 MC_NEW, CHAT_NEW = 48, 200
@@ -145,11 +145,17 @@ def score(texts: list[str], answers: list[str]) -> int:
     return sum(t.lstrip().replace("\n", "") == a for t, a in zip(texts, answers))
 
 
-def agreement(folder: Path, device: str, loads: dict) -> dict:
-    """The engine's bf16 and fp32 outputs (whole set, defaults) against transformers' at batch 1, token for token."""
+# The Orin's path on any GPU: eager kernels, the padded SDPA layout, no graphs (float32 only: its exactness check).
+ORIN_PATH = Options(compile=False, cuda_graphs=False, varlen=False)
+
+
+def agreement(folder: Path, device: str, loads: dict, orin_path: bool = False) -> dict:
+    """The engine's bf16 and fp32 outputs (whole set, defaults) against transformers' at batch 1, token for token;
+    with `orin_path`, the Orin's path at fp32 too."""
     out, theirs = {}, {}
-    for dtype, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        gen = build(folder, device, dtype, Options())
+    runs = [("float32", torch.float32, Options()), ("bfloat16", torch.bfloat16, Options())]
+    for dtype, torch_dtype, options in runs + ([("float32_orin_path", torch.float32, ORIN_PATH)] if orin_path else []):
+        gen = build(folder, device, dtype.removesuffix("_orin_path"), options)
         for load, (chats, new, answers) in loads.items():
             ours = timed_runs(gen, chats, new, len(chats))
             rows, model, tokenizer = reference_tokens(folder, device, torch_dtype, chats, new)
@@ -189,14 +195,15 @@ def main():
     ap.add_argument("--dtypes", default="bfloat16,float32", help="drafting's dtypes")
     ap.add_argument("--loads", default="mc,chats", help="workloads: mc (competition-format records), chats")
     ap.add_argument("--repeat", type=int, default=1, help="drafting: time each run N times, report the median")
+    ap.add_argument("--orin-path", action="store_true", help="agreement: also the Orin's path (eager, padded) at fp32")
     args = ap.parse_args()
-    folder = smollm2_phi3()
+    folder = smollm2("llama")
     loads = {k: v for k, v in workloads(args.mc_items).items() if k in args.loads.split(",")}
     import transformers
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
-              "transformers": transformers.__version__, "model": "SmolLM2-135M-Instruct in Phi-3's layout"}
+              "transformers": transformers.__version__, "model": "SmolLM2-135M-Instruct in its own Llama layout"}
     for stage in args.stages.split(","):
-        result[stage] = agreement(folder, args.device, loads) if stage == "agreement" else \
+        result[stage] = agreement(folder, args.device, loads, args.orin_path) if stage == "agreement" else \
             drafting(folder, args.device, loads, args.quick, args.variants.split(","), args.dtypes.split(","),
                      args.repeat)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -16,11 +16,11 @@ from transformers import AutoTokenizer
 import optimize
 from measure import allocator_counts, breakdown, ceilings, decode_floor, device_idle, kv_read_bytes, orin_projection, \
     pass_costs
-from orinfer.config import Phi3Config
+from orinfer.config import ModelConfig
 from orinfer.dataset import read_records
 from orinfer.observe import Observer
 from orinfer.memory import GiB
-from orinfer.model import Phi3ForCausalLM
+from orinfer.model import CausalLM
 from orinfer.options import Options
 from workload import Scripted, scripted, answer_scripts, count_forwards, fresh_run, hf_model, random_init, \
     unique_prompt_tokens
@@ -57,7 +57,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
     tok = AutoTokenizer.from_pretrained(folder)
     prompts = optimize.prompt_ids(tok, [r["message"] for r in records])
     scripts = answer_scripts(tok, records) if args.mode == "scripted" else None
-    cfg = Phi3Config.from_folder(folder)
+    cfg = ModelConfig.from_folder(folder)
     flops_per_token, weight_bytes = pass_costs(cfg)
     unique = unique_prompt_tokens(prompts)
     res["workload"] = {"items": len(records), "prompt_tokens": sum(map(len, prompts)), "unique_prompt_tokens": unique,
@@ -165,7 +165,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
 
 def hf_stage(names, w1, folder, records, prompts, scripts, gen_args, score, max_new) -> dict:
     """transformers on the same random weights (the same seed's tensors, in a model of its own)."""
-    ours = Phi3ForCausalLM(Phi3Config.from_folder(folder), "cuda", torch.bfloat16)
+    ours = CausalLM(ModelConfig.from_folder(folder), "cuda", torch.bfloat16)
     random_init(0)(ours)
     hf = hf_model(ours, folder)
     tok = AutoTokenizer.from_pretrained(folder)

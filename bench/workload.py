@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from orinfer.engine import Engine
-from orinfer.selfcheck import transformers_model, unique_prompt_tokens  # noqa: F401  (stages count with it)
+from orinfer.oracle import transformers_model
+from orinfer.selfcheck import unique_prompt_tokens  # noqa: F401  (stages count with it)
 from orinfer.tiny import ASSETS, END_TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,11 +1,13 @@
-"""Phi-3 model and generation settings read from a local HF folder."""
+"""Model and generation settings read from a local HF folder: Phi-3 and the Llama-family layouts (families.py)."""
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .families import family_of
+
 
 @dataclass(frozen=True)
-class Phi3Config:
+class ModelConfig:
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -17,6 +19,9 @@ class Phi3Config:
     max_position_embeddings: int
     sliding_window: int | None
     torch_dtype: str
+    family: str = "phi3"               # a key of families.FAMILIES: how the checkpoint's names map to the layout
+    attention_bias: bool = False       # q, k and v have biases (Qwen2)
+    tie_word_embeddings: bool = False  # the LM head is the token table
 
     @property
     def head_dim(self) -> int:
@@ -26,7 +31,7 @@ class Phi3Config:
     def num_parameters(self) -> int:
         h, d = self.hidden_size, self.head_dim
         qkv = (self.num_attention_heads + 2 * self.num_key_value_heads) * d
-        layer = qkv * h + self.num_attention_heads * d * h + 3 * self.intermediate_size * h + 2 * h
+        layer = qkv * (h + self.attention_bias) + self.num_attention_heads * d * h + 3 * self.intermediate_size * h + 2 * h
         return 2 * self.vocab_size * h + self.num_hidden_layers * layer + h
 
     @property
@@ -35,19 +40,14 @@ class Phi3Config:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * 2
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "Phi3Config":
+    def from_dict(cls, raw: dict) -> "ModelConfig":
         """A config.json as transformers 4.x writes it (rope_theta, rope_scaling at the top level) or as 5.x does
         (rope_parameters: rope_type, rope_theta, partial_rotary_factor); what the engine does not implement is an
         error, never a silent default."""
-        archs = raw.get("architectures") or ["Phi3ForCausalLM"]
-        if raw.get("model_type") != "phi3" or archs != ["Phi3ForCausalLM"]:
-            raise ValueError(f"only Phi3ForCausalLM is supported, got model_type={raw.get('model_type')!r} "
-                             f"architectures={archs!r}")
-        if raw.get("tie_word_embeddings"):
-            raise ValueError("tied embeddings are not supported: Phi-3 has a separate lm_head")
+        family_name, family = family_of(raw)
         theta, partial = _rope(raw)
-        if raw.get("hidden_act", "silu") != "silu" or raw.get("attention_bias") or partial != 1.0:
-            raise ValueError("unsupported Phi-3 variant (activation, attention bias or partial rotary)")
+        if raw.get("hidden_act", "silu") != "silu" or raw.get("mlp_bias") or partial != 1.0:
+            raise ValueError("unsupported variant (an activation other than SiLU, MLP biases or partial rotary)")
         heads, kv_heads = raw["num_attention_heads"], raw.get("num_key_value_heads") or raw["num_attention_heads"]
         if raw["hidden_size"] % heads or heads % kv_heads:
             raise ValueError("hidden_size must divide into heads and heads into key/value heads")
@@ -58,18 +58,19 @@ class Phi3Config:
             intermediate_size=raw["intermediate_size"], num_hidden_layers=raw["num_hidden_layers"],
             num_attention_heads=heads, num_key_value_heads=kv_heads,
             rms_norm_eps=raw["rms_norm_eps"], rope_theta=theta,
-            max_position_embeddings=raw["max_position_embeddings"], sliding_window=raw.get("sliding_window"),
-            torch_dtype=raw.get("torch_dtype") or raw.get("dtype") or "bfloat16",
+            max_position_embeddings=raw["max_position_embeddings"], sliding_window=family.window(raw),
+            torch_dtype=raw.get("torch_dtype") or raw.get("dtype") or "bfloat16", family=family_name,
+            attention_bias=family.qkv_bias(raw), tie_word_embeddings=bool(raw.get("tie_word_embeddings")),
         )
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "Phi3Config":
+    def from_folder(cls, folder: str | Path) -> "ModelConfig":
         path = Path(folder) / "config.json"
         raw = read_json(path)
         try:
             return cls.from_dict(raw)
         except KeyError as e:
-            raise ValueError(f"{path}: has no {e.args[0]!r}, which a Phi-3 config holds") from None
+            raise ValueError(f"{path}: has no {e.args[0]!r}, which a model's config holds") from None
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: {e}") from None
 

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .block_manager import BlockManager
 from .loader import FileRows
 from .memory import MemoryPlan, is_out_of_memory
-from .model import Phi3ForCausalLM
+from .model import CausalLM
 from .observe import Observer, PassRecord
 from .options import Options
 from .runner import ModelRunner, Pending
@@ -33,7 +33,7 @@ class Engine:
     none, the padded layout alone); `runner`: the device's owner (default: one built from the plan). `observer`: what
     a benchmark or a test sees of each pass and request (observe.py); none by default, and then nothing is recorded."""
 
-    def __init__(self, model: Phi3ForCausalLM, eos_ids: list[int], plan: MemoryPlan, options: Options = Options(),
+    def __init__(self, model: CausalLM, eos_ids: list[int], plan: MemoryPlan, options: Options = Options(),
                  attention: AttentionKernels | None = None, runner: ModelRunner | None = None,
                  observer: Observer | None = None):
         self.model, self.eos_ids, self.plan, self.options, self.observer = model, eos_ids, plan, options, observer

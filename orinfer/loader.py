@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import check_checkpoint, checkpoint_files, read_exactly, read_header, stored_dtype
+from .families import fused_rows, weight_targets
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
@@ -125,51 +126,63 @@ def block_device(path: Path) -> str:
 
 
 def load_weights(model: torch.nn.Module, folder: str | Path) -> LoadReport:
-    """Fill every parameter of `model` (names as in transformers' Phi3ForCausalLM) from the checkpoint.
+    """Fill every parameter of `model` from the checkpoint, its names mapped by the family's table (families.py:
+    separate projections into their rows of the fused ones, a tied table into the LM head too).
 
     Each tensor is converted to the parameter's dtype on the device; tables left on the meta device are read from
-    the file as needed (serve_from_file). Unknown or missing names are an error (_check_complete).
+    the file as needed (serve_from_file). Unknown, missing or partly filled parameters are an error.
     """
     start = time.perf_counter()
     served = serve_from_file(model, folder)
-    params, loaded = dict(model.named_parameters()), set(served)
+    params, filled = dict(model.named_parameters()), {}  # each parameter's (first row, rows) filled
     files = check_checkpoint(folder)
+    cfg = model.cfg
+    split = fused_rows(cfg)
     # One buffer of the largest tensor's size, allocated once: growing it as bigger tensors come would briefly hold
     # the old and the new buffer (measured on the H200: host peak 0.87 GiB over idle instead of ~0.6).
     largest = max((e["data_offsets"][1] - e["data_offsets"][0] for _, h, _ in files for n, e in h.items()
-                   if n not in served), default=0)
+                   if n not in served or cfg.tie_word_embeddings), default=0)
     buffer, read = bytearray(largest), 0
     for path, header, data_start in files:
         fd = os.open(path, os.O_RDONLY)
         try:
             for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                if name not in served:
-                    read += _load_tensor(fd, path, name, entry, data_start, params, buffer)
-                    loaded.add(name)
+                targets = [t for t in weight_targets(name, cfg.family, split, cfg.tie_word_embeddings)
+                           if t[0] not in served]
+                if targets:
+                    read += _load_tensor(fd, path, name, entry, data_start, params, targets, buffer)
+                for target, row in targets:
+                    filled.setdefault(target, set()).add((row, entry["shape"][0] if entry["shape"] else 1))
         finally:
             os.close(fd)
-    _check_complete(folder, set(params) - loaded)
+    _check_complete(folder, [n for n, p in params.items()
+                             if n not in served and sum(rows for _, rows in filled.get(n, ())) != len(p)])
     return LoadReport(read, time.perf_counter() - start, block_device(files[0][0]))
 
 
 def _load_tensor(fd: int, path: Path, name: str, entry: dict, data_start: int, params: dict,
-                 buffer: bytearray) -> int:
-    """One tensor from the file into its parameter, through `buffer`; its pages then leave the page cache."""
-    if name not in params:
-        raise KeyError(f"{path.name}: tensor {name!r} has no place in the Phi-3 model")
-    param = params[name]
+                 targets: list[tuple[str, int]], buffer: bytearray) -> int:
+    """One tensor from the file into each of its targets (a parameter, the first of its rows it fills), through
+    `buffer`; its pages then leave the page cache."""
     begin, end = entry["data_offsets"]
     if entry["dtype"] not in _DTYPES:
         raise TypeError(f"{path.name}: {name} has unsupported dtype {entry['dtype']}")
-    if list(param.shape) != entry["shape"]:
-        raise ValueError(f"{path.name}: {name} has shape {entry['shape']}, the model expects {list(param.shape)}")
+    parts = []
+    for target, row in targets:
+        if target not in params:
+            raise KeyError(f"{path.name}: tensor {name!r} has no place in the model")
+        part = params[target][row:row + entry["shape"][0]] if entry["shape"] else params[target]
+        if list(part.shape) != entry["shape"]:
+            raise ValueError(f"{path.name}: {name} has shape {entry['shape']}, the model expects {list(part.shape)}")
+        parts.append(part)
     size, dtype = end - begin, _DTYPES[entry["dtype"]]
     read_exactly(fd, memoryview(buffer)[:size], data_start + begin, path)
     host = torch.frombuffer(buffer, dtype=dtype, count=size // dtype.itemsize)
     with torch.no_grad():
-        param.copy_(host.view(entry["shape"]))
-    if param.device.type != "cpu":
-        torch.cuda.synchronize(param.device)  # the buffer is reused for the next tensor
+        for part in parts:
+            part.copy_(host.view(entry["shape"]))
+    if parts[0].device.type != "cpu":
+        torch.cuda.synchronize(parts[0].device)  # the buffer is reused for the next tensor
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, data_start + begin, size, os.POSIX_FADV_DONTNEED)
     return size

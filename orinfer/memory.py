@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Phi3Config
+from .config import ModelConfig
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -266,7 +266,7 @@ class BudgetTooSmall(MemoryError):
     """The budget cannot hold the model and the least KV cache; optimize.py says which budget would."""
 
 
-def activation_bytes(cfg: Phi3Config, itemsize: int, tokens: int, mlp_rows: int) -> int:
+def activation_bytes(cfg: ModelConfig, itemsize: int, tokens: int, mlp_rows: int) -> int:
     """Live activations at the peak of a layer in a pass of `tokens` tokens whose MLP takes `mlp_rows` rows at a time:
     per token the residual stream, norms, qkv and attention (float32 norm temporaries too, and the MLP's joined
     output where it is taken in parts), per MLP row its three [rows, intermediate] tensors (the SiLU gate is written
@@ -278,13 +278,13 @@ def activation_bytes(cfg: Phi3Config, itemsize: int, tokens: int, mlp_rows: int)
     return (tokens * per_token + min(tokens, mlp_rows) * per_row) * 5 // 4
 
 
-def gather_bytes_per_token(cfg: Phi3Config, itemsize: int) -> int:
+def gather_bytes_per_token(cfg: ModelConfig, itemsize: int) -> int:
     """Attention copies each sequence's keys and values out of the paged pool, once: SDPA and FlashAttention read
     the copies as they are, and the padded layout frees one group's before the next's."""
     return 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
 
 
-def attention_bytes_per_query_key(cfg: Phi3Config, itemsize: int, cuda: bool) -> int:
+def attention_bytes_per_query_key(cfg: ModelConfig, itemsize: int, cuda: bool) -> int:
     """What attention holds for one query against one key besides the gathered keys: the padded layout's mask (one
     row per query head of a KV head) and, where SDPA has no fused kernel that takes a mask (the CPU's math path),
     the scores and their softmax in float32 for every head."""
@@ -316,7 +316,7 @@ def _overhead(shared_host: bool, cuda: bool, host_bytes: int, free: int) -> tupl
 # One-token blocks share every common prompt prefix, not only whole blocks of it: W1 computes 22,311 prompt tokens
 # instead of 23,131 with 4-token blocks (the 37th shared token, and stems that begin alike). The K/V gathers and
 # the cache writes move the same bytes either way; the host hashes a block per prompt token, once.
-def plan_memory(cfg: Phi3Config, budget: int, weights: int, itemsize: int, shared_host: bool,
+def plan_memory(cfg: ModelConfig, budget: int, weights: int, itemsize: int, shared_host: bool,
                 host_bytes: int, cuda: bool = True, block_size: int = 1, max_drafts: int | None = None,
                 table_in_checkpoint: bool = False, kv_tokens_wanted: int | None = None) -> MemoryPlan:
     """`table_in_checkpoint`: the checkpoint stores the token table in the run's dtype, so a pass can read its rows

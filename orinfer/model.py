@@ -1,4 +1,4 @@
-"""Phi-3 (Phi3ForCausalLM's math and parameter names) over a flat batch of new tokens.
+"""Phi-3 (CausalLM's math and parameter names) over a flat batch of new tokens.
 
 Every operation follows transformers' Phi-3 in order and dtype, so that at float32 the greedy tokens are the same:
 RMSNorm in float32 then cast back before the weight, RoPE angles computed in float32 on the model's device then cast,
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Context, paged_attention
-from .config import Phi3Config
+from .config import ModelConfig
 from .integers import ceil_div
 from .kernels import EAGER, Kernels
 
@@ -23,13 +23,14 @@ class Linear(nn.Module):
     """x @ weight.T with the weight left uninitialised: every weight comes from the checkpoint, and initialising
     nn.Linear's even on the meta device imports torch's compiler stack (~0.1 GiB of host memory) for nothing."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Embedding(nn.Module):
@@ -59,11 +60,11 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Phi3Config, kernels: Kernels):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels):
         super().__init__()
         self.kernels = kernels
         self.heads, self.kv_heads, self.dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, (self.heads + 2 * self.kv_heads) * self.dim)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.heads + 2 * self.kv_heads) * self.dim, cfg.attention_bias)
         self.o_proj = Linear(self.heads * self.dim, cfg.hidden_size)
         self.k_cache = self.v_cache = None  # bound by the runner to this layer's slice of the KV pool
 
@@ -84,7 +85,7 @@ class MLP(nn.Module):
     rounded as a batch of another size would be), which bounds the [tokens, intermediate] activations; None: all at
     once."""
 
-    def __init__(self, cfg: Phi3Config, kernels: Kernels, rows: int | None = None):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, rows: int | None = None):
         super().__init__()
         self.kernels, self.rows = kernels, rows
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
@@ -105,7 +106,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Phi3Config, kernels: Kernels, mlp_rows: int | None):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, mlp_rows: int | None):
         super().__init__()
         self.self_attn = Attention(cfg, kernels)
         self.mlp = MLP(cfg, kernels, mlp_rows)
@@ -126,8 +127,8 @@ class DecoderLayer(nn.Module):
         return h, self.mlp(x)
 
 
-class Phi3Model(nn.Module):
-    def __init__(self, cfg: Phi3Config, kernels: Kernels, mlp_rows: int | None):
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, mlp_rows: int | None):
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, kernels, mlp_rows) for _ in range(cfg.num_hidden_layers))
@@ -145,7 +146,7 @@ def _place_parameters(modules: list[nn.Module], device: torch.device | str, dtyp
         setattr(module, name, nn.Parameter(view, requires_grad=False))
 
 
-class Phi3ForCausalLM(nn.Module):
+class CausalLM(nn.Module):
     """Parameters are created uninitialised on `device`; the loader (or a benchmark) must fill every one. `kernels`:
     the elementwise functions every layer calls (kernels.EAGER, or kernels.compiled()).
 
@@ -156,12 +157,12 @@ class Phi3ForCausalLM(nn.Module):
 
     `mlp_rows`: the most tokens one MLP product takes (the memory plan's; None: a pass's all)."""
 
-    def __init__(self, cfg: Phi3Config, device: torch.device | str, dtype: torch.dtype, kernels: Kernels = EAGER,
+    def __init__(self, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, kernels: Kernels = EAGER,
                  embedding_on_host: bool = False, mlp_rows: int | None = None):
         super().__init__()
         self.cfg, self.kernels, self.embedding_on_host = cfg, kernels, embedding_on_host
         with torch.device("meta"):  # shapes only; each parameter is then made once, on its device, in `dtype`
-            self.model = Phi3Model(cfg, kernels, mlp_rows)
+            self.model = DecoderModel(cfg, kernels, mlp_rows)
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         # One allocation a decoder layer and one for the rest: torch's allocator gives a tensor over 1 MiB a segment
         # rounded up to 2 MiB and splits off no remainder of 1 MiB or less, so Phi-3-medium's qkv_proj (75 MiB) and

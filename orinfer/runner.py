@@ -16,7 +16,7 @@ import torch
 
 from .attention import Context
 from .graphs import CudaGraphs
-from .model import Phi3ForCausalLM
+from .model import CausalLM
 from .padded_layout import PaddedLayout
 from .pass_inputs import InputUploader, pinned
 from .sequence import Work
@@ -45,7 +45,7 @@ class ModelRunner:
     memory plan's), its groups' bound; `padded_multiple`: the padded layout's eager passes of more than PAD_ABOVE
     tokens are padded to a multiple of it (default PAD_MULTIPLE, as the varlen layout's; 1: none)."""
 
-    def __init__(self, model: Phi3ForCausalLM, num_blocks: int, block_size: int, attention: AttentionKernels,
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, attention: AttentionKernels,
                  pad_above: int = PAD_ABOVE, pad_multiple: int = PAD_MULTIPLE, max_gather_tokens: int = 1 << 30,
                  padded_multiple: int = PAD_MULTIPLE):
         cfg = model.cfg

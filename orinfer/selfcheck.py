@@ -16,6 +16,7 @@ from .board import MEASURED_SHARE, ORIN_DRAM_BYTES, Jetson, datasheet, environme
 from .integers import ceil_div
 from .memory import (SAFETY_BYTES, GiB, describe_terms, desktop_session, is_integrated, is_out_of_memory, meminfo_available, peak_rss_bytes,
                      proc_kib_fields, shared_memory_terms)
+from .oracle import own_modeling_code, reference_tokens, top2_margin, transformers_model
 from .reference import reference_attention
 from .warmup import seconds_per_call
 
@@ -214,60 +215,6 @@ def pick_records(lengths: list[int], k: int) -> list[int]:
     picked += [round(i * (n - 1) / max(1, k - 1)) for i in range(k)]
     picked += range(n)  # where the spread repeats itself (a short file), the rest in order
     return list(dict.fromkeys(picked))[:min(k, n)]
-
-
-def own_modeling_code(folder) -> bool:
-    """Whether the folder carries the modeling code its config maps (Phi-3-medium's does): the organisers'
-    trust_remote_code=True load runs that code, so the reference does too; elsewhere transformers' own class."""
-    import json
-    from pathlib import Path
-    target = json.loads((Path(folder) / "config.json").read_text()).get("auto_map", {}).get("AutoModelForCausalLM")
-    return bool(target) and (Path(folder) / (target.split(".")[0] + ".py")).is_file()
-
-
-def transformers_model(model, folder, attention: str):
-    """transformers' causal LM for this folder (its own modeling code where it carries one: own_modeling_code) on
-    the very same weight tensors as `model`: no second copy of the weights. A token table the engine reads from the
-    file is read onto the device for it; RoPE buffers are the engine's."""
-    import transformers
-    own = own_modeling_code(folder)
-    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=own)
-    config._attn_implementation = attention
-    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    with torch.device("meta"):
-        hf = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=own, **{key: model.dtype})
-    state = {name: t for name, t in model.state_dict().items() if not t.is_meta}
-    for name in hf.state_dict().keys() - state.keys():  # the token table, kept in the file by the memory plan
-        rows = model.get_submodule(name.rpartition(".")[0]).rows  # loader.FileRows
-        table = torch.empty(rows.shape, dtype=model.dtype, device=model.device)
-        for first in range(0, rows.shape[0], 4096):  # a few MiB of host memory at a time, not the whole table
-            ids = torch.arange(first, min(first + 4096, rows.shape[0]))
-            table[first:first + len(ids)] = rows(ids).to(model.device)
-        state[name] = table
-    hf.load_state_dict(state, assign=True, strict=True)
-    for module in hf.modules():
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer.is_meta and name in ("inv_freq", "original_inv_freq"):
-                module.register_buffer(name, model.inv_freq.clone(), persistent=False)
-    hf.generation_config = transformers.GenerationConfig.from_pretrained(folder)
-    return hf.eval()
-
-
-def reference_tokens(hf, prompt: list[int], new_tokens: int, eos: set[int]) -> list[int]:
-    """transformers' greedy new tokens at batch 1, to its end token."""
-    ids = torch.tensor([prompt], device=hf.device)
-    with torch.no_grad():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                          pad_token_id=hf.generation_config.pad_token_id or 0)[0, len(prompt):].tolist()
-    end = next((i + 1 for i, t in enumerate(out) if t in eos), len(out))
-    return out[:end]
-
-
-def top2_margin(hf, prefix: list[int]) -> float:
-    """transformers' top-2 logit margin after `prefix`."""
-    with torch.no_grad():
-        top = hf(torch.tensor([prefix], device=hf.device)).logits[0, -1].float().topk(2).values
-    return float(top[0] - top[1])
 
 
 def compare(ours: dict[int, list[int]], prompts: dict[int, list[int]], hf, new_tokens: int, eos: set[int]) -> list:

@@ -6,12 +6,12 @@ import time
 
 import torch
 
-from .model import Phi3ForCausalLM
+from .model import CausalLM
 from .sequence import Sequence
 
 
 @torch.inference_mode()
-def meet_gemm_kernels(model: Phi3ForCausalLM, max_tokens: int, max_sampled: int,
+def meet_gemm_kernels(model: CausalLM, max_tokens: int, max_sampled: int,
                       eager_padding: tuple[int, int] | None, every_small_count: bool = False) -> None:
     """Run every GEMM of a layer and the LM head once at each token count a pass can bring, up to `max_tokens` tokens
     and `max_sampled` sampled rows (after the last layer's attention, the sampled rows alone go on). `eager_padding`
@@ -64,7 +64,7 @@ def gemm_counts(most: int, eager_padding: tuple[int, int] | None, every_small_co
 
 
 @torch.inference_mode()
-def tokens_at_one_token_cost(model: Phi3ForCausalLM, most: int, slack: float = 1.1) -> int:
+def tokens_at_one_token_cost(model: CausalLM, most: int, slack: float = 1.1) -> int:
     """The most tokens (of a few sizes up to `most`) whose pass through one layer's GEMMs takes no longer than one
     token's, within `slack`, timed here: a pass reads every weight once whatever its size, so up to there more tokens
     cost nothing (the device's FLOP-to-byte ratio: ~130 on an Orin, more on an H200)."""

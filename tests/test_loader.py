@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from orinfer.config import Phi3Config
+from orinfer.config import ModelConfig
 from orinfer.loader import load_weights
-from orinfer.model import Phi3ForCausalLM
+from orinfer.model import CausalLM
 from orinfer.tiny import write_tiny_model
 
 
 def load(folder, dtype=torch.float32):
-    model = Phi3ForCausalLM(Phi3Config.from_folder(folder), "cpu", dtype)
+    model = CausalLM(ModelConfig.from_folder(folder), "cpu", dtype)
     load_weights(model, folder)
     return model
 
@@ -47,11 +47,11 @@ def test_missing_and_unknown_tensors_are_errors(tmp_path):
 LOAD_AND_MEASURE = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from orinfer.config import Phi3Config
+from orinfer.config import ModelConfig
 from orinfer.loader import load_weights
 from orinfer.memory import peak_rss_bytes, rss_bytes
-from orinfer.model import Phi3ForCausalLM
-model = Phi3ForCausalLM(Phi3Config.from_folder({folder!r}), "cpu", torch.bfloat16)
+from orinfer.model import CausalLM
+model = CausalLM(ModelConfig.from_folder({folder!r}), "cpu", torch.bfloat16)
 before = rss_bytes()
 load_weights(model, {folder!r})
 params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -77,7 +77,7 @@ def test_loading_stages_one_tensor_at_a_time(tmp_path):
 
 def test_a_table_left_on_meta_is_read_from_the_file_row_by_row(tmp_path):
     folder = write_tiny_model(tmp_path, seed=5)
-    model = Phi3ForCausalLM(Phi3Config.from_folder(folder), "cpu", torch.float32, embedding_on_host=True)
+    model = CausalLM(ModelConfig.from_folder(folder), "cpu", torch.float32, embedding_on_host=True)
     assert model.model.embed_tokens.weight.is_meta and not model.lm_head.weight.is_meta
     load_weights(model, folder)
     table = load(folder).model.embed_tokens.weight
@@ -92,7 +92,7 @@ def test_a_table_left_on_meta_is_read_from_the_file_row_by_row(tmp_path):
 
 def test_reading_a_table_from_the_file_needs_the_stored_dtype(tmp_path):
     folder = write_tiny_model(tmp_path, seed=6, dtype=torch.bfloat16)
-    model = Phi3ForCausalLM(Phi3Config.from_folder(folder), "cpu", torch.float32, embedding_on_host=True)
+    model = CausalLM(ModelConfig.from_folder(folder), "cpu", torch.float32, embedding_on_host=True)
     with pytest.raises(ValueError, match="reading it from the file needs torch.float32"):
         load_weights(model, folder)
 
@@ -100,7 +100,7 @@ def test_reading_a_table_from_the_file_needs_the_stored_dtype(tmp_path):
 def test_the_token_table_is_read_once_in_the_warm_up_and_the_load_says_how_fast(tmp_path):
     from orinfer.loader import FileRows, LoadReport, block_device
     folder = write_tiny_model(tmp_path, seed=6)
-    model = Phi3ForCausalLM(Phi3Config.from_folder(folder), "cpu", torch.float32, embedding_on_host=True)
+    model = CausalLM(ModelConfig.from_folder(folder), "cpu", torch.float32, embedding_on_host=True)
     report = load_weights(model, folder)
     rows = model.model.embed_tokens.rows
     assert isinstance(rows, FileRows) and rows.warm() == rows.shape[0] * rows.row_bytes

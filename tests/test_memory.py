@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from orinfer.config import Phi3Config
+from orinfer.config import ModelConfig
 from orinfer.memory import (GRAPHS_HOST_BYTES, MIN_KV_TOKENS, SHARED_MLP_ROWS, VARLEN_HOST_BYTES, BudgetTooSmall, GiB,
                             MiB, activation_bytes, parse_budget, plan_memory)
 from orinfer.tiny import ASSETS
 
-MEDIUM = Phi3Config.from_folder(ASSETS)
+MEDIUM = ModelConfig.from_folder(ASSETS)
 WEIGHTS = 13_960_238_080 * 2  # Phi-3-medium's parameters in bf16 (26.0 GiB)
 
 pytestmark = pytest.mark.unit
@@ -55,7 +55,7 @@ def test_no_budget_gives_a_cache_below_the_floor_or_a_negative_size(shared):
 
 
 def test_the_cpu_plan_books_no_cuda_items_and_the_pool_is_sized_to_the_run():
-    tiny = Phi3Config.from_dict({**MEDIUM.__dict__, "model_type": "phi3", "hidden_size": 64, "num_hidden_layers": 2,
+    tiny = ModelConfig.from_dict({**MEDIUM.__dict__, "model_type": "phi3", "hidden_size": 64, "num_hidden_layers": 2,
                                  "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128})
     plan = plan_memory(tiny, 20 * GiB, 10 * MiB, 4, shared_host=True, host_bytes=300 * MiB, cuda=False)
     described = plan.describe()

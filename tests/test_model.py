@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from orinfer.config import Phi3Config
+from orinfer.config import ModelConfig
 from orinfer.kernels import EAGER
-from orinfer.model import MLP, Phi3ForCausalLM
+from orinfer.model import MLP, CausalLM
 from orinfer.tiny import ASSETS, tiny_config
 
 pytestmark = pytest.mark.unit
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 
 @pytest.mark.parametrize("rows", [1, 7, 50])
 def test_mlp_in_parts_of_rows_gives_every_rows_result(rows):
-    cfg = dataclasses.replace(Phi3Config.from_folder(ASSETS), hidden_size=64, intermediate_size=176)
+    cfg = dataclasses.replace(ModelConfig.from_folder(ASSETS), hidden_size=64, intermediate_size=176)
     whole, parts = MLP(cfg, EAGER), MLP(cfg, EAGER, rows=rows)
     g = torch.Generator().manual_seed(0)
     for a, b in zip(whole.parameters(), parts.parameters()):
@@ -29,8 +29,8 @@ def test_mlp_in_parts_of_rows_gives_every_rows_result(rows):
 
 @pytest.mark.parametrize("table_on_host", [False, True])
 def test_parameters_take_one_allocation_a_layer_and_one_for_the_rest(table_on_host):
-    cfg = Phi3Config.from_dict(tiny_config(num_hidden_layers=3))
-    model = Phi3ForCausalLM(cfg, "cpu", torch.float32, embedding_on_host=table_on_host)
+    cfg = ModelConfig.from_dict(tiny_config(num_hidden_layers=3))
+    model = CausalLM(cfg, "cpu", torch.float32, embedding_on_host=table_on_host)
 
     def storages(module):
         return {p.untyped_storage().data_ptr() for p in module.parameters()}

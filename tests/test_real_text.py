@@ -1,6 +1,6 @@
-"""Real text: a real trained model, SmolLM2-135M-Instruct laid out as Phi-3 (tests/real_model.py: head dimension 64,
-3 query heads a KV head, a 49,152-token vocabulary, ChatML), against transformers' pipeline at fp32, string for
-string: the organisers' public set, more records in the competition's format, and free-form chats that invite long
+"""Real text: a real trained model, SmolLM2-135M-Instruct in its own Llama layout (tests/real_model.py: head
+dimension 64, 3 query heads a KV head, a 49,152-token vocabulary, tied embeddings, ChatML; and once in Phi-3's
+layout), against transformers' pipeline (its LlamaForCausalLM for the folder) at fp32, string for string: the organisers' public set, more records in the competition's format, and free-form chats that invite long
 and repetitive answers; with drafting off, at its defaults and forced on (lookup drafts every pass), with chained
 decode passes, on the padded layout and the varlen/packed layouts (their float32 reference kernels: this is the
 CPU), and through test_script.py end to end. Its answers are a real model's words, so drafts from the listed choices
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from conftest import ROOT, hf_pipeline, reference, records
-from real_model import smollm2_phi3
+from real_model import smollm2
 from test_attention import packed, reference_packed, reference_varlen  # noqa: F401 (a fixture)
 
 import optimize
@@ -34,7 +34,7 @@ CHATS = [[{"role": "user", "content": text}] for text in (
 
 @pytest.fixture(scope="session")
 def real_dir():
-    return smollm2_phi3()
+    return smollm2("llama")
 
 
 @pytest.fixture(scope="session")
@@ -104,30 +104,41 @@ def test_test_script_end_to_end_on_real_text(real_dir, mc_chats, real_expected, 
     assert [json.loads(line)["output"] for line in out.read_text().splitlines()] == real_expected[0]
 
 
-def test_the_conversion_equals_transformers_own_gguf_reader(real_dir):
-    """transformers' Llama read from the GGUF file and its Phi-3 read from the converted folder give the same logits
-    (float32) and the same greedy tokens: the fused layout and the undone q/k permutation are right."""
+def test_the_phi3_layout_of_the_same_weights_runs_alike(real_dir, mc_chats, real_expected):
+    """The same weights fused as a Phi-3 folder: the engine gives transformers' Llama text for it too."""
+    folder = smollm2("phi3")
+    mc, chats, _ = run(folder, mc_chats)
+    assert (mc, chats) == real_expected
+
+
+def test_the_folders_equal_transformers_own_gguf_reader(real_dir):
+    """transformers' Llama read from the GGUF file, its Llama read from the written folder and its Phi-3 read from the
+    fused one give the same logits (float32) and the same greedy tokens: the undone q/k permutation and the fused
+    layout are right."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from real_model import gguf_file
     path = gguf_file()
     try:
-        llama = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=torch.float32)
-        llama_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        gguf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=torch.float32)
+        gguf_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (ImportError, ValueError, NotImplementedError) as e:  # older transformers: no Q4_1, or no accelerate
         pytest.skip(f"this transformers cannot read the GGUF file ({type(e).__name__}: {str(e)[:120]})")
-    phi3 = AutoModelForCausalLM.from_pretrained(real_dir, torch_dtype=torch.float32)
+    llama = AutoModelForCausalLM.from_pretrained(real_dir, torch_dtype=torch.float32)
+    phi3 = AutoModelForCausalLM.from_pretrained(smollm2("phi3"), torch_dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(real_dir)
     text = tokenizer.apply_chat_template(CHATS[3], tokenize=False, add_generation_prompt=True)
     text += "Numbers 12345, café 🙂"
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    assert ids.tolist() == llama_tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].tolist()
+    assert ids.tolist() == gguf_tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].tolist()
     with torch.no_grad():
-        ours, theirs = phi3(ids).logits, llama(ids).logits
-    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-4)
-    assert torch.equal(phi3.generate(ids, max_new_tokens=24, do_sample=False),
-                       llama.generate(ids, max_new_tokens=24, do_sample=False))
+        theirs = gguf(ids).logits
+        for model in (llama, phi3):
+            assert torch.allclose(model(ids).logits, theirs, rtol=1e-5, atol=1e-4)
+    tokens = gguf.generate(ids, max_new_tokens=24, do_sample=False)
+    assert torch.equal(llama.generate(ids, max_new_tokens=24, do_sample=False), tokens)
+    assert torch.equal(phi3.generate(ids, max_new_tokens=24, do_sample=False), tokens)
 
 
 def test_the_kv_pool_is_sized_to_the_run_on_the_cpu(real_dir):

@@ -10,7 +10,7 @@ from conftest import ROOT, generator, records
 from test_board import board
 
 import optimize
-from orinfer import selfcheck
+from orinfer import oracle, selfcheck
 
 
 def test_self_check_demo_end_to_end(tmp_path):
@@ -68,9 +68,9 @@ def test_a_planted_difference_is_reported_with_its_margin(tiny_dir):
     gen = generator(tiny_dir)
     chats = [r["message"] for r in records("test_dataset.jsonl")[:3]]
     prompts = dict(enumerate(optimize.prompt_ids(gen.tokenizer, chats)))
-    hf = selfcheck.transformers_model(gen.model, tiny_dir, "eager")
+    hf = oracle.transformers_model(gen.model, tiny_dir, "eager")
     eos = set(gen.engine.eos_ids)
-    ours = {i: selfcheck.reference_tokens(hf, p, 10, eos) for i, p in prompts.items()}
+    ours = {i: oracle.reference_tokens(hf, p, 10, eos) for i, p in prompts.items()}
     assert selfcheck.compare(ours, prompts, hf, 10, eos) == []
     planted = dict(ours)
     planted[1] = ours[1][:3] + [ours[1][3] + 1] + ours[1][4:]
@@ -96,7 +96,7 @@ def test_the_reference_reads_a_token_table_the_plan_keeps_in_the_file(tiny_dir):
     chats = [r["message"] for r in records("test_dataset.jsonl")[:3]]
     gen(chats, max_new_tokens=8, return_full_text=False)
     prompts = dict(enumerate(optimize.prompt_ids(gen.tokenizer, chats)))
-    hf = selfcheck.transformers_model(gen.model, tiny_dir, "eager")
+    hf = oracle.transformers_model(gen.model, tiny_dir, "eager")
     assert selfcheck.compare(dict(gen.observer.generated), prompts, hf, 8, set(gen.engine.eos_ids)) == []
 
 

@@ -678,5 +678,5 @@ def test_a_plain_run_never_executes_code_from_the_model_folder(tmp_path, capsys)
     out = tmp_path / "out.jsonl"
     assert test_script.main(["--model", str(model), "--device", "cpu", "--out", str(out), "--max-new-tokens", "4"]) == 0
     assert not mark.exists() and len(out.read_text().splitlines()) == 30
-    from orinfer.selfcheck import own_modeling_code
+    from orinfer.oracle import own_modeling_code
     assert own_modeling_code(model)  # the self-check would run it, and prints a line saying so first
