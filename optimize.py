@@ -18,6 +18,7 @@ from orinfer.pipeline import SLIDING_WINDOW_APPLIES, Generator, RecordError, Rep
 from transformers import AutoTokenizer  # noqa: I100
 
 from orinfer import kernels
+from orinfer.attention import planned, resolve
 from orinfer.board import Jetson, environment_notes, is_jetson, read_jetson
 from orinfer.checkpoint import check_checkpoint
 from orinfer.config import ModelConfig, eos_token_ids
@@ -29,7 +30,6 @@ from orinfer.memory import (GiB, MIN_KV_TOKENS, BudgetTooSmall, MemoryPlan, is_i
 from orinfer.model import CausalLM
 from orinfer.observe import Observer
 from orinfer.options import Options
-from orinfer.varlen_layout import available
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -160,8 +160,8 @@ class Setup:
             init(model)
             serve_from_file(model, self.folder)
         cfg, options = self.cfg, self.options
-        attention = available(self.device, self.dtype, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                              options.varlen and self.plan.varlen_attention, options.packed_queries)
+        attention = resolve(options.attention, self.plan_inputs["attention"], self.plan.attention_afforded,
+                            self.device, self.dtype, cfg, options.packed_queries)
         return Generator(Engine(model, self.eos, self.plan, options, attention, observer=observer), self.tokenizer,
                          progress, loaded)
 
@@ -236,7 +236,8 @@ def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto
         budget = parse_budget(memory_budget, dev)
         inputs = dict(cfg=cfg, weights=cfg.num_parameters * itemsize, itemsize=itemsize, shared_host=shared,
                       host_bytes=rss_bytes(), cuda=dev.type == "cuda",
-                      table_in_checkpoint=tensor_dtype(folder, "model.embed_tokens.weight") == torch_dtype)
+                      table_in_checkpoint=tensor_dtype(folder, "model.embed_tokens.weight") == torch_dtype,
+                      attention=planned(options.attention, dev.type))
     except (OSError, ValueError, KeyError) as e:
         raise SetupError(f"{folder}: {e}" if isinstance(e, (OSError, KeyError)) else str(e)) from e
     most = machine_bytes(dev, shared)

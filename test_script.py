@@ -79,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--no-cuda-graphs", action="store_true", help="launch every pass eagerly (the same output at float32)")
     p.add_argument("--no-compile", action="store_true", help="keep the elementwise kernels eager (compiling needs Triton; the same output at "
                         "float32)")
+    p.add_argument("--attention", default=None, metavar="BACKEND",
+                   help="the attention backend (orinfer/attention: varlen, padded, reference; default: the fastest that "
+                        "runs here and the memory plan affords; the same output at float32)")
     p.add_argument("--demo", action="store_true",
                    help="run the embedded tiny random Phi-3 on the CPU instead of --model (answers are nonsense)")
     p.add_argument("--self-check", action="store_true",
@@ -144,7 +147,7 @@ def _prepare(args, prepare, model_dir, device):
     """optimize.prepare (or the tests' `prepare`) with this run's options: the set-up, before any weight loads."""
     import optimize
     options = optimize.Options(speculate=not args.no_speculation, cuda_graphs=not args.no_cuda_graphs,
-                               compile=False if args.no_compile else None)
+                               compile=False if args.no_compile else None, attention=args.attention)
     return (prepare or optimize.prepare)(model_dir, device=device, dtype=args.dtype,
                                          memory_budget=args.memory_budget, options=options)
 

@@ -19,7 +19,8 @@ from orinfer.runner import ModelRunner  # noqa: E402
 from orinfer.scheduler import Limits, Scheduler  # noqa: E402
 from orinfer.sequence import Sequence, Work  # noqa: E402
 from orinfer.tiny import write_tiny_model  # noqa: E402
-from orinfer.varlen_layout import AttentionKernels  # noqa: E402
+from orinfer.attention import BACKENDS  # noqa: E402
+from orinfer.attention.varlen import AttentionKernels  # noqa: E402
 
 
 def per_call_ms(fn, reps: int = 20) -> float:
@@ -33,7 +34,7 @@ def per_call_ms(fn, reps: int = 20) -> float:
 def main(batches: list[int]) -> None:
     model = optimize.build(write_tiny_model(Path(tempfile.mkdtemp()) / "tiny"), device="cpu", progress=False).engine.model
     unused = AttentionKernels(varlen=lambda *a: None, packed=lambda *a: None, packed_queries=128)  # never called
-    runner = ModelRunner(model, 200_001, 1, unused)
+    runner = ModelRunner(model, 200_001, 1, BACKENDS["varlen"], unused)
     for batch in batches:
         seqs = [Sequence(index=i, token_ids=list(range(100, 400)), num_prompt_tokens=280, max_new_tokens=256,
                          block_table=range(1 + 300 * i, 301 + 300 * i), num_computed=299) for i in range(batch)]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orinfer import packed_attention as pa  # noqa: E402
+from orinfer.attention import packed as pa  # noqa: E402
 
 HEADS, KV_HEADS, DIM = 40, 10, 128  # Phi-3-medium
 SHAPES = ((500, 1, 330), (500, 1, 200), (128, 1, 330), (16, 17, 1200), (8, 4, 1500), (64, 45, 120), (1, 1, 4000))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import optimize
 from measure import ORIN_MEASURED, orin_projection, pass_costs
+from orinfer.attention import planned
 from orinfer.config import ModelConfig
 from orinfer.engine import Engine
 from orinfer.memory import GiB, plan_memory
@@ -53,7 +54,7 @@ def _plans(setup) -> tuple[dict, tuple[float, int]]:
     medium = ModelConfig.from_folder(ASSETS)
     flops_per_token, weight_bytes = pass_costs(medium)
     orin = plan_memory(medium, int(28.5 * GiB), weight_bytes, 2, shared_host=True, host_bytes=int(0.535 * GiB),
-                       table_in_checkpoint=True)
+                       table_in_checkpoint=True, attention=planned(None, "cuda"))
     limits = ("num_blocks", "block_size", "max_num_seqs", "max_batched_tokens", "max_gather_tokens", "max_drafts")
     return ({"h200": replace(setup.plan, max_batched_tokens=16384, max_num_seqs=512, max_drafts=16),
              "orin": replace(setup.plan, **{k: getattr(orin, k) for k in limits})}, (flops_per_token, weight_bytes))

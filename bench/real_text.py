@@ -146,7 +146,7 @@ def score(texts: list[str], answers: list[str]) -> int:
 
 
 # The Orin's path on any GPU: eager kernels, the padded SDPA layout, no graphs (float32 only: its exactness check).
-ORIN_PATH = Options(compile=False, cuda_graphs=False, varlen=False)
+ORIN_PATH = Options(compile=False, cuda_graphs=False, attention="padded")
 
 
 def agreement(folder: Path, device: str, loads: dict, orin_path: bool = False) -> dict:

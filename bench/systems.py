@@ -34,7 +34,7 @@ VARIANTS = {
     "ours": Options(),
     "ours_nospec": Options(speculate=False),                   # no drafts
     "ours_eager": Options(compile=False),                      # no fused kernels
-    "ours_padded": Options(varlen=False),                      # the padded SDPA layout
+    "ours_padded": Options(attention="padded"),                # the padded SDPA layout
     "ours_flash": Options(packed_queries=0),                   # FlashAttention for every sequence
     "ours_gc": Options(pause_gc=False),                        # the cyclic collector left running
     "ours_unchained": Options(chain_decode=False),             # each decode pass waits for the one before's commit

@@ -7,6 +7,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from .attention import FALLBACK, Backend
 from .block_manager import BlockManager
 from .loader import FileRows
 from .memory import MemoryPlan, is_out_of_memory
@@ -16,7 +17,6 @@ from .options import Options
 from .runner import ModelRunner, Pending
 from .scheduler import Limits, Scheduler
 from .sequence import Sequence, Work
-from .varlen_layout import AttentionKernels
 from .warmup import meet_gemm_kernels, probe, tokens_at_one_token_cost
 
 # The share of its token budget a pass launched ahead of the one in flight must fill. On W1 under a 32 GB Orin's plan
@@ -29,16 +29,16 @@ WARMUP_STEPS = ("token_table", "gemms", "lookup_budget", "graphs", "probe")
 
 class Engine:
     """Assembled by optimize.Setup.load, which resolves the options into the plan (its pass size) and the kernels.
-    `options`: how it runs (options.py). `attention`: the varlen layout's kernels (varlen_layout.available; default:
-    none, the padded layout alone); `runner`: the device's owner (default: one built from the plan). `observer`: what
+    `options`: how it runs (options.py). `attention`: (backend, its kernels), as attention.resolve gives them
+    (default: the padded layout); `runner`: the device's owner (default: one built from the plan). `observer`: what
     a benchmark or a test sees of each pass and request (observe.py); none by default, and then nothing is recorded."""
 
     def __init__(self, model: CausalLM, eos_ids: list[int], plan: MemoryPlan, options: Options = Options(),
-                 attention: AttentionKernels | None = None, runner: ModelRunner | None = None,
+                 attention: tuple[Backend, object] | None = None, runner: ModelRunner | None = None,
                  observer: Observer | None = None):
         self.model, self.eos_ids, self.plan, self.options, self.observer = model, eos_ids, plan, options, observer
         if runner is None:
-            runner = ModelRunner(model, plan.num_blocks, plan.block_size, attention or AttentionKernels(),
+            runner = ModelRunner(model, plan.num_blocks, plan.block_size, *(attention or (FALLBACK, ())),
                                  max_gather_tokens=plan.max_gather_tokens)
         self.runner = runner
         self.blocks = BlockManager(plan.num_blocks, plan.block_size)
@@ -60,7 +60,7 @@ class Engine:
         p, speculate, sources = self.plan, self.options.speculate, self.options.draft_sources
         looks_up = speculate and ("own" in sources or "pool" in sources)
         return Limits(max_num_seqs=p.max_num_seqs, max_batched_tokens=p.max_batched_tokens,
-                      max_gather_tokens=p.max_gather_tokens if self.runner.varlen else None,
+                      max_gather_tokens=p.max_gather_tokens if self.runner.backend.gathers_whole_pass else None,
                       max_drafts=p.max_drafts if speculate else 0,
                       lookup_draft_tokens=self.lookup_draft_tokens if looks_up else 0,
                       own_drafts="own" in sources, pool_drafts="pool" in sources)
@@ -90,7 +90,7 @@ class Engine:
             return
         p, runner = self.plan, self.runner
         if "gemms" in steps:
-            graphs = runner.varlen and p.cuda_graphs and self.options.cuda_graphs  # they take the small passes
+            graphs = runner.backend.graphs_every_small_pass and p.cuda_graphs and self.options.cuda_graphs
             meet_gemm_kernels(self.model, p.max_batched_tokens, p.max_num_seqs * (1 + p.max_drafts),
                               runner.eager_padding, every_small_count=not graphs)
         if "lookup_budget" in steps and self.options.lookup_draft_tokens is None:

@@ -1,6 +1,6 @@
 """CUDA graphs of small passes, captured per shape bucket and replayed with the inputs padded to the bucket: which
-passes a graph takes and how they are padded is the layout's (varlen_layout.py: any pass of up to 1,024 tokens,
-whose eager launches would take about as long as its work; padded_layout.py: a pass whose every sequence feeds
+passes a graph takes and how they are padded is the layout's (attention/varlen.py: any pass of up to 1,024 tokens,
+whose eager launches would take about as long as its work; attention/padded.py: a pass whose every sequence feeds
 exactly one token). A replay refreshes the captured pass's per-pass tensors (the fields declared with
 attention.per_pass) from the new pass's, so a new layout field is declared once, where the layout is defined.
 
@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .attention import Context, per_pass_fields
+from .attention.core import Context, per_pass_fields
 from .block_manager import SCRATCH_BLOCK
 from .sequence import Sequence, Work
 

@@ -24,12 +24,10 @@ WARMUP_HOST_BYTES = 440 * MiB
 # The runner's pinned buffers (inputs up, tokens down; >= 2 MiB each, ~4 of them): page-locked host memory.
 PINNED_HOST_BYTES = 16 * MiB
 GRAPHS_HOST_BYTES = 512 * MiB
-# The FlashAttention kernels' module, loaded on first use: +0.34 GiB of host RSS (measured on the H200).
-VARLEN_HOST_BYTES = 384 * MiB
-# Graphs save launch time, which matters where a pass is short, and the varlen layout saves attention work; on shared
-# memory each is used only where the budget leaves this much besides its host memory (a 32 GB Orin does not: there a
-# decode pass reads 28 GB at 205 GB/s, 136 ms, far longer than the host needs to launch it, and without the
-# FlashAttention kernels the padded layout keeps ~1,700 more tokens of KV cache).
+# Graphs save launch time, which matters where a pass is short, and an attention backend's kernels may save attention
+# work; on shared memory each is used only where the budget leaves this much besides its host memory (a 32 GB Orin
+# does not: there a decode pass reads 28 GB at 205 GB/s, 136 ms, far longer than the host needs to launch it, and
+# without the FlashAttention kernels the padded layout keeps ~1,700 more tokens of KV cache).
 OPTIONAL_MIN_FREE_BYTES = 2 * GiB
 # Device memory besides the weights, the cache and the workspace: cuBLAS's workspace (32 MiB on the H200, one block
 # of torch's pool from the first product on) and the allocator's rounding of a pass's tensors. The allocator is
@@ -198,11 +196,12 @@ class MemoryPlan:
     max_gather_tokens: int
     max_drafts: int
     cuda_graphs: bool
-    varlen_attention: bool  # allowed: the runner still checks the kernel runs here
+    attention_afforded: bool  # the planned attention backend's kernels: the runner still checks they run here
+    attention: str = "no"  # the backend planned for (attention.Backend.name), shown in describe()
     embedding_table: int = 0  # bytes of the token table when it is read from the checkpoint's file, else 0
     shared_host: bool = False  # the budget covers the host process too (a Jetson)
     mlp_rows: int | None = None  # the most rows one MLP product takes (None: a pass's every token at once)
-    cuda: bool = True  # a CUDA device: a context, graphs and FlashAttention's kernels are among its items
+    cuda: bool = True  # a CUDA device: a context, graphs and an attention backend's kernels are among its items
     sized_to_run: bool = False  # the KV pool holds what the run can use, less than the budget leaves
     graph_pool_bytes: int = 0  # the CUDA graphs' own memory pool (their largest pass's peak), besides the workspace
     # One sequence's attention in a full pass, per key: its gathered keys and values, its mask's row of the pass's
@@ -241,8 +240,8 @@ class MemoryPlan:
         table = f" - token table {self.embedding_table / GiB:.2f} read from the file" if self.embedding_on_host else ""
         sized = ", sized to the run's prompts and answers" if self.sized_to_run else ""
         pool = f" + graphs' pool {self.graph_pool_bytes / GiB:.2f}" if self.graph_pool_bytes else ""
-        device = (f"; graphs {'on' if self.cuda_graphs else 'off'}, varlen attention "
-                  f"{'allowed' if self.varlen_attention else 'off'}") if self.cuda else ""
+        device = (f"; graphs {'on' if self.cuda_graphs else 'off'}, {self.attention} attention "
+                  f"{'allowed' if self.attention_afforded else 'off'}") if self.cuda else ""
         return (f"memory plan: budget {self.budget / GiB:.2f} GiB = weights {self.weights / GiB:.2f}{table} + overhead "
                 f"{self.overhead / GiB:.2f}{f' ({items})' if items else ''} + workspace "
                 f"{self.workspace_bytes / GiB:.2f}{pool} + KV {self.kv_bytes / GiB:.2f} "
@@ -292,25 +291,46 @@ def attention_bytes_per_query_key(cfg: ModelConfig, itemsize: int, cuda: bool) -
     return groups * itemsize + (0 if cuda else cfg.num_attention_heads * 4 * 2)
 
 
-def _overhead(shared_host: bool, cuda: bool, host_bytes: int, free: int) -> tuple[list, bool, bool, bool]:
-    """What the budget holds besides weights, KV and workspace, item by item; whether graphs and the FlashAttention
-    kernels are afforded; and whether the budget is tight (no room for graphs' host memory, on any device). Only
-    where the process shares the budget (a Jetson, or the CPU) is the host counted; only on CUDA are a context,
-    graphs and those kernels."""
+def _overhead(shared_host: bool, cuda: bool, host_bytes: int, free: int, attention) -> tuple[list, bool, bool, bool]:
+    """What the budget holds besides weights, KV and workspace, item by item; whether graphs and the attention
+    backend's kernels are afforded; and whether the budget is tight (no room for graphs' host memory, on any device).
+    Only where the process shares the budget (a Jetson, or the CPU) is the host counted; only on CUDA are a context
+    and graphs."""
     items = [("host at planning", host_bytes), ("host growth to come", WARMUP_HOST_BYTES)] if shared_host else []
     if shared_host and cuda:
         items += [("pinned buffers", PINNED_HOST_BYTES), ("CUDA context", CUDA_CONTEXT_BYTES)]
     free -= sum(size for _, size in items)
     afforded, tight = [], False
-    for name, host_cost in (("graphs", GRAPHS_HOST_BYTES), ("FlashAttention kernels", VARLEN_HOST_BYTES)):
+    on_device = "cuda" if cuda else "cpu"
+    for name, host_cost, runs in (("graphs", GRAPHS_HOST_BYTES, cuda),
+                                  (f"{attention.name} attention kernels", attention.host_bytes,
+                                   on_device in attention.devices)):
         # An optional feature that costs host memory: on shared memory only where the budget leaves room besides it.
-        room = not shared_host or free >= host_cost + OPTIONAL_MIN_FREE_BYTES
+        room = not host_cost or not shared_host or free >= host_cost + OPTIONAL_MIN_FREE_BYTES
         tight = tight or (name == "graphs" and not room)
-        if room and cuda and shared_host:
+        if room and runs and shared_host and host_cost:
             items.append((name, host_cost))
             free -= host_cost
-        afforded.append(room and cuda)
+        afforded.append(room and runs)
     return items, afforded[0], afforded[1], tight
+
+
+def _gather_tokens(cfg: ModelConfig, in_groups_on_shared: bool, free: int, gather: int) -> int:
+    """The keys a pass may gather at once. A backend may gather a whole pass's keys at once; the padded layout in
+    groups, so on shared memory its bound need only hold two sequences of the longest context (more groups a pass
+    cost launches, not memory)."""
+    if in_groups_on_shared:
+        return 2 * cfg.max_position_embeddings
+    return max(2048, min(1 << 20, free // 10 // gather))
+
+
+@dataclass(frozen=True)
+class NoAttentionKernels:
+    """The plan's view of a backend with no kernels of its own to book (attention.Backend has these fields)."""
+    name: str = "no"
+    host_bytes: int = 0
+    gathers_whole_pass: bool = False
+    devices: tuple[str, ...] = ("cuda", "cpu")
 
 
 # One-token blocks share every common prompt prefix, not only whole blocks of it: W1 computes 22,311 prompt tokens
@@ -318,12 +338,14 @@ def _overhead(shared_host: bool, cuda: bool, host_bytes: int, free: int) -> tupl
 # the cache writes move the same bytes either way; the host hashes a block per prompt token, once.
 def plan_memory(cfg: ModelConfig, budget: int, weights: int, itemsize: int, shared_host: bool,
                 host_bytes: int, cuda: bool = True, block_size: int = 1, max_drafts: int | None = None,
-                table_in_checkpoint: bool = False, kv_tokens_wanted: int | None = None) -> MemoryPlan:
+                table_in_checkpoint: bool = False, kv_tokens_wanted: int | None = None,
+                attention=NoAttentionKernels()) -> MemoryPlan:
     """`table_in_checkpoint`: the checkpoint stores the token table in the run's dtype, so a pass can read its rows
     from there. `kv_tokens_wanted`: the most KV cache the run can use (its prompts and answers at the plan's
-    concurrency); the pool is never larger, and never larger than the budget leaves."""
-    items, cuda_graphs, varlen_attention, tight = _overhead(shared_host, cuda, host_bytes,
-                                                            budget - weights - SAFETY_BYTES)
+    concurrency); the pool is never larger, and never larger than the budget leaves. `attention`: the backend the run
+    would use (attention.Backend: its name, kernels' host memory, devices and whether it gathers a whole pass)."""
+    items, cuda_graphs, afforded, tight = _overhead(shared_host, cuda, host_bytes, budget - weights - SAFETY_BYTES,
+                                                    attention)
     # Shared memory too tight for graphs (a graph replays device reads; these rows come from the host): the token
     # table leaves the pool, read row by row from the checkpoint's file (the rows stay in the reclaimable page cache).
     table = cfg.vocab_size * cfg.hidden_size * itemsize if shared_host and table_in_checkpoint and tight else 0
@@ -339,12 +361,7 @@ def plan_memory(cfg: ModelConfig, budget: int, weights: int, itemsize: int, shar
     tokens = 64
     while tokens * 2 <= 16384 and act(tokens * 2) <= free // 4:
         tokens *= 2
-    # The varlen layout gathers a whole pass's keys at once; the padded one in groups, so on shared memory its bound
-    # need only hold two sequences of the longest context (more groups a pass cost launches, not memory).
-    if shared_host and not varlen_attention:
-        gather_tokens = 2 * cfg.max_position_embeddings
-    else:
-        gather_tokens = max(2048, min(1 << 20, free // 10 // gather))
+    gather_tokens = _gather_tokens(cfg, shared_host and not (afforded and attention.gathers_whole_pass), free, gather)
     layers = act(tokens) + gather_tokens * gather  # a pass's peak inside its layers
     # Captured graphs keep their own pool, apart from the eager passes' memory: their largest pass's peak, in which
     # the padded layout holds its gathered keys and values twice (SDPA's kernel takes them contiguous).
@@ -372,7 +389,8 @@ def plan_memory(cfg: ModelConfig, budget: int, weights: int, itemsize: int, shar
                       overhead_items=tuple(items), kv_bytes=(num_blocks - 1) * block_size * kv_per_token,
                       workspace_bytes=workspace, num_blocks=int(num_blocks), block_size=block_size,
                       max_num_seqs=int(max_num_seqs), max_batched_tokens=tokens, max_gather_tokens=int(gather_tokens),
-                      max_drafts=max_drafts, cuda_graphs=cuda_graphs, varlen_attention=varlen_attention,
+                      max_drafts=max_drafts, cuda_graphs=cuda_graphs, attention_afforded=afforded,
+                      attention=attention.name,
                       embedding_table=table, shared_host=shared_host, mlp_rows=mlp_rows, cuda=cuda,
                       sized_to_run=sized, graph_pool_bytes=graph_pool, attention_bytes_per_key=per_key,
                       activation_bytes=act(tokens))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Context, paged_attention
+from .attention.core import Context, paged_attention
 from .config import ModelConfig
 from .integers import ceil_div
 from .kernels import EAGER, Kernels

@@ -8,7 +8,9 @@ class Options:
     speculate: bool = True            # drafts (listed choices, lookups) verified in the same pass (drafts.py)
     cuda_graphs: bool = True          # small passes replayed from CUDA graphs, where the memory plan affords them
     compile: bool | None = None       # elementwise kernels fused by torch.compile (None: where available, kernels.py)
-    varlen: bool = True               # FlashAttention's varlen layout where it runs and the plan affords it
+    # The attention backend (attention/__init__.py's BACKENDS: "varlen", "padded", "reference"); None: the first of
+    # attention.PREFERRED that runs here and the memory plan affords.
+    attention: str | None = None
     # Sequences with at most this many new tokens take the packed Triton kernel in an eager pass (0: never).
     # FlashAttention's one-head tiles of 128 rows are mostly empty for short prompt chunks too: on W1 (chunks of ~45
     # tokens after the shared prefix) 128 beat 32 by 35-40 ms of device time on the H200, 64 and 256 by less.

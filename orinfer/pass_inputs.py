@@ -1,6 +1,6 @@
 """One pass's integers, laid out on the host and sent up in one copy: the flat token ids, the rows to sample, per
 sequence its start, length and block table, and per token its sequence, its place there, its position and cache
-slot, then whatever the attention layout adds. Each layout (varlen_layout.py, padded_layout.py) orders and pads the
+slot, then whatever the attention layout adds. Each layout (attention/varlen.py, attention/padded.py) orders and pads the
 sequences its own way and hands the result here.
 
 The host lays out every per-token index by array slices and concatenation (machine integers, memcpy speed, no Python

@@ -124,7 +124,8 @@ class Generator:
 
     def describe(self) -> str:
         """The attention layout and kernels this generator runs (one line)."""
-        layout = self.engine.runner.layouts[0].name
+        runner = self.engine.runner
+        layout = f"{runner.backend.name} backend ({runner.layouts[0].name})"
         lookup = self.engine.lookup_budget
         return (f"attention: {layout}; elementwise kernels {'compiled' if self.engine.model.kernels.fused else 'eager'}"
                 + (f"; lookup drafts while a pass has < {lookup} tokens" if lookup else "; no lookup drafts"))

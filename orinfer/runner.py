@@ -3,8 +3,8 @@ pass (eagerly, or by a captured CUDA graph's replay).
 
 The pool is allocated once, zero-filled (gathered padding keys must be finite: 0 * NaN would poison SDPA), and never
 grown. A pass is launched and collected separately, so the engine can do host work while the device runs it. How a
-pass's inputs are laid out is the layouts' (varlen_layout.py, padded_layout.py over pass_inputs.py); graphs.py
-captures and replays.
+pass's inputs are laid out is the attention backend's layout (attention/, over pass_inputs.py); graphs.py captures
+and replays.
 
 Follows nano-vllm's ModelRunner (https://github.com/GeeeekExplorer/nano-vllm, MIT: nanovllm/engine/model_runner.py):
 the runner binds each layer's K/V cache and builds one Context a pass.
@@ -14,13 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import Context
+from .attention import FALLBACK, Backend, Context
+from .attention.core import PAD_ABOVE, PAD_MULTIPLE
 from .graphs import CudaGraphs
 from .model import CausalLM
-from .padded_layout import PaddedLayout
 from .pass_inputs import InputUploader, pinned
 from .sequence import Work
-from .varlen_layout import PAD_ABOVE, PAD_MULTIPLE, AttentionKernels, VarlenLayout
 
 
 @dataclass
@@ -39,30 +38,28 @@ class Pending:
 
 
 class ModelRunner:
-    """`attention`: the varlen layout's kernels (varlen_layout.available; none: the padded layout alone);
-    `pad_above` and `pad_multiple`: an eager varlen pass of more than pad_above tokens is padded to a multiple of
-    pad_multiple tokens and sampled rows; `max_gather_tokens`: the keys the padded layout gathers at once (the
-    memory plan's), its groups' bound; `padded_multiple`: the padded layout's eager passes of more than PAD_ABOVE
-    tokens are padded to a multiple of it (default PAD_MULTIPLE, as the varlen layout's; 1: none)."""
+    """`backend` and its `kernels`: the attention backend a pass takes (attention.resolve; default: the padded
+    layout); `padding`: (above, multiple): the backend's eager passes of more than `above` tokens are padded to a
+    multiple of `multiple` tokens and sampled rows, where it pads eager passes at all; `max_gather_tokens`: the keys
+    the padded layout gathers at once (the memory plan's), its groups' bound."""
 
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, attention: AttentionKernels,
-                 pad_above: int = PAD_ABOVE, pad_multiple: int = PAD_MULTIPLE, max_gather_tokens: int = 1 << 30,
-                 padded_multiple: int = PAD_MULTIPLE):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, backend: Backend = FALLBACK,
+                 kernels=(), padding: tuple[int, int] = (PAD_ABOVE, PAD_MULTIPLE), max_gather_tokens: int = 1 << 30):
         cfg = model.cfg
         self.model, self.block_size, self.device = model, block_size, model.device
+        self.backend, self.kernels = backend, kernels
         self.kv = torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads,
                               cfg.head_dim, dtype=model.dtype, device=self.device)
         for i, layer in enumerate(model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv[i, 0], self.kv[i, 1]
         uploader = InputUploader(self.device, block_size, model.embedding_on_host)
-        # The layouts, in the order they are tried: the varlen one where its kernel was given (a pass whose keys
-        # reach past the sliding window takes the padded one). Graphs are captured for the first.
-        self.layouts = [PaddedLayout(uploader, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.sliding_window,
-                                     cfg.max_position_embeddings, max_gather_tokens, PAD_ABOVE, padded_multiple)]
-        if attention.varlen is not None:
-            self.layouts.insert(0, VarlenLayout(attention, uploader, cfg.sliding_window, cfg.max_position_embeddings,
-                                                pad_above, pad_multiple))
-        self.varlen = isinstance(self.layouts[0], VarlenLayout)
+        above, multiple = padding if backend.pads_eager_passes else (PAD_ABOVE, 1)
+        # The layouts, in the order they are tried: the backend's, then the padded one where it is another (a pass
+        # whose keys reach past the sliding window takes it). Graphs are captured for the first.
+        self.layouts = [backend.layout(kernels, uploader, cfg, max_gather_tokens, above, multiple)]
+        if backend is not FALLBACK:
+            self.layouts.append(FALLBACK.layout(FALLBACK.kernels(), uploader, cfg, max_gather_tokens, PAD_ABOVE,
+                                                PAD_MULTIPLE))
         self.graphs = CudaGraphs(self.layouts[0])
         # Tokens come down into a pinned buffer that no uncollected pass holds.
         self._sampled: list[torch.Tensor] = []

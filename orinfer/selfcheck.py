@@ -17,7 +17,7 @@ from .integers import ceil_div
 from .memory import (SAFETY_BYTES, GiB, describe_terms, desktop_session, is_integrated, is_out_of_memory, meminfo_available, peak_rss_bytes,
                      proc_kib_fields, shared_memory_terms)
 from .oracle import own_modeling_code, reference_tokens, top2_margin, transformers_model
-from .reference import reference_attention
+from .attention.reference import reference_attention
 from .warmup import seconds_per_call
 
 # bf16 and fp16 greedy outputs differ from another implementation's at near-ties (two logits within rounding of each

@@ -16,7 +16,6 @@ from orinfer.observe import Observer  # noqa: E402
 from orinfer.options import Options  # noqa: E402
 from orinfer.runner import ModelRunner  # noqa: E402
 from orinfer.tiny import write_tiny_model  # noqa: E402
-from orinfer.varlen_layout import AttentionKernels  # noqa: E402
 
 
 def records(name: str) -> list[dict]:
@@ -65,21 +64,22 @@ def hf(tiny_dir):
 KV_TOKENS = 16384
 
 
-def generator(folder, options: Options = Options(), attention: AttentionKernels | None = None,
-              padding: tuple[int, int] | None = None, observer: Observer | None = None,
-              padded_multiple: int | None = None, **plan_changes):
-    """optimize.build on the CPU; optionally a hand-set memory plan (small caches, tiny passes...), the varlen layout's
-    kernels (float32 references: the CPU has no FlashAttention), the runner's padding of eager varlen passes
-    (pad_above, pad_multiple) or of the padded layout's (padded_multiple, as on CUDA) and an observer."""
+def generator(folder, options: Options = Options(), attention: tuple[str, int] | None = None,
+              padding: tuple[int, int] | None = None, observer: Observer | None = None, **plan_changes):
+    """optimize.build on the CPU; optionally a hand-set memory plan (small caches, tiny passes...), an attention
+    backend and its packed kernel's bound in place of the options' (the "reference" backend: the varlen layout with
+    float32 kernels, as the CPU has no FlashAttention), the runner's padding of eager passes (above, multiple) and an
+    observer."""
+    if attention:
+        options = replace(options, attention=attention[0], packed_queries=attention[1])
     gen = optimize.build(folder, device="cpu", options=options, progress=False, observer=observer, kv_tokens=KV_TOKENS)
-    if plan_changes or attention or padding or padded_multiple:
+    if plan_changes or padding:
         e = gen.engine
         plan = replace(e.plan, **plan_changes)
-        runner = ModelRunner(e.model, plan.num_blocks, plan.block_size, attention or AttentionKernels(),
-                             *(padding or ()), max_gather_tokens=plan.max_gather_tokens,
-                             **({"padded_multiple": padded_multiple} if padded_multiple else {})) \
-            if padding or padded_multiple else None
-        gen.engine = Engine(e.model, e.eos_ids, plan, options, attention=attention, runner=runner, observer=observer)
+        runner = ModelRunner(e.model, plan.num_blocks, plan.block_size, e.runner.backend, e.runner.kernels, padding,
+                             max_gather_tokens=plan.max_gather_tokens) if padding else None
+        gen.engine = Engine(e.model, e.eos_ids, plan, options, attention=(e.runner.backend, e.runner.kernels),
+                            runner=runner, observer=observer)
     return gen
 
 

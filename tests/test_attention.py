@@ -5,54 +5,26 @@ import torch
 from conftest import NEW, generator, hf_pipeline, reference
 
 import optimize
-from orinfer import packed_attention, padded_layout, varlen_layout
-from orinfer.reference import reference_attention
+from orinfer.attention import packed, padded, varlen
+from orinfer.attention.reference import reference_packed, reference_varlen
 from orinfer.sequence import Sequence, Work
 from orinfer.tiny import write_tiny_model
 
 
-def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-    """The varlen kernel's contract, one sequence at a time in float32 (bottom-right causal, grouped KV heads);
-    max_q and max_k are bounds (a graph's), rows past cu_q[-1] are padding the caller ignores."""
-    reference_varlen.calls += 1
-    assert scale == q.shape[-1] ** -0.5 and max_q >= int((cu_q[1:] - cu_q[:-1]).max())
-    assert max_k >= int((cu_k[1:] - cu_k[:-1]).max()) and cu_q.dtype == cu_k.dtype == torch.int32
-    assert cu_q[-1] <= q.shape[0] and cu_k[-1] <= k.shape[0]
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    out = torch.zeros_like(q)
-    for b in range(len(cq) - 1):
-        out[cq[b]:cq[b + 1]] = reference_attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]])
-    return out
-
-
-reference_varlen.calls = 0
-
-
-def reference_packed(q, k, v, out, cu_q, cu_k, key_slots, first_seq, num_seqs, scale):
-    """The packed kernel's contract in float32: it writes the rows of sequences first_seq .. + num_seqs, only,
-    reading key j of sequence b from the cache's row key_slots[cu_k[b] + j]. Records (first_seq, the most new tokens
-    of its sequences) per call."""
-    assert scale == q.shape[-1] ** -0.5 and cu_q.dtype == cu_k.dtype == torch.int32
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    reference_packed.calls.append((first_seq, max(cq[b + 1] - cq[b] for b in range(first_seq, first_seq + num_seqs))))
-    keys, values = k[key_slots], v[key_slots]
-    for b in range(first_seq, first_seq + num_seqs):
-        out[cq[b]:cq[b + 1]] = reference_attention(q[cq[b]:cq[b + 1]], keys[ck[b]:ck[b + 1]], values[ck[b]:ck[b + 1]])
-
-
 @pytest.fixture
-def varlen():
-    """The varlen layout's kernels for generators built in a test: the float32 reference (this is the CPU)."""
+def reference_layout():
+    """The reference backend for generators built in a test: the varlen layout with its float32 kernels (this is
+    the CPU), no packed kernel."""
     reference_varlen.calls = 0
-    return varlen_layout.AttentionKernels(varlen=reference_varlen)
+    return ("reference", 0)
 
 
 @pytest.fixture
-def packed():
-    """As `varlen`, with sequences of few new tokens given to the packed kernel (its reference here): at most 8, so
-    that the tiny model's passes mix the two kernels as W1's do with 128."""
+def reference_packed_layout():
+    """As `reference_layout`, with sequences of few new tokens given to the packed kernel (its reference): at most
+    8, so that the tiny model's passes mix the two kernels as W1's do with 128."""
     reference_varlen.calls, reference_packed.calls = 0, []
-    return varlen_layout.AttentionKernels(varlen=reference_varlen, packed=reference_packed, packed_queries=8)
+    return ("reference", 8)
 
 
 @pytest.mark.parametrize("window", [24, 50])
@@ -67,8 +39,8 @@ def test_sliding_window_matches_pipeline(tmp_path, public_chats, window):
     assert same_without_window != optimize.SLIDING_WINDOW_APPLIES
 
 
-def test_keys_past_the_sliding_window_take_the_padded_layout(varlen, tmp_path):
-    gen = generator(write_tiny_model(tmp_path, sliding_window=24), attention=varlen)
+def test_keys_past_the_sliding_window_take_the_padded_layout(reference_layout, tmp_path):
+    gen = generator(write_tiny_model(tmp_path, sliding_window=24), attention=reference_layout)
     runner = gen.engine.runner
     bs = runner.block_size
     table = list(range(40, 40 - (-30 // bs)))[::-1]  # blocks out of order, as a pool hands them out
@@ -78,9 +50,9 @@ def test_keys_past_the_sliding_window_take_the_padded_layout(varlen, tmp_path):
         return table[p // bs] * bs + p % bs
     inside = runner.context([Work(seq=seq, tokens=seq.token_ids[:24], start=0, wants_logits=False, admitted=True)])[1]
     past = runner.context([Work(seq=seq, tokens=seq.token_ids[24:], start=24, wants_logits=True)])[1]
-    assert isinstance(inside.layout, varlen_layout.Varlen)
+    assert isinstance(inside.layout, varlen.Varlen)
     # (transformers < 4.46 ignores the window, and so does the engine then: no reason to leave the varlen layout)
-    assert isinstance(past.layout, padded_layout.Padded) == optimize.SLIDING_WINDOW_APPLIES
+    assert isinstance(past.layout, padded.Padded) == optimize.SLIDING_WINDOW_APPLIES
     assert inside.layout.key_slots.tolist() == [slot(p) for p in range(24)]
     assert past.slots.tolist() == [slot(p) for p in range(24, 30)]
     assert past.positions.tolist() == list(range(24, 30))
@@ -105,13 +77,13 @@ def test_padded_mask_is_causal_within_the_window(tiny_dir, window, gather):
              Work(seq=seqs[2], tokens=seqs[2].token_ids[18:], start=18, wants_logits=True)]
     ids, ctx = runner.context(works)
     lay = ctx.layout
-    assert isinstance(lay, padded_layout.Padded)
+    assert isinstance(lay, padded.Padded)
     by_group = [[works[0]], [works[1]], [works[2]]] if gather == 16 else [[works[0], works[1]], [works[2]]]
     assert [g.block_tables.shape[0] for g in lay.groups] == [len(g) for g in by_group]
     assert ids.tolist() == [t for group in by_group for w in group for t in w.tokens]
     groups = 2
     for group, members in zip(lay.groups, by_group):
-        bias = padded_layout.build_bias(group, bs, groups, torch.float32, window)
+        bias = padded.build_bias(group, bs, groups, torch.float32, window)
         batch, _, rows, keys = bias.shape
         qmax = rows // groups
         assert batch == len(members) and qmax == max(len(w.tokens) for w in members) and keys % 16 == 0
@@ -143,28 +115,28 @@ def test_padded_layout_in_groups_matches_pipeline(tiny_dir, public_chats, longes
 
 
 @pytest.mark.parametrize("plan", [{}, {"max_batched_tokens": 48, "max_num_seqs": 4}])
-def test_varlen_layout_matches_pipeline(varlen, tiny_dir, public_chats, longest_chat, expected, plan):
+def test_varlen_layout_matches_pipeline(reference_layout, tiny_dir, public_chats, longest_chat, expected, plan):
     """Whole prompts, shared-prefix reuse, prompts prefilled in chunks behind their own cached tokens, drafts."""
-    gen = generator(tiny_dir, attention=varlen, **plan)
+    gen = generator(tiny_dir, attention=reference_layout, **plan)
     assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
     assert reference_varlen.calls == gen.engine.stats["passes"] * gen.engine.model.cfg.num_hidden_layers
 
 
 @pytest.mark.parametrize("plan", [{}, {"max_batched_tokens": 48, "max_num_seqs": 4}])
-def test_packed_kernel_for_few_new_tokens_matches_pipeline(packed, tiny_dir, public_chats, longest_chat, expected,
+def test_packed_kernel_for_few_new_tokens_matches_pipeline(reference_packed_layout, tiny_dir, public_chats, longest_chat, expected,
                                                            plan):
     """Passes whose prompt chunks go to FlashAttention and whose decode and draft tokens go to the packed kernel:
     the runner lays out long chunks first, and the sampled rows still come back in the works' order."""
-    gen = generator(tiny_dir, attention=packed, **plan)
+    gen = generator(tiny_dir, attention=reference_packed_layout, **plan)
     assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
     assert reference_varlen.calls > 0 and reference_packed.calls
-    assert all(most <= packed.packed_queries for _, most in reference_packed.calls)
+    assert all(most <= reference_packed_layout[1] for _, most in reference_packed.calls)
     assert any(first > 0 for first, _ in reference_packed.calls), "no pass mixed the two kernels"
 
 
 def test_varlen_is_not_claimed_on_the_cpu():
-    assert not varlen_layout.varlen_supported(torch.device("cpu"), torch.float32)
-    assert not packed_attention.supported(torch.device("cpu"), torch.bfloat16, 40, 10, 128)
+    assert not varlen.varlen_supported(torch.device("cpu"), torch.float32)
+    assert not packed.supported(torch.device("cpu"), torch.bfloat16, 40, 10, 128)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the FlashAttention kernel needs a CUDA GPU")
@@ -172,14 +144,14 @@ def test_varlen_is_not_claimed_on_the_cpu():
 def test_flash_varlen_kernel_equals_the_reference(dtype):
     """Sequences with and without cached prefixes, single tokens and long chunks; fresh random data each time."""
     dev = torch.device("cuda")
-    assert varlen_layout.varlen_supported(dev, dtype)
+    assert varlen.varlen_supported(dev, dtype)
     new = [1, 37, 5, 200, 1, 64]
     prefix = [0, 36, 120, 0, 900, 3]
     cu_q = torch.tensor([0] + new, device=dev).cumsum(0).int()
     cu_k = torch.tensor([0] + [n + p for n, p in zip(new, prefix)], device=dev).cumsum(0).int()
     q = torch.randn(sum(new), 50, 128, device=dev, dtype=dtype)[:, :40]  # the model's query: a view of q and k
     k, v = (torch.randn(int(cu_k[-1]), 10, 128, device=dev, dtype=dtype) for _ in range(2))
-    out = varlen_layout._flash_varlen(q, k, v, cu_q, cu_k, max(new), max(n + p for n, p in zip(new, prefix)), 128 ** -0.5)
+    out = varlen._flash_varlen(q, k, v, cu_q, cu_k, max(new), max(n + p for n, p in zip(new, prefix)), 128 ** -0.5)
     ref = reference_varlen(q.float(), k.float(), v.float(), cu_q, cu_k, max(new),
                            max(n + p for n, p in zip(new, prefix)), 128 ** -0.5)
     assert (out.float() - ref).norm() / ref.norm() < 1e-2
@@ -193,7 +165,7 @@ def test_packed_kernel_equals_the_reference(dtype, copies):
     an empty one (a graph's padding); only the given sequences' rows are written. Ten copies make a launch of
     enough sequences for the 16-row tiles of its decode steps."""
     dev = torch.device("cuda")
-    assert packed_attention.supported(dev, dtype, 40, 10, 128)
+    assert packed.supported(dev, dtype, 40, 10, 128)
     new = [40] + [1, 17, 5, 0, 33, 1, 2] * copies
     prefix = [0] + [0, 80, 300, 0, 64, 1500, 7] * copies
     cu_q = torch.tensor([0] + new, device=dev).cumsum(0).int()
@@ -203,8 +175,41 @@ def test_packed_kernel_equals_the_reference(dtype, copies):
     k_rows, v_rows = (torch.randn(keys + 500, 10, 128, device=dev, dtype=dtype) for _ in range(2))  # a "cache"
     slots = torch.randperm(keys + 500, device=dev)[:keys]  # each key's row in it, out of order
     out = torch.full_like(q, float("nan"))
-    packed_attention.packed_attention(q, k_rows, v_rows, out, cu_q, cu_k, slots, 1, len(new) - 1, 128 ** -0.5)
+    packed.packed_attention(q, k_rows, v_rows, out, cu_q, cu_k, slots, 1, len(new) - 1, 128 ** -0.5)
     k, v = k_rows[slots], v_rows[slots]
     ref = reference_varlen(q.float(), k.float(), v.float(), cu_q, cu_k, max(new), int(cu_k.diff().max()), 128 ** -0.5)
     assert out[:new[0]].isnan().all()
     assert (out[new[0]:].float() - ref[new[0]:]).norm() / ref[new[0]:].norm() < 1e-2
+
+
+@pytest.mark.unit
+def test_the_registry_plans_the_preferred_backend_that_runs_on_the_device():
+    from orinfer.attention import BACKENDS, planned
+    assert planned(None, "cuda") is BACKENDS["varlen"] and planned(None, "cpu") is BACKENDS["padded"]
+    assert planned("reference", "cpu") is BACKENDS["reference"]
+    with pytest.raises(ValueError, match="unknown; choose among varlen, padded, reference"):
+        planned("flashinfer", "cuda")
+    with pytest.raises(ValueError, match="runs on cuda, not cpu"):
+        planned("varlen", "cpu")
+
+
+def test_a_backend_asked_for_by_name_never_falls_back_silently(tiny_dir):
+    from orinfer.attention import BACKENDS, resolve
+    cfg = optimize.prepare(tiny_dir, device="cpu").cfg
+    with pytest.raises(RuntimeError, match="'reference' is not afforded by the memory plan"):
+        resolve("reference", BACKENDS["reference"], False, torch.device("cpu"), torch.float32, cfg, 0)
+    backend, _ = resolve(None, BACKENDS["varlen"], False, torch.device("cpu"), torch.float32, cfg, 0)
+    assert backend is BACKENDS["padded"]  # the default order: the padded layout where the plan affords no other
+
+
+def test_a_new_backend_is_one_declaration_and_one_registry_line(tiny_dir, public_chats, expected, monkeypatch):
+    """A backend registered under a new name (the reference kernels with the padded fallback's growth rules) runs
+    through Options and test_script's --attention alone: nothing else names it, and the output is the pipeline's."""
+    from dataclasses import replace
+
+    from orinfer import attention
+    example = replace(attention.BACKENDS["reference"], name="example")
+    monkeypatch.setitem(attention.BACKENDS, "example", example)  # the registry line
+    gen = generator(tiny_dir, optimize.Options(attention="example"))
+    assert gen.engine.runner.backend is example and gen.describe().startswith("attention: example backend")
+    assert gen(public_chats, max_new_tokens=NEW, return_full_text=False) == expected[:len(public_chats)]

@@ -2,6 +2,8 @@
 committed, never with a sequence of the pass still in flight except its chained decode step (fed its token on the
 device), and the output stays the pipeline's; with a fake runner (the unit tier), the loop commits each request's
 greedy tokens through big, small and starved passes, chained or not."""
+from types import SimpleNamespace
+
 import pytest
 from conftest import NEW, generator
 
@@ -52,7 +54,8 @@ class FakeRunner:
     """A model in one line, for the loop alone: the greedy token after a sequence is a function of its last token
     and its length, <|end|> (token 2 here) now and then."""
     graphs: dict = {}
-    varlen = True  # the scheduler then bounds a pass's gathered keys, as for FlashAttention's layout
+    # The scheduler then bounds a pass's gathered keys, as for a backend that gathers a whole pass (varlen).
+    backend = SimpleNamespace(gathers_whole_pass=True, graphs_every_small_pass=True)
 
     @staticmethod
     def next_token(tokens: list[int]) -> int:
@@ -88,7 +91,7 @@ def fake_engine(observer=None, options=None, **plan):
     from orinfer.options import Options
     limits = dict(budget=0, weights=0, overhead=0, overhead_items=(), kv_bytes=0, workspace_bytes=0, num_blocks=4000, block_size=1,
                   max_num_seqs=16, max_batched_tokens=256, max_gather_tokens=1 << 20, max_drafts=4,
-                  cuda_graphs=False, varlen_attention=False)
+                  cuda_graphs=False, attention_afforded=False)
     model = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, embedding_on_host=False)
     return Engine(model, [2], MemoryPlan(**{**limits, **plan}), Options(lookup_draft_tokens=64, **(options or {})),
                   runner=FakeRunner(), observer=observer)

@@ -3,12 +3,20 @@ import pytest
 import torch
 
 from orinfer.config import ModelConfig
-from orinfer.memory import (GRAPHS_HOST_BYTES, MIN_KV_TOKENS, SHARED_MLP_ROWS, VARLEN_HOST_BYTES, BudgetTooSmall, GiB,
-                            MiB, activation_bytes, parse_budget, plan_memory)
+from orinfer.attention import BACKENDS
+from orinfer import memory
+from orinfer.memory import (GRAPHS_HOST_BYTES, MIN_KV_TOKENS, SHARED_MLP_ROWS, BudgetTooSmall, GiB,
+                            MiB, activation_bytes, parse_budget)
 from orinfer.tiny import ASSETS
 
 MEDIUM = ModelConfig.from_folder(ASSETS)
 WEIGHTS = 13_960_238_080 * 2  # Phi-3-medium's parameters in bf16 (26.0 GiB)
+VARLEN, PADDED = BACKENDS["varlen"], BACKENDS["padded"]
+
+
+def plan_memory(*args, **kwargs):
+    """The plan as optimize.prepare asks for it with the default backend order: varlen where CUDA is."""
+    return memory.plan_memory(*args, **{"attention": VARLEN, **kwargs})
 
 pytestmark = pytest.mark.unit
 
@@ -60,7 +68,7 @@ def test_the_cpu_plan_books_no_cuda_items_and_the_pool_is_sized_to_the_run():
     plan = plan_memory(tiny, 20 * GiB, 10 * MiB, 4, shared_host=True, host_bytes=300 * MiB, cuda=False)
     described = plan.describe()
     assert [name for name, _ in plan.overhead_items] == ["host at planning", "host growth to come"]
-    assert not plan.cuda_graphs and not plan.varlen_attention and "graphs" not in described
+    assert not plan.cuda_graphs and "graphs" not in described
     sized = plan_memory(tiny, 20 * GiB, 10 * MiB, 4, shared_host=True, host_bytes=300 * MiB, cuda=False,
                         kv_tokens_wanted=5000)
     assert sized.kv_tokens == 5000 < plan.kv_tokens and "sized to the run" in sized.describe()
@@ -72,9 +80,9 @@ def test_orin_emulation_cap_holds_the_longest_sample():
     # The 28.5 GiB cap of the Orin emulation, with the host as measured on the H200 before loading, and the token
     # table read from the bf16 checkpoint as the real one stores it.
     plan = plan_memory(MEDIUM, int(28.5 * GiB), WEIGHTS, 2, shared_host=True, host_bytes=800 * MiB,
-                       table_in_checkpoint=True)
+                       table_in_checkpoint=True, attention=VARLEN)
     assert plan.kv_tokens >= 868 + 500 + 1 and plan.max_batched_tokens >= 512
-    assert not plan.cuda_graphs and not plan.varlen_attention
+    assert not plan.cuda_graphs and not plan.attention_afforded
 
 
 def test_shared_memory_takes_the_mlp_in_parts_and_passes_of_1024_tokens():
@@ -90,14 +98,21 @@ def test_shared_memory_takes_the_mlp_in_parts_and_passes_of_1024_tokens():
     assert parted + orin.max_gather_tokens * 2 * 10 * 128 * 2 <= orin.workspace_bytes
 
 
-def test_graphs_and_varlen_attention_only_where_the_budget_has_room_for_their_host_memory():
-    orin = plan_memory(MEDIUM, int(29.5 * GiB), WEIGHTS, 2, shared_host=True, host_bytes=800 * MiB)
-    orin64 = plan_memory(MEDIUM, 60 * GiB, WEIGHTS, 2, shared_host=True, host_bytes=800 * MiB)
-    discrete = plan_memory(MEDIUM, 30 * GiB, WEIGHTS, 2, shared_host=False, host_bytes=800 * MiB)
+def test_graphs_and_an_attention_backends_kernels_only_where_the_budget_has_room_for_their_host_memory():
+    """The plan reads the backend's declared costs, whichever it is (attention.core.Backend)."""
+    orin = plan_memory(MEDIUM, int(29.5 * GiB), WEIGHTS, 2, shared_host=True, host_bytes=800 * MiB, attention=VARLEN)
+    orin64 = plan_memory(MEDIUM, 60 * GiB, WEIGHTS, 2, shared_host=True, host_bytes=800 * MiB, attention=VARLEN)
+    discrete = plan_memory(MEDIUM, 30 * GiB, WEIGHTS, 2, shared_host=False, host_bytes=800 * MiB, attention=VARLEN)
     assert not orin.cuda_graphs and orin64.cuda_graphs and discrete.cuda_graphs
-    assert not orin.varlen_attention and orin64.varlen_attention and discrete.varlen_attention
-    # On shared memory the host memory of the graphs and of the FlashAttention kernels is counted in the overhead.
-    assert orin64.overhead - orin.overhead == GRAPHS_HOST_BYTES + VARLEN_HOST_BYTES
+    assert not orin.attention_afforded and orin64.attention_afforded and discrete.attention_afforded
+    # On shared memory the host memory of the graphs and of the backend's kernels is counted in the overhead.
+    assert orin64.overhead - orin.overhead == GRAPHS_HOST_BYTES + VARLEN.host_bytes
+    assert "varlen attention kernels" in dict(orin64.overhead_items) and "varlen attention allowed" in orin64.describe()
+    # A backend that gathers a whole pass's keys bounds them by the budget; the padded layout, in groups, by two
+    # sequences of the longest context.
+    padded = plan_memory(MEDIUM, 60 * GiB, WEIGHTS, 2, shared_host=True, host_bytes=800 * MiB, attention=PADDED)
+    assert padded.attention_afforded and padded.max_gather_tokens == 2 * MEDIUM.max_position_embeddings
+    assert orin64.max_gather_tokens > padded.max_gather_tokens
 
 
 def test_parse_budget():

@@ -11,10 +11,11 @@ import sys
 import pytest
 from conftest import ROOT, hf_pipeline, reference, records
 from real_model import smollm2
-from test_attention import packed, reference_packed, reference_varlen  # noqa: F401 (a fixture)
+from test_attention import reference_packed_layout  # noqa: F401 (a fixture)
 
 import optimize
 import test_script
+from orinfer.attention.reference import reference_packed, reference_varlen
 from orinfer.options import Options
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -87,10 +88,10 @@ def test_engine_equals_pipeline_on_real_text(real_dir, mc_chats, real_expected, 
         assert 0 < stats["accepted_drafts"] < stats["draft_tokens"]
 
 
-def test_the_varlen_layout_with_the_packed_kernel_on_real_text(real_dir, mc_chats, real_expected, packed):
+def test_the_varlen_layout_with_the_packed_kernel_on_real_text(real_dir, mc_chats, real_expected, reference_packed_layout):
     """Prompt chunks to FlashAttention's layout, decode steps and drafts to the packed kernel (float32 references of
     both: this is the CPU), on head dimension 64 and three query heads a KV head."""
-    mc, chats, _ = run(real_dir, mc_chats, Options(lookup_draft_tokens=1 << 20), attention=packed)
+    mc, chats, _ = run(real_dir, mc_chats, Options(lookup_draft_tokens=1 << 20), attention=reference_packed_layout)
     assert (mc, chats) == real_expected
     assert reference_varlen.calls > 0 and reference_packed.calls
 

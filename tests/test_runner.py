@@ -3,7 +3,10 @@ need a GPU; the padded inputs they replay are built and run here, eagerly, on th
 import pytest
 import torch
 from conftest import NEW, generator
-from test_attention import packed, reference_packed, reference_varlen, varlen  # noqa: F401 (fixtures)
+from test_attention import reference_layout, reference_packed_layout  # noqa: F401 (fixtures)
+
+from orinfer.attention.core import PAD_ABOVE
+from orinfer.attention.reference import reference_packed
 
 from orinfer.observe import Observer
 from orinfer.options import Options
@@ -12,10 +15,10 @@ from orinfer.sequence import Sequence, Work
 
 @pytest.mark.parametrize("layout", ["varlen", "packed", "padded"])
 def test_inputs_padded_to_a_graph_shape_give_the_same_tokens(tiny_dir, public_chats, layout, monkeypatch,
-                                                             varlen, packed):
+                                                             reference_layout, reference_packed_layout):
     if layout != "padded":  # any pass: prefill chunks, decode steps and drafts mixed, in a small token budget
         # (with the packed kernel a graph gives every sequence to it, prompt chunks too)
-        gen = generator(tiny_dir, attention=packed if layout == "packed" else varlen, max_batched_tokens=64,
+        gen = generator(tiny_dir, attention=reference_packed_layout if layout == "packed" else reference_layout, max_batched_tokens=64,
                         max_num_seqs=6)
     else:  # plain decode steps only
         gen = generator(tiny_dir, Options(speculate=False), max_num_seqs=6)
@@ -46,14 +49,14 @@ def test_inputs_padded_to_a_graph_shape_give_the_same_tokens(tiny_dir, public_ch
     gen(public_chats[:6], max_new_tokens=12, return_full_text=False)
     assert len(compared) >= 5 and max(compared) > 1
     if layout == "packed":
-        assert any(first == 0 and most > packed.packed_queries for first, most in reference_packed.calls)
+        assert any(first == 0 and most > reference_packed_layout[1] for first, most in reference_packed.calls)
 
 
-def test_eager_passes_padded_to_a_multiple_give_the_pipelines_text(packed, tiny_dir, public_chats, longest_chat,
+def test_eager_passes_padded_to_a_multiple_give_the_pipelines_text(reference_packed_layout, tiny_dir, public_chats, longest_chat,
                                                                   expected, monkeypatch):
     """An H200 pads eager passes above 512 tokens to a multiple of 64 (tokens and sampled rows); here passes above 4
     tokens to a multiple of 16, long prompt chunks and the packed kernel's few new tokens mixed."""
-    gen = generator(tiny_dir, attention=packed, padding=(4, 16))
+    gen = generator(tiny_dir, attention=reference_packed_layout, padding=(4, 16))
     runner, padding = gen.engine.runner, []
     context = runner.context
 
@@ -75,7 +78,7 @@ def test_the_padded_layouts_passes_padded_to_a_multiple_give_the_pipelines_text(
     """The padded layout pads an eager pass of more than 1,024 tokens to a multiple of 64 (one-token sequences in a
     group of their own, attending to the scratch block); here every pass to a multiple of 16, prompt chunks, decode
     steps and drafts mixed: the pipeline's text."""
-    gen = generator(tiny_dir, padded_multiple=16, max_batched_tokens=256, max_num_seqs=64)
+    gen = generator(tiny_dir, padding=(PAD_ABOVE, 16), max_batched_tokens=256, max_num_seqs=64)
     runner, padding = gen.engine.runner, []
     runner.layouts[0].pad_above = 0
     context = runner.context
@@ -91,9 +94,9 @@ def test_the_padded_layouts_passes_padded_to_a_multiple_give_the_pipelines_text(
     assert any(padding) and max(padding) < 16
 
 
-def test_a_pass_with_a_long_prompt_chunk_runs_eagerly(packed, tiny_dir):
+def test_a_pass_with_a_long_prompt_chunk_runs_eagerly(reference_packed_layout, tiny_dir):
     """A graph gives every sequence to the packed kernel; a pass holding a chunk longer than it takes runs eagerly."""
-    runner = generator(tiny_dir, attention=packed).engine.runner
+    runner = generator(tiny_dir, attention=reference_packed_layout).engine.runner
     runner.graphs.captured, runner.graphs.dims = {(16, 1024): None}, ([16], [1024])  # as if captured
     seq = Sequence(index=0, token_ids=list(range(100, 120)), num_prompt_tokens=20, max_new_tokens=1,
                    block_table=list(range(1, 21)))
@@ -111,7 +114,7 @@ def test_graph_replays_give_the_eager_passes_tokens_on_cuda(tiny_dir, public_cha
                              options=Options(cuda_graphs=graphs))
         gen.warmup()
         assert bool(len(gen.engine.runner.graphs)) == graphs
-        if graphs and gen.engine.runner.varlen:  # one key-slot buffer for the graphs of each extent
+        if graphs and gen.engine.runner.backend.gathers_whole_pass:  # one key-slot buffer for the graphs of each extent
             slots = {}
             for (size, extent), (_, _, ctx, _) in gen.engine.runner.graphs.captured.items():
                 slots.setdefault(extent, set()).add(ctx.layout.key_slots.data_ptr())

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PRODUCT = sorted((ROOT / "orinfer").glob("*.py")) + [ROOT / "optimize.py", ROOT / "test_script.py"]
+PRODUCT = sorted((ROOT / "orinfer").rglob("*.py")) + [ROOT / "optimize.py", ROOT / "test_script.py"]
 
 
 @pytest.mark.unit
@@ -20,18 +20,29 @@ def test_no_function_is_longer_than_60_lines():
     assert not long
 
 
+def _module(path: Path) -> str:
+    """A file's module name inside orinfer: "engine", "attention.varlen", "attention" (a package's __init__)."""
+    parts = path.relative_to(ROOT / "orinfer").with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def _imports(path: Path) -> set[str]:
-    """The orinfer modules a module imports (relative imports, at any depth of the file)."""
+    """The orinfer modules a module imports (relative imports, at any depth of the file), by module name."""
+    package = _module(path).split(".") if path.name == "__init__.py" else _module(path).split(".")[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            found |= {node.module} if node.module else {a.name for a in node.names}
-    return found
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+            if node.module:
+                found.add(".".join(base + node.module.split(".")))
+            else:  # from . import a, b: submodules of the package
+                found |= {".".join(base + [alias.name]) for alias in node.names}
+    return {name.strip(".") for name in found}
 
 
 @pytest.mark.unit
 def test_orinfer_imports_run_one_way():
-    graph = {p.stem: _imports(p) - {p.stem} for p in (ROOT / "orinfer").glob("*.py") if p.stem != "__init__"}
+    graph = {_module(p): _imports(p) - {_module(p)} for p in (ROOT / "orinfer").rglob("*.py") if _module(p)}
     done, path = set(), []
 
     def visit(module: str) -> None:
@@ -39,12 +50,24 @@ def test_orinfer_imports_run_one_way():
         if module in done:
             return
         path.append(module)
-        for dep in graph.get(module, ()):
+        for dep in sorted(graph.get(module, ())):
             visit(dep)
         path.pop()
         done.add(module)
     for module in graph:
         visit(module)
+
+
+@pytest.mark.unit
+def test_the_engine_runner_and_memory_plan_never_name_an_attention_backend():
+    """They read a backend's declared contract (attention.core.Backend); only the registry names one."""
+    for name in ("engine.py", "runner.py", "memory.py", "scheduler.py", "warmup.py", "graphs.py"):
+        tree = ast.parse((ROOT / "orinfer" / name).read_text())
+        named = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                 and node.value in ("varlen", "padded", "reference")]
+        imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                    and node.module in ("attention.varlen", "attention.padded", "attention.float32_reference")]
+        assert not named and not imported, name
 
 
 WHITE_BOX = {"host_pass.py", "packed_tiles.py", "kernel_host_memory.py", "passes.py", "workload.py"}  # labelled in bench/README.md

@@ -6,7 +6,7 @@ drafts fills 17 of them, and a pass of 457 such sequences ran 18,280 nearly empt
 run on an H200). Here the query heads that share a KV head are packed into the rows of a tile (row = token x
 groups + head within the group): 64-row tiles spread over two programs, and in a launch of many sequences 16-row
 tiles for decode steps and short drafts, each reading a sequence's keys once per tile. Long prompt chunks stay with
-FlashAttention (attention.py splits a pass between the two). Needs Triton (not in NVIDIA's Jetson wheels: there
+FlashAttention (varlen.py splits a pass between the two). Needs Triton (not in NVIDIA's Jetson wheels: there
 every sequence stays with FlashAttention).
 
 The online-softmax loop follows Triton's fused-attention tutorial (https://triton-lang.org/main/getting-started/

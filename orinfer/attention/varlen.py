@@ -1,11 +1,12 @@
 """The varlen layout: the flat queries as they are, each sequence's keys gathered into one flat run, and cumulative
 lengths; FlashAttention's variable-length kernel (CUDA, fp16/bf16, a torch built with it) takes them, and where
-Triton runs, sequences with few new tokens go to the packed kernel instead (packed_attention.py), which fills its
+Triton runs, sequences with few new tokens go to the packed kernel instead (packed.py), which fills its
 tiles better. The kernel aligns the causal mask bottom-right (a query at the end of a cached prefix sees the prefix)
 and handles the grouped KV heads itself: no padding, no mask, no copies of the queries or the output.
 
 This file holds all of it: the kernels and their check, the per-pass object the attention layers read (Varlen), how
-a pass is laid out for it and padded to a CUDA graph's shape (VarlenLayout), and the graphs' shape buckets.
+a pass is laid out for it and padded to a CUDA graph's shape (VarlenLayout), the graphs' shape buckets, and the
+backend's declaration (BACKEND; float32_reference.py registers the same layout with reference.py's kernels).
 """
 from dataclasses import dataclass
 from functools import lru_cache
@@ -13,29 +14,24 @@ from typing import Callable
 
 import torch
 
-from .attention import as_words, per_pass
-from .block_manager import SCRATCH_BLOCK
-from .integers import bucket, ceil_div
-from .memory import GRAPH_PASS_TOKENS  # the plan books the graphs' pool for passes this large
-from .pass_inputs import DeviceInputs, InputUploader, flat_tokens
+from ..block_manager import SCRATCH_BLOCK
+from ..integers import bucket, ceil_div
+from ..memory import GRAPH_PASS_TOKENS  # the plan books the graphs' pool for passes this large
+from ..pass_inputs import DeviceInputs, InputUploader, flat_tokens
+from ..sequence import Work
+from .core import PAD_ABOVE, PAD_MULTIPLE, Backend, as_words, per_pass
 from .reference import reference_attention
-from .sequence import Work
 
 # Graphs under the varlen layout: buckets of tokens (the padding costs GEMM rows). A pass of up to ~1k tokens takes
 # about as long to launch eagerly as to run, and its launches compete with the host's other work.
 GRAPH_TOKENS = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 640, 768, GRAPH_PASS_TOKENS)
-# cuBLAS picks a GEMM kernel by the exact token count, and the first use of a kernel in a process stalls the host
-# until the device is idle, then for milliseconds more. So an eager pass of more than PAD_ABOVE tokens (graphs take
-# the smaller ones, at their own sizes) is padded to a multiple of PAD_MULTIPLE tokens and sampled rows, and the
-# warm-up meets every such count (warmup.meet_gemm_kernels).
-PAD_ABOVE, PAD_MULTIPLE = GRAPH_TOKENS[-1], 64
 
 
 @dataclass(frozen=True)
 class AttentionKernels:
     """The kernels the varlen layout calls, chosen once per runner (`available`; tests give float32 references)."""
     varlen: Callable | None = None  # out [T, H, D] from q [T, H, D], k/v [Tk, Hkv, D]; None: the padded layout only
-    packed: Callable | None = None  # writes the rows of its sequences of out (packed_attention.py); None: FlashAttention
+    packed: Callable | None = None  # writes the rows of its sequences of out (packed.py); None: FlashAttention
     packed_queries: int = 0         # the most new tokens of a sequence the packed kernel takes in an eager pass
 
 
@@ -108,15 +104,15 @@ def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return bool(torch.allclose(out.float(), expected, atol=2e-2, rtol=2e-2))
 
 
-def available(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, dim: int, varlen: bool,
-              packed_queries: int) -> AttentionKernels:
-    """The kernels that run here and pass their checks, of those asked for (varlen: FlashAttention's layout at all;
-    packed_queries > 0: the packed kernel for sequences with that many new tokens or fewer)."""
-    if not (varlen and varlen_supported(device, dtype)):
-        return AttentionKernels()
-    from . import packed_attention  # imports Triton: only where the varlen layout runs (~0.1 GiB of host memory)
-    if packed_queries > 0 and packed_attention.supported(device, dtype, heads, kv_heads, dim):
-        return AttentionKernels(_flash_varlen, packed_attention.packed_attention, packed_queries)
+def available(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, dim: int,
+              packed_queries: int) -> AttentionKernels | None:
+    """FlashAttention's kernel, and the packed one for sequences with at most packed_queries new tokens (0: none),
+    where they run here and pass their checks; None where FlashAttention's does not."""
+    if not varlen_supported(device, dtype):
+        return None
+    from . import packed  # imports Triton: only where the varlen layout runs (~0.1 GiB of host memory)
+    if packed_queries > 0 and packed.supported(device, dtype, heads, kv_heads, dim):
+        return AttentionKernels(_flash_varlen, packed.packed_attention, packed_queries)
     return AttentionKernels(_flash_varlen)
 
 
@@ -131,7 +127,7 @@ class VarlenLayout:
         self.sliding_window, self.max_positions = sliding_window, max_positions
         self.pad_above, self.pad_multiple = pad_above, pad_multiple
         self.packed = kernels.packed is not None
-        self.name = "varlen FlashAttention" + (" + packed Triton kernel" if self.packed else "")
+        self.name = "varlen layout" + (" + packed kernel" if self.packed else "")
 
     def takes(self, ends: list[int]) -> bool:
         """Whether a pass whose sequences end at `ends` can take this layout (its keys must stay inside the sliding
@@ -223,3 +219,13 @@ class VarlenLayout:
         return Varlen(kernels=self.kernels, cu_q=t.cu_q.int(), cu_k=cu_k.int(), max_q=max_q, max_k=max_k,
                       key_slots=key_slots, long_seqs=long_seqs, long_tokens=sum(lens[:long_seqs]),
                       long_keys=sum(ends[:long_seqs]), packed_seqs=len(lens) - long_seqs)
+
+
+def layout(kernels: AttentionKernels, uploader: InputUploader, cfg, max_gather_tokens: int, pad_above: int,
+           pad_multiple: int) -> VarlenLayout:
+    return VarlenLayout(kernels, uploader, cfg.sliding_window, cfg.max_position_embeddings, pad_above, pad_multiple)
+
+
+# The FlashAttention kernels' module, loaded on first use: +0.34 GiB of host RSS (measured on the H200).
+BACKEND = Backend("varlen", kernels=available, layout=layout, devices=("cuda",), host_bytes=384 * 2**20,
+                  gathers_whole_pass=True, graphs_every_small_pass=True)

@@ -5,7 +5,9 @@ KV head's query heads into the query axis, which needs no copy of K/V per query 
 only).
 
 This file holds all of it: the per-pass object the attention layers read (Padded, its groups and their masks), how a
-pass is laid out in groups and padded to a CUDA graph's shape (PaddedLayout), and the graphs' shape buckets.
+pass is laid out in groups and padded to a CUDA graph's shape (PaddedLayout), the graphs' shape buckets, and the
+backend's declaration (BACKEND). It runs everywhere, so it is also the layout a pass takes where another backend's
+cannot (keys past a sliding window).
 """
 from array import array
 from dataclasses import dataclass
@@ -14,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .attention import as_words, per_pass
-from .integers import bucket, ceil_div
-from .pass_inputs import DeviceInputs, InputUploader, flat_tokens
-from .sequence import Work
+from ..integers import bucket, ceil_div
+from ..pass_inputs import DeviceInputs, InputUploader, flat_tokens
+from ..sequence import Work
+from .core import Backend, as_words, per_pass
 
 # cuDNN's attention (chosen first on Hopper by recent torch) builds an execution plan for every new shape, and every
 # pass here has new shapes: tens of milliseconds each, inside the timed run. The memory-efficient kernel (and the
@@ -101,7 +103,7 @@ def build_bias(group: PaddedGroup, block_size: int, groups: int, dtype: torch.dt
 class PaddedLayout:
     """How a pass is laid out in padded groups, and its graphs' shapes: (sequences, blocks) buckets, for passes of
     plain decode steps. `max_gather_tokens`: the keys one group may gather (the memory plan's bound)."""
-    name = "padded SDPA"
+    name = "padded SDPA layout"
 
     def __init__(self, uploader: InputUploader, query_groups: int, sliding_window: int | None, max_positions: int,
                  max_gather_tokens: int, pad_above: int = 0, pad_multiple: int = 1):
@@ -213,3 +215,12 @@ class PaddedLayout:
             spans.append((first, end, most))
             first = end
         return spans
+
+
+def _layout(kernels, uploader: InputUploader, cfg, max_gather_tokens: int, pad_above: int,
+            pad_multiple: int) -> PaddedLayout:
+    return PaddedLayout(uploader, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.sliding_window,
+                        cfg.max_position_embeddings, max_gather_tokens, pad_above, pad_multiple)
+
+
+BACKEND = Backend("padded", kernels=lambda *shape: (), layout=_layout)
