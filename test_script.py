@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from orinfer.dataset import DataError, fingerprint, read_dataset
+from orinfer.dataset import DataError, fingerprint, read_dataset, scored_answer
 from orinfer.runfiles import Results, RunLock, beside, check_data_path, forget_pages, results_path, run_settings
 
 EXIT_CODES = """exit codes:
@@ -210,7 +210,7 @@ def report(outs: dict, data: list, elapsed: float, results: Results, ran: int) -
     correct = 0
     for i in range(len(data)):
         out = outs.get(i)
-        answer = out[0]["generated_text"].lstrip().replace("\n", "") if out is not None else None
+        answer = scored_answer(out[0]["generated_text"]) if out is not None else None
         correct += answer is not None and answer == data[i].get("answer")
         print(answer if answer is not None else "(no result)")
     print("===== Perf result =====")

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import optimize  # noqa: E402
+from measure import host_ms_per_call  # noqa: E402
 from orinfer.block_manager import BlockManager  # noqa: E402
 from orinfer.runner import ModelRunner  # noqa: E402
 from orinfer.scheduler import Limits, Scheduler  # noqa: E402
@@ -21,14 +22,6 @@ from orinfer.sequence import Sequence, Work  # noqa: E402
 from orinfer.tiny import write_tiny_model  # noqa: E402
 from orinfer.attention import BACKENDS  # noqa: E402
 from orinfer.attention.varlen import AttentionKernels  # noqa: E402
-
-
-def per_call_ms(fn, reps: int = 20) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - start) / reps * 1e3
 
 
 def main(batches: list[int]) -> None:
@@ -39,7 +32,7 @@ def main(batches: list[int]) -> None:
         seqs = [Sequence(index=i, token_ids=list(range(100, 400)), num_prompt_tokens=280, max_new_tokens=256,
                          block_table=range(1 + 300 * i, 301 + 300 * i), num_computed=299) for i in range(batch)]
         works = [Work(seq=s, tokens=s.token_ids[-1:], start=s.num_tokens - 1, wants_logits=True, decode=True) for s in seqs]
-        context = per_call_ms(lambda: runner.context(works))
+        context = host_ms_per_call(lambda: runner.context(works))
         print(f"batch {batch}: context {context:.2f} ms, {decode_scheduling(batch)}", flush=True)
 
 

@@ -1,5 +1,6 @@
 """What the benchmark measures: the device's ceilings, the floor and the Orin projection of a run, where a call's
 seconds went (from the observer's pass records), allocator calls, the device's idle gaps and the host's memory."""
+import time
 from pathlib import Path
 
 import torch
@@ -132,3 +133,24 @@ def host_rss_split() -> dict:
     with open("/proc/self/status") as f:
         out["threads"] = next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
     return out
+
+
+def host_ms_per_call(fn, reps: int = 20) -> float:
+    """Milliseconds of host time a call of fn() takes (after one untimed call)."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def device_ms_per_call(fn, calls: int = 50) -> float:
+    """Milliseconds of device time a call of fn() takes, by CUDA events (after one untimed call)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls

@@ -11,21 +11,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from measure import device_ms_per_call  # noqa: E402
 from orinfer.attention import packed as pa  # noqa: E402
 
 HEADS, KV_HEADS, DIM = 40, 10, 128  # Phi-3-medium
 SHAPES = ((500, 1, 330), (500, 1, 200), (128, 1, 330), (16, 17, 1200), (8, 4, 1500), (64, 45, 120), (1, 1, 4000))
-
-
-def ms_per_call(fn, out, calls: int = 50) -> float:
-    fn(out)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn(out)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / calls
 
 
 def main() -> None:
@@ -40,9 +30,10 @@ def main() -> None:
         cu_k = (torch.arange(count + 1, device=dev) * keys).int()
         slots = torch.randperm(rows, device=dev, generator=g)[:count * keys]
         base, ours = torch.empty_like(q), torch.empty_like(q)
-        t_base = ms_per_call(lambda o: pa.launch(q, k, v, o, cu_q, cu_k, slots, 0, count, DIM ** -0.5,
-                                                 pa.ONE_LAUNCH), base)
-        t_ours = ms_per_call(lambda o: pa.packed_attention(q, k, v, o, cu_q, cu_k, slots, 0, count, DIM ** -0.5), ours)
+        t_base = device_ms_per_call(lambda: pa.launch(q, k, v, base, cu_q, cu_k, slots, 0, count, DIM ** -0.5,
+                                                      pa.ONE_LAUNCH))
+        t_ours = device_ms_per_call(lambda: pa.packed_attention(q, k, v, ours, cu_q, cu_k, slots, 0, count,
+                                                                DIM ** -0.5))
         print(f"{count} sequences x {new} new tokens x {keys} keys: single launch {t_base:.4f} ms, "
               f"packed_attention {t_ours:.4f} ms ({t_ours / t_base:.2f}x); "
               f"max |difference| {(base.float() - ours.float()).abs().max().item():.1e}", flush=True)

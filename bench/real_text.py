@@ -27,6 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import optimize  # noqa: E402
 from orinfer.config import eos_token_ids  # noqa: E402
+from orinfer.dataset import scored_answer  # noqa: E402
 from orinfer.observe import Observer  # noqa: E402
 from orinfer.options import Options  # noqa: E402
 from real_model import smollm2  # noqa: E402
@@ -142,7 +143,7 @@ def margin(model, tokenizer, chat: list, prefix: list[int], device: str) -> floa
 
 
 def score(texts: list[str], answers: list[str]) -> int:
-    return sum(t.lstrip().replace("\n", "") == a for t, a in zip(texts, answers))
+    return sum(scored_answer(t) == a for t, a in zip(texts, answers))
 
 
 # The Orin's path on any GPU: eager kernels, the padded SDPA layout, no graphs (float32 only: its exactness check).

@@ -17,7 +17,7 @@ import optimize
 from measure import allocator_counts, breakdown, ceilings, decode_floor, device_idle, kv_read_bytes, orin_projection, \
     pass_costs
 from orinfer.config import ModelConfig
-from orinfer.dataset import read_records
+from orinfer.dataset import read_records, scored_answer
 from orinfer.observe import Observer
 from orinfer.memory import GiB
 from orinfer.model import CausalLM
@@ -67,7 +67,7 @@ def systems_stage(args, w1: Path, folder: Path, records: list) -> dict:
     gen_args = dict(max_new_tokens=max_new, return_full_text=False, do_sample=False, temperature=0.0)
 
     def score(outs):
-        return sum(o[0]["generated_text"].lstrip().replace("\n", "") == r["answer"] for o, r in zip(outs, records))
+        return sum(scored_answer(o[0]["generated_text"]) == r["answer"] for o, r in zip(outs, records))
 
     def timed_call(gen, profiled: bool, host_profiled: bool) -> dict:
         observer = gen.observer

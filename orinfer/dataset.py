@@ -209,3 +209,9 @@ def parse_choices(text: str) -> list[str]:
     if not isinstance(node, (ast.List, ast.Tuple)) or not all(isinstance(e, ast.Constant) for e in node.elts):
         return []
     return [str(e.value) for e in node.elts]
+
+
+def scored_answer(generated_text: str) -> str:
+    """What the organisers' Section 4 compares with a record's answer: the text without leading whitespace and
+    newlines (their `generated_text.lstrip().replace("\\n", "")`), the one copy of the rule here and in bench/."""
+    return generated_text.lstrip().replace("\n", "")

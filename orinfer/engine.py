@@ -2,6 +2,7 @@
 pass n's tokens (other sequences, or pass n's decode steps chained to it: fed their tokens on the device), launches
 it before collecting pass n (else it collects first and tops pass n+1 up), until every request has finished."""
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -25,6 +26,20 @@ from .warmup import meet_gemm_kernels, probe, tokens_at_one_token_cost
 AHEAD_FILL = 0.9
 # Engine.warmup's steps, in the order they run.
 WARMUP_STEPS = ("token_table", "gemms", "lookup_budget", "graphs", "probe")
+
+
+@dataclass(frozen=True)
+class Report:
+    """What an engine holds and has counted (a copy, read-only): its memory plan, the counters since the last reset
+    (passes, drafts, preemptions...), the CUDA graphs captured, the KV pool's and the device weights' bytes, the
+    pass size under which lookup drafts ride along, and the attention line (Engine.describe)."""
+    plan: MemoryPlan
+    stats: dict
+    graphs: int
+    kv_bytes: int
+    weight_bytes: int
+    lookup_budget: int
+    attention: str
 
 
 class Engine:
@@ -101,6 +116,30 @@ class Engine:
             self.generate(probe(p.max_batched_tokens, p.max_num_seqs))
         self.reset_prefix_cache()
 
+    def report(self) -> Report:
+        """What this engine holds and has counted (a copy)."""
+        return Report(plan=self.plan, stats=dict(self.stats), graphs=len(self.runner.graphs),
+                      kv_bytes=self.runner.kv.nbytes,
+                      weight_bytes=sum(p.nbytes for p in self.model.parameters() if not p.is_meta),
+                      lookup_budget=self.lookup_budget, attention=self.describe())
+
+    def describe(self) -> str:
+        """The attention backend and kernels this engine runs (one line)."""
+        runner, lookup = self.runner, self.lookup_budget
+        return (f"attention: {runner.backend.name} backend ({runner.layouts[0].name}); elementwise kernels "
+                f"{'compiled' if self.model.kernels.fused else 'eager'}"
+                + (f"; lookup drafts while a pass has < {lookup} tokens" if lookup else "; no lookup drafts"))
+
+    def release(self) -> None:
+        """Give back the KV pool and the CUDA graphs; the model stays. The engine cannot run after this."""
+        self.runner.release()
+
+    def reset(self) -> None:
+        """Forget every cached prompt prefix and zero the counters: a later call reuses nothing of an earlier one."""
+        self.reset_prefix_cache()
+        for name in self.stats:
+            self.stats[name] = 0
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix (nothing may be running)."""
         self.blocks = BlockManager(self.plan.num_blocks, self.plan.block_size)
@@ -141,15 +180,14 @@ class _Run:
         self.finished: list[Sequence] = []
 
     def draw(self, tokens: int | None) -> None:
-        """Queue requests, shortest prompt first, until `tokens` prompt tokens are queued (None: all)."""
+        """Hand the scheduler requests until `tokens` prompt tokens are drawn (None: all); it orders them."""
         drawn, queued = [], 0
         for seq in self.source:
             drawn.append(seq)
             queued += seq.num_tokens
             if tokens is not None and queued >= tokens:
                 break
-        for seq in sorted(drawn, key=lambda s: s.num_tokens):
-            self.scheduler.add(seq)
+        self.scheduler.add_all(drawn)
         self.taken.extend(drawn)
 
     def report(self) -> None:

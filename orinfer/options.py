@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Options:
-    speculate: bool = True            # drafts (listed choices, lookups) verified in the same pass (drafts.py)
+    speculate: bool = True            # drafts (listed choices, lookups) verified in the same pass (speculation.py)
     cuda_graphs: bool = True          # small passes replayed from CUDA graphs, where the memory plan affords them
     compile: bool | None = None       # elementwise kernels fused by torch.compile (None: where available, kernels.py)
     # The attention backend (attention/__init__.py's BACKENDS: "varlen", "padded", "reference"); None: the first of
@@ -17,7 +17,7 @@ class Options:
     packed_queries: int = 128
     pass_tokens: int | None = None    # tokens a pass (None: the memory plan's)
     lookup_draft_tokens: int | None = None  # pass size under which lookup drafts ride along (None: measured on CUDA)
-    # Where drafts come from (drafts.py): "choices" (the rest of a listed choice the answer has begun), "own" (what
+    # Where drafts come from (speculation.py): "choices" (the rest of a listed choice the answer has begun), "own" (what
     # followed the answer's last tokens earlier in its own prompt and output), "pool" (in this run's other answers).
     draft_sources: tuple[str, ...] = ("choices", "own", "pool")
     pause_gc: bool = True             # Python's cyclic collector paused during a call (optimize.py says why)

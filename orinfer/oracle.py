@@ -34,6 +34,9 @@ def transformers_model(model, folder, attention: str):
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer.is_meta and name in ("inv_freq", "original_inv_freq"):
                 module.register_buffer(name, model.inv_freq.clone(), persistent=False)
+        if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "_set_cos_sin_cache"):
+            # transformers 4.x's Qwen2 and Mistral keep cos/sin tables, built from inv_freq in their __init__
+            module._set_cos_sin_cache(module.max_seq_len_cached, model.device, torch.get_default_dtype())
     hf.generation_config = transformers.GenerationConfig.from_pretrained(folder)
     return hf.eval()
 

@@ -9,7 +9,6 @@ import gc
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable
 
 # transformers 4.x otherwise imports TensorFlow, or JAX when Flax is installed, on its first tensor-type check: host
@@ -19,8 +18,7 @@ os.environ.setdefault("USE_FLAX", "0")
 import transformers  # noqa: E402
 
 from .dataset import parse_choices  # noqa: E402
-from .engine import WARMUP_STEPS, Engine  # noqa: E402
-from .memory import MemoryPlan  # noqa: E402
+from .engine import WARMUP_STEPS, Engine, Report  # noqa: E402
 from .observe import Observer  # noqa: E402
 from .sequence import Sequence  # noqa: E402
 
@@ -75,20 +73,6 @@ def prompt_ids(tokenizer, items: list) -> list[list[int]]:
     return ids
 
 
-@dataclass(frozen=True)
-class Report:
-    """What a generator's engine holds and has counted (a copy, read-only): its memory plan, the counters since the
-    last reset (passes, drafts, preemptions...), the CUDA graphs captured, the KV pool's and the device weights'
-    bytes, the pass size under which lookup drafts ride along, and the attention line (Generator.describe)."""
-    plan: MemoryPlan
-    stats: dict
-    graphs: int
-    kv_bytes: int
-    weight_bytes: int
-    lookup_budget: int
-    attention: str
-
-
 class Generator:
     """pipe()-compatible greedy text generation over the orinfer engine."""
 
@@ -106,29 +90,19 @@ class Generator:
         return self.engine.observer
 
     def report(self) -> Report:
-        e = self.engine
-        return Report(plan=e.plan, stats=dict(e.stats), graphs=len(e.runner.graphs), kv_bytes=e.runner.kv.nbytes,
-                      weight_bytes=sum(p.nbytes for p in e.model.parameters() if not p.is_meta),
-                      lookup_budget=e.lookup_budget, attention=self.describe())
+        return self.engine.report()
 
     def reset(self) -> None:
         """Forget every cached prompt prefix and zero the counters: a later call reuses nothing of an earlier one."""
-        self.engine.reset_prefix_cache()
-        for name in self.engine.stats:
-            self.engine.stats[name] = 0
+        self.engine.reset()
 
     def release(self) -> None:
         """Give back the KV pool and the CUDA graphs; the model stays (the self-check builds transformers' model on
         its tensors). The generator cannot run after this."""
-        self.engine.runner.release()
+        self.engine.release()
 
     def describe(self) -> str:
-        """The attention layout and kernels this generator runs (one line)."""
-        runner = self.engine.runner
-        layout = f"{runner.backend.name} backend ({runner.layouts[0].name})"
-        lookup = self.engine.lookup_budget
-        return (f"attention: {layout}; elementwise kernels {'compiled' if self.engine.model.kernels.fused else 'eager'}"
-                + (f"; lookup drafts while a pass has < {lookup} tokens" if lookup else "; no lookup drafts"))
+        return self.engine.describe()
 
     def warmup(self, steps: tuple[str, ...] = WARMUP_STEPS + ("chat",)) -> None:
         """Untimed preparation before the clock: the engine's steps (engine.WARMUP_STEPS), then "chat": one short chat

@@ -3,8 +3,8 @@
 Every pass is one flat batch: each admitted sequence contributes the tokens it has not computed yet, capped by a token
 budget (a decode step is the case of one token; a long prompt is prefilled in chunks). Decoding sequences go first
 so they always advance, then unfinished prefills, then new admissions (shortest prompt first). A sequence that
-decodes may add draft tokens (drafts.py); `postprocess` keeps the drafts that equal the greedy argmax, which makes the
-output exactly that of one-token-at-a-time greedy decoding. A sequence in a pass that was launched and not yet
+decodes may add draft tokens (speculation.py, which also decides which are kept: those equal to the greedy argmax,
+so the output is exactly that of one-token-at-a-time greedy decoding). A sequence in a pass that was launched and not yet
 committed is in flight: no pass takes it (nor preempts it) until its tokens are back, except its next decode step
 chained to that pass (`chain`), which is fed the token on the device.
 
@@ -15,12 +15,9 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from .block_manager import BlockManager
-from .drafts import NgramPool, candidate_drafts, followed_candidates, lookup_drafts, lookup_length
 from .integers import ceil_div
 from .sequence import Sequence, Work
-
-
-MAX_DRAFT_LENGTH = 64  # lookup drafts a sequence may propose in one pass, however well its drafts do
+from .speculation import DraftLimits, Speculator
 
 
 @dataclass
@@ -52,7 +49,8 @@ class Scheduler:
         # Finished sequences whose blocks are not given back yet (release_finished).
         self.unreleased: list[Sequence] = []
         self.stats = stats if stats is not None else Counter()
-        self.pool = NgramPool()  # what this run's requests have generated, for each other's lookup drafts
+        self.speculator = Speculator(DraftLimits(limits.max_drafts, limits.lookup_draft_tokens, limits.own_drafts,
+                                                 limits.pool_drafts), self.stats)
         # Requests given up on (seq.error says why), until the engine reports them.
         self.failed: list[Sequence] = []
 
@@ -63,7 +61,12 @@ class Scheduler:
             return
         self.blocks.hash_prompt(seq)
         self.waiting.append(seq)
-        self.pool.add(seq)
+        self.speculator.follow(seq)
+
+    def add_all(self, seqs: list[Sequence]) -> None:
+        """Queue requests shortest prompt first: short ones finish and free their places soonest."""
+        for seq in sorted(seqs, key=lambda s: s.num_tokens):
+            self.add(seq)
 
     def take_failed(self) -> list[Sequence]:
         """The requests given up on since the last call (each with seq.error), handed over once."""
@@ -127,8 +130,7 @@ class Scheduler:
             # A running sequence always holds blocks; one preempted earlier in this loop holds none.
             if not seq.block_table or seq.num_tokens - seq.num_computed != 1 or seq in self.in_flight:
                 continue
-            room = min(self.limits.max_drafts, seq.max_new_tokens - seq.num_generated - 1)
-            drafts = self._grow_for_step(seq, candidate_drafts(seq, room))
+            drafts = self._grow_for_step(seq, self.speculator.choice_drafts(seq))
             if drafts is not None:
                 works.append(Work(seq=seq, tokens=seq.token_ids[-1:] + drafts, start=seq.num_tokens - 1,
                                   num_drafts=len(drafts), wants_logits=True, decode=True))
@@ -170,17 +172,7 @@ class Scheduler:
         ahead = len(self.in_flight) - len(joining)
         spare = min(lim.max_batched_tokens - tokens, lim.lookup_draft_tokens - tokens - ahead)
         rows = lim.max_num_seqs * (1 + lim.max_drafts) - sum(w.sampled_rows for w in joining + works)
-        for w in works:
-            if spare <= 0 or rows <= 0:
-                break
-            if w.num_drafts == 0:
-                room = min(spare, rows, w.seq.max_new_tokens - w.seq.num_generated - 1)
-                drafts = lookup_drafts(w.seq, room, self.pool if lim.pool_drafts else None, own=lim.own_drafts)
-                if drafts and self.blocks.grow(w.seq, w.seq.num_tokens + len(drafts)):
-                    w.tokens += drafts
-                    w.num_drafts, w.looked_up = len(drafts), True
-                    spare -= len(drafts)
-                    rows -= len(drafts)
+        self.speculator.add_lookup_drafts(works, spare, rows, self.blocks.grow)
 
     def _prefill_chunks(self, budget: int, longest: int) -> tuple[list[Work], int, int]:
         """The next chunk of each running sequence whose prompt is not all computed, within the token budget."""
@@ -228,22 +220,14 @@ class Scheduler:
         a retry waiting for room for a token a sequence) and the cache has room: then the engine commits first, as
         it would without chaining. A sequence that ends at that pass for sure (max_new_tokens) is left out; one that
         ends there with an end-of-turn token is fed nonetheless, and its step is dropped when committed."""
-        lim = self.limits
         if any(not (w.decode and w.wants_logits) or w.num_drafts for w in works):
             return []
         # A sequence finished since (its chained step in `works` is dropped) or ending at that pass has no next step.
         rows = [(row, w.seq) for row, w in enumerate(works)
                 if not w.seq.finished and w.seq.num_generated + 2 <= w.seq.max_new_tokens]
-        if lim.max_drafts:  # after that pass each will have generated one token more
-            # Its token may go on with a choice its text has followed so far (one it left, it never rejoins).
-            if any(len(c) > seq.num_generated for _, seq in rows for c in followed_candidates(seq)):
-                return []
-            # A retry (one token, of a sequence whose drafts kept missing) waits for a pass with room for a token a
-            # sequence: a retry in a pass with less room gives up chaining's saved host gap for almost nothing.
-            room = lim.lookup_draft_tokens - len(rows)
-            if room > 0 and any(seq.lookups.length or (room >= len(rows) and lookup_length(seq, seq.num_generated + 1))
-                                for seq in self._pacing(seq for _, seq in rows)):
-                return []
+        seqs = [seq for _, seq in rows]
+        if self.speculator.may_draft_next(seqs, self._pacing(seqs), len(rows)):
+            return []
         if not all(self.blocks.grow(seq, seq.num_tokens + 1) for _, seq in rows):
             return []  # the blocks grown stay with their sequences: their next step needs them anyway
         self.in_flight.update(seq for _, seq in rows)
@@ -273,7 +257,7 @@ class Scheduler:
     def postprocess(self, works: list[Work], sampled: list[int]) -> list[Sequence]:
         """Commit a finished pass. `sampled` holds 1 + num_drafts argmax tokens per sampling work, in order."""
         self.in_flight -= Counter(w.seq for w in works)
-        self.pool.current = False
+        self.speculator.committed()
         finished = []
         pos = 0
         for w in works:
@@ -288,16 +272,8 @@ class Scheduler:
                 continue
             out = sampled[pos:pos + w.sampled_rows]
             pos += w.sampled_rows
-            drafts = w.tokens[len(w.tokens) - w.num_drafts:]
-            accepted = 0
-            while accepted < w.num_drafts and drafts[accepted] == out[accepted]:
-                accepted += 1
+            accepted = self.speculator.accept(w, out)
             seq.num_computed += len(w.tokens) - w.num_drafts + accepted
-            self.stats["draft_tokens"] += w.num_drafts
-            self.stats["accepted_drafts"] += accepted
-            if w.looked_up:  # all right: twice as many next time; some: one more than were right; none: half
-                seq.lookups.length = min(MAX_DRAFT_LENGTH, 2 * w.num_drafts if accepted == w.num_drafts else
-                                         accepted + 1 if accepted else seq.lookups.length // 2)
             for token in out[:accepted + 1]:
                 seq.token_ids.append(token)
                 if token in self.eos or seq.num_generated >= seq.max_new_tokens:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Lookups:
-    """A sequence's lookup drafts (drafts.py): how many to propose next, and the n-gram index over its tokens (built
+    """A sequence's lookup drafts (speculation.py): how many to propose next, and the n-gram index over its tokens (built
     on the first lookup, then extended)."""
     length: int = 4
     index: dict = field(default_factory=dict)
@@ -23,8 +23,8 @@ class Sequence:
     token_ids: list[int]            # prompt, then generated tokens
     num_prompt_tokens: int
     max_new_tokens: int
-    candidates: list[list[int]] = field(default_factory=list)  # likely answers, token ids (drafts only, see drafts.py)
-    # Generated tokens past this many can begin no candidate (drafts.candidate_drafts asks every pass).
+    candidates: list[list[int]] = field(default_factory=list)  # likely answers, token ids (drafts only, see speculation.py)
+    # Generated tokens past this many can begin no candidate (speculation.candidate_drafts asks every pass).
     longest_candidate: int = field(init=False, default=0)
     num_computed: int = 0           # tokens whose K/V are in the cache
     # Machine integers, not a list: a pass's inputs copy every table it reads, at memcpy speed (runner._inputs).
@@ -32,7 +32,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chained hash per full block (block_manager.py)
     finished: bool = False
     error: str | None = None        # why the engine gave up on this request (it finished without an answer)
-    lookups: Lookups = field(default_factory=Lookups)  # its lookup drafts' state (drafts.py)
+    lookups: Lookups = field(default_factory=Lookups)  # its lookup drafts' state (speculation.py)
 
     def __post_init__(self):
         if not isinstance(self.block_table, array):

@@ -158,7 +158,7 @@ def test_a_pass_is_chained_only_where_its_sequences_would_draft_nothing(monkeypa
     assert len(sch.chain(works)) == 3
     sch, seqs, works = in_flight(lookup_budget=3, draft_length=4)  # drafting sequences, no room for lookups
     assert len(sch.chain(works)) == 3
-    monkeypatch.setattr("orinfer.drafts.RETRY", 2)  # each stopped drafting, and retries at its second token
+    monkeypatch.setattr("orinfer.speculation.RETRY", 2)  # each stopped drafting, and retries at its second token
     sch, seqs, works = in_flight(lookup_budget=6)    # room for a token a sequence (3 of 3): the retries wait for none
     assert sch.chain(works) == []
     sch, seqs, works = in_flight(lookup_budget=5)    # room for 2 tokens among 3 sequences: chained, retries later

@@ -1,8 +1,9 @@
-"""Draft tokens taken from the prompt itself, for exact speculative decoding.
+"""Exact speculative decoding in one place: where draft tokens come from, how many a sequence proposes, and which
+are kept (Speculator, which the scheduler asks).
 
-A draft is only a guess: the runner scores it in the same pass as the real next token and the scheduler keeps the
-draft tokens that equal the greedy argmax, so the output is what plain greedy decoding gives (see scheduler.py).
-Two sources, in order:
+A draft is only a guess: the runner scores it in the same pass as the real next token and `Speculator.accept` keeps
+the draft tokens that equal the greedy argmax, so the output is what plain greedy decoding gives. Two sources, in
+order:
   1. the answer candidates: multiple-choice prompts list their choices (dataset.parse_choices), and the answer is
      one of them verbatim.
      If everything generated so far is the start of a candidate, propose the rest (the pass that verifies it also
@@ -11,14 +12,17 @@ Two sources, in order:
      in another request's output in this run (NgramPool: the model's own words, nothing from outside), propose
      what followed them there. How many: the sequence's draft length, which doubles while its drafts are all
      accepted, falls to one more than were when some were, and halves when none were or none were found (to 0:
-     no drafting, and no host work for it, but a retry now and then; scheduler.postprocess), within what a longer
-     match allows.
+     no drafting, and no host work for it, but a retry now and then), within what a longer match allows.
 """
-from .sequence import Sequence
+from collections import Counter
+from dataclasses import dataclass
+
+from .sequence import Sequence, Work
 
 NGRAM = 4          # the longest tail looked up
 PER_MATCHED = 4    # draft tokens a matched tail token allows: a one-token match proposes at most 4
 RETRY = 32         # generated tokens between tries of a sequence that stopped drafting
+MAX_DRAFT_LENGTH = 64  # lookup drafts a sequence may propose in one pass, however well its drafts do
 
 
 def _index(seq: Sequence) -> dict[tuple, int]:
@@ -139,3 +143,78 @@ def lookup_drafts(seq: Sequence, max_drafts: int, pool: NgramPool | None = None,
     # host its index's upkeep every pass).
     seq.lookups.length //= 2
     return []
+
+
+@dataclass(frozen=True)
+class DraftLimits:
+    """What the plan and the options allow: draft tokens a sequence's listed choice may add to a pass (0: no
+    speculation), the pass size under which lookup drafts ride along (0: none), and the lookup sources."""
+    max_drafts: int = 0
+    lookup_draft_tokens: int = 0
+    own: bool = True
+    pool: bool = True
+
+
+class Speculator:
+    """One run's drafting: the pool of its requests' outputs, the drafts each decode step takes, and what is kept.
+    `stats`: the counters it adds to (draft tokens proposed and accepted)."""
+
+    def __init__(self, limits: DraftLimits, stats: Counter):
+        self.limits, self.stats = limits, stats
+        self.pool = NgramPool()  # what this run's requests have generated, for each other's lookup drafts
+
+    def follow(self, seq: Sequence) -> None:
+        self.pool.add(seq)
+
+    def choice_drafts(self, seq: Sequence) -> list[int]:
+        """The rest of the listed choice a decode step's sequence follows, within max_drafts and max_new_tokens."""
+        return candidate_drafts(seq, min(self.limits.max_drafts, seq.max_new_tokens - seq.num_generated - 1))
+
+    def add_lookup_drafts(self, works: list[Work], spare: int, rows: int, grow) -> None:
+        """Lookup drafts for the decode steps without drafts, within `spare` tokens of the pass and `rows` sampled
+        rows; `grow(seq, tokens)` books the cache they need (False: none are added)."""
+        lim = self.limits
+        for w in works:
+            if spare <= 0 or rows <= 0:
+                break
+            if w.num_drafts == 0:
+                room = min(spare, rows, w.seq.max_new_tokens - w.seq.num_generated - 1)
+                drafts = lookup_drafts(w.seq, room, self.pool if lim.pool else None, own=lim.own)
+                if drafts and grow(w.seq, w.seq.num_tokens + len(drafts)):
+                    w.tokens += drafts
+                    w.num_drafts, w.looked_up = len(drafts), True
+                    spare -= len(drafts)
+                    rows -= len(drafts)
+
+    def accept(self, work: Work, sampled: list[int]) -> int:
+        """How many of the work's drafts equal the argmax tokens sampled after them (kept: the rest are dropped),
+        and the sequence's next lookup length: all right, twice as many; some, one more than were right; none,
+        half."""
+        drafts = work.tokens[len(work.tokens) - work.num_drafts:]
+        accepted = 0
+        while accepted < work.num_drafts and drafts[accepted] == sampled[accepted]:
+            accepted += 1
+        self.stats["draft_tokens"] += work.num_drafts
+        self.stats["accepted_drafts"] += accepted
+        if work.looked_up:
+            lookups = work.seq.lookups
+            lookups.length = min(MAX_DRAFT_LENGTH, 2 * work.num_drafts if accepted == work.num_drafts else
+                                 accepted + 1 if accepted else lookups.length // 2)
+        return accepted
+
+    def committed(self) -> None:
+        """A pass's tokens were committed: the pool has new n-grams to index when next asked."""
+        self.pool.current = False
+
+    def may_draft_next(self, seqs: list[Sequence], paced: list[Sequence], pass_tokens: int) -> bool:
+        """Whether a pass of these sequences' next decode steps (`pass_tokens` tokens) could hold drafts: one of them
+        still follows a listed choice (one it left, it never rejoins), or one of `paced` (those whose drafts can
+        shorten the run: Scheduler._pacing) would look up, where a retry (one token, of a sequence whose drafts
+        kept missing) waits for a pass with room for a token a sequence."""
+        if not self.limits.max_drafts:
+            return False
+        if any(len(c) > seq.num_generated for seq in seqs for c in followed_candidates(seq)):
+            return True
+        room = self.limits.lookup_draft_tokens - pass_tokens
+        return room > 0 and any(seq.lookups.length or (room >= pass_tokens and lookup_length(seq, seq.num_generated + 1))
+                                for seq in paced)

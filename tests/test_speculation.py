@@ -5,7 +5,7 @@ from conftest import generator
 
 import optimize
 
-from orinfer.drafts import PER_MATCHED, NgramPool, candidate_drafts, lookup_drafts
+from orinfer.speculation import PER_MATCHED, NgramPool, candidate_drafts, lookup_drafts
 from orinfer.observe import Observer
 from orinfer.options import Options
 from orinfer.sequence import Lookups, Sequence
