@@ -1,11 +1,14 @@
-"""Where the engine is assembled: the model folder, the device, the dtype, the options and the memory plan are
-resolved once (prepare -> Setup), the weights loaded (Setup.load), and a pipe()-compatible generator returned
-(orinfer/pipeline.py: its call, its text handling, and what a benchmark may read of it).
+"""Where the engine is assembled: the model folder, the device, the dtype, the options and the
+memory plan are resolved once (prepare -> Setup), the weights loaded (Setup.load), and a
+pipe()-compatible generator returned (orinfer/pipeline.py: its call, its text handling, and what a
+benchmark may read of it).
 
     gen = optimize.build("./models/Phi-3-medium-4k-instruct")
     gen.warmup()
-    outs = gen(KeyDataset(data, "message"), max_new_tokens=500, return_full_text=False, do_sample=False)
+    outs = gen(KeyDataset(data, "message"), max_new_tokens=500, return_full_text=False,
+               do_sample=False)
 """
+
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,7 +17,14 @@ from typing import Callable
 import torch
 
 # First: it sets transformers' import-time environment before transformers is imported.
-from orinfer.pipeline import SLIDING_WINDOW_APPLIES, Generator, RecordError, Report, prompt_ids  # noqa: F401
+# Re-exported for test_script.py and bench/ (the documented surface).
+from orinfer.pipeline import (  # noqa: F401
+    SLIDING_WINDOW_APPLIES,
+    Generator,
+    RecordError,
+    Report,
+    prompt_ids,
+)
 from transformers import AutoTokenizer  # noqa: I100
 
 from orinfer import kernels
@@ -25,8 +35,17 @@ from orinfer.config import ModelConfig, eos_token_ids
 from orinfer.engine import Engine
 from orinfer.integers import ceil_div
 from orinfer.loader import load_weights, serve_from_file, tensor_dtype
-from orinfer.memory import (GiB, MIN_KV_TOKENS, BudgetTooSmall, MemoryPlan, is_integrated, machine_bytes,
-                            parse_budget, plan_memory, rss_bytes)
+from orinfer.memory import (
+    GiB,
+    MIN_KV_TOKENS,
+    BudgetTooSmall,
+    MemoryPlan,
+    is_integrated,
+    machine_bytes,
+    parse_budget,
+    plan_memory,
+    rss_bytes,
+)
 from orinfer.model import CausalLM
 from orinfer.observe import Observer
 from orinfer.options import Options
@@ -42,11 +61,12 @@ def resolve_dtype(dtype: str, cfg: ModelConfig) -> torch.dtype:
 
 
 class SetupError(Exception):
-    """What is wrong with the model folder, the device or an option, found before any weight is loaded."""
+    """What is wrong with the model folder, the device or an option, found before any weight is
+    loaded."""
 
 
 class InputError(ValueError):
-    """One input that the run cannot take (found before any weight is loaded): `index` says which."""
+    """One input the run cannot take (found before any weight is loaded): `index` says which."""
 
     def __init__(self, index: int, what: str):
         super().__init__(what)
@@ -55,8 +75,10 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Setup:
-    """All that build() decides before the weights load: the folder's config and tokenizer, the device, the dtype
-    and the memory plan. A caller checks its inputs against it (prompt_lengths, sized_for) before the load."""
+    """All that build() decides before the weights load: the folder's config and tokenizer, the
+    device, the dtype and the memory plan. A caller checks its inputs against it (prompt_lengths,
+    sized_for) before the load."""
+
     folder: Path
     cfg: ModelConfig
     eos: list[int]
@@ -65,51 +87,69 @@ class Setup:
     dtype: torch.dtype
     plan: MemoryPlan
     options: Options  # its `compile` resolved to True or False
-    plan_inputs: dict = field(default_factory=dict)  # plan_memory's arguments besides the budget and the run's needs
+    # plan_memory's arguments besides the budget and the run's needs
+    plan_inputs: dict = field(default_factory=dict)
     board: Jetson | None = None  # on a Jetson: its module, power mode, clocks (orinfer/board.py)
 
     def describe_machine(self) -> str:
-        """Section 1's lines about the machine: on a Jetson the board (loud when below full speed); the settings of
-        the environment that change the plan."""
+        """Section 1's lines about the machine: on a Jetson the board (loud when below full speed);
+        the settings of the environment that change the plan."""
         lines = []
         if self.board is not None:
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             lines.append(self.board.describe(sms))
-        lines += [f"environment ({verdict}): {note}" for verdict, note in environment_notes(dict(os.environ),
-                                                                                           self.board)]
+        lines += [
+            f"environment ({verdict}): {note}"
+            for verdict, note in environment_notes(dict(os.environ), self.board)
+        ]
         return "\n".join(lines)
 
     def plan_for(self, budget: int, kv_tokens_wanted: int | None = None) -> MemoryPlan:
-        """The memory plan at this budget; its pass size is Options.pass_tokens where that is set."""
+        """The memory plan at this budget; its pass size is Options.pass_tokens where set."""
         plan = plan_memory(budget=budget, kv_tokens_wanted=kv_tokens_wanted, **self.plan_inputs)
-        return replace(plan, max_batched_tokens=self.options.pass_tokens) if self.options.pass_tokens else plan
+        return (
+            replace(plan, max_batched_tokens=self.options.pass_tokens)
+            if self.options.pass_tokens
+            else plan
+        )
 
     def least_budget(self, kv_tokens: int, one_sequence: bool = False) -> int | None:
-        """The smallest budget (to 0.01 GiB) whose plan leaves `kv_tokens` tokens of KV cache (`one_sequence`: and
-        holds them as one sequence, its attention included); None if none can."""
-        def leaves(budget: int) -> int:  # the plan's KV tokens; -1 where the budget holds no plan at all
+        """The smallest budget (to 0.01 GiB) whose plan leaves `kv_tokens` tokens of KV cache
+        (`one_sequence`: and holds them as one sequence, its attention included); None if none can.
+        """
+
+        # the plan's KV tokens; -1 where the budget holds no plan at all
+        def leaves(budget: int) -> int:
             try:
                 return self.plan_for(budget).kv_tokens
             except MemoryError:
                 return -1
+
         step = GiB // 100
-        low, high = 0, self.plan_inputs["weights"] + 8 * GiB + 2 * kv_tokens * self.cfg.kv_bytes_per_token
+        low, high = (
+            0,
+            self.plan_inputs["weights"] + 8 * GiB + 2 * kv_tokens * self.cfg.kv_bytes_per_token,
+        )
         if leaves(high) < kv_tokens:
             return None
-        while high - low > step:  # the cache grows with the budget: low never leaves enough, high does
+        # the cache grows with the budget: low never leaves enough, high does
+        while high - low > step:
             mid = (low + high) // 2
             low, high = (low, mid) if leaves(mid) >= kv_tokens else (mid, high)
-        # A larger budget can take larger passes, whose attention costs more a key: walk up rather than bisect.
+        # A larger budget can take larger passes, whose attention costs more a key: walk up rather
+        # than bisect.
         budget = ceil_div(high, step) * step
-        while one_sequence and not self.plan_for(budget).holds(kv_tokens):  # budgets >= high all plan
+        # budgets >= high all plan
+        while one_sequence and not self.plan_for(budget).holds(kv_tokens):
             budget = ceil_div(budget * 51 // 50, step) * step
             if budget > 64 * high:
                 return None
         return budget
 
     def prompt_lengths(self, items: list) -> list[int]:
-        """Each input's prompt tokens, counted with a tokenizer instance of its own, thrown away after: a check made
-        before the clock fills no cache (the BPE cache of tokenizers < 0.20 has no bound) that the run then uses."""
+        """Each input's prompt tokens, counted with a tokenizer instance of its own, thrown away
+        after: a check made before the clock fills no cache (the BPE cache of tokenizers < 0.20 has
+        no bound) that the run then uses."""
         tokenizer = AutoTokenizer.from_pretrained(self.folder)
         try:
             return [len(p) for p in prompt_ids(tokenizer, items)]
@@ -118,41 +158,63 @@ class Setup:
                 try:
                     prompt_ids(tokenizer, [item])
                 except Exception as e:
-                    raise InputError(i, f"the prompt cannot be tokenised ({type(e).__name__}: {e})") from None
+                    raise InputError(
+                        i, f"the prompt cannot be tokenised ({type(e).__name__}: {e})"
+                    ) from None
             raise
 
     def sized_for(self, lengths: list[int], max_new_tokens: int) -> "Setup":
-        """This set-up with its KV pool sized to a run of prompts of these lengths and answers of up to
-        max_new_tokens (no larger than what the run can hold at once); an InputError names the longest input when
-        the budget's cache cannot hold it whole, with the budget that would."""
+        """This set-up with its KV pool sized to a run of prompts of these lengths and answers of up
+        to max_new_tokens (no larger than what the run can hold at once); an InputError names the
+        longest input when the budget's cache cannot hold it whole, with the budget that would."""
         needs = [n + max_new_tokens for n in lengths]
         longest = max(range(len(needs)), key=needs.__getitem__)
         if not self.plan.holds(needs[longest]):
             least = self.least_budget(needs[longest], one_sequence=True)
-            hint = f"pass --memory-budget {least / GiB:.2f}GiB or more" if least else "no budget holds it"
-            short = (f"leaves {self.plan.kv_tokens}" if needs[longest] > self.plan.kv_tokens else
-                     "has too little room for the attention over them")
-            raise InputError(longest, f"the prompt's {lengths[longest]} tokens and up to {max_new_tokens} new tokens "
-                                      f"need {needs[longest]} tokens of KV cache, and the memory budget "
-                                      f"({self.plan.budget / GiB:.2f} GiB) {short}: {hint}, or lower "
-                                      "--max-new-tokens")
-        at_once = sum(sorted(needs, reverse=True)[:self.plan.max_num_seqs])
+            hint = (
+                f"pass --memory-budget {least / GiB:.2f}GiB or more"
+                if least
+                else "no budget holds it"
+            )
+            short = (
+                f"leaves {self.plan.kv_tokens}"
+                if needs[longest] > self.plan.kv_tokens
+                else "has too little room for the attention over them"
+            )
+            raise InputError(
+                longest,
+                f"the prompt's {lengths[longest]} tokens and up to {max_new_tokens} new tokens "
+                f"need {needs[longest]} tokens of KV cache, and the memory budget "
+                f"({self.plan.budget / GiB:.2f} GiB) {short}: {hint}, or lower --max-new-tokens",
+            )
+        at_once = sum(sorted(needs, reverse=True)[: self.plan.max_num_seqs])
         return replace(self, plan=self.plan_for(self.plan.budget, at_once))
 
-    def load(self, init: Callable[[CausalLM], None] | None = None, progress: bool = True,
-             observer: Observer | None = None) -> Generator:
-        """The weights onto the device (or `init` fills those on the device), and the generator. A token table the
-        plan keeps off the device is read from the checkpoint's file either way."""
+    def load(
+        self,
+        init: Callable[[CausalLM], None] | None = None,
+        progress: bool = True,
+        observer: Observer | None = None,
+    ) -> Generator:
+        """The weights onto the device (or `init` fills those on the device), and the generator. A
+        token table the plan keeps off the device is read from the checkpoint's file either way."""
         if self.device.type == "cuda" and self.plan.device_cap is not None:
-            # Fragmentation can grow torch's cache past the plan (0.2-0.3 GiB seen with 512-token passes); capped,
-            # the allocator first frees cached blocks, and only then fails (the engine then halves its passes),
-            # rather than take memory the host's share needs.
+            # Fragmentation can grow torch's cache past the plan (0.2-0.3 GiB seen with 512-token
+            # passes); capped, the allocator first frees cached blocks, and only then fails (the
+            # engine then halves its passes), rather than take memory the host's share needs.
             index = torch.cuda.current_device() if self.device.index is None else self.device.index
             total = torch.cuda.get_device_properties(index).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, self.plan.device_cap / total), index)
-        model = CausalLM(self.cfg, self.device, self.dtype,
-                                kernels.compiled() if self.options.compile else kernels.EAGER,
-                                embedding_on_host=self.plan.embedding_on_host, mlp_rows=self.plan.mlp_rows)
+            torch.cuda.set_per_process_memory_fraction(
+                min(1.0, self.plan.device_cap / total), index
+            )
+        model = CausalLM(
+            self.cfg,
+            self.device,
+            self.dtype,
+            kernels.compiled() if self.options.compile else kernels.EAGER,
+            embedding_on_host=self.plan.embedding_on_host,
+            mlp_rows=self.plan.mlp_rows,
+        )
         loaded = None
         if init is None:
             loaded = load_weights(model, self.folder)
@@ -160,15 +222,26 @@ class Setup:
             init(model)
             serve_from_file(model, self.folder)
         cfg, options = self.cfg, self.options
-        attention = resolve(options.attention, self.plan_inputs["attention"], self.plan.attention_afforded,
-                            self.device, self.dtype, cfg, options.packed_queries)
-        return Generator(Engine(model, self.eos, self.plan, options, attention, observer=observer), self.tokenizer,
-                         progress, loaded)
+        attention = resolve(
+            options.attention,
+            self.plan_inputs["attention"],
+            self.plan.attention_afforded,
+            self.device,
+            self.dtype,
+            cfg,
+            options.packed_queries,
+        )
+        return Generator(
+            Engine(model, self.eos, self.plan, options, attention, observer=observer),
+            self.tokenizer,
+            progress,
+            loaded,
+        )
 
 
 def _check_weights(folder: Path) -> None:
-    """Every shard whole before anything loads (a CheckpointError names the file); a folder with no checkpoint is
-    the load's to refuse, since `init` may fill the weights."""
+    """Every shard whole before anything loads (a CheckpointError names the file); a folder with no
+    checkpoint is the load's to refuse, since `init` may fill the weights."""
     try:
         check_checkpoint(folder)
     except FileNotFoundError:
@@ -176,24 +249,32 @@ def _check_weights(folder: Path) -> None:
 
 
 def _tokenizer(folder: Path):
-    """The folder's own tokenizer; a folder without one is refused naming what it needs (transformers would
-    otherwise try to convert other files and suggest installing packages)."""
+    """The folder's own tokenizer; a folder without one is refused naming what it needs
+    (transformers would otherwise try to convert other files and suggest installing packages)."""
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        raise SetupError(f"{folder}: no tokenizer (tokenizer.json or tokenizer.model, with tokenizer_config.json): "
-                         "copy the model's tokenizer files into the folder")
+        raise SetupError(
+            f"{folder}: no tokenizer (tokenizer.json or tokenizer.model, with "
+            "tokenizer_config.json): copy the model's tokenizer files into the folder"
+        )
     try:
         return AutoTokenizer.from_pretrained(folder)
-    except Exception as e:  # transformers raises many kinds here, none of them the user's to read as a traceback
-        raise SetupError(f"{folder}: the tokenizer files cannot be read ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}): copy them again") from None
+    # transformers raises many kinds here, none of them the user's to read as a traceback
+    except Exception as e:
+        raise SetupError(
+            f"{folder}: the tokenizer files cannot be read ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}): copy them again"
+        ) from None
 
 
 def _device(name: str | None) -> torch.device:
     if name is None:
         if not torch.cuda.is_available() and is_jetson():
-            raise SetupError("this is a Jetson, but torch sees no CUDA device (a container started without the NVIDIA "
-                             "runtime, or a torch built without CUDA): start the container with --runtime nvidia, "
-                             "use NVIDIA's JetPack torch, or pass --device cpu to run on the CPU (hours)")
+            raise SetupError(
+                "this is a Jetson, but torch sees no CUDA device (a container started without the "
+                "NVIDIA runtime, or a torch built without CUDA): start the container with "
+                "--runtime nvidia, use NVIDIA's JetPack torch, or pass --device cpu to run on the "
+                "CPU (hours)"
+            )
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
@@ -203,26 +284,36 @@ def _device(name: str | None) -> torch.device:
         raise SetupError(f"device {name!r}: expected cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise SetupError(f"device {name!r}: this torch ({torch.__version__}) sees no CUDA device")
+            raise SetupError(
+                f"device {name!r}: this torch ({torch.__version__}) sees no CUDA device"
+            )
         if (dev.index or 0) >= torch.cuda.device_count():
-            raise SetupError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise SetupError(
+                f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     return dev
 
 
-def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto", memory_budget: str | int = "auto",
-            options: Options = Options(), unified_memory: bool | None = None) -> Setup:
-    """Read a local HF Phi-3 folder's config and tokenizer and plan the memory, loading no weight: any problem with
-    the folder, the device or an option is a SetupError (one line) here, before the long part of a start."""
+def prepare(
+    model_dir: str | Path,
+    device: str | None = None,
+    dtype: str = "auto",
+    memory_budget: str | int = "auto",
+    options: Options = Options(),
+    unified_memory: bool | None = None,
+) -> Setup:
+    """Read a local HF Phi-3 folder's config and tokenizer and plan the memory, loading no weight:
+    any problem with the folder, the device or an option is a SetupError (one line) here, before the
+    long part of a start."""
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
-        raise SetupError(f"no model at {folder} (config.json not found). Put the HF folder of "
-                         "Phi-3-medium-4k-instruct there, pass --model, or try the embedded tiny model with --demo")
+        raise SetupError(
+            f"no model at {folder} (config.json not found). Put the HF folder of "
+            "Phi-3-medium-4k-instruct there, pass --model, or try the embedded tiny model with "
+            "--demo"
+        )
     dev = _device(device)
-    if options.compile is None:
-        options = replace(options, compile=kernels.compile_available(dev))
-    elif options.compile and not (kernels.compile_available(dev) if dev.type == "cuda" else kernels.compile_supported()):
-        raise SetupError(f"compile=True needs a torch >= 2.6, with Triton on CUDA (device {dev}, torch "
-                         f"{torch.__version__})")
+    options = _resolve_compile(options, dev)
     try:
         _check_weights(folder)
         cfg = ModelConfig.from_folder(folder)
@@ -234,17 +325,20 @@ def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto
         itemsize = torch.finfo(torch_dtype).bits // 8
         shared = is_integrated(dev) if unified_memory is None else unified_memory
         budget = parse_budget(memory_budget, dev)
-        inputs = dict(cfg=cfg, weights=cfg.num_parameters * itemsize, itemsize=itemsize, shared_host=shared,
-                      host_bytes=rss_bytes(), cuda=dev.type == "cuda",
-                      table_in_checkpoint=tensor_dtype(folder, "model.embed_tokens.weight") == torch_dtype,
-                      attention=planned(options.attention, dev.type))
+        in_file = tensor_dtype(folder, "model.embed_tokens.weight") == torch_dtype
+        inputs = dict(cfg=cfg, weights=cfg.num_parameters * itemsize, itemsize=itemsize,
+                      shared_host=shared, host_bytes=rss_bytes(), cuda=dev.type == "cuda",
+                      table_in_checkpoint=in_file,
+                      attention=planned(options.attention, dev.type))  # fmt: skip
     except (OSError, ValueError, KeyError) as e:
         raise SetupError(f"{folder}: {e}" if isinstance(e, (OSError, KeyError)) else str(e)) from e
     most = machine_bytes(dev, shared)
     if budget > most:
         if memory_budget not in (None, "auto"):
-            raise SetupError(f"--memory-budget {budget / GiB:.2f} GiB is more than this machine has "
-                             f"({most / GiB:.2f} GiB)")
+            raise SetupError(
+                f"--memory-budget {budget / GiB:.2f} GiB is more than this machine has "
+                f"({most / GiB:.2f} GiB)"
+            )
         budget = most  # RSS + MemAvailable counts a file's mapped pages twice
     board = read_jetson() if dev.type == "cuda" and shared else None
     setup = Setup(folder, cfg, eos, tokenizer, dev, torch_dtype, None, options, inputs, board)
@@ -252,22 +346,46 @@ def prepare(model_dir: str | Path, device: str | None = None, dtype: str = "auto
         return replace(setup, plan=setup.plan_for(budget))
     except BudgetTooSmall as e:
         least = setup.least_budget(MIN_KV_TOKENS)
-        raise SetupError(f"{e}: at least {least / GiB:.2f} GiB is needed" if least else str(e)) from None
+        raise SetupError(
+            f"{e}: at least {least / GiB:.2f} GiB is needed" if least else str(e)
+        ) from None
 
 
-def build(model_dir: str | Path, device: str | None = None, dtype: str = "auto", memory_budget: str | int = "auto",
-          options: Options = Options(), progress: bool = True, unified_memory: bool | None = None,
-          init: Callable[[CausalLM], None] | None = None, observer: Observer | None = None,
-          kv_tokens: int | None = None) -> Generator:
-    """Load a local HF Phi-3 folder straight onto the device and return the pipe()-compatible generator
-    (prepare, then Setup.load).
+def _resolve_compile(options: Options, dev: torch.device) -> Options:
+    """Options.compile resolved: None takes it where it runs; True where it cannot is an error."""
+    if options.compile is None:
+        return replace(options, compile=kernels.compile_available(dev))
+    runs = kernels.compile_available(dev) if dev.type == "cuda" else kernels.compile_supported()
+    if options.compile and not runs:
+        raise SetupError(
+            f"compile=True needs a torch >= 2.6, with Triton on CUDA (device {dev}, torch "
+            f"{torch.__version__})"
+        )
+    return options
 
-    `unified_memory` (default: detected) counts the host process and CUDA context inside the budget, as on a Jetson;
-    the benchmark sets it to emulate the Orin on a discrete GPU. `init` fills the weights on the device instead of the
-    folder's checkpoint (benchmarks: random weights; the folder then needs only config and tokenizer files, and the
-    token table where the plan reads it from the file). `options`: how the engine runs (orinfer/options.py);
-    `observer`: what a benchmark or test sees of the run (orinfer/observe.py). `kv_tokens`: the most KV cache the
-    caller's inputs can use at once (None: all the budget leaves; test_script.py sizes it with Setup.sized_for)."""
+
+def build(
+    model_dir: str | Path,
+    device: str | None = None,
+    dtype: str = "auto",
+    memory_budget: str | int = "auto",
+    options: Options = Options(),
+    progress: bool = True,
+    unified_memory: bool | None = None,
+    init: Callable[[CausalLM], None] | None = None,
+    observer: Observer | None = None,
+    kv_tokens: int | None = None,
+) -> Generator:
+    """Load a local HF Phi-3 folder straight onto the device and return the pipe()-compatible
+    generator (prepare, then Setup.load).
+
+    `unified_memory` (default: detected) counts the host process and CUDA context inside the budget,
+    as on a Jetson; the benchmark sets it to emulate the Orin on a discrete GPU. `init` fills the
+    weights on the device instead of the folder's checkpoint (benchmarks: random weights; the folder
+    then needs only config and tokenizer files, and the token table where the plan reads it from the
+    file). `options`: how the engine runs (orinfer/options.py); `observer`: what a benchmark or test
+    sees of the run (orinfer/observe.py). `kv_tokens`: the most KV cache the caller's inputs can use
+    at once (None: all the budget leaves; test_script.py sizes it with Setup.sized_for)."""
     setup = prepare(model_dir, device, dtype, memory_budget, options, unified_memory)
     if kv_tokens is not None:
         setup = replace(setup, plan=setup.plan_for(setup.plan.budget, kv_tokens))

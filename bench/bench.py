@@ -16,6 +16,7 @@ the bench-side ScriptedEngine in workload.py, which commits the script; transfor
 model compute still happens: the work a correct model would do. "free" mode generates a fixed number of tokens. Our time is
 test_script.py's Section 3: data load (the JSONL file) + inference through optimize.py.
 """
+
 import argparse
 import json
 import sys
@@ -39,25 +40,52 @@ def parse_args():
     ap.add_argument("--out", required=True)
     ap.add_argument("--stages", default="systems,free,passes,fp32,capped,uncapped,load")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--systems", default="ours,ours_nospec,ours_repeat,ours_eager,hf_generate_bs32,hf_pipeline_bs1")
+    ap.add_argument(
+        "--systems",
+        default="ours,ours_nospec,ours_repeat,ours_eager,hf_generate_bs32,hf_pipeline_bs1",
+    )
     ap.add_argument("--mode", default="scripted", choices=["scripted", "free"])
     # By default each variant twice on its generator, the one without drafts first (runs 51-53 ran the other first,
     # and its host was slower even at work the two share: bench/NOTES.md).
-    ap.add_argument("--free-systems", default="ours_nospec,ours_nospec_repeat,ours,ours_repeat",
-                    help="the free stage's variants (NAME_repeat: a second call on NAME's generator)")
+    ap.add_argument(
+        "--free-systems",
+        default="ours_nospec,ours_nospec_repeat,ours,ours_repeat",
+        help="the free stage's variants (NAME_repeat: a second call on NAME's generator)",
+    )
     ap.add_argument("--free-tokens", type=int, default=32)
     ap.add_argument("--limit", type=int, default=0, help="first N items only")
-    ap.add_argument("--workload", default="w1", choices=["w1", "synthetic"],
-                    help="synthetic: W1's shape without OpenBookQA's text (workload.synthetic_records)")
-    ap.add_argument("--ahead-fill", default="", help="passes stage: instead, sweep engine.AHEAD_FILL over these values")
-    ap.add_argument("--fp32-exact", type=int, default=50, help="items for the fp32 full-shape exactness check")
-    ap.add_argument("--capped", type=float, default=28.5, help="Orin emulation: total budget in GiB")
+    ap.add_argument(
+        "--workload",
+        default="w1",
+        choices=["w1", "synthetic"],
+        help="synthetic: W1's shape without OpenBookQA's text (workload.synthetic_records)",
+    )
+    ap.add_argument(
+        "--ahead-fill",
+        default="",
+        help="passes stage: instead, sweep engine.AHEAD_FILL over these values",
+    )
+    ap.add_argument(
+        "--fp32-exact", type=int, default=50, help="items for the fp32 full-shape exactness check"
+    )
+    ap.add_argument(
+        "--capped", type=float, default=28.5, help="Orin emulation: total budget in GiB"
+    )
     ap.add_argument("--capped-runs", default="w1_scripted,longest_free500,w1_first64_free500")
-    ap.add_argument("--profile", action="store_true",
-                    help="profile the first system's timed call: top CUDA kernels, and where the device sat idle")
-    ap.add_argument("--host-profile", action="store_true", help="cProfile each of our systems' timed calls")
-    ap.add_argument("--interleave", type=float, default=0,
-                    help="GiB each: build all our variants at once within this budget and alternate their calls")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the first system's timed call: top CUDA kernels, and where the device sat idle",
+    )
+    ap.add_argument(
+        "--host-profile", action="store_true", help="cProfile each of our systems' timed calls"
+    )
+    ap.add_argument(
+        "--interleave",
+        type=float,
+        default=0,
+        help="GiB each: build all our variants at once within this budget and alternate their calls",
+    )
     return ap.parse_args()
 
 
@@ -67,6 +95,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     if args.stage is None:  # driver
         import subprocess
+
         merged = {}
         for stage in args.stages.split(","):
             cmd = [sys.executable, __file__, "--stage", stage] + [a for a in sys.argv[1:]]
@@ -79,13 +108,20 @@ def main():
         (out / "results.json").write_text(json.dumps(merged, indent=1))
         if "systems" in merged:
             from report import chart, table
+
             chart(merged, out)
             table(merged)
         return
-    from importlib.metadata import version  # not `import transformers`: optimize sets its import options first
-    res = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "transformers": version("transformers")}
+    from importlib.metadata import (
+        version,
+    )  # not `import transformers`: optimize sets its import options first
+
+    res = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "transformers": version("transformers"),
+    }
     tmp = Path(tempfile.mkdtemp())
     w1 = write_w1(tmp)
     folder = model_folder(tmp)
@@ -93,35 +129,47 @@ def main():
     if args.workload == "synthetic":
         records = synthetic_records(records)
     if args.limit:
-        records = records[:args.limit]
+        records = records[: args.limit]
     if args.limit or args.workload != "w1":
         w1.write_text("".join(json.dumps(r) + "\n" for r in records))
     if args.stage == "systems":
         from systems import systems_stage
+
         res.update(systems_stage(args, w1, folder, records))
-    elif args.stage == "free":  # speculation where drafts rarely match: fixed-length free-running generation
+    elif (
+        args.stage == "free"
+    ):  # speculation where drafts rarely match: fixed-length free-running generation
         args.systems = args.free_systems
         args.mode, args.profile = "free", False
         from systems import systems_stage
+
         res["free"] = systems_stage(args, w1, folder, records)
     elif args.stage == "passes":
         from passes import passes_stage
+
         if args.ahead_fill:  # the sweep alone
             from passes import ahead_fill_sweep
-            res["ahead_fill"] = ahead_fill_sweep(records, [float(v) for v in args.ahead_fill.split(",")])
+
+            res["ahead_fill"] = ahead_fill_sweep(
+                records, [float(v) for v in args.ahead_fill.split(",")]
+            )
         else:
             res["passes_per_request"] = passes_stage(records)
     elif args.stage == "fp32":
         from exactness import fp32_exact
-        res["fp32_exact"] = fp32_exact(folder, records[:args.fp32_exact])
+
+        res["fp32_exact"] = fp32_exact(folder, records[: args.fp32_exact])
     elif args.stage == "capped":
         from memory_stages import capped
+
         res["capped"] = capped(folder, records, args.capped, args.capped_runs.split(","))
     elif args.stage == "uncapped":
         from memory_stages import capped
+
         res["uncapped"] = capped(folder, records, 0, args.capped_runs.split(","))
     elif args.stage == "load":
         from memory_stages import load_stage
+
         res["load"] = load_stage(folder)
     (out / f"{args.stage}.json").write_text(json.dumps(res, indent=1))
 

@@ -7,6 +7,7 @@ torch's allocator records every allocation with its Python stack from the load o
 after the warm-up besides the weights and the KV pool, each capped run's peak over that, and what is live at W1
 scripted's peak, by the line of orinfer that allocated it. A process of its own: the history costs host memory,
 which the capped stage measures."""
+
 import argparse
 import collections
 import sys
@@ -54,7 +55,7 @@ def live_at_peak(trace: list[dict], start: int = 0) -> tuple[int, list[dict]]:
         if i >= start and now > best:
             best, at = now, i
     live = {}
-    for i, e in enumerate(trace[:at + 1]):
+    for i, e in enumerate(trace[: at + 1]):
         if e["action"] == "alloc":
             live[e["addr"]] = (i, e)
         elif e["action"] == "free_requested":
@@ -71,22 +72,37 @@ def main(budget_gib: float) -> None:
     budget = int(budget_gib * GiB)
     cap_device(budget, rss_bytes())
     observer = Observer()
-    setup = optimize.prepare(folder, device="cuda", unified_memory=True, memory_budget=budget,
-                             options=Options(compile=False))
-    torch.cuda.memory._record_memory_history(max_entries=3_000_000, context="alloc", stacks="python")
+    setup = optimize.prepare(
+        folder,
+        device="cuda",
+        unified_memory=True,
+        memory_budget=budget,
+        options=Options(compile=False),
+    )
+    torch.cuda.memory._record_memory_history(
+        max_entries=3_000_000, context="alloc", stacks="python"
+    )
     gen = scripted(setup.load(random_init(0), progress=False, observer=observer), None)
     print(gen.report().plan.describe())
     gen.warmup()
     torch.cuda.synchronize()
     snapshot = torch.cuda.memory._snapshot()
     trace = snapshot["device_traces"][0]
-    made = {e["addr"]: e for e in trace if e["action"] == "alloc"}  # the latest allocation at each address
-    active = [made.get(b["address"], {"size": b["size"]}) | {"size": b["size"]}
-              for s in snapshot["segments"] for b in s["blocks"] if b["state"] == "active_allocated"]
+    made = {
+        e["addr"]: e for e in trace if e["action"] == "alloc"
+    }  # the latest allocation at each address
+    active = [
+        made.get(b["address"], {"size": b["size"]}) | {"size": b["size"]}
+        for s in snapshot["segments"]
+        for b in s["blocks"]
+        if b["state"] == "active_allocated"
+    ]
     persistent = torch.cuda.memory_allocated()
     weights_kv = gen.report().weight_bytes + gen.report().kv_bytes
-    print(f"after the warm-up: allocated {persistent / GiB:.4f} GiB, {(persistent - weights_kv) / MiB:.1f} MiB "
-          f"besides the weights and the KV pool; blocks under 256 MiB by line (MiB, count):")
+    print(
+        f"after the warm-up: allocated {persistent / GiB:.4f} GiB, {(persistent - weights_kv) / MiB:.1f} MiB "
+        f"besides the weights and the KV pool; blocks under 256 MiB by line (MiB, count):"
+    )
     for row in by_line([a for a in active if a["size"] < 256 * MiB]):
         print("   ", row)
     start = len(trace)
@@ -98,8 +114,11 @@ def main(budget_gib: float) -> None:
         gen(chats, max_new_tokens=new, return_full_text=False)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        print(f"{name}: {time.perf_counter() - t:.2f} s, peak allocated {peak / GiB:.4f} GiB, "
-              f"+{(peak - persistent) / MiB:.1f} MiB over the persistent set; {gen.report().stats}", flush=True)
+        print(
+            f"{name}: {time.perf_counter() - t:.2f} s, peak allocated {peak / GiB:.4f} GiB, "
+            f"+{(peak - persistent) / MiB:.1f} MiB over the persistent set; {gen.report().stats}",
+            flush=True,
+        )
         if name == "w1_scripted":  # the 1,024-token prefill passes: the workspace's peak
             _, live = live_at_peak(torch.cuda.memory._snapshot()["device_traces"][0], start)
             print("   live at its peak, made during the run (MiB, count):")
@@ -110,6 +129,8 @@ def main(budget_gib: float) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budget", type=float, default=28.5, help="GiB, as the capped stage's --capped")
+    ap.add_argument(
+        "--budget", type=float, default=28.5, help="GiB, as the capped stage's --capped"
+    )
     torch.set_grad_enabled(False)
     main(ap.parse_args().budget)

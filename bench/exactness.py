@@ -1,5 +1,6 @@
 """The fp32 stage: orinfer (one batched call) vs transformers generate at batch 1, fp32, free-running greedy, on
 the full-size random model: the token-exact match rate."""
+
 import gc
 from pathlib import Path
 
@@ -12,8 +13,14 @@ from workload import hf_model, random_init
 
 def fp32_exact(folder: Path, records: list, new_tokens: int = 32) -> dict:
     observer = Observer()
-    gen = optimize.build(folder, device="cuda", dtype="float32", init=random_init(1), progress=False,
-                         observer=observer)
+    gen = optimize.build(
+        folder,
+        device="cuda",
+        dtype="float32",
+        init=random_init(1),
+        progress=False,
+        observer=observer,
+    )
     hf = hf_model(gen.model, folder)
     chats = [r["message"] for r in records]
     gen(chats, max_new_tokens=new_tokens, return_full_text=False)
@@ -22,13 +29,25 @@ def fp32_exact(folder: Path, records: list, new_tokens: int = 32) -> dict:
     same, first_diff = 0, []
     for p, o in zip(prompts, ours):
         ids = torch.tensor([p], device="cuda")
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                          pad_token_id=32000)[0, len(p):].tolist()
+        ref = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=32000,
+        )[0, len(p) :].tolist()
         same += ref == o
         if ref != o:
-            first_diff.append(next((i for i, (a, b) in enumerate(zip(ref, o)) if a != b), min(len(ref), len(o))))
+            first_diff.append(
+                next((i for i, (a, b) in enumerate(zip(ref, o)) if a != b), min(len(ref), len(o)))
+            )
     del gen, hf
     gc.collect()
     torch.cuda.empty_cache()
-    return {"items": len(records), "new_tokens": new_tokens, "exact": same, "rate": same / len(records),
-            "first_mismatch_positions": first_diff}
+    return {
+        "items": len(records),
+        "new_tokens": new_tokens,
+        "exact": same,
+        "rate": same / len(records),
+        "first_mismatch_positions": first_diff,
+    }

@@ -4,6 +4,7 @@ The host's work to build one decode pass's inputs (runner.context) and to schedu
 one token; the KV pool and the tiny model live on the CPU, so context() here also runs the index arithmetic that a
 GPU does on the device: compare versions on one machine, not with the device's numbers. Scheduling and committing
 are timed on steady decode passes (one token a sequence), the collector paused as in a call."""
+
 import gc
 import sys
 import tempfile
@@ -25,13 +26,35 @@ from orinfer.attention.varlen import AttentionKernels  # noqa: E402
 
 
 def main(batches: list[int]) -> None:
-    model = optimize.build(write_tiny_model(Path(tempfile.mkdtemp()) / "tiny"), device="cpu", progress=False).engine.model
-    unused = AttentionKernels(varlen=lambda *a: None, packed=lambda *a: None, packed_queries=128)  # never called
+    model = optimize.build(
+        write_tiny_model(Path(tempfile.mkdtemp()) / "tiny"), device="cpu", progress=False
+    ).engine.model
+    unused = AttentionKernels(
+        varlen=lambda *a: None, packed=lambda *a: None, packed_queries=128
+    )  # never called
     runner = ModelRunner(model, 200_001, 1, BACKENDS["varlen"], unused)
     for batch in batches:
-        seqs = [Sequence(index=i, token_ids=list(range(100, 400)), num_prompt_tokens=280, max_new_tokens=256,
-                         block_table=range(1 + 300 * i, 301 + 300 * i), num_computed=299) for i in range(batch)]
-        works = [Work(seq=s, tokens=s.token_ids[-1:], start=s.num_tokens - 1, wants_logits=True, decode=True) for s in seqs]
+        seqs = [
+            Sequence(
+                index=i,
+                token_ids=list(range(100, 400)),
+                num_prompt_tokens=280,
+                max_new_tokens=256,
+                block_table=range(1 + 300 * i, 301 + 300 * i),
+                num_computed=299,
+            )
+            for i in range(batch)
+        ]
+        works = [
+            Work(
+                seq=s,
+                tokens=s.token_ids[-1:],
+                start=s.num_tokens - 1,
+                wants_logits=True,
+                decode=True,
+            )
+            for s in seqs
+        ]
         context = host_ms_per_call(lambda: runner.context(works))
         print(f"batch {batch}: context {context:.2f} ms, {decode_scheduling(batch)}", flush=True)
 
@@ -39,10 +62,20 @@ def main(batches: list[int]) -> None:
 def decode_scheduling(batch: int, passes: int = 60) -> str:
     """Scheduling and committing steady decode passes (one token each, no drafts) of `batch` sequences, with the
     cyclic collector paused as the engine pauses it: medians."""
-    seqs = [Sequence(index=i, token_ids=list(range(100 + i, 400 + i)), num_prompt_tokens=280, max_new_tokens=passes + 2)
-            for i in range(batch)]
-    scheduler = Scheduler(BlockManager(400_001, 1), Limits(max_num_seqs=512, max_batched_tokens=1 << 20,
-                                                           max_gather_tokens=1 << 30), eos_ids=[0])
+    seqs = [
+        Sequence(
+            index=i,
+            token_ids=list(range(100 + i, 400 + i)),
+            num_prompt_tokens=280,
+            max_new_tokens=passes + 2,
+        )
+        for i in range(batch)
+    ]
+    scheduler = Scheduler(
+        BlockManager(400_001, 1),
+        Limits(max_num_seqs=512, max_batched_tokens=1 << 20, max_gather_tokens=1 << 30),
+        eos_ids=[0],
+    )
     for s in seqs:
         scheduler.add(s)
     scheduler.postprocess(scheduler.schedule(), [5] * batch)  # the prompts' pass

@@ -16,6 +16,7 @@ each decode step the longest answer needs, at the same rates.
 
 White-box: it uses workload.py's ScriptedEngine for scripted answers (bench/README.md) and the stages' helpers.
 """
+
 import argparse
 import json
 import os
@@ -38,16 +39,32 @@ from orinfer.observe import Observer  # noqa: E402
 from orinfer.options import Options  # noqa: E402
 from orinfer.runfiles import forget_pages  # noqa: E402
 from orinfer.selfcheck import unique_prompt_tokens  # noqa: E402
-from workload import (answer_scripts, fresh_run, model_folder, random_init, scripted, set_scripts,  # noqa: E402
-                      synthetic_records, write_w1)
+from workload import (
+    answer_scripts,
+    fresh_run,
+    model_folder,
+    random_init,
+    scripted,
+    set_scripts,  # noqa: E402
+    synthetic_records,
+    write_w1,
+)
 
-(ORIN_GEMM, ORIN_READ), ORIN_LAUNCH = ORIN_MEASURED, 8e-6  # the measured rates (measure.py); a launch
+(ORIN_GEMM, ORIN_READ), ORIN_LAUNCH = (
+    ORIN_MEASURED,
+    8e-6,
+)  # the measured rates (measure.py); a launch
 # Kernel classes by the kernel's name, first match wins.
-CLASSES = [("attention", ("fmha", "flash", "attention", "efficient")),
-           ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm80_", "sm90_", "ampere_")),
-           ("norm/reduction", ("reduce", "norm")),
-           ("gather/copy", ("index", "gather", "scatter", "memcpy", "copy", "cat", "embedding")),
-           ("elementwise", ("elementwise", "vectorized", "unrolled", "silu", "mul", "add", "pow", "rsqrt"))]
+CLASSES = [
+    ("attention", ("fmha", "flash", "attention", "efficient")),
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm80_", "sm90_", "ampere_")),
+    ("norm/reduction", ("reduce", "norm")),
+    ("gather/copy", ("index", "gather", "scatter", "memcpy", "copy", "cat", "embedding")),
+    (
+        "elementwise",
+        ("elementwise", "vectorized", "unrolled", "silu", "mul", "add", "pow", "rsqrt"),
+    ),
+]
 
 
 def kernel_class(name: str) -> str:
@@ -75,18 +92,30 @@ def split(prof) -> dict:
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        cls, seconds = kernel_class(event.name), (event.time_range.end - event.time_range.start) / 1e6
+        cls, seconds = (
+            kernel_class(event.name),
+            (event.time_range.end - event.time_range.start) / 1e6,
+        )
         total, count = classes.get(cls, (0.0, 0))
         classes[cls] = (total + seconds, count + 1)
         named = names.setdefault(cls, {}).setdefault(event.name[:90], [0.0, 0])
         named[0] += seconds
         named[1] += 1
-    return {cls: {"seconds": s, "launches": n,
-                  "top": sorted(([name, t, k] for name, (t, k) in names[cls].items()), key=lambda x: -x[1])[:5]}
-            for cls, (s, n) in sorted(classes.items())}
+    return {
+        cls: {
+            "seconds": s,
+            "launches": n,
+            "top": sorted(
+                ([name, t, k] for name, (t, k) in names[cls].items()), key=lambda x: -x[1]
+            )[:5],
+        }
+        for cls, (s, n) in sorted(classes.items())
+    }
 
 
-def project(classes: dict, pass_tokens: list[int], flops_per_token: float, weight_bytes: int, rate: float) -> dict:
+def project(
+    classes: dict, pass_tokens: list[int], flops_per_token: float, weight_bytes: int, rate: float
+) -> dict:
     """Each class priced at the Orin's rates (a projection), and their sum."""
     gemm = sum(max(t * flops_per_token / ORIN_GEMM, weight_bytes / ORIN_READ) for t in pass_tokens)
     priced = {"gemm": gemm + classes.get("gemm", {}).get("launches", 0) * ORIN_LAUNCH}
@@ -96,15 +125,20 @@ def project(classes: dict, pass_tokens: list[int], flops_per_token: float, weigh
     return {"by_class_s": priced, "total_s": sum(priced.values())}
 
 
-def workloads(tokenizer, records: list, names: list[str]) -> list[tuple[str, list, list | None, int]]:
+def workloads(
+    tokenizer, records: list, names: list[str]
+) -> list[tuple[str, list, list | None, int]]:
     """W1 scripted; prefill-heavy: every W1 prompt, one scripted token each; decode-heavy: 16 W1 items free-running
     256 tokens; synthetic: W1's shape without OpenBookQA's text, scripted (workload.synthetic_records)."""
     scripts = answer_scripts(tokenizer, records)
     chats = [r["message"] for r in records]
     synthetic = synthetic_records(records)
-    runs = [("w1", chats, scripts, 500), ("prefill", chats, [s[:1] for s in scripts], 1),
-            ("decode", chats[:16], None, 256),
-            ("synthetic", [r["message"] for r in synthetic], answer_scripts(tokenizer, synthetic), 500)]
+    runs = [
+        ("w1", chats, scripts, 500),
+        ("prefill", chats, [s[:1] for s in scripts], 1),
+        ("decode", chats[:16], None, 256),
+        ("synthetic", [r["message"] for r in synthetic], answer_scripts(tokenizer, synthetic), 500),
+    ]
     return [run for run in runs if run[0] in names]
 
 
@@ -121,7 +155,11 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget", type=float, default=28.5)
     ap.add_argument("--workloads", default="w1,prefill,decode")
-    ap.add_argument("--no-table-read", action="store_true", help="skip W1 timed with cold and warm token-table pages")
+    ap.add_argument(
+        "--no-table-read",
+        action="store_true",
+        help="skip W1 timed with cold and warm token-table pages",
+    )
     args = ap.parse_args()
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "orinfer-kernels"
     tmp.mkdir(exist_ok=True)
@@ -132,15 +170,25 @@ def main() -> int:
     torch.cuda.init()
     cap_device(args.budget * GiB, rss_bytes())
     observer = Observer()
-    setup = optimize.prepare(folder, device="cuda", unified_memory=True, memory_budget=int(args.budget * GiB),
-                             options=Options(compile=False))
+    setup = optimize.prepare(
+        folder,
+        device="cuda",
+        unified_memory=True,
+        memory_budget=int(args.budget * GiB),
+        options=Options(compile=False),
+    )
     gen = scripted(setup.load(random_init(0), progress=False, observer=observer), None)
     drop_pages(folder)
     gen.warmup()
     flops_per_token, weight_bytes = pass_costs(setup.cfg)
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_rate": rate,
-              "plan": gen.report().plan.describe(), "attention": gen.describe(),
-              "rates": {"gemm": ORIN_GEMM, "read": ORIN_READ, "launch": ORIN_LAUNCH}}
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "copy_rate": rate,
+        "plan": gen.report().plan.describe(),
+        "attention": gen.describe(),
+        "rates": {"gemm": ORIN_GEMM, "read": ORIN_READ, "launch": ORIN_LAUNCH},
+    }
     for name, chats, script, new in workloads(gen.tokenizer, records, args.workloads.split(",")):
         start = fresh_run(gen)
         set_scripts(gen, script)
@@ -152,11 +200,20 @@ def main() -> int:
         tokens = [p.tokens for p in list(observer.passes)[start:]]
         prompts = [optimize.prompt_ids(gen.tokenizer, [c])[0] for c in chats]
         longest = max(map(len, script)) if script else new
-        floor = unique_prompt_tokens(prompts) * flops_per_token / ORIN_GEMM + (longest - 1) * weight_bytes / ORIN_READ
+        floor = (
+            unique_prompt_tokens(prompts) * flops_per_token / ORIN_GEMM
+            + (longest - 1) * weight_bytes / ORIN_READ
+        )
         classes = split(prof)
-        report[name] = {"seconds_here": seconds, "passes": len(tokens), "computed_tokens": sum(tokens),
-                        "unique_prompt_tokens": unique_prompt_tokens(prompts), "classes_here": classes,
-                        "orin": project(classes, tokens, flops_per_token, weight_bytes, rate), "floor_s": floor}
+        report[name] = {
+            "seconds_here": seconds,
+            "passes": len(tokens),
+            "computed_tokens": sum(tokens),
+            "unique_prompt_tokens": unique_prompt_tokens(prompts),
+            "classes_here": classes,
+            "orin": project(classes, tokens, flops_per_token, weight_bytes, rate),
+            "floor_s": floor,
+        }
         report[name]["x_floor"] = report[name]["orin"]["total_s"] / floor
         print(name, json.dumps(report[name]), flush=True)
     if not args.no_table_read:

@@ -13,6 +13,7 @@ agreement: the engine (its fast path) against transformers' generate at batch 1,
   bf16 and fp32: identical outputs and scores k/N; for each bf16 difference the first differing token and
   transformers' top-2 logit margin there; beside transformers' own bf16-against-fp32 agreement.
 """
+
 import argparse
 import gc
 import json
@@ -35,32 +36,48 @@ from workload import competition_record, fresh_run  # noqa: E402
 
 MC_NEW, CHAT_NEW = 48, 200
 CHATS = [
-    "List the numbers from 1 to 60, separated by commas.", "Count backwards from 40 to 1.",
+    "List the numbers from 1 to 60, separated by commas.",
+    "Count backwards from 40 to 1.",
     "Repeat the sentence 'the quick brown fox jumps over the lazy dog' ten times.",
-    "Write the multiplication table of 7, from 7 x 1 to 7 x 12.", "Explain step by step how to make a cup of tea.",
+    "Write the multiplication table of 7, from 7 x 1 to 7 x 12.",
+    "Explain step by step how to make a cup of tea.",
     "Write a Python function that returns the n-th Fibonacci number, and explain it.",
     "Write a short poem about the sea in which every line starts with 'The sea'.",
-    "Describe the water cycle in five steps.", "Write a JSON object describing three books with title and author.",
-    "Give me ten tips for studying, as a numbered list.", "Summarise the story of Little Red Riding Hood.",
+    "Describe the water cycle in five steps.",
+    "Write a JSON object describing three books with title and author.",
+    "Give me ten tips for studying, as a numbered list.",
+    "Summarise the story of Little Red Riding Hood.",
     "Write an HTML page with a table of the planets and their order from the sun.",
     "What are the days of the week in French, Spanish and German? Answer as a list.",
     "Explain what a prime number is and list the primes below 50.",
-    "Write a recipe for pancakes with ingredients and steps.", "Write a letter to a friend about your holiday.",
+    "Write a recipe for pancakes with ingredients and steps.",
+    "Write a letter to a friend about your holiday.",
 ]
-VARIANTS = {"off": Options(speculate=False), "off_unchained": Options(speculate=False, chain_decode=False),
-            "defaults": Options(),
-            "choices": Options(draft_sources=("choices",)), "own": Options(draft_sources=("own",)),
-            "pool": Options(draft_sources=("pool",)), "forced": Options(lookup_draft_tokens=1 << 20)}
+VARIANTS = {
+    "off": Options(speculate=False),
+    "off_unchained": Options(speculate=False, chain_decode=False),
+    "defaults": Options(),
+    "choices": Options(draft_sources=("choices",)),
+    "own": Options(draft_sources=("own",)),
+    "pool": Options(draft_sources=("pool",)),
+    "forced": Options(lookup_draft_tokens=1 << 20),
+}
 
 
 def workloads(mc_items: int) -> dict:
     """name -> (chats, max_new_tokens, answers or None)."""
-    public = [json.loads(line) for line in (ROOT / "data" / "test_dataset.jsonl").read_text().splitlines()]
-    obqa = [competition_record(json.loads(line)) for line in
-            (ROOT / "bench" / "data" / "openbookqa_test.jsonl").read_text().splitlines()]
+    public = [
+        json.loads(line) for line in (ROOT / "data" / "test_dataset.jsonl").read_text().splitlines()
+    ]
+    obqa = [
+        competition_record(json.loads(line))
+        for line in (ROOT / "bench" / "data" / "openbookqa_test.jsonl").read_text().splitlines()
+    ]
     mc = (public + obqa)[:mc_items]
-    return {"mc": ([r["message"] for r in mc], MC_NEW, [r["answer"] for r in mc]),
-            "chats": ([[{"role": "user", "content": c}] for c in CHATS], CHAT_NEW, None)}
+    return {
+        "mc": ([r["message"] for r in mc], MC_NEW, [r["answer"] for r in mc]),
+        "chats": ([[{"role": "user", "content": c}] for c in CHATS], CHAT_NEW, None),
+    }
 
 
 def timed_runs(gen, chats: list, new: int, batch: int) -> dict:
@@ -71,28 +88,48 @@ def timed_runs(gen, chats: list, new: int, batch: int) -> dict:
     generated, outputs = {}, []
     start = time.perf_counter()
     for first in range(0, len(chats), batch):
-        outputs += gen(chats[first:first + batch], max_new_tokens=new, return_full_text=False)
+        outputs += gen(chats[first : first + batch], max_new_tokens=new, return_full_text=False)
         generated.update({first + i: t for i, t in observer.generated.items()})
     seconds = time.perf_counter() - start
     stats, tokens = gen.report().stats, sum(map(len, generated.values()))
     per_request = observer.passes_per_request()
-    return {"seconds": seconds, "passes": stats["passes"], "generated_tokens": tokens,
-            "passes_per_generated_token": stats["passes"] / tokens,
-            "request_passes_per_generated_token": sum(per_request.values()) / tokens,
-            "draft_tokens": stats["draft_tokens"], "accepted_drafts": stats["accepted_drafts"],
-            "accepted_share": stats["accepted_drafts"] / max(1, stats["draft_tokens"]),
-            "outputs": [o[0]["generated_text"] for o in outputs], "tokens": [generated[i] for i in range(len(chats))]}
+    return {
+        "seconds": seconds,
+        "passes": stats["passes"],
+        "generated_tokens": tokens,
+        "passes_per_generated_token": stats["passes"] / tokens,
+        "request_passes_per_generated_token": sum(per_request.values()) / tokens,
+        "draft_tokens": stats["draft_tokens"],
+        "accepted_drafts": stats["accepted_drafts"],
+        "accepted_share": stats["accepted_drafts"] / max(1, stats["draft_tokens"]),
+        "outputs": [o[0]["generated_text"] for o in outputs],
+        "tokens": [generated[i] for i in range(len(chats))],
+    }
 
 
 def build(folder: Path, device: str, dtype: str, options: Options):
-    gen = optimize.build(folder, device=device, dtype=dtype, options=options, progress=False, observer=Observer(),
-                         kv_tokens=200_000)
+    gen = optimize.build(
+        folder,
+        device=device,
+        dtype=dtype,
+        options=options,
+        progress=False,
+        observer=Observer(),
+        kv_tokens=200_000,
+    )
     gen.warmup()
     return gen
 
 
-def drafting(folder: Path, device: str, loads: dict, quick: bool, variants: list[str], dtypes: list[str],
-             repeat: int) -> dict:
+def drafting(
+    folder: Path,
+    device: str,
+    loads: dict,
+    quick: bool,
+    variants: list[str],
+    dtypes: list[str],
+    repeat: int,
+) -> dict:
     out = {}
     for dtype in dtypes:
         for name in variants:
@@ -103,14 +140,22 @@ def drafting(folder: Path, device: str, loads: dict, quick: bool, variants: list
             for load, (chats, new, _) in loads.items():
                 sizes = (len(chats), 16) if quick or dtype == "float32" else (len(chats), 16, 1)
                 for batch in dict.fromkeys(sizes):  # 16 chats: batch 16 is the whole set, run once
-                    subset = chats if batch > 1 else chats[:30 if load == "mc" else 8]
+                    subset = chats if batch > 1 else chats[: 30 if load == "mc" else 8]
                     runs = [timed_runs(gen, subset, new, batch) for _ in range(repeat)]
-                    res = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median's run
+                    res = sorted(runs, key=lambda r: r["seconds"])[
+                        len(runs) // 2
+                    ]  # the median's run
                     key = f"{dtype}/{name}/{load}/batch{'all' if batch == len(chats) else batch}"
                     out[key] = {k: v for k, v in res.items() if k not in ("outputs", "tokens")}
                     out[key]["seconds_each"] = [r["seconds"] for r in runs]
-                    print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in out[key].items()},
-                          flush=True)
+                    print(
+                        key,
+                        {
+                            k: round(v, 4) if isinstance(v, float) else v
+                            for k, v in out[key].items()
+                        },
+                        flush=True,
+                    )
             out[f"{dtype}/{name}/attention"] = gen.describe()
             del gen
             gc.collect()
@@ -121,6 +166,7 @@ def drafting(folder: Path, device: str, loads: dict, quick: bool, variants: list
 def reference_tokens(folder: Path, device: str, dtype: torch.dtype, chats: list, new: int) -> tuple:
     """transformers' generate at batch 1, greedy: each input's new tokens (to its end token) and the model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     eos = set(eos_token_ids(folder))
@@ -128,7 +174,9 @@ def reference_tokens(folder: Path, device: str, dtype: torch.dtype, chats: list,
     for chat in chats:
         ids = torch.tensor([optimize.prompt_ids(tokenizer, [chat])[0]], device=device)
         with torch.no_grad():
-            new_ids = model.generate(ids, max_new_tokens=new, do_sample=False)[0, ids.shape[1]:].tolist()
+            new_ids = model.generate(ids, max_new_tokens=new, do_sample=False)[
+                0, ids.shape[1] :
+            ].tolist()
         end = next((i + 1 for i, t in enumerate(new_ids) if t in eos), len(new_ids))
         rows.append(new_ids[:end])
     return rows, model, tokenizer
@@ -155,7 +203,9 @@ def agreement(folder: Path, device: str, loads: dict, orin_path: bool = False) -
     with `orin_path`, the Orin's path at fp32 too."""
     out, theirs = {}, {}
     runs = [("float32", torch.float32, Options()), ("bfloat16", torch.bfloat16, Options())]
-    for dtype, torch_dtype, options in runs + ([("float32_orin_path", torch.float32, ORIN_PATH)] if orin_path else []):
+    for dtype, torch_dtype, options in runs + (
+        [("float32_orin_path", torch.float32, ORIN_PATH)] if orin_path else []
+    ):
         gen = build(folder, device, dtype.removesuffix("_orin_path"), options)
         for load, (chats, new, answers) in loads.items():
             ours = timed_runs(gen, chats, new, len(chats))
@@ -164,24 +214,46 @@ def agreement(folder: Path, device: str, loads: dict, orin_path: bool = False) -
             differences = []
             for i, (a, b) in enumerate(zip(ours["tokens"], rows)):
                 if a != b:
-                    j = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                    differences.append({"record": i, "position": j, "ours": a[j] if j < len(a) else None,
-                                        "theirs": b[j] if j < len(b) else None,
-                                        "their_top2_margin": margin(model, tokenizer, chats[i], b[:j], device)})
+                    j = next(
+                        (j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))
+                    )
+                    differences.append(
+                        {
+                            "record": i,
+                            "position": j,
+                            "ours": a[j] if j < len(a) else None,
+                            "theirs": b[j] if j < len(b) else None,
+                            "their_top2_margin": margin(model, tokenizer, chats[i], b[:j], device),
+                        }
+                    )
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
             out[f"{dtype}/{load}"] = {
-                "records": len(chats), "identical": len(chats) - len(differences), "differences": differences,
+                "records": len(chats),
+                "identical": len(chats) - len(differences),
+                "differences": differences,
                 "score_ours": score(ours["outputs"], answers) if answers else None,
-                "score_theirs": score(texts, answers) if answers else None}
-            print(dtype, load, {k: v for k, v in out[f"{dtype}/{load}"].items() if k != "differences"},
-                  "margins", sorted(round(d["their_top2_margin"], 3) for d in differences), flush=True)
+                "score_theirs": score(texts, answers) if answers else None,
+            }
+            print(
+                dtype,
+                load,
+                {k: v for k, v in out[f"{dtype}/{load}"].items() if k != "differences"},
+                "margins",
+                sorted(round(d["their_top2_margin"], 3) for d in differences),
+                flush=True,
+            )
             del model
         del gen
         gc.collect()
     for load in loads:  # transformers' own bf16 against its fp32
         same = sum(a == b for a, b in zip(theirs["bfloat16", load], theirs["float32", load]))
-        out[f"transformers_bf16_vs_fp32/{load}"] = {"records": len(theirs["float32", load]), "identical": same}
-        print("transformers bf16 vs fp32", load, same, "/", len(theirs["float32", load]), flush=True)
+        out[f"transformers_bf16_vs_fp32/{load}"] = {
+            "records": len(theirs["float32", load]),
+            "identical": same,
+        }
+        print(
+            "transformers bf16 vs fp32", load, same, "/", len(theirs["float32", load]), flush=True
+        )
     return out
 
 
@@ -190,23 +262,52 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--stages", default="drafting,agreement")
-    ap.add_argument("--mc-items", type=int, default=100, help="competition-format records: the public set first")
+    ap.add_argument(
+        "--mc-items", type=int, default=100, help="competition-format records: the public set first"
+    )
     ap.add_argument("--quick", action="store_true", help="no batch-1 runs (the CPU's)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"drafting's variants, of {','.join(VARIANTS)}")
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"drafting's variants, of {','.join(VARIANTS)}",
+    )
     ap.add_argument("--dtypes", default="bfloat16,float32", help="drafting's dtypes")
-    ap.add_argument("--loads", default="mc,chats", help="workloads: mc (competition-format records), chats")
-    ap.add_argument("--repeat", type=int, default=1, help="drafting: time each run N times, report the median")
-    ap.add_argument("--orin-path", action="store_true", help="agreement: also the Orin's path (eager, padded) at fp32")
+    ap.add_argument(
+        "--loads", default="mc,chats", help="workloads: mc (competition-format records), chats"
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="drafting: time each run N times, report the median"
+    )
+    ap.add_argument(
+        "--orin-path",
+        action="store_true",
+        help="agreement: also the Orin's path (eager, padded) at fp32",
+    )
     args = ap.parse_args()
     folder = smollm2("llama")
     loads = {k: v for k, v in workloads(args.mc_items).items() if k in args.loads.split(",")}
     import transformers
-    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
-              "transformers": transformers.__version__, "model": "SmolLM2-135M-Instruct in its own Llama layout"}
+
+    result = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "model": "SmolLM2-135M-Instruct in its own Llama layout",
+    }
     for stage in args.stages.split(","):
-        result[stage] = agreement(folder, args.device, loads, args.orin_path) if stage == "agreement" else \
-            drafting(folder, args.device, loads, args.quick, args.variants.split(","), args.dtypes.split(","),
-                     args.repeat)
+        result[stage] = (
+            agreement(folder, args.device, loads, args.orin_path)
+            if stage == "agreement"
+            else drafting(
+                folder,
+                args.device,
+                loads,
+                args.quick,
+                args.variants.split(","),
+                args.dtypes.split(","),
+                args.repeat,
+            )
+        )
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "real_text.json").write_text(json.dumps(result, indent=1))
 

@@ -8,6 +8,7 @@ test_script.main's `prepare` hook, the documented way to hand a run its set-up.
 table read from a checkpoint file, eager kernels: JetPack's torch has no Triton); run it with the Jetson image's transformers on PYTHONPATH for the Orin emulation.
 The folder has no modeling code, so transformers' own Phi3ForCausalLM is the reference.
 """
+
 import argparse
 import contextlib
 import io
@@ -51,20 +52,44 @@ def main() -> int:
         setup = optimize.prepare(model_dir, unified_memory=True if args.unified else None, **kw)
         return RandomWeights(**{f.name: getattr(setup, f.name) for f in fields(setup)})
 
-    argv = ["--self-check", "--model", str(folder), "--data", str(write_w1(tmp)), "--dtype", args.dtype,
-            "--memory-budget", args.memory_budget] + (["--no-compile"] if args.unified else [])  # no Triton on JetPack
+    argv = [
+        "--self-check",
+        "--model",
+        str(folder),
+        "--data",
+        str(write_w1(tmp)),
+        "--dtype",
+        args.dtype,
+        "--memory-budget",
+        args.memory_budget,
+    ] + (["--no-compile"] if args.unified else [])  # no Triton on JetPack
     report, start = io.StringIO(), time.perf_counter()
     with contextlib.redirect_stdout(report):
         code = test_script.main(argv, prepare=prepare)
     seconds = time.perf_counter() - start
-    print(report.getvalue(), f"exit {code}, {seconds:.0f} s (the load included)", sep="\n", flush=True)
+    print(
+        report.getvalue(), f"exit {code}, {seconds:.0f} s (the load included)", sep="\n", flush=True
+    )
     import torch
     import transformers
+
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"self_check_{args.dtype}{'_unified' if args.unified else ''}.json").write_text(json.dumps(
-        {"argv": argv, "exit": code, "seconds": seconds, "report": report.getvalue().splitlines(),
-         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-         "transformers": transformers.__version__}, indent=1))
+    (
+        Path(args.out) / f"self_check_{args.dtype}{'_unified' if args.unified else ''}.json"
+    ).write_text(
+        json.dumps(
+            {
+                "argv": argv,
+                "exit": code,
+                "seconds": seconds,
+                "report": report.getvalue().splitlines(),
+                "device": torch.cuda.get_device_name(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            },
+            indent=1,
+        )
+    )
     return code
 
 

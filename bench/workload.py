@@ -1,6 +1,7 @@
 """White-box (it subclasses the engine, see bench/README.md). What the benchmark runs: workload W1 (OpenBookQA test
 in the competition's format), scripted answers for orinfer (a bench-side Engine) and for transformers (a
 LogitsProcessor), and the random Phi-3-medium both share."""
+
 import gc
 import json
 from dataclasses import replace
@@ -16,21 +17,28 @@ from orinfer.tiny import ASSETS, END_TOKEN
 ROOT = Path(__file__).resolve().parents[1]
 
 
-PROMPT = ("\nRead the question and answer the following sentence in given multiple choice.\nAnswer only the sentence "
-          "you chose. Never include a question and other word in your answer.\n\nquestion: {stem}\nchoices: {choices}\n")
+PROMPT = (
+    "\nRead the question and answer the following sentence in given multiple choice.\nAnswer only the sentence "
+    "you chose. Never include a question and other word in your answer.\n\nquestion: {stem}\nchoices: {choices}\n"
+)
 
 
 def competition_record(row: dict) -> dict:
     """One OpenBookQA row (HF schema) as a competition record: the organisers' prompt, answer = the gold choice."""
     texts = row["choices"]["text"]
     content = PROMPT.format(stem=row["question_stem"], choices=repr(texts))
-    return {"message": [{"role": "user", "content": content}],
-            "answer": texts[row["choices"]["label"].index(row["answerKey"])]}
+    return {
+        "message": [{"role": "user", "content": content}],
+        "answer": texts[row["choices"]["label"].index(row["answerKey"])],
+    }
 
 
 def write_w1(folder: Path) -> Path:
     """W1: OpenBookQA test (500 items) as competition records, written as the JSONL file Section 3 reads."""
-    rows = [json.loads(line) for line in (ROOT / "bench" / "data" / "openbookqa_test.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (ROOT / "bench" / "data" / "openbookqa_test.jsonl").read_text().splitlines()
+    ]
     path = folder / "w1.jsonl"
     path.write_text("".join(json.dumps(competition_record(r)) + "\n" for r in rows))
     return path
@@ -42,23 +50,39 @@ def synthetic_records(records: list, seed: int = 0) -> list[dict]:
     kept), the same number of choices, the answer the choice at the gold one's place, and the organisers' prompt."""
     import ast
     import random
+
     rng = random.Random(seed)
 
     def word(w: str) -> str:
-        return "".join(rng.choice("aeiou" if i % 2 else "bcdfghklmnprstvz") if c.isalpha() else c
-                       for i, c in enumerate(w)).capitalize() if w[:1].isupper() else \
-            "".join(rng.choice("aeiou" if i % 2 else "bcdfghklmnprstvz") if c.isalpha() else c for i, c in enumerate(w))
+        return (
+            "".join(
+                rng.choice("aeiou" if i % 2 else "bcdfghklmnprstvz") if c.isalpha() else c
+                for i, c in enumerate(w)
+            ).capitalize()
+            if w[:1].isupper()
+            else "".join(
+                rng.choice("aeiou" if i % 2 else "bcdfghklmnprstvz") if c.isalpha() else c
+                for i, c in enumerate(w)
+            )
+        )
 
     def text(t: str) -> str:
         return " ".join(word(w) for w in t.split(" "))
+
     out = []
     for r in records:
         content = r["message"][0]["content"]
         stem = content.split("question: ", 1)[1].split("\nchoices: ", 1)[0]
         choices = ast.literal_eval(content.rsplit("choices: ", 1)[1].strip())
         new = [text(c) for c in choices]
-        out.append({"message": [{"role": "user", "content": PROMPT.format(stem=text(stem), choices=repr(new))}],
-                    "answer": new[choices.index(r["answer"])]})
+        out.append(
+            {
+                "message": [
+                    {"role": "user", "content": PROMPT.format(stem=text(stem), choices=repr(new))}
+                ],
+                "answer": new[choices.index(r["answer"])],
+            }
+        )
     return out
 
 
@@ -77,8 +101,14 @@ class ScriptedEngine(Engine):
     argmax on the device, so with scripts they are off."""
 
     def __init__(self, engine: Engine, scripts: list[list[int]] | None):
-        super().__init__(engine.model, engine.eos_ids, engine.plan, engine.options, runner=engine.runner,
-                         observer=engine.observer)
+        super().__init__(
+            engine.model,
+            engine.eos_ids,
+            engine.plan,
+            engine.options,
+            runner=engine.runner,
+            observer=engine.observer,
+        )
         self.lookup_draft_tokens = engine.lookup_draft_tokens
         self._chain = engine.options.chain_decode
         self.scripts = scripts
@@ -100,12 +130,15 @@ class ScriptedEngine(Engine):
         for w in works:
             if not w.wants_logits:
                 continue
-            rows = tokens[pos:pos + w.sampled_rows]
+            rows = tokens[pos : pos + w.sampled_rows]
             pos += len(rows)
             script = self.scripts[w.seq.index] if 0 <= w.seq.index < len(self.scripts) else None
             done = w.seq.num_generated
-            out += rows if script is None else [script[done + j] if done + j < len(script) else t
-                                                for j, t in enumerate(rows)]
+            out += (
+                rows
+                if script is None
+                else [script[done + j] if done + j < len(script) else t for j, t in enumerate(rows)]
+            )
         return out
 
 
@@ -128,6 +161,7 @@ def long_answers(scripts: list[list[int]], count: int, length: int = 500) -> lis
 def model_folder(tmp: Path) -> Path:
     """Config, generation config and tokenizer of Phi-3-medium; no weights (they are made on the GPU)."""
     import shutil
+
     folder = tmp / "phi3-medium-random"
     folder.mkdir()
     for f in ["config.json", "generation_config.json"]:
@@ -148,6 +182,7 @@ def random_init(seed: int):
                     p.fill_(1.0)
                 else:
                     p.normal_(0.0, 0.02, generator=g)
+
     return init
 
 
@@ -162,7 +197,11 @@ class Scripted:
         rows, length = input_ids.shape
         prev = self.previous
         self.previous = input_ids.clone()
-        if prev is None or prev.shape != (rows, length - 1) or not torch.equal(prev, input_ids[:, :-1]):
+        if (
+            prev is None
+            or prev.shape != (rows, length - 1)
+            or not torch.equal(prev, input_ids[:, :-1])
+        ):
             self.start = length  # a new generate() call: the rows are prompts (left-padded)
             self.scripts = []
             for row in input_ids.tolist():

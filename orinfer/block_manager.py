@@ -1,24 +1,29 @@
-"""Owner of the KV cache's fixed-size blocks: who holds which block, and which blocks hold a known prompt prefix.
+"""Owner of the KV cache's fixed-size blocks: who holds which block, and which blocks hold a known
+prompt prefix.
 
-A full block of prompt tokens is published under a hash chained over every token before it, so a later prompt that
-starts the same way (the competition's shared instruction) reuses those blocks instead of recomputing them. A block
-whose last owner leaves keeps its hash while it waits in the free list (oldest reused first), so a prefix stays
-reusable until the memory is actually needed.
+A full block of prompt tokens is published under a hash chained over every token before it, so a
+later prompt that starts the same way (the competition's shared instruction) reuses those blocks
+instead of recomputing them. A block whose last owner leaves keeps its hash while it waits in the
+free list (oldest reused first), so a prefix stays reusable until the memory is actually needed.
 
-Follows nano-vllm's block manager (https://github.com/GeeeekExplorer/nano-vllm, MIT: nanovllm/engine/block_manager.py:
-reference-counted blocks, prefix blocks published under a chained hash) and vLLM's automatic prefix caching.
+Follows nano-vllm's block manager (https://github.com/GeeeekExplorer/nano-vllm, MIT:
+nanovllm/engine/block_manager.py: reference-counted blocks, prefix blocks published under a chained
+hash) and vLLM's automatic prefix caching.
 """
+
 from collections import OrderedDict
 from typing import Callable
 
 from .integers import ceil_div
 from .sequence import Sequence
 
-SCRATCH_BLOCK = 0  # never handed out: padding tokens write here and padded block-table entries point here
+# never handed out: padding tokens write here and padded block-table entries point here
+SCRATCH_BLOCK = 0
 
 
 class BlockManager:
-    """`hasher` chains a block's hash from the one before it and its tokens (tests give one that collides)."""
+    """`hasher` chains a block's hash from the one before it and its tokens (tests give one that
+    collides)."""
 
     def __init__(self, num_blocks: int, block_size: int, hasher: Callable[[tuple], int] = hash):
         if num_blocks < 2:
@@ -54,27 +59,31 @@ class BlockManager:
         return block
 
     def hash_prompt(self, seq: Sequence) -> None:
-        """Hash the full blocks of a queued request's prompt now: the engine queues requests while the device runs
-        a pass, so admitting them later (on the critical path between passes) only looks the hashes up."""
+        """Hash the full blocks of a queued request's prompt now: the engine queues requests while
+        the device runs a pass, so admitting them later (on the critical path between passes) only
+        looks the hashes up."""
         self._hashes(seq, seq.num_prompt_tokens // self.block_size)
 
     def _hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
-        """Chained hashes of the sequence's first `num_blocks` full blocks. Each is computed once per sequence and
-        kept on it (its tokens only ever grow): admission and publishing both walk the prompt's blocks. Plain ints:
-        the cyclic collector never scans them (a tuple per block would make 4*10^4 objects for it on W1)."""
+        """Chained hashes of the sequence's first `num_blocks` full blocks. Each is computed once
+        per sequence and kept on it (its tokens only ever grow): admission and publishing both walk
+        the prompt's blocks. Plain ints: the cyclic collector never scans them (a tuple per block
+        would make 4*10^4 objects for it on W1)."""
         known, bs, ids, hasher = seq.block_hashes, self.block_size, seq.token_ids, self.hasher
         h = known[-1] if known else 0
         for i in range(len(known), num_blocks):
-            h = hasher((h, *ids[i * bs:(i + 1) * bs]))
+            h = hasher((h, *ids[i * bs : (i + 1) * bs]))
             known.append(h)
         return known[:num_blocks]
 
     def _tokens(self, seq: Sequence, i: int) -> tuple:
-        """The tokens of the sequence's block i: a published block keeps them, so a hash collision is never reuse."""
-        return tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+        """The tokens of the sequence's block i: a published block keeps them, so a hash collision
+        is never reuse."""
+        return tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
 
     def reuse_prefix(self, seq: Sequence) -> None:
-        """Give a new sequence the cached blocks of its longest published prefix (leaving >= 1 token to compute)."""
+        """Give a new sequence the cached blocks of its longest published prefix (leaving >= 1 token
+        to compute)."""
         assert not seq.block_table and seq.num_computed == 0
         for i, h in enumerate(self._hashes(seq, (seq.num_tokens - 1) // self.block_size)):
             block = self.by_hash.get(h)
@@ -87,7 +96,8 @@ class BlockManager:
         return max(0, ceil_div(num_tokens, self.block_size) - len(seq.block_table))
 
     def grow(self, seq: Sequence, num_tokens: int) -> bool:
-        """Make room for `num_tokens` tokens in total; False (and nothing taken) if the cache is short."""
+        """Make room for `num_tokens` tokens in total; False (and nothing taken) if the cache is
+        short."""
         need = self.blocks_needed(seq, num_tokens)
         if need > self.num_free:
             return False
@@ -95,9 +105,12 @@ class BlockManager:
         return True
 
     def publish(self, seq: Sequence, num_tokens: int) -> list[int]:
-        """Publish the full prompt blocks among the first `num_tokens` tokens; returns the blocks newly published."""
+        """Publish the full prompt blocks among the first `num_tokens` tokens; returns the blocks
+        newly published."""
         published = []
-        for i, h in enumerate(self._hashes(seq, min(num_tokens, seq.num_prompt_tokens) // self.block_size)):
+        for i, h in enumerate(
+            self._hashes(seq, min(num_tokens, seq.num_prompt_tokens) // self.block_size)
+        ):
             block = seq.block_table[i]
             if self.block_hash[block] is None and h not in self.by_hash:
                 self.block_hash[block], self.block_tokens[block] = h, self._tokens(seq, i)

@@ -1,6 +1,8 @@
-"""The generation loop: while the device runs pass n, the host schedules pass n+1 and, where it can fill it without
-pass n's tokens (other sequences, or pass n's decode steps chained to it: fed their tokens on the device), launches
-it before collecting pass n (else it collects first and tops pass n+1 up), until every request has finished."""
+"""The generation loop: while the device runs pass n, the host schedules pass n+1 and, where it can
+fill it without pass n's tokens (other sequences, or pass n's decode steps chained to it: fed their
+tokens on the device), launches it before collecting pass n (else it collects first and tops pass
+n+1 up), until every request has finished."""
+
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -20,9 +22,10 @@ from .scheduler import Limits, Scheduler
 from .sequence import Sequence, Work
 from .warmup import meet_gemm_kernels, probe, tokens_at_one_token_cost
 
-# The share of its token budget a pass launched ahead of the one in flight must fill. On W1 under a 32 GB Orin's plan
-# (256 tokens a pass) 0.5 gave 110 passes, 0.75 gave 104, 0.9 gave 102 like the loop without launching ahead (CPU pass
-# stage); on the H200's plan all three give the same 6 passes.
+# The share of its token budget a pass launched ahead of the one in flight must fill. On W1 under a
+# 32 GB Orin's plan (256 tokens a pass) 0.5 gave 110 passes, 0.75 gave 104, 0.9 gave 102 like the
+# loop without launching ahead (CPU pass stage); on the H200's plan all three give the same 6
+# passes.
 AHEAD_FILL = 0.9
 # Engine.warmup's steps, in the order they run.
 WARMUP_STEPS = ("token_table", "gemms", "lookup_budget", "graphs", "probe")
@@ -30,9 +33,11 @@ WARMUP_STEPS = ("token_table", "gemms", "lookup_budget", "graphs", "probe")
 
 @dataclass(frozen=True)
 class Report:
-    """What an engine holds and has counted (a copy, read-only): its memory plan, the counters since the last reset
-    (passes, drafts, preemptions...), the CUDA graphs captured, the KV pool's and the device weights' bytes, the
-    pass size under which lookup drafts ride along, and the attention line (Engine.describe)."""
+    """What an engine holds and has counted (a copy, read-only): its memory plan, the counters since
+    the last reset (passes, drafts, preemptions...), the CUDA graphs captured, the KV pool's and the
+    device weights' bytes, the pass size under which lookup drafts ride along, and the attention
+    line (Engine.describe)."""
+
     plan: MemoryPlan
     stats: dict
     graphs: int
@@ -43,28 +48,64 @@ class Report:
 
 
 class Engine:
-    """Assembled by optimize.Setup.load, which resolves the options into the plan (its pass size) and the kernels.
-    `options`: how it runs (options.py). `attention`: (backend, its kernels), as attention.resolve gives them
-    (default: the padded layout); `runner`: the device's owner (default: one built from the plan). `observer`: what
-    a benchmark or a test sees of each pass and request (observe.py); none by default, and then nothing is recorded."""
+    """Assembled by optimize.Setup.load, which resolves the options into the plan (its pass size)
+    and the kernels. `options`: how it runs (options.py). `attention`: (backend, its kernels), as
+    attention.resolve gives them (default: the padded layout); `runner`: the device's owner
+    (default: one built from the plan). `observer`: what a benchmark or a test sees of each pass and
+    request (observe.py); none by default, and then nothing is recorded."""
 
-    def __init__(self, model: CausalLM, eos_ids: list[int], plan: MemoryPlan, options: Options = Options(),
-                 attention: tuple[Backend, object] | None = None, runner: ModelRunner | None = None,
-                 observer: Observer | None = None):
-        self.model, self.eos_ids, self.plan, self.options, self.observer = model, eos_ids, plan, options, observer
+    def __init__(
+        self,
+        model: CausalLM,
+        eos_ids: list[int],
+        plan: MemoryPlan,
+        options: Options = Options(),
+        attention: tuple[Backend, object] | None = None,
+        runner: ModelRunner | None = None,
+        observer: Observer | None = None,
+    ):
+        self.model, self.eos_ids, self.plan, self.options, self.observer = (
+            model,
+            eos_ids,
+            plan,
+            options,
+            observer,
+        )
         if runner is None:
-            runner = ModelRunner(model, plan.num_blocks, plan.block_size, *(attention or (FALLBACK, ())),
-                                 max_gather_tokens=plan.max_gather_tokens)
+            runner = ModelRunner(
+                model,
+                plan.num_blocks,
+                plan.block_size,
+                *(attention or (FALLBACK, ())),
+                max_gather_tokens=plan.max_gather_tokens,
+            )
         self.runner = runner
         self.blocks = BlockManager(plan.num_blocks, plan.block_size)
-        # A decode pass reads every weight once; it stays memory-bound up to roughly this many tokens on GPUs
-        # (machine balance ~130 FLOP/byte on Orin, ~200 on H200), so that many lookup drafts ride along free. The
-        # warm-up measures it on this device (warmup.tokens_at_one_token_cost); 128 until then.
+        # A decode pass reads every weight once; it stays memory-bound up to roughly this many
+        # tokens on GPUs (machine balance ~130 FLOP/byte on Orin, ~200 on H200), so that many lookup
+        # drafts ride along free. The warm-up measures it on this device
+        # (warmup.tokens_at_one_token_cost); 128 until then.
         lookup = options.lookup_draft_tokens
-        self.lookup_draft_tokens = lookup if lookup is not None else 128 if model.device.type == "cuda" else 0
-        # The one stats object: the loop's counters, and the scheduler's (preemptions, drafts), which it adds to.
-        self.stats = Counter({name: 0 for name in ("passes", "preemptions", "oom_retries", "prefill_tokens",
-                                                   "max_batch", "draft_tokens", "accepted_drafts", "chained_passes")})
+        self.lookup_draft_tokens = (
+            lookup if lookup is not None else 128 if model.device.type == "cuda" else 0
+        )
+        # The one stats object: the loop's counters, and the scheduler's (preemptions, drafts),
+        # which it adds to.
+        self.stats = Counter(
+            {
+                name: 0
+                for name in (
+                    "passes",
+                    "preemptions",
+                    "oom_retries",
+                    "prefill_tokens",
+                    "max_batch",
+                    "draft_tokens",
+                    "accepted_drafts",
+                    "chained_passes",
+                )
+            }
+        )
 
     @property
     def lookup_budget(self) -> int:
@@ -74,29 +115,45 @@ class Engine:
     def _limits(self) -> Limits:
         p, speculate, sources = self.plan, self.options.speculate, self.options.draft_sources
         looks_up = speculate and ("own" in sources or "pool" in sources)
-        return Limits(max_num_seqs=p.max_num_seqs, max_batched_tokens=p.max_batched_tokens,
-                      max_gather_tokens=p.max_gather_tokens if self.runner.backend.gathers_whole_pass else None,
-                      max_drafts=p.max_drafts if speculate else 0,
-                      lookup_draft_tokens=self.lookup_draft_tokens if looks_up else 0,
-                      own_drafts="own" in sources, pool_drafts="pool" in sources)
+        return Limits(
+            max_num_seqs=p.max_num_seqs,
+            max_batched_tokens=p.max_batched_tokens,
+            max_gather_tokens=p.max_gather_tokens
+            if self.runner.backend.gathers_whole_pass
+            else None,
+            max_drafts=p.max_drafts if speculate else 0,
+            lookup_draft_tokens=self.lookup_draft_tokens if looks_up else 0,
+            own_drafts="own" in sources,
+            pool_drafts="pool" in sources,
+        )
 
     def _collect(self, works: list[Work], pending: Pending) -> list[int]:
-        """A launched pass's sampled tokens, the model's argmax (waits for that pass only); the observer hears of it."""
+        """A launched pass's sampled tokens, the model's argmax (waits for that pass only); the
+        observer hears of it."""
         tokens = self.runner.collect(pending)
         if self.observer is not None:
-            self.observer.on_pass(PassRecord(
-                tokens=sum(len(w.tokens) for w in works), requests=tuple(w.seq.index for w in works),
-                build_s=pending.t1 - pending.t0, wait_s=pending.t2 - pending.t1, graph=pending.graph,
-                started=pending.t0, device=pending.device_span))
+            self.observer.on_pass(
+                PassRecord(
+                    tokens=sum(len(w.tokens) for w in works),
+                    requests=tuple(w.seq.index for w in works),
+                    build_s=pending.t1 - pending.t0,
+                    wait_s=pending.t2 - pending.t1,
+                    graph=pending.graph,
+                    started=pending.t0,
+                    device=pending.device_span,
+                )
+            )
         return tokens
 
     def warmup(self, steps: tuple[str, ...] = WARMUP_STEPS) -> None:
-        """Untimed preparation before the clock starts, in named steps (WARMUP_STEPS; a benchmark may take them one
-        at a time): "token_table" reads a token table kept in the checkpoint's file once, so that its rows are in
-        the page cache (loader.FileRows.warm), "gemms" meets every GEMM kernel a pass can ask for, "lookup_budget" measures the pass size under
-        which lookup drafts ride along, "graphs" captures the CUDA graphs, "probe" runs competition-shaped requests
-        (random ids) so that the allocators grow their pools now (graph capture empties the device cache, so it
-        comes first). The prefix cache is left empty. Only the first step has anything to do off CUDA."""
+        """Untimed preparation before the clock starts, in named steps (WARMUP_STEPS; a benchmark
+        may take them one at a time): "token_table" reads a token table kept in the checkpoint's
+        file once, so that its rows are in the page cache (loader.FileRows.warm), "gemms" meets
+        every GEMM kernel a pass can ask for, "lookup_budget" measures the pass size under which
+        lookup drafts ride along, "graphs" captures the CUDA graphs, "probe" runs competition-shaped
+        requests (random ids) so that the allocators grow their pools now (graph capture empties the
+        device cache, so it comes first). The prefix cache is left empty. Only the first step has
+        anything to do off CUDA."""
         if "token_table" in steps:
             for module in self.model.modules():
                 if isinstance(getattr(module, "rows", None), FileRows):
@@ -105,12 +162,26 @@ class Engine:
             return
         p, runner = self.plan, self.runner
         if "gemms" in steps:
-            graphs = runner.backend.graphs_every_small_pass and p.cuda_graphs and self.options.cuda_graphs
-            meet_gemm_kernels(self.model, p.max_batched_tokens, p.max_num_seqs * (1 + p.max_drafts),
-                              runner.eager_padding, every_small_count=not graphs)
+            graphs = (
+                runner.backend.graphs_every_small_pass
+                and p.cuda_graphs
+                and self.options.cuda_graphs
+            )
+            meet_gemm_kernels(
+                self.model,
+                p.max_batched_tokens,
+                p.max_num_seqs * (1 + p.max_drafts),
+                runner.eager_padding,
+                every_small_count=not graphs,
+            )
         if "lookup_budget" in steps and self.options.lookup_draft_tokens is None:
             self.lookup_draft_tokens = tokens_at_one_token_cost(self.model, p.max_batched_tokens)
-        if "graphs" in steps and self.options.cuda_graphs and p.cuda_graphs and not len(runner.graphs):
+        if (
+            "graphs" in steps
+            and self.options.cuda_graphs
+            and p.cuda_graphs
+            and not len(runner.graphs)
+        ):
             runner.capture_graphs(p.max_batched_tokens, p.max_num_seqs, p.max_gather_tokens)
         if "probe" in steps:
             self.generate(probe(p.max_batched_tokens, p.max_num_seqs))
@@ -118,24 +189,37 @@ class Engine:
 
     def report(self) -> Report:
         """What this engine holds and has counted (a copy)."""
-        return Report(plan=self.plan, stats=dict(self.stats), graphs=len(self.runner.graphs),
-                      kv_bytes=self.runner.kv.nbytes,
-                      weight_bytes=sum(p.nbytes for p in self.model.parameters() if not p.is_meta),
-                      lookup_budget=self.lookup_budget, attention=self.describe())
+        return Report(
+            plan=self.plan,
+            stats=dict(self.stats),
+            graphs=len(self.runner.graphs),
+            kv_bytes=self.runner.kv.nbytes,
+            weight_bytes=sum(p.nbytes for p in self.model.parameters() if not p.is_meta),
+            lookup_budget=self.lookup_budget,
+            attention=self.describe(),
+        )
 
     def describe(self) -> str:
         """The attention backend and kernels this engine runs (one line)."""
         runner, lookup = self.runner, self.lookup_budget
-        return (f"attention: {runner.backend.name} backend ({runner.layouts[0].name}); elementwise kernels "
-                f"{'compiled' if self.model.kernels.fused else 'eager'}"
-                + (f"; lookup drafts while a pass has < {lookup} tokens" if lookup else "; no lookup drafts"))
+        return (
+            f"attention: {runner.backend.name} backend ({runner.layouts[0].name}); elementwise "
+            f"kernels {'compiled' if self.model.kernels.fused else 'eager'}"
+            + (
+                f"; lookup drafts while a pass has < {lookup} tokens"
+                if lookup
+                else "; no lookup drafts"
+            )
+        )
 
     def release(self) -> None:
-        """Give back the KV pool and the CUDA graphs; the model stays. The engine cannot run after this."""
+        """Give back the KV pool and the CUDA graphs; the model stays. The engine cannot run after
+        this."""
         self.runner.release()
 
     def reset(self) -> None:
-        """Forget every cached prompt prefix and zero the counters: a later call reuses nothing of an earlier one."""
+        """Forget every cached prompt prefix and zero the counters: a later call reuses nothing of
+        an earlier one."""
         self.reset_prefix_cache()
         for name in self.stats:
             self.stats[name] = 0
@@ -144,18 +228,25 @@ class Engine:
         """Forget every cached prompt prefix (nothing may be running)."""
         self.blocks = BlockManager(self.plan.num_blocks, self.plan.block_size)
 
-    def generate(self, seqs: Iterable[Sequence], on_finish: Callable[[Sequence], None] | None = None,
-                 progress: bool = False, total: int | None = None) -> list[Sequence]:
-        """Run every sequence to completion (they are modified in place); returns them in input order.
+    def generate(
+        self,
+        seqs: Iterable[Sequence],
+        on_finish: Callable[[Sequence], None] | None = None,
+        progress: bool = False,
+        total: int | None = None,
+    ) -> list[Sequence]:
+        """Run every sequence to completion (they are modified in place); returns them in input
+        order.
 
-        `seqs` may be lazy (a generator that tokenises as it goes): the engine draws what the first pass can hold,
-        launches it, and draws the rest while the device works. `on_finish` callbacks also run while the device
-        works on the next pass."""
+        `seqs` may be lazy (a generator that tokenises as it goes): the engine draws what the first
+        pass can hold, launches it, and draws the rest while the device works. `on_finish` callbacks
+        also run while the device works on the next pass."""
         bar = tqdm(total=total, desc="generate", unit="req", disable=not progress)
         run = _Run(self, seqs, on_finish, bar)
         try:
-            # A half pass first: the device starts after a fraction of the tokenisation, and that pass runs long enough
-            # (~0.2 s on an H200) to hide the rest of it and the scheduling of the next pass.
+            # A half pass first: the device starts after a fraction of the tokenisation, and that
+            # pass runs long enough (~0.2 s on an H200) to hide the rest of it and the scheduling of
+            # the next pass.
             run.draw(self.plan.max_batched_tokens // 2)
             while run.step():
                 pass
@@ -167,20 +258,29 @@ class Engine:
 
 
 class _Run:
-    """One generate() call: its scheduler, the requests drawn so far, the pass in flight (launched, not yet
-    committed) and the finished requests not yet reported. step() is one turn of the loop."""
+    """One generate() call: its scheduler, the requests drawn so far, the pass in flight (launched,
+    not yet committed) and the finished requests not yet reported. step() is one turn of the loop.
+    """
 
-    def __init__(self, engine: Engine, seqs: Iterable[Sequence], on_finish: Callable[[Sequence], None] | None, bar):
+    def __init__(
+        self,
+        engine: Engine,
+        seqs: Iterable[Sequence],
+        on_finish: Callable[[Sequence], None] | None,
+        bar,
+    ):
         self.engine, self.on_finish, self.bar = engine, on_finish, bar
         self.scheduler = Scheduler(engine.blocks, engine._limits(), engine.eos_ids, engine.stats)
         self.source, self.taken = iter(seqs), []
-        # Chained steps are fed the argmax on the device: not where the host looks the token table's rows up itself.
+        # Chained steps are fed the argmax on the device: not where the host looks the token table's
+        # rows up itself.
         self.chain = engine.options.chain_decode and not engine.model.embedding_on_host
         self.in_flight: tuple[list[Work], Pending] | None = None
         self.finished: list[Sequence] = []
 
     def draw(self, tokens: int | None) -> None:
-        """Hand the scheduler requests until `tokens` prompt tokens are drawn (None: all); it orders them."""
+        """Hand the scheduler requests until `tokens` prompt tokens are drawn (None: all); it orders
+        them."""
         drawn, queued = [], 0
         for seq in self.source:
             drawn.append(seq)
@@ -201,8 +301,8 @@ class _Run:
         self.finished = []
 
     def commit(self) -> None:
-        """Commit the pass in flight (its tokens are waited for): the scheduler takes them, finished requests wait
-        to be reported."""
+        """Commit the pass in flight (its tokens are waited for): the scheduler takes them, finished
+        requests wait to be reported."""
         if self.in_flight is None:
             return
         works, pending = self.in_flight
@@ -214,13 +314,16 @@ class _Run:
         self.finished += self.scheduler.postprocess(works, tokens)
 
     def next_pass(self) -> tuple[list[Work], bool]:
-        """The next pass's works, and whether its decode steps are chained to the pass in flight. It is scheduled
-        before the pass in flight is committed, so that the device does not wait for the host: with that pass's
-        decode steps chained to it where they will draft nothing (fed their tokens on the device), else with
-        sequences outside it if it is nearly full. Otherwise it waits for the pass in flight and is topped up with
-        that pass's sequences' next steps: a pass launched ahead half empty would cost a whole weight read."""
+        """The next pass's works, and whether its decode steps are chained to the pass in flight. It
+        is scheduled before the pass in flight is committed, so that the device does not wait for
+        the host: with that pass's decode steps chained to it where they will draft nothing (fed
+        their tokens on the device), else with sequences outside it if it is nearly full. Otherwise
+        it waits for the pass in flight and is topped up with that pass's sequences' next steps: a
+        pass launched ahead half empty would cost a whole weight read."""
         scheduler = self.scheduler
-        chained = scheduler.chain(self.in_flight[0]) if self.chain and self.in_flight is not None else []
+        chained = (
+            scheduler.chain(self.in_flight[0]) if self.chain and self.in_flight is not None else []
+        )
         works = chained + scheduler.schedule(chained)
         small = sum(len(w.tokens) for w in works) < AHEAD_FILL * self.engine.plan.max_batched_tokens
         if not chained and self.in_flight is not None and small:
@@ -229,7 +332,8 @@ class _Run:
         return works, bool(chained)
 
     def launch(self, works: list[Work], chained: bool) -> tuple[list[Work], Pending] | None:
-        """Launch a pass; None if the device ran out of memory (the pass is undone and the limits halved)."""
+        """Launch a pass; None if the device ran out of memory (the pass is undone and the limits
+        halved)."""
         engine = self.engine
         try:
             pending = engine.runner.launch(works, self.in_flight[1] if chained else None)
@@ -246,12 +350,14 @@ class _Run:
         return works, pending
 
     def step(self) -> bool:
-        """Schedule and launch the next pass, then, while the device runs it, draw the remaining requests, report
-        the finished ones and commit the pass before it. False once every request has finished."""
+        """Schedule and launch the next pass, then, while the device runs it, draw the remaining
+        requests, report the finished ones and commit the pass before it. False once every request
+        has finished."""
         scheduler = self.scheduler
         if not (scheduler.has_work or scheduler.failed):
             return False
-        self.finished += scheduler.take_failed()  # given up on (seq.error): reported like finished ones
+        # given up on (seq.error): reported like finished ones
+        self.finished += scheduler.take_failed()
         works, chained = self.next_pass()
         launched = None
         if works:
@@ -264,7 +370,8 @@ class _Run:
             if scheduler.has_work:
                 raise RuntimeError("the scheduler could not place any sequence (this is a bug)")
             return False  # the pass just committed finished the last sequences
-        self.draw(None)  # host work that overlaps the device: the remaining requests, the last pass's results
+        # host work that overlaps the device: the remaining requests, the last pass's results
+        self.draw(None)
         self.report()
         scheduler.release_finished()
         self.commit()

@@ -1,14 +1,17 @@
-"""The elementwise work of a decoder layer: the residual adds, RMSNorm, RoPE and the SiLU gate, in transformers'
-order and dtypes.
+"""The elementwise work of a decoder layer: the residual adds, RMSNorm, RoPE and the SiLU gate, in
+transformers' order and dtypes.
 
-Eager, each is several PyTorch kernels with float32 temporaries (RMSNorm alone is eight); in a 16k-token prefill
-pass that memory traffic takes ~40 % as long as the GEMMs (H200). A model is built with one `Kernels` value: `EAGER`,
-or `compiled()`, torch.compile'd versions, one fused Triton kernel each, for GPUs whose torch has Triton (NVIDIA's
-JetPack wheels have none, and the CPU path stays eager unless asked). The compiled functions round every intermediate
-as eager does (`emulate_precision_casts`), so half-precision values match eager ones too, not only float32.
-RMSNorm and RoPE are adapted from transformers' modeling_phi3.py (Apache-2.0); compilation as a switch around one eager
-path follows gpt-fast (https://github.com/pytorch-labs/gpt-fast, BSD-3-Clause).
+Eager, each is several PyTorch kernels with float32 temporaries (RMSNorm alone is eight); in a
+16k-token prefill pass that memory traffic takes ~40 % as long as the GEMMs (H200). A model is built
+with one `Kernels` value: `EAGER`, or `compiled()`, torch.compile'd versions, one fused Triton
+kernel each, for GPUs whose torch has Triton (NVIDIA's JetPack wheels have none, and the CPU path
+stays eager unless asked). The compiled functions round every intermediate as eager does
+(`emulate_precision_casts`), so half-precision values match eager ones too, not only float32.
+RMSNorm and RoPE are adapted from transformers' modeling_phi3.py (Apache-2.0); compilation as a
+switch around one eager path follows gpt-fast (https://github.com/pytorch-labs/gpt-fast,
+BSD-3-Clause).
 """
+
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -20,13 +23,14 @@ import torch.nn.functional as F
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x = x.float()
-    x = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)  # x * x: pow(2)'s own result, without its kernel module
+    # x * x: pow(2)'s own result, without its kernel module
+    x = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
     return weight * x.to(dtype)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """The residual stream after adding x, and its RMSNorm: one kernel when compiled (the sum is rounded to x's dtype
-    before the norm reads it, as the two separate operations do)."""
+    """The residual stream after adding x, and its RMSNorm: one kernel when compiled (the sum is
+    rounded to x's dtype before the norm reads it, as the two separate operations do)."""
     total = residual + x
     return total, _rms_norm(total, weight, eps)
 
@@ -38,9 +42,10 @@ def _halves(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' x * cos + rotate_half(x) * sin, written half by half: the same roundings in the same order
-    (x1*cos - x2*sin, x2*cos + x1*sin), without materialising rotate_half. x [T, heads, D] may be a strided view:
-    the model passes the query and key heads of qkv_proj's output together, so one kernel rotates both."""
+    """transformers' x * cos + rotate_half(x) * sin, written half by half: the same roundings in the
+    same order (x1*cos - x2*sin, x2*cos + x1*sin), without materialising rotate_half. x [T, heads,
+    D] may be a strided view: the model passes the query and key heads of qkv_proj's output
+    together, so one kernel rotates both."""
     x1, x2, c1, c2, s1, s2 = _halves(x, cos, sin)
     out = torch.empty_like(x)
     o1, o2 = _halves(out)
@@ -54,8 +59,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return up.mul_(F.silu(gate, inplace=True))
 
 
-# The forms torch.compile gets for the two functions above: the same operations without `out=` and in-place writes
-# into views (a fused kernel writes its result once; writes into its inputs would be extra stores).
+# The forms torch.compile gets for the two functions above: the same operations without `out=` and
+# in-place writes into views (a fused kernel writes its result once; writes into its inputs would be
+# extra stores).
 def _rope_functional(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2, c1, c2, s1, s2 = _halves(x, cos, sin)
     return torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1)
@@ -68,42 +74,57 @@ def _silu_mul_functional(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Kernels:
     """The elementwise functions a model calls."""
+
     rms_norm: Callable
     add_rms_norm: Callable
     rope: Callable
     silu_mul: Callable
-    fused: bool  # compiled: the MLP makes one gate_up product (a fused kernel reads its strided halves at full speed)
+    # compiled: the MLP makes one gate_up product (a fused kernel reads its strided halves at full
+    # speed)
+    fused: bool
 
 
 EAGER = Kernels(_rms_norm, add_rms_norm, rope, silu_mul, fused=False)
 
 
 def compile_supported(version: str = torch.__version__) -> bool:
-    """This torch fuses the kernels with eager's roundings: torch >= 2.6, whose inductor has emulate_precision_casts
-    (2.5 has the setting, but its compiled RoPE and SiLU-gate still differ from eager by an ulp; tests/test_kernels.py
-    proves equality on each torch it admits). The one version gate: production and the tests ask it."""
+    """This torch fuses the kernels with eager's roundings: torch >= 2.6, whose inductor has
+    emulate_precision_casts (2.5 has the setting, but its compiled RoPE and SiLU-gate still differ
+    from eager by an ulp; tests/test_kernels.py proves equality on each torch it admits). The one
+    version gate: production and the tests ask it."""
     major, minor = (int(x) for x in version.split("+")[0].split(".")[:2])
     if (major, minor) < (2, 6):
         return False
     import torch._inductor.config as inductor
+
     return hasattr(inductor, "emulate_precision_casts")
 
 
 def compile_available(device: torch.device) -> bool:
-    """The fused kernels can run on this device: a CUDA device, Triton, and a torch that passes compile_supported."""
+    """The fused kernels can run on this device: a CUDA device, Triton, and a torch that passes
+    compile_supported."""
     if device.type != "cuda" or not compile_supported():
         return False
     from torch.utils._triton import has_triton
+
     return has_triton()
 
 
 @lru_cache(maxsize=None)
 def compiled() -> Kernels:
-    """The fused versions (compiled on first call, once per process for every model that uses them)."""
+    """The fused versions (compiled on first call, once per process for every model using them)."""
     import torch._inductor.config as inductor
-    inductor.emulate_precision_casts = True  # torch's own setting: without it inductor skips eager's roundings
-    # Default dynamism: the first token count compiles static kernels, the second a kernel whose token count alone is
-    # symbolic, which then serves every pass (warm-up meets several counts). dynamic=True would make the head and
-    # feature sizes symbolic too, and Triton could then no longer prove rows contiguous: scalar loads, 3-5x slower.
-    return Kernels(torch.compile(_rms_norm), torch.compile(add_rms_norm), torch.compile(_rope_functional),
-                   torch.compile(_silu_mul_functional), fused=True)
+
+    # torch's own setting: without it inductor skips eager's roundings
+    inductor.emulate_precision_casts = True
+    # Default dynamism: the first token count compiles static kernels, the second a kernel whose
+    # token count alone is symbolic, which then serves every pass (warm-up meets several counts).
+    # dynamic=True would make the head and feature sizes symbolic too, and Triton could then no
+    # longer prove rows contiguous: scalar loads, 3-5x slower.
+    return Kernels(
+        torch.compile(_rms_norm),
+        torch.compile(add_rms_norm),
+        torch.compile(_rope_functional),
+        torch.compile(_silu_mul_functional),
+        fused=True,
+    )

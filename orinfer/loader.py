@@ -1,15 +1,18 @@
 """Stream a safetensors checkpoint into the model, one tensor at a time.
 
-safetensors' own `safe_open` always memory-maps the file; on a unified-memory board (Jetson) the mapped pages and
-the device copy share the same DRAM, so the peak doubles (safetensors#758). Here each tensor is read with plain
-file reads into one reusable host buffer, copied to the device, and its page-cache pages are dropped, so the host
-holds at most one tensor at a time. The file format is just a JSON header followed by raw little-endian data.
+safetensors' own `safe_open` always memory-maps the file; on a unified-memory board (Jetson) the
+mapped pages and the device copy share the same DRAM, so the peak doubles (safetensors#758). Here
+each tensor is read with plain file reads into one reusable host buffer, copied to the device, and
+its page-cache pages are dropped, so the host holds at most one tensor at a time. The file format is
+just a JSON header followed by raw little-endian data.
 
-A table the model leaves on the meta device (the token table, when the memory plan keeps it off the GPU) is instead
-read from the file a row at a time, when a pass needs the row (FileRows): the rows read stay in the kernel's page
-cache, which it reclaims under pressure, and never in this process's memory beyond one pass (a memory map would make
-the pages the process's own, and the kernel maps a fault's neighbours in too).
+A table the model leaves on the meta device (the token table, when the memory plan keeps it off the
+GPU) is instead read from the file a row at a time, when a pass needs the row (FileRows): the rows
+read stay in the kernel's page cache, which it reclaims under pressure, and never in this process's
+memory beyond one pass (a memory map would make the pages the process's own, and the kernel maps a
+fault's neighbours in too).
 """
+
 import os
 import time
 from dataclasses import dataclass
@@ -36,8 +39,9 @@ def _check_complete(folder: str | Path, missing) -> None:
 
 
 class FileRows:
-    """Rows of a 2-D tensor stored at `offset` in a checkpoint file, read by token id: `rows(ids)` is
-    `table[ids]` (each distinct row read once, with read-ahead off: a pass needs scattered rows)."""
+    """Rows of a 2-D tensor stored at `offset` in a checkpoint file, read by token id: `rows(ids)`
+    is `table[ids]` (each distinct row read once, with read-ahead off: a pass needs scattered rows).
+    """
 
     def __init__(self, path: Path, offset: int, shape: list[int], dtype: torch.dtype):
         self.path, self.offset, self.shape, self.dtype = path, offset, shape, dtype
@@ -54,21 +58,30 @@ class FileRows:
         buffer = bytearray(len(unique) * size)
         view = memoryview(buffer)
         for i, row in enumerate(unique.tolist()):
-            read_exactly(self.fd, view[i * size:(i + 1) * size], self.offset + row * size, self.path)
-        table = torch.frombuffer(buffer, dtype=self.dtype) if buffer else torch.empty(0, dtype=self.dtype)
+            read_exactly(
+                self.fd, view[i * size : (i + 1) * size], self.offset + row * size, self.path
+            )
+        table = (
+            torch.frombuffer(buffer, dtype=self.dtype)
+            if buffer
+            else torch.empty(0, dtype=self.dtype)
+        )
         return table.view(len(unique), self.shape[1])[inverse]
 
     def warm(self) -> int:
-        """Read the whole table once, in order, so its rows sit in the page cache (reclaimable) when passes ask for
-        them: after a 26 GiB load the cache no longer holds them, and each distinct token would be a cold random
-        read inside the timed run. The same bytes whatever the data; returns them."""
+        """Read the whole table once, in order, so its rows sit in the page cache (reclaimable) when
+        passes ask for them: after a 26 GiB load the cache no longer holds them, and each distinct
+        token would be a cold random read inside the timed run. The same bytes whatever the data;
+        returns them."""
         size = self.shape[0] * self.row_bytes
         buffer = memoryview(bytearray(min(size, 16 << 20)))
         with open(self.path, "rb", buffering=0) as f:
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(f.fileno(), self.offset, size, os.POSIX_FADV_WILLNEED)
             for at in range(0, size, len(buffer)):
-                read_exactly(f.fileno(), buffer[:min(len(buffer), size - at)], self.offset + at, self.path)
+                read_exactly(
+                    f.fileno(), buffer[: min(len(buffer), size - at)], self.offset + at, self.path
+                )
         return size
 
     def __del__(self):
@@ -76,8 +89,9 @@ class FileRows:
 
 
 def serve_from_file(model: torch.nn.Module, folder: str | Path) -> set[str]:
-    """Give every table still on the meta device (an Embedding's weight) FileRows over its place in the checkpoint,
-    in place of the parameter; returns their names. The stored dtype must be the run's."""
+    """Give every table still on the meta device (an Embedding's weight) FileRows over its place in
+    the checkpoint, in place of the parameter; returns their names. The stored dtype must be the
+    run's."""
     wanted = {name: p for name, p in model.named_parameters() if p.is_meta}
     served = set(wanted)
     for path in checkpoint_files(folder) if wanted else []:
@@ -85,20 +99,30 @@ def serve_from_file(model: torch.nn.Module, folder: str | Path) -> set[str]:
         for name in sorted(set(header) & set(wanted)):
             entry, param = header[name], wanted.pop(name)
             dtype = _DTYPES.get(entry["dtype"])
-            if dtype != param.dtype or list(param.shape) != entry["shape"] or len(entry["shape"]) != 2:
-                raise ValueError(f"{path.name}: {name} is {entry['dtype']} {entry['shape']}, reading it from the file "
-                                 f"needs {param.dtype} {list(param.shape)}")
+            if (
+                dtype != param.dtype
+                or list(param.shape) != entry["shape"]
+                or len(entry["shape"]) != 2
+            ):
+                raise ValueError(
+                    f"{path.name}: {name} is {entry['dtype']} {entry['shape']}, reading it from "
+                    f"the file needs {param.dtype} {list(param.shape)}"
+                )
             module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name)
             delattr(module, attr)
-            module.rows = FileRows(path, data_start + entry["data_offsets"][0], entry["shape"], dtype)
+            module.rows = FileRows(
+                path, data_start + entry["data_offsets"][0], entry["shape"], dtype
+            )
     _check_complete(folder, wanted)
     return served
 
 
 @dataclass(frozen=True)
 class LoadReport:
-    """How the checkpoint was read: bytes, seconds, and the block device holding it (nvme0n1, mmcblk0...)."""
+    """How the checkpoint was read: bytes, seconds, and the block device holding it (nvme0n1,
+    mmcblk0...)."""
+
     bytes: int
     seconds: float
     disk: str
@@ -107,30 +131,38 @@ class LoadReport:
 
     def describe(self) -> str:
         rate = self.bytes / max(self.seconds, 1e-9)
-        line = (f"load: {self.bytes / 2**30:.2f} GiB of weights in {self.seconds:.1f} s ({rate / 1e9:.2f} GB/s) "
-                f"from {self.disk}")
+        line = (
+            f"load: {self.bytes / 2**30:.2f} GiB of weights in {self.seconds:.1f} s "
+            f"({rate / 1e9:.2f} GB/s) from {self.disk}"
+        )
         if rate < self.SLOW and self.bytes > 2**30:
-            line += ("\n!! the checkpoint's disk reads under 1 GB/s: an eMMC or SD card loads 26 GiB in minutes; "
-                     "an NVMe drive in ~15 s (docs/JETSON.md)")
+            line += (
+                "\n!! the checkpoint's disk reads under 1 GB/s: an eMMC or SD card loads 26 GiB "
+                "in minutes; an NVMe drive in ~15 s (docs/JETSON.md)"
+            )
         return line
 
 
 def block_device(path: Path) -> str:
-    """The block device a file lives on, by its name in /sys/dev/block (the partition's disk, e.g. nvme0n1p1)."""
+    """The block device a file lives on, by its name in /sys/dev/block (the partition's disk, e.g.
+    nvme0n1p1)."""
     dev = os.stat(path).st_dev
     link = Path("/sys/dev/block") / f"{os.major(dev)}:{os.minor(dev)}"
     try:
         return link.resolve(strict=True).name
     except OSError:
-        return f"device {os.major(dev)}:{os.minor(dev)} (not a block device: a network or overlay file system?)"
+        number = f"{os.major(dev)}:{os.minor(dev)}"
+        return f"device {number} (not a block device: a network or overlay file system?)"
 
 
 def load_weights(model: torch.nn.Module, folder: str | Path) -> LoadReport:
-    """Fill every parameter of `model` from the checkpoint, its names mapped by the family's table (families.py:
-    separate projections into their rows of the fused ones, a tied table into the LM head too).
+    """Fill every parameter of `model` from the checkpoint, its names mapped by the family's table
+    (families.py: separate projections into their rows of the fused ones, a tied table into the LM
+    head too).
 
-    Each tensor is converted to the parameter's dtype on the device; tables left on the meta device are read from
-    the file as needed (serve_from_file). Unknown, missing or partly filled parameters are an error.
+    Each tensor is converted to the parameter's dtype on the device; tables left on the meta device
+    are read from the file as needed (serve_from_file). Unknown, missing or partly filled parameters
+    are an error.
     """
     start = time.perf_counter()
     served = serve_from_file(model, folder)
@@ -138,32 +170,59 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> LoadReport:
     files = check_checkpoint(folder)
     cfg = model.cfg
     split = fused_rows(cfg)
-    # One buffer of the largest tensor's size, allocated once: growing it as bigger tensors come would briefly hold
-    # the old and the new buffer (measured on the H200: host peak 0.87 GiB over idle instead of ~0.6).
-    largest = max((e["data_offsets"][1] - e["data_offsets"][0] for _, h, _ in files for n, e in h.items()
-                   if n not in served or cfg.tie_word_embeddings), default=0)
+    # One buffer of the largest tensor's size, allocated once: growing it as bigger tensors come
+    # would briefly hold the old and the new buffer (measured on the H200: host peak 0.87 GiB over
+    # idle instead of ~0.6).
+    largest = max(
+        (
+            e["data_offsets"][1] - e["data_offsets"][0]
+            for _, h, _ in files
+            for n, e in h.items()
+            if n not in served or cfg.tie_word_embeddings
+        ),
+        default=0,
+    )
     buffer, read = bytearray(largest), 0
     for path, header, data_start in files:
         fd = os.open(path, os.O_RDONLY)
         try:
             for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                targets = [t for t in weight_targets(name, cfg.family, split, cfg.tie_word_embeddings)
-                           if t[0] not in served]
+                targets = [
+                    t
+                    for t in weight_targets(name, cfg.family, split, cfg.tie_word_embeddings)
+                    if t[0] not in served
+                ]
                 if targets:
                     read += _load_tensor(fd, path, name, entry, data_start, params, targets, buffer)
                 for target, row in targets:
-                    filled.setdefault(target, set()).add((row, entry["shape"][0] if entry["shape"] else 1))
+                    filled.setdefault(target, set()).add(
+                        (row, entry["shape"][0] if entry["shape"] else 1)
+                    )
         finally:
             os.close(fd)
-    _check_complete(folder, [n for n, p in params.items()
-                             if n not in served and sum(rows for _, rows in filled.get(n, ())) != len(p)])
+    _check_complete(
+        folder,
+        [
+            n
+            for n, p in params.items()
+            if n not in served and sum(rows for _, rows in filled.get(n, ())) != len(p)
+        ],
+    )
     return LoadReport(read, time.perf_counter() - start, block_device(files[0][0]))
 
 
-def _load_tensor(fd: int, path: Path, name: str, entry: dict, data_start: int, params: dict,
-                 targets: list[tuple[str, int]], buffer: bytearray) -> int:
-    """One tensor from the file into each of its targets (a parameter, the first of its rows it fills), through
-    `buffer`; its pages then leave the page cache."""
+def _load_tensor(
+    fd: int,
+    path: Path,
+    name: str,
+    entry: dict,
+    data_start: int,
+    params: dict,
+    targets: list[tuple[str, int]],
+    buffer: bytearray,
+) -> int:
+    """One tensor from the file into each of its targets (a parameter, the first of its rows it
+    fills), through `buffer`; its pages then leave the page cache."""
     begin, end = entry["data_offsets"]
     if entry["dtype"] not in _DTYPES:
         raise TypeError(f"{path.name}: {name} has unsupported dtype {entry['dtype']}")
@@ -171,9 +230,12 @@ def _load_tensor(fd: int, path: Path, name: str, entry: dict, data_start: int, p
     for target, row in targets:
         if target not in params:
             raise KeyError(f"{path.name}: tensor {name!r} has no place in the model")
-        part = params[target][row:row + entry["shape"][0]] if entry["shape"] else params[target]
+        part = params[target][row : row + entry["shape"][0]] if entry["shape"] else params[target]
         if list(part.shape) != entry["shape"]:
-            raise ValueError(f"{path.name}: {name} has shape {entry['shape']}, the model expects {list(part.shape)}")
+            raise ValueError(
+                f"{path.name}: {name} has shape {entry['shape']}, the model expects "
+                f"{list(part.shape)}"
+            )
         parts.append(part)
     size, dtype = end - begin, _DTYPES[entry["dtype"]]
     read_exactly(fd, memoryview(buffer)[:size], data_start + begin, path)

@@ -1,28 +1,34 @@
-"""What benchmarks and tests see of a run, through one Observer given to optimize.build() (none by default: then
-nothing is recorded). It sees each pass, each finished request's tokens and the host's phases; it has no say in
-them: every committed token is the model's argmax."""
+"""What benchmarks and tests see of a run, through one Observer given to optimize.build() (none by
+default: then nothing is recorded). It sees each pass, each finished request's tokens and the host's
+phases; it has no say in them: every committed token is the model's argmax."""
+
 from collections import deque
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class PassRecord:
-    tokens: int                   # tokens fed to the model
-    requests: tuple[int, ...]     # the request (input index) of each sequence in the pass, in the pass's order
-    build_s: float                # host seconds building the pass's inputs
-    wait_s: float                 # from the launch until its tokens were on the host (host work meanwhile included)
-    graph: bool                   # a CUDA graph was replayed
-    started: float                # time.perf_counter() when its launch began
-    device: tuple[float, float] | None  # CUDA: its start and end on the device's clock (s since the first launch)
+    tokens: int  # tokens fed to the model
+    # the request (input index) of each sequence in the pass, in the pass's order
+    requests: tuple[int, ...]
+    build_s: float  # host seconds building the pass's inputs
+    # from the launch until its tokens were on the host (host work meanwhile included)
+    wait_s: float
+    graph: bool  # a CUDA graph was replayed
+    started: float  # time.perf_counter() when its launch began
+    # CUDA: its start and end on the device's clock (s since the first launch)
+    device: tuple[float, float] | None
 
 
 class Observer:
-    """Keeps the last `keep` passes and, per call, the generated tokens of each request and the host's phases."""
+    """Keeps the last `keep` passes and, per call, the generated tokens of each request and the
+    host's phases."""
 
     def __init__(self, keep: int = 100_000):
         self.passes: deque[PassRecord] = deque(maxlen=keep)
         self.generated: dict[int, list[int]] = {}  # request -> its generated tokens, this call
-        self.phases: dict[str, float] = {}         # host seconds of this call: tokenize, detokenize, engine
+        # host seconds of this call: tokenize, detokenize, engine
+        self.phases: dict[str, float] = {}
 
     def start_call(self) -> None:
         self.generated, self.phases = {}, {}

@@ -1,14 +1,16 @@
-"""One pass's integers, laid out on the host and sent up in one copy: the flat token ids, the rows to sample, per
-sequence its start, length and block table, and per token its sequence, its place there, its position and cache
-slot, then whatever the attention layout adds. Each layout (attention/varlen.py, attention/padded.py) orders and pads the
-sequences its own way and hands the result here.
+"""One pass's integers, laid out on the host and sent up in one copy: the flat token ids, the rows
+to sample, per sequence its start, length and block table, and per token its sequence, its place
+there, its position and cache slot, then whatever the attention layout adds. Each layout
+(attention/varlen.py, attention/padded.py) orders and pads the sequences its own way and hands the
+result here.
 
-The host lays out every per-token index by array slices and concatenation (machine integers, memcpy speed, no Python
-int per token where blocks hold one token): derived on the device they took a scan, repeat_interleave, integer
-division and remainder, whose kernel modules cost host memory when first loaded (~0.1 GiB for the scan alone, H200),
-too much for an Orin's plan. Pinned host buffers are reused so that a run allocates none (a pinned allocation can
-stall the host).
+The host lays out every per-token index by array slices and concatenation (machine integers, memcpy
+speed, no Python int per token where blocks hold one token): derived on the device they took a scan,
+repeat_interleave, integer division and remainder, whose kernel modules cost host memory when first
+loaded (~0.1 GiB for the scan alone, H200), too much for an Orin's plan. Pinned host buffers are
+reused so that a run allocates none (a pinned allocation can stall the host).
 """
+
 from array import array
 from dataclasses import dataclass
 from itertools import accumulate
@@ -21,19 +23,20 @@ from .sequence import Work
 
 @dataclass
 class DeviceInputs:
-    """One pass's integers on the device: per sequence, and per token (its sequence, its place there, its position
-    and cache slot), then the layout's own."""
+    """One pass's integers on the device: per sequence, and per token (its sequence, its place
+    there, its position and cache slot), then the layout's own."""
+
     ids: torch.Tensor
     sample_rows: torch.Tensor
     starts: torch.Tensor
     lens: torch.Tensor
-    tables: torch.Tensor     # [B, nblocks]
-    cu_q: torch.Tensor       # [B + 1] int64: each sequence's first flat token
+    tables: torch.Tensor  # [B, nblocks]
+    cu_q: torch.Tensor  # [B + 1] int64: each sequence's first flat token
     token_seq: torch.Tensor
     token_query: torch.Tensor
     positions: torch.Tensor
     slots: torch.Tensor
-    layout: torch.Tensor     # the layout's own integers
+    layout: torch.Tensor  # the layout's own integers
 
 
 def flat_tokens(works: list[Work], order: list[int]) -> tuple[list[int], list[int]]:
@@ -51,7 +54,8 @@ def flat_tokens(works: list[Work], order: list[int]) -> tuple[list[int], list[in
 
 
 class InputUploader:
-    """Builds and uploads a pass's integers (`upload`); keeps the pinned staging buffers and a counting array."""
+    """Builds and uploads a pass's integers (`upload`); keeps the pinned staging buffers and a
+    counting array."""
 
     def __init__(self, device: torch.device, block_size: int, ids_on_host: bool):
         self.device, self.block_size, self.ids_on_host = device, block_size, ids_on_host
@@ -60,52 +64,69 @@ class InputUploader:
         self._count = array("q", range(1024))
 
     def counting(self, n: int) -> array:
-        """0, 1, 2, ... as a machine-integer array of at least n entries (kept, and grown when a pass needs more)."""
+        """0, 1, 2, ... as a machine-integer array of at least n entries (kept, and grown when a
+        pass needs more)."""
         if len(self._count) < n:
             self._count = array("q", range(max(n, 2 * len(self._count))))
         return self._count
 
-    def upload(self, works: list[Work], order: list[int], ids: list[int], sample_rows: list[int], starts: list[int],
-               lens: list[int], nblocks: int, layout: array | None = None,
-               feed: torch.Tensor | None = None) -> DeviceInputs:
-        """Upload one pass's integers (sequences past the works are padding, at position 0 in the scratch block),
-        with the layout's own (`layout`, appended). `feed`: the sampled tokens of the pass before, on the device,
-        where the works' fed_row point (chained steps): their tokens are filled in there."""
+    def upload(
+        self,
+        works: list[Work],
+        order: list[int],
+        ids: list[int],
+        sample_rows: list[int],
+        starts: list[int],
+        lens: list[int],
+        nblocks: int,
+        layout: array | None = None,
+        feed: torch.Tensor | None = None,
+    ) -> DeviceInputs:
+        """Upload one pass's integers (sequences past the works are padding, at position 0 in the
+        scratch block), with the layout's own (`layout`, appended). `feed`: the sampled tokens of
+        the pass before, on the device, where the works' fed_row point (chained steps): their tokens
+        are filled in there."""
         batch = len(lens)
         scratch = array("q", [SCRATCH_BLOCK]) * nblocks
         tables = [works[i].seq.block_table for i in order] + [scratch] * (batch - len(works))
-        first_tokens = array("q", accumulate(lens, initial=0))  # each sequence's first flat token: cu_q
+        # each sequence's first flat token: cu_q
+        first_tokens = array("q", accumulate(lens, initial=0))
         host = array("q", ids + sample_rows + starts + lens) + first_tokens
         host += self._per_token(tables, starts, lens, len(ids))
         for t in tables:  # array slices and concatenation: memcpy, not a Python int per block
             host += t[:nblocks]
-            host += scratch[:max(0, nblocks - len(t))]
+            host += scratch[: max(0, nblocks - len(t))]
         extra = len(layout) if layout is not None else 0
         if layout is not None:
             host += layout
         fed = []  # (flat row, row of `feed`) of each chained step
         if feed is not None:
-            fed = [(row, works[i].fed_row) for i, row in zip(order, first_tokens) if works[i].fed_row >= 0]
+            chained = zip(order, first_tokens)
+            fed = [(row, works[i].fed_row) for i, row in chained if works[i].fed_row >= 0]
             host += array("q", [row for row, _ in fed] + [src for _, src in fed])
         flat = self._send(host)
         tokens = len(ids)
-        ids_t, sample_t, starts_t, lens_t, cu_q, token_seq, token_query, positions, slots, tables_t, layout_t, fed_t = \
-            flat.split([tokens, len(sample_rows), batch, batch, batch + 1, tokens, tokens, tokens, tokens,
-                        batch * nblocks, extra, 2 * len(fed)])
+        sizes = [tokens, len(sample_rows), batch, batch, batch + 1, tokens, tokens, tokens, tokens,
+                 batch * nblocks, extra, 2 * len(fed)]  # fmt: skip
+        (ids_t, sample_t, starts_t, lens_t, cu_q, token_seq, token_query, positions, slots,
+         tables_t, layout_t, fed_t) = flat.split(sizes)  # fmt: skip
         if fed:
             dst, src = fed_t.view(2, -1)
             ids_t[dst] = feed[src]
         if self.ids_on_host:  # the token table's rows are looked up where it lives
             ids_t = torch.frombuffer(host, dtype=torch.int64, count=tokens)
-        return DeviceInputs(ids_t, sample_t, starts_t, lens_t, tables_t.view(batch, nblocks), cu_q, token_seq,
-                            token_query, positions, slots, layout_t)
+        return DeviceInputs(ids_t, sample_t, starts_t, lens_t, tables_t.view(batch, nblocks), cu_q,
+                            token_seq, token_query, positions, slots, layout_t)  # fmt: skip
 
-    def _per_token(self, tables: list[array], starts: list[int], lens: list[int], tokens: int) -> array:
+    def _per_token(
+        self, tables: list[array], starts: list[int], lens: list[int], tokens: int
+    ) -> array:
         """Each token's sequence, its place there, its position and its cache slot, in four runs."""
         bs, batch = self.block_size, len(lens)
         counting = self.counting(max((s + n for s, n in zip(starts, lens)), default=0))
         host = array("q")
-        if tokens == batch and max(lens, default=1) == 1:  # one token a sequence (decode): no runs to lay out
+        # one token a sequence (decode): no runs to lay out
+        if tokens == batch and max(lens, default=1) == 1:
             host += counting[:batch]
             host += array("q", bytes(8 * batch))
             host += array("q", starts)
@@ -116,19 +137,27 @@ class InputUploader:
         for n in lens:
             host += counting[:n]
         for s, n in zip(starts, lens):
-            host += counting[s:s + n]
+            host += counting[s : s + n]
         for t, s, n in zip(tables, starts, lens):
-            host += t[s:s + n] if bs == 1 else array("q", [t[p // bs] * bs + p % bs for p in range(s, s + n)])
+            host += (
+                t[s : s + n]
+                if bs == 1
+                else array("q", [t[p // bs] * bs + p % bs for p in range(s, s + n)])
+            )
         return host
 
     def _send(self, host: array) -> torch.Tensor:
-        """The pass's integers on the device, sent from pinned memory so the host need not wait for a pass still
-        running."""
+        """The pass's integers on the device, sent from pinned memory so the host need not wait for
+        a pass still running."""
         values = torch.frombuffer(host, dtype=torch.int64)
         if self.device.type != "cuda":
             return values
         n = len(host)
-        free = [i for i, (buf, copied) in enumerate(self._staging) if buf.numel() >= n and copied.query()]
+        free = [
+            i
+            for i, (buf, copied) in enumerate(self._staging)
+            if buf.numel() >= n and copied.query()
+        ]
         if not free:
             self._staging.append((pinned(n), torch.cuda.Event()))
             free = [len(self._staging) - 1]
@@ -140,6 +169,6 @@ class InputUploader:
 
 
 def pinned(n: int) -> torch.Tensor:
-    """A pinned int64 host buffer of >= n elements: a power of two, and at least 2 MiB (a competition run's largest
-    pass needs ~0.6 MiB), so that few sizes are ever allocated."""
+    """A pinned int64 host buffer of >= n elements: a power of two, and at least 2 MiB (a
+    competition run's largest pass needs ~0.6 MiB), so that few sizes are ever allocated."""
     return torch.empty(max(1 << 18, 1 << (n - 1).bit_length()), dtype=torch.int64, pin_memory=True)

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random Phi-3 folders, the bundled data, and transformers' pipeline as the oracle (fp32, CPU)."""
+
 import json
 import sys
 from dataclasses import replace
@@ -19,7 +20,9 @@ from orinfer.tiny import write_tiny_model  # noqa: E402
 
 
 def records(name: str) -> list[dict]:
-    return [json.loads(line) for line in (ROOT / "data" / name).read_text().splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in (ROOT / "data" / name).read_text().splitlines() if line.strip()
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -43,14 +46,22 @@ def hf_pipeline(folder, attention: str | None = None):
     4.44.2, whose Phi-3 has no SDPA path), or `attention="eager"`, which the organisers' trust_remote_code=True load
     runs (the model folder's own modeling_phi3.py, eager attention, in transformers 4.44.2)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
     chosen = {"attn_implementation": attention} if attention else {}
-    model = AutoModelForCausalLM.from_pretrained(folder, **chosen,
-                                                 **{("dtype" if _v5() else "torch_dtype"): torch.float32})
-    return pipeline("text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(folder), device="cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, **chosen, **{("dtype" if _v5() else "torch_dtype"): torch.float32}
+    )
+    return pipeline(
+        "text-generation",
+        model=model,
+        tokenizer=AutoTokenizer.from_pretrained(folder),
+        device="cpu",
+    )
 
 
 def _v5() -> bool:
     import transformers
+
     return int(transformers.__version__.split(".")[0]) >= 5
 
 
@@ -64,22 +75,53 @@ def hf(tiny_dir):
 KV_TOKENS = 16384
 
 
-def generator(folder, options: Options = Options(), attention: tuple[str, int] | None = None,
-              padding: tuple[int, int] | None = None, observer: Observer | None = None, **plan_changes):
+def generator(
+    folder,
+    options: Options = Options(),
+    attention: tuple[str, int] | None = None,
+    padding: tuple[int, int] | None = None,
+    observer: Observer | None = None,
+    **plan_changes,
+):
     """optimize.build on the CPU; optionally a hand-set memory plan (small caches, tiny passes...), an attention
     backend and its packed kernel's bound in place of the options' (the "reference" backend: the varlen layout with
     float32 kernels, as the CPU has no FlashAttention), the runner's padding of eager passes (above, multiple) and an
     observer."""
     if attention:
         options = replace(options, attention=attention[0], packed_queries=attention[1])
-    gen = optimize.build(folder, device="cpu", options=options, progress=False, observer=observer, kv_tokens=KV_TOKENS)
+    gen = optimize.build(
+        folder,
+        device="cpu",
+        options=options,
+        progress=False,
+        observer=observer,
+        kv_tokens=KV_TOKENS,
+    )
     if plan_changes or padding:
         e = gen.engine
         plan = replace(e.plan, **plan_changes)
-        runner = ModelRunner(e.model, plan.num_blocks, plan.block_size, e.runner.backend, e.runner.kernels, padding,
-                             max_gather_tokens=plan.max_gather_tokens) if padding else None
-        gen.engine = Engine(e.model, e.eos_ids, plan, options, attention=(e.runner.backend, e.runner.kernels),
-                            runner=runner, observer=observer)
+        runner = (
+            ModelRunner(
+                e.model,
+                plan.num_blocks,
+                plan.block_size,
+                e.runner.backend,
+                e.runner.kernels,
+                padding,
+                max_gather_tokens=plan.max_gather_tokens,
+            )
+            if padding
+            else None
+        )
+        gen.engine = Engine(
+            e.model,
+            e.eos_ids,
+            plan,
+            options,
+            attention=(e.runner.backend, e.runner.kernels),
+            runner=runner,
+            observer=observer,
+        )
     return gen
 
 

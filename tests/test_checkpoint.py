@@ -1,4 +1,5 @@
 """The checkpoint's files checked before any weight loads: whole, well formed, and fingerprinted by their headers."""
+
 import os
 
 import pytest
@@ -24,14 +25,26 @@ def test_a_whole_file_passes_and_its_header_describes_every_byte(shard):
     assert start + max(e["data_offsets"][1] for e in header.values()) == shard.stat().st_size
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda raw: raw[:-1], "is .* bytes but its header describes"),
-    (lambda raw: raw + b"\0", "is .* bytes but its header describes"),
-    (lambda raw: raw[:3], "is 3 bytes, truncated"),
-    (lambda raw: (10 ** 12).to_bytes(8, "little") + raw[8:], "its header claims 1000000000000 bytes"),
-    (lambda raw: raw.replace(b'"shape":[4,8]', b'"shape":[4,9]'), "the header's entry for 'a' is not a well-formed"),
-    (lambda raw: raw.replace(b'"dtype"', b'"dtyp_"', 1), "the header's entry for '.' is not a well-formed tensor"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda raw: raw[:-1], "is .* bytes but its header describes"),
+        (lambda raw: raw + b"\0", "is .* bytes but its header describes"),
+        (lambda raw: raw[:3], "is 3 bytes, truncated"),
+        (
+            lambda raw: (10**12).to_bytes(8, "little") + raw[8:],
+            "its header claims 1000000000000 bytes",
+        ),
+        (
+            lambda raw: raw.replace(b'"shape":[4,8]', b'"shape":[4,9]'),
+            "the header's entry for 'a' is not a well-formed",
+        ),
+        (
+            lambda raw: raw.replace(b'"dtype"', b'"dtyp_"', 1),
+            "the header's entry for '.' is not a well-formed tensor",
+        ),
+    ],
+)
 def test_a_damaged_file_is_one_error_naming_it(shard, damage, message):
     shard.write_bytes(damage(shard.read_bytes()))
     with pytest.raises(CheckpointError, match=f"{shard}: {message}"):
@@ -44,8 +57,12 @@ def test_a_file_cut_after_its_check_is_an_error_not_a_hang(shard):
     try:
         buffer = memoryview(bytearray(64))
         read_exactly(fd, buffer, size - 64, shard)  # the last 64 bytes: there
-        with pytest.raises(CheckpointError, match="ended at byte .* while reading its tensors: it was truncated"):
-            read_exactly(fd, buffer, size - 32, shard)  # a file shorter than its header said: an error, at once
+        with pytest.raises(
+            CheckpointError, match="ended at byte .* while reading its tensors: it was truncated"
+        ):
+            read_exactly(
+                fd, buffer, size - 32, shard
+            )  # a file shorter than its header said: an error, at once
     finally:
         os.close(fd)
 

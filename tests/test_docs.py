@@ -1,6 +1,7 @@
 """The figures the README, the report and the Jetson guide state are the ones BENCHMARKS.md records (those a test can
 trace): each headline figure below appears, with the words that place it, both where it is claimed and in
 BENCHMARKS.md; a projection is called one wherever it is quoted."""
+
 import re
 
 import pytest
@@ -8,7 +9,9 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.unit
 
-DOCS = {name: (ROOT / name).read_text() for name in ("README.md", "docs/REPORT.md", "docs/JETSON.md")}
+DOCS = {
+    name: (ROOT / name).read_text() for name in ("README.md", "docs/REPORT.md", "docs/JETSON.md")
+}
 BENCHMARKS = (ROOT / "BENCHMARKS.md").read_text()
 
 # (figure as the docs write it, the document claiming it, a BENCHMARKS.md pattern recording it)
@@ -26,7 +29,9 @@ FIGURES = [
 ]
 
 
-@pytest.mark.parametrize("figure, document, recorded", FIGURES, ids=[f"{d}: {f}" for f, d, _ in FIGURES])
+@pytest.mark.parametrize(
+    "figure, document, recorded", FIGURES, ids=[f"{d}: {f}" for f, d, _ in FIGURES]
+)
 def test_a_stated_figure_is_a_recorded_one(figure, document, recorded):
     assert figure in DOCS[document]
     assert re.search(recorded, BENCHMARKS), f"{figure} ({document}) is not in BENCHMARKS.md"
@@ -35,5 +40,7 @@ def test_a_stated_figure_is_a_recorded_one(figure, document, recorded):
 def test_an_orin_figure_is_called_a_projection_where_it_is_quoted():
     for name, text in DOCS.items():
         for match in re.finditer(r"~(26|33|45) s", text):
-            around = text[max(0, match.start() - 400):match.end() + 200].lower()
-            assert "projection" in around, f"{name}: {text[match.start() - 80:match.end() + 40]!r}"
+            around = text[max(0, match.start() - 400) : match.end() + 200].lower()
+            assert "projection" in around, (
+                f"{name}: {text[match.start() - 80 : match.end() + 40]!r}"
+            )

@@ -2,14 +2,19 @@
 committed, never with a sequence of the pass still in flight except its chained decode step (fed its token on the
 device), and the output stays the pipeline's; with a fake runner (the unit tier), the loop commits each request's
 greedy tokens through big, small and starved passes, chained or not."""
+
 from types import SimpleNamespace
 
 import pytest
 from conftest import NEW, generator
 
 
-def test_next_pass_launches_before_the_last_is_committed(tiny_dir, public_chats, longest_chat, expected):
-    gen = generator(tiny_dir, max_batched_tokens=96, max_num_seqs=16)  # prompts of 85-120 tokens fill a pass
+def test_next_pass_launches_before_the_last_is_committed(
+    tiny_dir, public_chats, longest_chat, expected
+):
+    gen = generator(
+        tiny_dir, max_batched_tokens=96, max_num_seqs=16
+    )  # prompts of 85-120 tokens fill a pass
     runner, events, chained = gen.engine.runner, [], []
     launch, collect = runner.launch, runner.collect
 
@@ -31,7 +36,9 @@ def test_next_pass_launches_before_the_last_is_committed(tiny_dir, public_chats,
     for kind, seqs, pending in events:
         if kind == "launch":
             for other in in_flight.values():
-                assert not seqs & other, "a sequence was scheduled while its previous pass was in flight"
+                assert not seqs & other, (
+                    "a sequence was scheduled while its previous pass was in flight"
+                )
             overlapped += bool(in_flight)
             in_flight[id(pending)] = seqs
         else:
@@ -42,17 +49,23 @@ def test_next_pass_launches_before_the_last_is_committed(tiny_dir, public_chats,
     assert sum(chained) > 0 and gen.engine.stats["chained_passes"] == sum(map(bool, chained))
 
 
-def test_chained_decode_steps_give_the_pipelines_text(tiny_dir, public_chats, longest_chat, expected):
+def test_chained_decode_steps_give_the_pipelines_text(
+    tiny_dir, public_chats, longest_chat, expected
+):
     """The same text with and without chaining, every request of a small batch chained at least once."""
     from orinfer.options import Options
+
     gen = generator(tiny_dir, Options(speculate=False))
-    assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    assert (
+        gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    )
     assert gen.engine.stats["chained_passes"] >= NEW - 2
 
 
 class FakeRunner:
     """A model in one line, for the loop alone: the greedy token after a sequence is a function of its last token
     and its length, <|end|> (token 2 here) now and then."""
+
     graphs: dict = {}
     # The scheduler then bounds a pass's gathered keys, as for a backend that gathers a whole pass (varlen).
     backend = SimpleNamespace(gathers_whole_pass=True, graphs_every_small_pass=True)
@@ -66,13 +79,18 @@ class FakeRunner:
         import time
 
         from orinfer.runner import Pending
+
         out = []
         for w in works:
             if w.wants_logits:  # the argmax after each of the last 1 + num_drafts fed tokens
-                fed = [fed_by.on_device[w.fed_row]] if w.fed_row >= 0 else w.tokens  # a chained step's token
-                known = w.seq.token_ids[:w.start] + fed
-                out += [self.next_token(known[:w.start + j + 1])
-                        for j in range(len(fed) - 1 - w.num_drafts, len(fed))]
+                fed = (
+                    [fed_by.on_device[w.fed_row]] if w.fed_row >= 0 else w.tokens
+                )  # a chained step's token
+                known = w.seq.token_ids[: w.start] + fed
+                out += [
+                    self.next_token(known[: w.start + j + 1])
+                    for j in range(len(fed) - 1 - w.num_drafts, len(fed))
+                ]
         now = time.perf_counter()
         return Pending(out=out, began=None, ready=None, t0=now, t1=now, graph=False, on_device=out)
 
@@ -89,35 +107,70 @@ def fake_engine(observer=None, options=None, **plan):
     from orinfer.engine import Engine
     from orinfer.memory import MemoryPlan
     from orinfer.options import Options
-    limits = dict(budget=0, weights=0, overhead=0, overhead_items=(), kv_bytes=0, workspace_bytes=0, num_blocks=4000, block_size=1,
-                  max_num_seqs=16, max_batched_tokens=256, max_gather_tokens=1 << 20, max_drafts=4,
-                  cuda_graphs=False, attention_afforded=False)
-    model = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, embedding_on_host=False)
-    return Engine(model, [2], MemoryPlan(**{**limits, **plan}), Options(lookup_draft_tokens=64, **(options or {})),
-                  runner=FakeRunner(), observer=observer)
+
+    limits = dict(
+        budget=0,
+        weights=0,
+        overhead=0,
+        overhead_items=(),
+        kv_bytes=0,
+        workspace_bytes=0,
+        num_blocks=4000,
+        block_size=1,
+        max_num_seqs=16,
+        max_batched_tokens=256,
+        max_gather_tokens=1 << 20,
+        max_drafts=4,
+        cuda_graphs=False,
+        attention_afforded=False,
+    )
+    model = SimpleNamespace(
+        device=torch.device("cpu"), dtype=torch.float32, embedding_on_host=False
+    )
+    return Engine(
+        model,
+        [2],
+        MemoryPlan(**{**limits, **plan}),
+        Options(lookup_draft_tokens=64, **(options or {})),
+        runner=FakeRunner(),
+        observer=observer,
+    )
 
 
 def greedy(prompt: list[int], new: int) -> list[int]:
     tokens = list(prompt)
     while len(tokens) - len(prompt) < new and (len(tokens) == len(prompt) or tokens[-1] != 2):
         tokens.append(FakeRunner.next_token(tokens))
-    return tokens[len(prompt):]
+    return tokens[len(prompt) :]
 
 
 def requests(count: int, new: int, candidates=None):
     import random
 
     from orinfer.sequence import Sequence
+
     rng = random.Random(1)
     shared = [100 + j for j in range(12)]  # a shared instruction, as in the competition's prompts
-    prompts = [shared + [rng.randrange(100, 161) for _ in range(rng.randint(1, 40))] for _ in range(count)]
-    return [Sequence(index=i, token_ids=list(p), num_prompt_tokens=len(p), max_new_tokens=new,
-                     candidates=candidates(i, p) if candidates else []) for i, p in enumerate(prompts)]
+    prompts = [
+        shared + [rng.randrange(100, 161) for _ in range(rng.randint(1, 40))] for _ in range(count)
+    ]
+    return [
+        Sequence(
+            index=i,
+            token_ids=list(p),
+            num_prompt_tokens=len(p),
+            max_new_tokens=new,
+            candidates=candidates(i, p) if candidates else [],
+        )
+        for i, p in enumerate(prompts)
+    ]
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("plan", [{}, {"max_batched_tokens": 24, "max_num_seqs": 4},
-                                  {"num_blocks": 300, "max_num_seqs": 12}])
+@pytest.mark.parametrize(
+    "plan",
+    [{}, {"max_batched_tokens": 24, "max_num_seqs": 4}, {"num_blocks": 300, "max_num_seqs": 12}],
+)
 def test_the_loop_commits_each_requests_greedy_tokens(plan):
     """Big passes, chunked prompts in small ones, and a cache too small for all (preemption and recomputation):
     every request finishes once, with the greedy tokens, in input order."""
@@ -131,25 +184,34 @@ def test_the_loop_commits_each_requests_greedy_tokens(plan):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("plan", [{}, {"max_batched_tokens": 24, "max_num_seqs": 4},
-                                  {"num_blocks": 150, "max_num_seqs": 12}])
+@pytest.mark.parametrize(
+    "plan",
+    [{}, {"max_batched_tokens": 24, "max_num_seqs": 4}, {"num_blocks": 150, "max_num_seqs": 12}],
+)
 def test_chained_decode_steps_commit_each_requests_greedy_tokens(plan):
     """Without drafts, decode steps are chained to the pass in flight: requests that end with <|end|> in that pass
     (their chained step is dropped), at max_new_tokens (left out of the chain), or are preempted all commit the
     greedy tokens, as without chaining."""
+
     def seqs():
         out = requests(40, 30)
         for i, s in enumerate(out):
             s.max_new_tokens = 5 + i % 26
         return out
+
     expected = [greedy(s.token_ids, s.max_new_tokens) for s in seqs()]
-    assert any(e[-1] == 2 and len(e) < s.max_new_tokens for e, s in zip(expected, seqs()))  # some end early
+    assert any(
+        e[-1] == 2 and len(e) < s.max_new_tokens for e, s in zip(expected, seqs())
+    )  # some end early
     stats = {}
     for chain in (True, False):
         engine = fake_engine(options={"speculate": False, "chain_decode": chain}, **plan)
         assert [s.generated for s in engine.generate(iter(seqs()))] == expected
         stats[chain] = engine.stats
-    assert stats[True]["chained_passes"] > stats[True]["passes"] // 2 and stats[False]["chained_passes"] == 0
+    assert (
+        stats[True]["chained_passes"] > stats[True]["passes"] // 2
+        and stats[False]["chained_passes"] == 0
+    )
     if "num_blocks" in plan:
         assert stats[True]["preemptions"] > 0
 
@@ -164,6 +226,7 @@ def test_drafts_are_kept_only_where_they_equal_the_argmax(wrong_at):
         if wrong_at is not None and len(answer) > wrong_at + 1:
             answer[wrong_at + 1] += 1
         return [answer]
+
     plain, drafted = fake_engine(), fake_engine(observer=Observer())
     without = [s.generated for s in plain.generate(requests(30, 12))]
     assert [s.generated for s in drafted.generate(requests(30, 12, candidate))] == without
@@ -191,5 +254,7 @@ def test_every_committed_token_is_the_models_argmax_whatever_the_observer():
     assert not hasattr(Observer, "force") and not hasattr(Observer, "forces_tokens")
     meddled = fake_engine(observer=Meddling())
     expected = [s.generated for s in fake_engine().generate(requests(12, 9))]
-    assert [s.generated for s in meddled.generate(requests(12, 9))] == expected and meddled.observer.seen
+    assert [
+        s.generated for s in meddled.generate(requests(12, 9))
+    ] == expected and meddled.observer.seen
     assert meddled.stats["chained_passes"] > 0  # an observer no longer turns chaining off

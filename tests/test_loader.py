@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -17,7 +16,9 @@ def load(folder, dtype=torch.float32):
 def test_sharded_folder_with_index_loads_the_same_weights(tmp_path):
     one = load(write_tiny_model(tmp_path / "one", seed=3))
     three_dir = write_tiny_model(tmp_path / "three", seed=3, shards=3)
-    assert (three_dir / "model.safetensors.index.json").exists() and len(list(three_dir.glob("*.safetensors"))) == 3
+    assert (three_dir / "model.safetensors.index.json").exists() and len(
+        list(three_dir.glob("*.safetensors"))
+    ) == 3
     three = load(three_dir)
     for (name, a), (_, b) in zip(one.state_dict().items(), three.state_dict().items()):
         assert torch.equal(a, b), name
@@ -33,10 +34,13 @@ def test_bf16_checkpoint_converts_to_the_requested_dtype(tmp_path):
 
 def test_missing_and_unknown_tensors_are_errors(tmp_path):
     from safetensors.torch import load_file, save_file
+
     folder = write_tiny_model(tmp_path, seed=5)
     # Copies: older safetensors (0.4) map the file, which the first save_file below truncates (a bus error after).
     weights = {k: v.clone() for k, v in load_file(folder / "model.safetensors").items()}
-    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, folder / "model.safetensors")
+    save_file(
+        {k: v for k, v in weights.items() if k != "lm_head.weight"}, folder / "model.safetensors"
+    )
     with pytest.raises(KeyError, match="lacks 1 weights"):
         load(folder)
     save_file({**weights, "model.extra.weight": torch.zeros(2)}, folder / "model.safetensors")
@@ -65,13 +69,26 @@ def test_loading_stages_one_tensor_at_a_time(tmp_path):
     import subprocess
     import sys
     from conftest import ROOT
-    folder = write_tiny_model(tmp_path, seed=6, dtype=torch.bfloat16, hidden_size=1024, intermediate_size=4096,
-                              num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=4)
+
+    folder = write_tiny_model(
+        tmp_path,
+        seed=6,
+        dtype=torch.bfloat16,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=16,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     script = LOAD_AND_MEASURE.format(root=str(ROOT), folder=str(folder))
-    extra, params = map(int, subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
-                                            text=True).stdout.split())
+    extra, params = map(
+        int,
+        subprocess.run(
+            [sys.executable, "-c", script], check=True, capture_output=True, text=True
+        ).stdout.split(),
+    )
     largest = 32064 * 1024 * 2
-    assert params > 500 * 2**20                      # a checkpoint big enough for a full copy to show
+    assert params > 500 * 2**20  # a checkpoint big enough for a full copy to show
     assert extra < largest + 128 * 2**20, f"{extra / 2**20:.0f} MiB staged beyond the parameters"
 
 
@@ -82,7 +99,9 @@ def test_a_table_left_on_meta_is_read_from_the_file_row_by_row(tmp_path):
     load_weights(model, folder)
     table = load(folder).model.embed_tokens.weight
     embed = model.model.embed_tokens
-    assert "model.embed_tokens.weight" not in dict(model.named_parameters())  # no copy of the table is held
+    assert "model.embed_tokens.weight" not in dict(
+        model.named_parameters()
+    )  # no copy of the table is held
     ids = torch.tensor([7, 0, 7, table.shape[0] - 1, 3])  # repeats, both ends of the table
     assert torch.equal(embed(ids), table[ids])
     assert embed(torch.tensor([], dtype=torch.int64)).shape == (0, table.shape[1])
@@ -99,12 +118,15 @@ def test_reading_a_table_from_the_file_needs_the_stored_dtype(tmp_path):
 
 def test_the_token_table_is_read_once_in_the_warm_up_and_the_load_says_how_fast(tmp_path):
     from orinfer.loader import FileRows, LoadReport, block_device
+
     folder = write_tiny_model(tmp_path, seed=6)
     model = CausalLM(ModelConfig.from_folder(folder), "cpu", torch.float32, embedding_on_host=True)
     report = load_weights(model, folder)
     rows = model.model.embed_tokens.rows
     assert isinstance(rows, FileRows) and rows.warm() == rows.shape[0] * rows.row_bytes
-    assert report.bytes == sum(p.nbytes for p in model.parameters()) and report.disk == block_device(folder)
+    assert report.bytes == sum(
+        p.nbytes for p in model.parameters()
+    ) and report.disk == block_device(folder)
     assert "GiB of weights in" in report.describe() and "\n" not in report.describe()
     slow = LoadReport(26 * 2**30, 110.0, "mmcblk0").describe()
     assert slow.splitlines()[1].startswith("!! the checkpoint's disk reads under 1 GB/s")

@@ -1,4 +1,5 @@
 """The oracle (orinfer/oracle.py): transformers' model on the engine's own tensors, for every family's layout."""
+
 import pytest
 import torch
 from test_families import CHATS, as_family
@@ -21,7 +22,10 @@ def test_transformers_on_the_engines_tensors_gives_the_engines_tokens(tmp_path, 
     ours = dict(gen.model.named_parameters())
     fused = ours["model.layers.0.self_attn.qkv_proj.weight"]
     theirs = dict(hf.named_parameters())
-    q = theirs.get("model.layers.0.self_attn.q_proj.weight", theirs.get("model.layers.0.self_attn.qkv_proj.weight"))
+    q = theirs.get(
+        "model.layers.0.self_attn.q_proj.weight",
+        theirs.get("model.layers.0.self_attn.qkv_proj.weight"),
+    )
     assert q.data_ptr() == fused.data_ptr()
     prompts = optimize.prompt_ids(gen.tokenizer, CHATS)
     gen(CHATS, max_new_tokens=16, return_full_text=False)

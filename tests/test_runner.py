@@ -1,5 +1,6 @@
 """The runner's inputs padded to a CUDA graph's shape give the tokens of the unpadded pass (the graphs themselves
 need a GPU; the padded inputs they replay are built and run here, eagerly, on the CPU)."""
+
 import pytest
 import torch
 from conftest import NEW, generator
@@ -14,12 +15,19 @@ from orinfer.sequence import Sequence, Work
 
 
 @pytest.mark.parametrize("layout", ["varlen", "packed", "padded"])
-def test_inputs_padded_to_a_graph_shape_give_the_same_tokens(tiny_dir, public_chats, layout, monkeypatch,
-                                                             reference_layout, reference_packed_layout):
-    if layout != "padded":  # any pass: prefill chunks, decode steps and drafts mixed, in a small token budget
+def test_inputs_padded_to_a_graph_shape_give_the_same_tokens(
+    tiny_dir, public_chats, layout, monkeypatch, reference_layout, reference_packed_layout
+):
+    if (
+        layout != "padded"
+    ):  # any pass: prefill chunks, decode steps and drafts mixed, in a small token budget
         # (with the packed kernel a graph gives every sequence to it, prompt chunks too)
-        gen = generator(tiny_dir, attention=reference_packed_layout if layout == "packed" else reference_layout, max_batched_tokens=64,
-                        max_num_seqs=6)
+        gen = generator(
+            tiny_dir,
+            attention=reference_packed_layout if layout == "packed" else reference_layout,
+            max_batched_tokens=64,
+            max_num_seqs=6,
+        )
     else:  # plain decode steps only
         gen = generator(tiny_dir, Options(speculate=False), max_num_seqs=6)
     runner = gen.engine.runner
@@ -42,18 +50,22 @@ def test_inputs_padded_to_a_graph_shape_give_the_same_tokens(tiny_dir, public_ch
         if layout == "padded":  # a graph's shape is one group of the padded layout
             assert len(ctx.layout.groups) == 1
         compared.append(len(works))
-        assert runner.model(ids, ctx).tolist()[:len(plain)] == plain
+        assert runner.model(ids, ctx).tolist()[: len(plain)] == plain
         return launch(works, fed_by)
 
     monkeypatch.setattr(runner, "launch", compare_then_launch)
     gen(public_chats[:6], max_new_tokens=12, return_full_text=False)
     assert len(compared) >= 5 and max(compared) > 1
     if layout == "packed":
-        assert any(first == 0 and most > reference_packed_layout[1] for first, most in reference_packed.calls)
+        assert any(
+            first == 0 and most > reference_packed_layout[1]
+            for first, most in reference_packed.calls
+        )
 
 
-def test_eager_passes_padded_to_a_multiple_give_the_pipelines_text(reference_packed_layout, tiny_dir, public_chats, longest_chat,
-                                                                  expected, monkeypatch):
+def test_eager_passes_padded_to_a_multiple_give_the_pipelines_text(
+    reference_packed_layout, tiny_dir, public_chats, longest_chat, expected, monkeypatch
+):
     """An H200 pads eager passes above 512 tokens to a multiple of 64 (tokens and sampled rows); here passes above 4
     tokens to a multiple of 16, long prompt chunks and the packed kernel's few new tokens mixed."""
     gen = generator(tiny_dir, attention=reference_packed_layout, padding=(4, 16))
@@ -69,12 +81,15 @@ def test_eager_passes_padded_to_a_multiple_give_the_pipelines_text(reference_pac
         return ids, ctx
 
     monkeypatch.setattr(runner, "context", checked_context)
-    assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    assert (
+        gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    )
     assert any(padding)
 
 
-def test_the_padded_layouts_passes_padded_to_a_multiple_give_the_pipelines_text(tiny_dir, public_chats,
-                                                                                 longest_chat, expected, monkeypatch):
+def test_the_padded_layouts_passes_padded_to_a_multiple_give_the_pipelines_text(
+    tiny_dir, public_chats, longest_chat, expected, monkeypatch
+):
     """The padded layout pads an eager pass of more than 1,024 tokens to a multiple of 64 (one-token sequences in a
     group of their own, attending to the scratch block); here every pass to a multiple of 16, prompt chunks, decode
     steps and drafts mixed: the pipeline's text."""
@@ -90,31 +105,57 @@ def test_the_padded_layouts_passes_padded_to_a_multiple_give_the_pipelines_text(
         return ids, ctx
 
     monkeypatch.setattr(runner, "context", checked_context)
-    assert gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    assert (
+        gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    )
     assert any(padding) and max(padding) < 16
 
 
 def test_a_pass_with_a_long_prompt_chunk_runs_eagerly(reference_packed_layout, tiny_dir):
     """A graph gives every sequence to the packed kernel; a pass holding a chunk longer than it takes runs eagerly."""
     runner = generator(tiny_dir, attention=reference_packed_layout).engine.runner
-    runner.graphs.captured, runner.graphs.dims = {(16, 1024): None}, ([16], [1024])  # as if captured
-    seq = Sequence(index=0, token_ids=list(range(100, 120)), num_prompt_tokens=20, max_new_tokens=1,
-                   block_table=list(range(1, 21)))
-    assert runner.graphs.shape_for([Work(seq=seq, tokens=seq.token_ids[:8], start=0, wants_logits=False, admitted=True)]) == (16, 1024)
-    assert runner.graphs.shape_for([Work(seq=seq, tokens=seq.token_ids[:9], start=0, wants_logits=False, admitted=True)]) is None
+    runner.graphs.captured, runner.graphs.dims = (
+        {(16, 1024): None},
+        ([16], [1024]),
+    )  # as if captured
+    seq = Sequence(
+        index=0,
+        token_ids=list(range(100, 120)),
+        num_prompt_tokens=20,
+        max_new_tokens=1,
+        block_table=list(range(1, 21)),
+    )
+    assert runner.graphs.shape_for(
+        [Work(seq=seq, tokens=seq.token_ids[:8], start=0, wants_logits=False, admitted=True)]
+    ) == (16, 1024)
+    assert (
+        runner.graphs.shape_for(
+            [Work(seq=seq, tokens=seq.token_ids[:9], start=0, wants_logits=False, admitted=True)]
+        )
+        is None
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_graph_replays_give_the_eager_passes_tokens_on_cuda(tiny_dir, public_chats):
     import optimize
+
     outs = {}
     for graphs in (False, True):
         observer = Observer()
-        gen = optimize.build(tiny_dir, device="cuda", dtype="bfloat16", progress=False, observer=observer,
-                             options=Options(cuda_graphs=graphs))
+        gen = optimize.build(
+            tiny_dir,
+            device="cuda",
+            dtype="bfloat16",
+            progress=False,
+            observer=observer,
+            options=Options(cuda_graphs=graphs),
+        )
         gen.warmup()
         assert bool(len(gen.engine.runner.graphs)) == graphs
-        if graphs and gen.engine.runner.backend.gathers_whole_pass:  # one key-slot buffer for the graphs of each extent
+        if (
+            graphs and gen.engine.runner.backend.gathers_whole_pass
+        ):  # one key-slot buffer for the graphs of each extent
             slots = {}
             for (size, extent), (_, _, ctx, _) in gen.engine.runner.graphs.captured.items():
                 slots.setdefault(extent, set()).add(ctx.layout.key_slots.data_ptr())
@@ -129,8 +170,11 @@ def test_launching_a_pass_never_waits_for_the_device_on_cuda(tiny_dir, public_ch
     # The engine launches a pass while the one before it runs: building inputs, the forward and the copy of the
     # sampled tokens must all be queued without a host-device synchronisation (graph replays and eager passes).
     import optimize
+
     observer = Observer()
-    gen = optimize.build(tiny_dir, device="cuda", dtype="bfloat16", progress=False, observer=observer)
+    gen = optimize.build(
+        tiny_dir, device="cuda", dtype="bfloat16", progress=False, observer=observer
+    )
     gen.warmup()
     runner, launch = gen.engine.runner, gen.engine.runner.launch
 

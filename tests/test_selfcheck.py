@@ -1,5 +1,6 @@
 """orinfer/selfcheck.py: `test_script.py --self-check --demo` end to end on the CPU, the Jetson lines for fake boards,
 and the output check reporting a planted difference with transformers' margin there."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +16,43 @@ from orinfer import oracle, selfcheck
 
 def test_self_check_demo_end_to_end(tmp_path):
     """The tiny model on the CPU: every check ok, exit 0, no power-mode lines (no Jetson), no results file."""
-    run = subprocess.run([sys.executable, str(ROOT / "test_script.py"), "--self-check", "--demo", "--data",
-                          str(ROOT / "data" / "test_dataset.jsonl"), "--check-records", "4", "--check-tokens", "12"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "test_script.py"),
+            "--self-check",
+            "--demo",
+            "--data",
+            str(ROOT / "data" / "test_dataset.jsonl"),
+            "--check-records",
+            "4",
+            "--check-tokens",
+            "12",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     out = run.stdout
-    for name in ("device: CPU", "memory budget:", "plan: memory plan", "longest record:", "memory peak:", "rates:",
-                 "sdpa:", "outputs vs transformers (eager): identical 4/4", "projection: an estimate"):
+    for name in (
+        "device: CPU",
+        "memory budget:",
+        "plan: memory plan",
+        "longest record:",
+        "memory peak:",
+        "rates:",
+        "sdpa:",
+        "outputs vs transformers (eager): identical 4/4",
+        "projection: an estimate",
+    ):
         assert f"] {name}" in out, name
     # transformers >= 4.46 runs the demo folder's Phi-3 on SDPA too; 4.44.2's trust_remote_code code is eager alone
-    assert "] outputs vs transformers (sdpa): identical 4/4" in out or "(sdpa): not offered by this model" in out
+    assert (
+        "] outputs vs transformers (sdpa): identical 4/4" in out
+        or "(sdpa): not offered by this model" in out
+    )
     assert "power mode" not in out and "gpu clock" not in out and "Traceback" not in run.stderr
     assert "0 failed" in out and list(tmp_path.iterdir()) == []
 
@@ -32,10 +60,28 @@ def test_self_check_demo_end_to_end(tmp_path):
 def test_a_record_the_cache_cannot_hold_fails_its_check_with_the_budget_that_would(tmp_path):
     """The one fit rule (optimize.Setup.sized_for) refuses the file: the longest record's line fails, naming the
     record's line and the budget that would hold it; the other checks still run; exit 1, one stderr line."""
-    run = subprocess.run([sys.executable, str(ROOT / "test_script.py"), "--self-check", "--demo", "--data",
-                          str(ROOT / "data" / "test_dataset.jsonl"), "--max-new-tokens", "20000",
-                          "--memory-budget", "1.6GiB", "--check-records", "2", "--check-tokens", "4"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "test_script.py"),
+            "--self-check",
+            "--demo",
+            "--data",
+            str(ROOT / "data" / "test_dataset.jsonl"),
+            "--max-new-tokens",
+            "20000",
+            "--memory-budget",
+            "1.6GiB",
+            "--check-records",
+            "2",
+            "--check-tokens",
+            "4",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 1, run.stderr[-2000:]
     [line] = [x for x in run.stdout.splitlines() if "] longest record:" in x]
     assert line.startswith("[FAIL]") and "-> line " in line and "pass --memory-budget" in line
@@ -45,15 +91,35 @@ def test_a_record_the_cache_cannot_hold_fails_its_check_with_the_budget_that_wou
 
 @pytest.mark.unit
 def test_the_jetson_lines_say_what_to_fix():
-    maxn = {c.name: c for c in selfcheck.jetson_checks(board("maxn"), "2.3.0", ["sm_72", "sm_87"], 14)}
+    maxn = {
+        c.name: c for c in selfcheck.jetson_checks(board("maxn"), "2.3.0", ["sm_72", "sm_87"], 14)
+    }
     assert all(c.verdict == "ok" for c in maxn.values()) and "931 MHz" in maxn["gpu clock"].figure
-    thirty = {c.name: c for c in selfcheck.jetson_checks(board("30w"), "2.3.0a0+40ec155e58.nv24.03", ["sm_87"], 8)}
-    assert thirty["power mode"].verdict == "warn" and "sudo nvpmodel -m 0" in thirty["power mode"].fix
-    unpinned = {c.name: c for c in selfcheck.jetson_checks(board("unpinned"), "2.4.1", ["sm_80", "sm_90"], 14)}
-    assert unpinned["gpu clock"].verdict == "warn" and unpinned["gpu clock"].fix == "sudo jetson_clocks"
-    assert unpinned["board"].verdict == "warn" and thirty["board"].verdict == "warn"  # below full speed
-    assert maxn["torch build"].verdict == "ok"  # NVIDIA's JetPack 2.3.0 may report a plain version: sm_87 tells
-    assert unpinned["torch build"].verdict == "FAIL" and "no sm_87 kernels" in unpinned["torch build"].fix
+    thirty = {
+        c.name: c
+        for c in selfcheck.jetson_checks(board("30w"), "2.3.0a0+40ec155e58.nv24.03", ["sm_87"], 8)
+    }
+    assert (
+        thirty["power mode"].verdict == "warn" and "sudo nvpmodel -m 0" in thirty["power mode"].fix
+    )
+    unpinned = {
+        c.name: c
+        for c in selfcheck.jetson_checks(board("unpinned"), "2.4.1", ["sm_80", "sm_90"], 14)
+    }
+    assert (
+        unpinned["gpu clock"].verdict == "warn"
+        and unpinned["gpu clock"].fix == "sudo jetson_clocks"
+    )
+    assert (
+        unpinned["board"].verdict == "warn" and thirty["board"].verdict == "warn"
+    )  # below full speed
+    assert (
+        maxn["torch build"].verdict == "ok"
+    )  # NVIDIA's JetPack 2.3.0 may report a plain version: sm_87 tells
+    assert (
+        unpinned["torch build"].verdict == "FAIL"
+        and "no sm_87 kernels" in unpinned["torch build"].fix
+    )
 
 
 @pytest.mark.unit
@@ -79,8 +145,14 @@ def test_a_planted_difference_is_reported_with_its_margin(tiny_dir):
     with torch.no_grad():
         top = hf(torch.tensor([prompts[1] + ours[1][:3]])).logits[0, -1].topk(2).values
     assert margin == pytest.approx(float(top[0] - top[1]))
-    check = selfcheck.output_check("eager", [(record, position, mine, theirs, margin)], 3, torch.float32, [1, 2, 3])
-    assert check.verdict == "FAIL" and "line 2: new token 3" in check.figure and f"{margin:.3f}" in check.figure
+    check = selfcheck.output_check(
+        "eager", [(record, position, mine, theirs, margin)], 3, torch.float32, [1, 2, 3]
+    )
+    assert (
+        check.verdict == "FAIL"
+        and "line 2: new token 3" in check.figure
+        and f"{margin:.3f}" in check.figure
+    )
     near = selfcheck.output_check("eager", [(1, 3, 5, 6, 0.25)], 3, torch.bfloat16, [1, 2, 3])
     assert near.verdict == "warn" and "near-ties" in near.figure
 
@@ -90,14 +162,23 @@ def test_the_reference_reads_a_token_table_the_plan_keeps_in_the_file(tiny_dir):
     it from the file onto the device, and its tokens equal the engine's."""
     from orinfer.memory import GiB, rss_bytes
     from orinfer.observe import Observer
-    gen = optimize.build(tiny_dir, device="cpu", memory_budget=rss_bytes() + 3 * GiB, progress=False,
-                         observer=Observer())
+
+    gen = optimize.build(
+        tiny_dir,
+        device="cpu",
+        memory_budget=rss_bytes() + 3 * GiB,
+        progress=False,
+        observer=Observer(),
+    )
     assert gen.report().plan.embedding_on_host
     chats = [r["message"] for r in records("test_dataset.jsonl")[:3]]
     gen(chats, max_new_tokens=8, return_full_text=False)
     prompts = dict(enumerate(optimize.prompt_ids(gen.tokenizer, chats)))
     hf = oracle.transformers_model(gen.model, tiny_dir, "eager")
-    assert selfcheck.compare(dict(gen.observer.generated), prompts, hf, 8, set(gen.engine.eos_ids)) == []
+    assert (
+        selfcheck.compare(dict(gen.observer.generated), prompts, hf, 8, set(gen.engine.eos_ids))
+        == []
+    )
 
 
 def test_a_self_check_that_dies_after_its_plan_still_shows_its_lines(tmp_path, monkeypatch, capsys):
@@ -105,15 +186,30 @@ def test_a_self_check_that_dies_after_its_plan_still_shows_its_lines(tmp_path, m
     import test_script
 
     def load_dies(self, *args, **kwargs):
-        raise RuntimeError("NVML_SUCCESS == r INTERNAL ASSERT FAILED (as a Tegra board's allocator fails)")
+        raise RuntimeError(
+            "NVML_SUCCESS == r INTERNAL ASSERT FAILED (as a Tegra board's allocator fails)"
+        )
+
     monkeypatch.setattr(optimize.Setup, "load", load_dies)
     monkeypatch.chdir(tmp_path)
-    code = test_script.main(["--self-check", "--demo", "--data", str(ROOT / "data" / "test_dataset.jsonl")])
+    code = test_script.main(
+        ["--self-check", "--demo", "--data", str(ROOT / "data" / "test_dataset.jsonl")]
+    )
     out, err = capsys.readouterr()
     names = [line.split("] ")[1].split(":")[0] for line in out.splitlines()]
-    assert names == ["device", "model files", "memory budget", "plan", "longest record",
-                     "self-check stopped during the load"]
-    assert code == 1 and "Traceback" not in out + err and "(traceback in " in err.strip().splitlines()[-1]
+    assert names == [
+        "device",
+        "model files",
+        "memory budget",
+        "plan",
+        "longest record",
+        "self-check stopped during the load",
+    ]
+    assert (
+        code == 1
+        and "Traceback" not in out + err
+        and "(traceback in " in err.strip().splitlines()[-1]
+    )
     assert list(tmp_path.iterdir()) == []
     Path(err.split("traceback in ")[1].split(")")[0]).unlink()
 
@@ -123,16 +219,23 @@ def test_section_3_is_projected_from_passes_timed_on_the_device():
     from types import SimpleNamespace
 
     from orinfer.observe import PassRecord
+
     plan = SimpleNamespace(max_batched_tokens=1024, max_num_seqs=4, max_drafts=4)
 
     def timed(tokens, seconds):
         return PassRecord(tokens, (), 0.0, 0.0, False, 0.0, (1.0, 1.0 + seconds))
+
     passes = [timed(1024, 2.0), timed(4, 0.2), timed(8, 0.21), timed(20, 0.19), timed(700, 1.4)]
     prompts = [[1, 2, 3] + [i] * 509 for i in range(8)]  # 3 shared + 8 x 509 = 4,075 unique tokens
     check = selfcheck.timed_pass_check(passes, None, plan, prompts, 10, 500)
-    assert "a 1024-token pass took 2000 ms (512 tokens/s), a decode pass 200 ms (the median of 3)" in check.figure
+    assert (
+        "a 1024-token pass took 2000 ms (512 tokens/s), a decode pass 200 ms (the median of 3)"
+        in check.figure
+    )
     # 4,075 / 512 s of prefill, then 2 waves of 4 sequences: 10 or 500 decode steps of 0.2 s each
     assert "Section 3 ~12.0 s" in check.figure and "at most 207.96 s" not in check.figure
     assert f"at most {4075 / 512 + 2 * 500 * 0.2:.1f} s" in check.figure
-    cpu = selfcheck.timed_pass_check([PassRecord(8, (), 0, 0, False, 0, None)], None, plan, prompts, 10, 500)
+    cpu = selfcheck.timed_pass_check(
+        [PassRecord(8, (), 0, 0, False, 0, None)], None, plan, prompts, 10, 500
+    )
     assert "no pass was timed on a device clock" in cpu.figure

@@ -1,46 +1,83 @@
-"""Attention backends behind one registry. The runner, the engine and the memory plan read a backend's declared
-contract (core.Backend: its kernels, its layout, what its kernels cost the host, whether it gathers a whole pass's
-keys, which passes its graphs take) and never its name; Options.attention names one.
+"""Attention backends behind one registry. The runner, the engine and the memory plan read a
+backend's declared contract (core.Backend: its kernels, its layout, what its kernels cost the host,
+whether it gathers a whole pass's keys, which passes its graphs take) and never its name;
+Options.attention names one.
 
-- varlen.py: FlashAttention's variable-length kernel (and the packed Triton kernel, packed.py) on the flat queries,
-  where a CUDA torch has them: no padding, no mask.
-- padded.py: SDPA over padded [sequences, queries] grids with a mask, on every device and dtype; also the layout a
-  pass takes where the chosen backend's cannot (keys past a sliding window).
-- float32_reference.py: the float32 reference kernels (reference.py) with the varlen layout: slow, exact, on any
-  device.
+- varlen.py: FlashAttention's variable-length kernel (and the packed Triton kernel, packed.py) on
+  the flat queries, where a CUDA torch has them: no padding, no mask.
+- padded.py: SDPA over padded [sequences, queries] grids with a mask, on every device and dtype;
+  also the layout a pass takes where the chosen backend's cannot (keys past a sliding window).
+- float32_reference.py: the float32 reference kernels (reference.py) with the varlen layout: slow,
+  exact, on any device.
 
 A new kernel is one file declaring its BACKEND and one line in BACKENDS.
 """
-from . import float32_reference, padded, varlen
-from .core import Backend, Context, paged_attention, per_pass, per_pass_fields  # noqa: F401 (the package's surface)
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (varlen.BACKEND, padded.BACKEND, float32_reference.BACKEND)}
-# Options.attention=None takes the first of these that runs on the device, the plan affords, and passes its check.
+from . import float32_reference, padded, varlen
+
+# The package's surface, besides the registry.
+from .core import Backend, Context, paged_attention, per_pass, per_pass_fields  # noqa: F401
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (varlen.BACKEND, padded.BACKEND, float32_reference.BACKEND)
+}
+# Options.attention=None takes the first of these that runs on the device, the plan affords, and
+# passes its check.
 PREFERRED = ("varlen", "padded")
 FALLBACK = padded.BACKEND
 
 
 def planned(name: str | None, device_type: str) -> Backend:
-    """The backend the memory plan books: the one named, or the first preferred that can run on this device type. A
-    name that is not registered, or a backend that cannot run on this device type, is a ValueError."""
+    """The backend the memory plan books: the one named, or the first preferred that can run on this
+    device type. A name that is not registered, or a backend that cannot run on this device type, is
+    a ValueError."""
     if name is None:
         return next(BACKENDS[n] for n in PREFERRED if device_type in BACKENDS[n].devices)
     if name not in BACKENDS:
-        raise ValueError(f"attention backend {name!r} is unknown; choose among {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"attention backend {name!r} is unknown; choose among {', '.join(BACKENDS)}"
+        )
     if device_type not in BACKENDS[name].devices:
-        raise ValueError(f"attention backend {name!r} runs on {', '.join(BACKENDS[name].devices)}, not {device_type}")
+        raise ValueError(
+            f"attention backend {name!r} runs on {', '.join(BACKENDS[name].devices)}, not "
+            f"{device_type}"
+        )
     return BACKENDS[name]
 
 
-def resolve(name: str | None, planned_backend: Backend, afforded: bool, device, dtype, cfg,
-            packed_queries: int) -> tuple[Backend, object]:
-    """The backend a run uses and its kernels: the planned one where the plan affords it and its kernels run here;
-    else, unless it was asked for by name (then a RuntimeError: never a silent change), the padded layout."""
-    kernels = planned_backend.kernels(device, dtype, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                      cfg.head_dim, packed_queries) if afforded else None
+def resolve(
+    name: str | None,
+    planned_backend: Backend,
+    afforded: bool,
+    device,
+    dtype,
+    cfg,
+    packed_queries: int,
+) -> tuple[Backend, object]:
+    """The backend a run uses and its kernels: the planned one where the plan affords it and its
+    kernels run here; else, unless it was asked for by name (then a RuntimeError: never a silent
+    change), the padded layout."""
+    kernels = (
+        planned_backend.kernels(
+            device,
+            dtype,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            packed_queries,
+        )
+        if afforded
+        else None
+    )
     if kernels is not None:
         return planned_backend, kernels
     if name is not None:
-        why = "does not run here (its check failed)" if afforded else "is not afforded by the memory plan"
-        raise RuntimeError(f"attention backend {name!r} {why}; leave --attention unset to let the engine choose")
+        why = (
+            "does not run here (its check failed)"
+            if afforded
+            else "is not afforded by the memory plan"
+        )
+        raise RuntimeError(
+            f"attention backend {name!r} {why}; leave --attention unset to let the engine choose"
+        )
     return FALLBACK, FALLBACK.kernels()
