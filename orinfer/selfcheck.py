@@ -424,10 +424,7 @@ def projection_check(
     prefill = unique * 2 * cfg.num_parameters / gemm
     waves = ceil_div(len(prompts), plan.max_num_seqs)
     per_pass = cfg.num_parameters * itemsize / read
-    short, longest = (
-        prefill + waves * answer_tokens * per_pass,
-        prefill + waves * max_new_tokens * per_pass,
-    )
+    short, longest = _section3(prefill, waves, per_pass, answer_tokens, max_new_tokens)
     return Check(
         "projection",
         f"an estimate at the measured rates: Section 3 ~{short:.1f} s if no answer is longer than "
@@ -436,6 +433,11 @@ def projection_check(
         f"sharing), {waves} wave(s) of up to {plan.max_num_seqs} sequences, {per_pass * 1e3:.0f} "
         "ms a decode pass (drafts only shorten it)",
     )
+
+
+def _section3(prefill: float, waves: int, per_pass: float, answer: int, most: int) -> tuple:
+    """Section 3 in seconds if no answer outgrows `answer` tokens, and if one runs to `most`."""
+    return prefill + waves * answer * per_pass, prefill + waves * most * per_pass
 
 
 def timed_pass_check(
@@ -467,10 +469,7 @@ def timed_pass_check(
     decode = small[len(small) // 2]
     prefill = unique_prompt_tokens(prompts) * big[1] / big[0]
     waves = ceil_div(len(prompts), plan.max_num_seqs)
-    short, longest = (
-        prefill + waves * answer_tokens * decode,
-        prefill + waves * max_new_tokens * decode,
-    )
+    short, longest = _section3(prefill, waves, decode, answer_tokens, max_new_tokens)
     return Check(
         "projection from timed passes",
         f"a {big[0]}-token pass took {big[1] * 1e3:.0f} ms ({big[0] / big[1]:.0f} tokens/s), a "

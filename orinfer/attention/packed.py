@@ -109,17 +109,9 @@ if triton is not None:
 
 
 def packed_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    cu_q: torch.Tensor,
-    cu_k: torch.Tensor,
-    key_slots: torch.Tensor,
-    first_seq: int,
-    num_seqs: int,
-    scale: float,
-) -> None:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, cu_q: torch.Tensor,
+    cu_k: torch.Tensor, key_slots: torch.Tensor, first_seq: int, num_seqs: int, scale: float,
+) -> None:  # fmt: skip
     """Writes out[cu_q[b]:cu_q[b + 1]] for sequences b = first_seq .. first_seq + num_seqs - 1:
     q/out [T, H, D]; k/v the cache's rows [slots, Hkv, D] (the last dimension contiguous), key j of
     sequence b in row key_slots[cu_k[b] + j]; the varlen layout's cumulative lengths (bottom-right
@@ -128,65 +120,26 @@ def packed_attention(
     if num_seqs == 0:
         return
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == out.stride(-1) == 1
-    launch(
-        q,
-        k,
-        v,
-        out,
-        cu_q,
-        cu_k,
-        key_slots,
-        first_seq,
-        num_seqs,
-        scale,
-        TWO_LAUNCHES if num_seqs >= _SMALL_FROM_SEQS else ONE_LAUNCH,
-    )
+    launches = TWO_LAUNCHES if num_seqs >= _SMALL_FROM_SEQS else ONE_LAUNCH
+    launch(q, k, v, out, cu_q, cu_k, key_slots, first_seq, num_seqs, scale, launches)
 
 
 def launch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    cu_q: torch.Tensor,
-    cu_k: torch.Tensor,
-    key_slots: torch.Tensor,
-    first_seq: int,
-    num_seqs: int,
-    scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, cu_q: torch.Tensor,
+    cu_k: torch.Tensor, key_slots: torch.Tensor, first_seq: int, num_seqs: int, scale: float,
     launches: tuple[tuple[int, int, bool, int], ...],
-) -> None:
+) -> None:  # fmt: skip
     """packed_attention's kernel launches, as given (bench/packed_tiles.py times ONE_LAUNCH against
     the choice)."""
     heads, dim = q.shape[1:]
     kv_heads = k.shape[1]
     for block_m, splits, small, small_rows in launches:
         _attention[(num_seqs, kv_heads, splits)](
-            q,
-            k,
-            v,
-            out,
-            cu_q,
-            cu_k,
-            key_slots,
-            first_seq,
-            scale * 1.4426950408889634,
-            q.stride(0),
-            q.stride(1),
-            k.stride(0),
-            k.stride(1),
-            v.stride(0),
-            v.stride(1),
-            out.stride(0),
-            out.stride(1),
-            GROUPS=heads // kv_heads,
-            DIM=dim,
-            BLOCK_M=block_m,
-            BLOCK_N=_BLOCK_N,
-            SMALL=small,
-            SMALL_ROWS=small_rows,
-            num_warps=4,
-        )
+            q, k, v, out, cu_q, cu_k, key_slots, first_seq, scale * 1.4426950408889634,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), GROUPS=heads // kv_heads, DIM=dim, BLOCK_M=block_m,
+            BLOCK_N=_BLOCK_N, SMALL=small, SMALL_ROWS=small_rows, num_warps=4,
+        )  # fmt: skip
 
 
 @lru_cache

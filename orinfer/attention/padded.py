@@ -223,17 +223,9 @@ class PaddedLayout:
         if shape is None and len(lens) > n:
             spans.append((n, len(lens), align))
         query_slots, mask_rows, grids = self._grids(spans, starts, lens)
-        t = self.uploader.upload(
-            works,
-            order,
-            ids,
-            sample_rows,
-            starts,
-            lens,
-            max(most for _, _, most in spans),
-            query_slots + mask_rows,
-            feed,
-        )
+        nblocks = max(most for _, _, most in spans)
+        t = self.uploader.upload(works, order, ids, sample_rows, starts, lens, nblocks,
+                                 query_slots + mask_rows, feed)  # fmt: skip
         return t, self._layout(t, spans, grids, len(query_slots))
 
     def _grids(

@@ -260,16 +260,8 @@ class VarlenLayout:
         starts += [0] * (len(lens) - n)
         ids += [0] * (sum(lens) - len(ids))
         ends = [s + k for s, k in zip(starts, lens)]
-        t = self.uploader.upload(
-            works,
-            order,
-            ids,
-            sample_rows,
-            starts,
-            lens,
-            ceil_div(max(ends), self.uploader.block_size),
-            feed=feed,
-        )
+        nblocks = ceil_div(max(ends), self.uploader.block_size)
+        t = self.uploader.upload(works, order, ids, sample_rows, starts, lens, nblocks, feed=feed)
         return t, self._layout(works, t, lens, ends, shape)
 
     def _layout(
