@@ -22,10 +22,9 @@ from .scheduler import Limits, Scheduler
 from .sequence import Sequence, Work
 from .warmup import meet_gemm_kernels, probe, tokens_at_one_token_cost
 
-# The share of its token budget a pass launched ahead of the one in flight must fill. On W1 under a
-# 32 GB Orin's plan (256 tokens a pass) 0.5 gave 110 passes, 0.75 gave 104, 0.9 gave 102 like the
-# loop without launching ahead (CPU pass stage); on the H200's plan all three give the same 6
-# passes.
+# The share of its token budget a pass launched ahead of the one in flight must fill: each pass
+# costs a whole read of the weights, so a thin one wastes it (BENCHMARKS.md, "Is what was tuned on
+# W1...").
 AHEAD_FILL = 0.9
 # Engine.warmup's steps, in the order they run.
 WARMUP_STEPS = ("token_table", "gemms", "lookup_budget", "graphs", "probe")
@@ -81,10 +80,9 @@ class Engine:
             )
         self.runner = runner
         self.blocks = BlockManager(plan.num_blocks, plan.block_size)
-        # A decode pass reads every weight once; it stays memory-bound up to roughly this many
-        # tokens on GPUs (machine balance ~130 FLOP/byte on Orin, ~200 on H200), so that many lookup
-        # drafts ride along free. The warm-up measures it on this device
-        # (warmup.tokens_at_one_token_cost); 128 until then.
+        # A decode pass reads every weight once and stays memory-bound up to about the device's
+        # machine balance in tokens, so that many lookup drafts ride along free; the warm-up
+        # measures it (warmup.tokens_at_one_token_cost), 128 until then.
         lookup = options.lookup_draft_tokens
         self.lookup_draft_tokens = (
             lookup if lookup is not None else 128 if model.device.type == "cuda" else 0
@@ -245,8 +243,7 @@ class Engine:
         run = _Run(self, seqs, on_finish, bar)
         try:
             # A half pass first: the device starts after a fraction of the tokenisation, and that
-            # pass runs long enough (~0.2 s on an H200) to hide the rest of it and the scheduling of
-            # the next pass.
+            # pass runs long enough to hide the rest of it and the scheduling of the next pass.
             run.draw(self.plan.max_batched_tokens // 2)
             while run.step():
                 pass

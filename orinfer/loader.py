@@ -171,8 +171,7 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> LoadReport:
     cfg = model.cfg
     split = fused_rows(cfg)
     # One buffer of the largest tensor's size, allocated once: growing it as bigger tensors come
-    # would briefly hold the old and the new buffer (measured on the H200: host peak 0.87 GiB over
-    # idle instead of ~0.6).
+    # would briefly hold the old and the new buffer, a higher host peak.
     largest = max(
         (
             e["data_offsets"][1] - e["data_offsets"][0]

@@ -31,15 +31,13 @@ PINNED_HOST_BYTES = 16 * MiB
 GRAPHS_HOST_BYTES = 512 * MiB
 # Graphs save launch time, which matters where a pass is short, and an attention backend's kernels
 # may save attention work; on shared memory each is used only where the budget leaves this much
-# besides its host memory (a 32 GB Orin does not: there a decode pass reads 28 GB at 205 GB/s, 136
-# ms, far longer than the host needs to launch it, and without the FlashAttention kernels the padded
-# layout keeps ~1,700 more tokens of KV cache).
+# besides its host memory (a 32 GB Orin does not: its decode pass takes far longer to run than to
+# launch, and without those kernels the padded layout keeps more KV cache; BENCHMARKS.md).
 OPTIONAL_MIN_FREE_BYTES = 2 * GiB
-# Device memory besides the weights, the cache and the workspace: cuBLAS's workspace (32 MiB on the
-# H200, one block of torch's pool from the first product on) and the allocator's rounding of a
-# pass's tensors. The allocator is capped at the plan's device share, so at the cap it frees cached
-# blocks rather than take the host's share; what it cannot free is what live tensors hold, which
-# this margin covers.
+# Device memory besides the weights, the cache and the workspace: cuBLAS's workspace (one block of
+# torch's pool from the first product on) and the allocator's rounding of a pass's tensors. The
+# allocator is capped at the plan's device share, so at the cap it frees cached blocks rather than
+# take the host's share; what it cannot free is what live tensors hold, which this margin covers.
 SAFETY_BYTES = 96 * MiB
 
 
@@ -426,10 +424,9 @@ class NoAttentionKernels:
     devices: tuple[str, ...] = ("cuda", "cpu")
 
 
-# One-token blocks share every common prompt prefix, not only whole blocks of it: W1 computes 22,311
-# prompt tokens instead of 23,131 with 4-token blocks (the 37th shared token, and stems that begin
-# alike). The K/V gathers and the cache writes move the same bytes either way; the host hashes a
-# block per prompt token, once.
+# One-token blocks share every common prompt prefix, not only whole blocks of it (the shared
+# instruction's last token, and stems that begin alike). The K/V gathers and the cache writes move
+# the same bytes either way; the host hashes a block per prompt token, once.
 def plan_memory(
     cfg: ModelConfig,
     budget: int,

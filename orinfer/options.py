@@ -17,9 +17,8 @@ class Options:
     # None: the first of attention.PREFERRED that runs here and the memory plan affords.
     attention: str | None = None
     # Sequences with at most this many new tokens take the packed Triton kernel in an eager pass (0:
-    # never). FlashAttention's one-head tiles of 128 rows are mostly empty for short prompt chunks
-    # too: on W1 (chunks of ~45 tokens after the shared prefix) 128 beat 32 by 35-40 ms of device
-    # time on the H200, 64 and 256 by less.
+    # never): FlashAttention's one-head tiles of 128 rows are mostly empty for short prompt chunks
+    # too (BENCHMARKS.md times the bound).
     packed_queries: int = 128
     pass_tokens: int | None = None  # tokens a pass (None: the memory plan's)
     # pass size under which lookup drafts ride along (None: measured on CUDA)

@@ -323,8 +323,8 @@ def layout(
     )
 
 
-# The FlashAttention kernels' module, loaded on first use: +0.34 GiB of host RSS (measured on the
-# H200).
+# The FlashAttention kernels' module, loaded on first use, costs host memory (a third of a GiB:
+# BENCHMARKS.md, "The Orin emulation").
 BACKEND = Backend(
     "varlen",
     kernels=available,
