@@ -245,7 +245,7 @@ class MemoryPlan:
     cuda_graphs: bool
     # the planned attention backend's kernels: the runner still checks they run here
     attention_afforded: bool
-    attention: str = "no"  # the backend planned for (attention.Backend.name), shown in describe()
+    attention: str  # the backend planned for (attention.Backend.name), shown in describe()
     # bytes of the token table when it is read from the checkpoint's file, else 0
     embedding_table: int = 0
     shared_host: bool = False  # the budget covers the host process too (a Jetson)
@@ -413,34 +413,14 @@ def _gather_tokens(cfg: ModelConfig, in_groups_on_shared: bool, free: int, gathe
     return max(2048, min(1 << 20, free // 10 // gather))
 
 
-@dataclass(frozen=True)
-class NoAttentionKernels:
-    """The plan's view of a backend with no kernels of its own to book (attention.Backend has these
-    fields)."""
-
-    name: str = "no"
-    host_bytes: int = 0
-    gathers_whole_pass: bool = False
-    devices: tuple[str, ...] = ("cuda", "cpu")
-
-
 # One-token blocks share every common prompt prefix, not only whole blocks of it (the shared
 # instruction's last token, and stems that begin alike). The K/V gathers and the cache writes move
 # the same bytes either way; the host hashes a block per prompt token, once.
 def plan_memory(
-    cfg: ModelConfig,
-    budget: int,
-    weights: int,
-    itemsize: int,
-    shared_host: bool,
-    host_bytes: int,
-    cuda: bool = True,
-    block_size: int = 1,
-    max_drafts: int | None = None,
-    table_in_checkpoint: bool = False,
-    kv_tokens_wanted: int | None = None,
-    attention=NoAttentionKernels(),
-) -> MemoryPlan:
+    cfg: ModelConfig, budget: int, weights: int, itemsize: int, shared_host: bool, host_bytes: int,
+    cuda: bool = True, block_size: int = 1, max_drafts: int | None = None,
+    table_in_checkpoint: bool = False, kv_tokens_wanted: int | None = None, *, attention,
+) -> MemoryPlan:  # fmt: skip
     """`table_in_checkpoint`: the checkpoint stores the token table in the run's dtype, so a pass
     can read its rows from there. `kv_tokens_wanted`: the most KV cache the run can use (its prompts
     and answers at the plan's concurrency); the pool is never larger, and never larger than the

@@ -123,6 +123,7 @@ def fake_engine(observer=None, options=None, **plan):
         max_drafts=4,
         cuda_graphs=False,
         attention_afforded=False,
+        attention="padded",
     )
     model = SimpleNamespace(
         device=torch.device("cpu"), dtype=torch.float32, embedding_on_host=False
