@@ -222,15 +222,8 @@ class Setup:
             init(model)
             serve_from_file(model, self.folder)
         cfg, options = self.cfg, self.options
-        attention = resolve(
-            options.attention,
-            self.plan_inputs["attention"],
-            self.plan.attention_afforded,
-            self.device,
-            self.dtype,
-            cfg,
-            options.packed_queries,
-        )
+        attention = resolve(options.attention, self.plan.attention_afforded, self.device,
+                            self.dtype, cfg, options.packed_queries)  # fmt: skip
         return Generator(
             Engine(model, self.eos, self.plan, options, attention, observer=observer),
             self.tokenizer,

@@ -46,31 +46,18 @@ def planned(name: str | None, device_type: str) -> Backend:
 
 
 def resolve(
-    name: str | None,
-    planned_backend: Backend,
-    afforded: bool,
-    device,
-    dtype,
-    cfg,
-    packed_queries: int,
+    name: str | None, afforded: bool, device, dtype, cfg, packed_queries: int
 ) -> tuple[Backend, object]:
-    """The backend a run uses and its kernels: the planned one where the plan affords it and its
-    kernels run here; else, unless it was asked for by name (then a RuntimeError: never a silent
-    change), the padded layout."""
+    """The backend a run uses and its kernels: the planned one (`planned`) where the memory plan
+    affords it and its kernels run here; else, unless it was asked for by name (then a RuntimeError:
+    never a silent change), the padded layout."""
+    backend = planned(name, device.type)
+    heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     kernels = (
-        planned_backend.kernels(
-            device,
-            dtype,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            packed_queries,
-        )
-        if afforded
-        else None
+        backend.kernels(device, dtype, heads, kv_heads, dim, packed_queries) if afforded else None
     )
     if kernels is not None:
-        return planned_backend, kernels
+        return backend, kernels
     if name is not None:
         why = (
             "does not run here (its check failed)"
