@@ -168,45 +168,40 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> LoadReport:
     served = serve_from_file(model, folder)
     params, filled = dict(model.named_parameters()), {}  # each parameter's (first row, rows) filled
     files = check_checkpoint(folder)
-    cfg = model.cfg
-    split = fused_rows(cfg)
+    cfg, split = model.cfg, fused_rows(model.cfg)
+
+    def targets(name: str) -> list[tuple[str, int]]:  # where a stored tensor goes, besides the file
+        places = weight_targets(name, cfg.family, split, cfg.tie_word_embeddings)
+        return [t for t in places if t[0] not in served]
+
+    reads = []  # each file's tensors that fill a parameter, in file order, with where each goes
+    for path, header, data_start in files:
+        in_order = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+        items = [(name, entry, targets(name)) for name, entry in in_order]
+        reads.append((path, data_start, [item for item in items if item[2]]))
     # One buffer of the largest tensor's size, allocated once: growing it as bigger tensors come
     # would briefly hold the old and the new buffer, a higher host peak.
-    largest = max(
-        (
-            e["data_offsets"][1] - e["data_offsets"][0]
-            for _, h, _ in files
-            for n, e in h.items()
-            if n not in served or cfg.tie_word_embeddings
-        ),
-        default=0,
+    sizes = (
+        e["data_offsets"][1] - e["data_offsets"][0] for _, _, items in reads for _, e, _ in items
     )
-    buffer, read = bytearray(largest), 0
-    for path, header, data_start in files:
+    buffer, read = bytearray(max(sizes, default=0)), 0
+    for path, data_start, items in reads:
         fd = os.open(path, os.O_RDONLY)
         try:
-            for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                targets = [
-                    t
-                    for t in weight_targets(name, cfg.family, split, cfg.tie_word_embeddings)
-                    if t[0] not in served
-                ]
-                if targets:
-                    read += _load_tensor(fd, path, name, entry, data_start, params, targets, buffer)
-                for target, row in targets:
+            for name, entry, places in items:
+                read += _load_tensor(fd, path, name, entry, data_start, params, places, buffer)
+                for target, row in places:
                     filled.setdefault(target, set()).add(
                         (row, entry["shape"][0] if entry["shape"] else 1)
                     )
         finally:
             os.close(fd)
-    _check_complete(
-        folder,
-        [
-            n
-            for n, p in params.items()
-            if n not in served and sum(rows for _, rows in filled.get(n, ())) != len(p)
-        ],
-    )
+    unfilled = [
+        n
+        for n, p in params.items()
+        if n not in served and sum(r for _, r in filled.get(n, ())) != len(p)
+    ]
+    _check_complete(folder, unfilled)
     return LoadReport(read, time.perf_counter() - start, block_device(files[0][0]))
 
 

@@ -59,9 +59,9 @@ def _their_state(model, hf) -> dict:
     """transformers' parameter names mapped to the engine's tensors (families.weight_targets), as
     views."""
     cfg, ours = model.cfg, dict(model.state_dict())
-    state = {}
+    split, state = fused_rows(cfg), {}
     for name, meta in hf.state_dict().items():
-        target, row = weight_targets(name, cfg.family, fused_rows(cfg), False)[0]
+        target, row = weight_targets(name, cfg.family, split, False)[0]
         if cfg.tie_word_embeddings and name == "model.embed_tokens.weight":
             target = "lm_head.weight"  # the engine's copy of the table, on the device
         # the token table, kept in the file by the memory plan
