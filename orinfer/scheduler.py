@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from .block_manager import BlockManager
 from .integers import ceil_div
 from .sequence import Sequence, Work
-from .speculation import DraftLimits, Speculator
+from .speculation import Speculator
 
 
 @dataclass
@@ -57,12 +57,7 @@ class Scheduler:
         # Finished sequences whose blocks are not given back yet (release_finished).
         self.unreleased: list[Sequence] = []
         self.stats = stats if stats is not None else Counter()
-        self.speculator = Speculator(
-            DraftLimits(
-                limits.max_drafts, limits.lookup_draft_tokens, limits.own_drafts, limits.pool_drafts
-            ),
-            self.stats,
-        )
+        self.speculator = Speculator(limits, self.stats)
         # Requests given up on (seq.error says why), until the engine reports them.
         self.failed: list[Sequence] = []
 

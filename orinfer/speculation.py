@@ -17,7 +17,6 @@ greedy decoding gives. Two sources, in order:
 """
 
 from collections import Counter
-from dataclasses import dataclass
 
 from .sequence import Sequence, Work
 
@@ -157,23 +156,13 @@ def lookup_drafts(
     return []
 
 
-@dataclass(frozen=True)
-class DraftLimits:
-    """What the plan and the options allow: draft tokens a sequence's listed choice may add to a
-    pass (0: no speculation), the pass size under which lookup drafts ride along (0: none), and the
-    lookup sources."""
-
-    max_drafts: int = 0
-    lookup_draft_tokens: int = 0
-    own: bool = True
-    pool: bool = True
-
-
 class Speculator:
     """One run's drafting: the pool of its requests' outputs, the drafts each decode step takes, and
-    what is kept. `stats`: the counters it adds to (draft tokens proposed and accepted)."""
+    what is kept. `limits`: the scheduler's (scheduler.Limits: max_drafts, lookup_draft_tokens and
+    the lookup sources own_drafts and pool_drafts); `stats`: the counters it adds to (draft tokens
+    proposed and accepted)."""
 
-    def __init__(self, limits: DraftLimits, stats: Counter):
+    def __init__(self, limits, stats: Counter):
         self.limits, self.stats = limits, stats
         # what this run's requests have generated, for each other's lookup drafts
         self.pool = NgramPool()
@@ -198,7 +187,9 @@ class Speculator:
                 break
             if w.num_drafts == 0:
                 room = min(spare, rows, w.seq.max_new_tokens - w.seq.num_generated - 1)
-                drafts = lookup_drafts(w.seq, room, self.pool if lim.pool else None, own=lim.own)
+                drafts = lookup_drafts(
+                    w.seq, room, self.pool if lim.pool_drafts else None, own=lim.own_drafts
+                )
                 if drafts and grow(w.seq, w.seq.num_tokens + len(drafts)):
                     w.tokens += drafts
                     w.num_drafts, w.looked_up = len(drafts), True
