@@ -26,6 +26,9 @@ from .warmup import meet_gemm_kernels, probe, tokens_at_one_token_cost
 # costs a whole read of the weights, so a thin one wastes it (BENCHMARKS.md, "Is what was tuned on
 # W1...").
 AHEAD_FILL = 0.9
+# The engine's counters (Engine.stats), the loop's and the scheduler's.
+STATS = ("passes", "preemptions", "oom_retries", "prefill_tokens", "max_batch", "draft_tokens",
+         "accepted_drafts", "chained_passes")  # fmt: skip
 # Engine.warmup's steps, in the order they run.
 WARMUP_STEPS = ("token_table", "gemms", "lookup_budget", "graphs", "probe")
 
@@ -63,13 +66,8 @@ class Engine:
         runner: ModelRunner | None = None,
         observer: Observer | None = None,
     ):
-        self.model, self.eos_ids, self.plan, self.options, self.observer = (
-            model,
-            eos_ids,
-            plan,
-            options,
-            observer,
-        )
+        self.model, self.eos_ids, self.plan = model, eos_ids, plan
+        self.options, self.observer = options, observer
         if runner is None:
             runner = ModelRunner(
                 model,
@@ -89,21 +87,7 @@ class Engine:
         )
         # The one stats object: the loop's counters, and the scheduler's (preemptions, drafts),
         # which it adds to.
-        self.stats = Counter(
-            {
-                name: 0
-                for name in (
-                    "passes",
-                    "preemptions",
-                    "oom_retries",
-                    "prefill_tokens",
-                    "max_batch",
-                    "draft_tokens",
-                    "accepted_drafts",
-                    "chained_passes",
-                )
-            }
-        )
+        self.stats = Counter(dict.fromkeys(STATS, 0))
 
     @property
     def lookup_budget(self) -> int:

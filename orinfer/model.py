@@ -67,11 +67,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, kernels: Kernels):
         super().__init__()
         self.kernels = kernels
-        self.heads, self.kv_heads, self.dim = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        )
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.dim = cfg.head_dim
         self.qkv_proj = Linear(
             cfg.hidden_size, (self.heads + 2 * self.kv_heads) * self.dim, cfg.attention_bias
         )
