@@ -27,7 +27,7 @@ from orinfer.pipeline import (  # noqa: F401
 )
 from transformers import AutoTokenizer  # noqa: I100
 
-from orinfer import kernels
+from orinfer import extension, kernels
 from orinfer.attention import planned, resolve
 from orinfer.board import Jetson, environment_notes, is_jetson, read_jetson
 from orinfer.checkpoint import check_checkpoint
@@ -86,10 +86,12 @@ class Setup:
     device: torch.device
     dtype: torch.dtype
     plan: MemoryPlan
-    options: Options  # its `compile` resolved to True or False
+    options: Options  # its `compile` and `cuda_extension` resolved to True or False
     # plan_memory's arguments besides the budget and the run's needs
     plan_inputs: dict = field(default_factory=dict)
     board: Jetson | None = None  # on a Jetson: its module, power mode, clocks (orinfer/board.py)
+    # why the elementwise kernels stay eager on a CUDA device (the extension did not build)
+    kernels_note: str | None = None
 
     def describe_machine(self) -> str:
         """Section 1's lines about the machine: on a Jetson the board (loud when below full speed);
@@ -98,6 +100,8 @@ class Setup:
         if self.board is not None:
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             lines.append(self.board.describe(sms))
+        if self.kernels_note:
+            lines.append(f"elementwise kernels eager: {self.kernels_note}")
         lines += [
             f"environment ({verdict}): {note}"
             for verdict, note in environment_notes(dict(os.environ), self.board)
@@ -190,6 +194,11 @@ class Setup:
         at_once = sum(sorted(needs, reverse=True)[: self.plan.max_num_seqs])
         return replace(self, plan=self.plan_for(self.plan.budget, at_once))
 
+    def _kernels(self) -> kernels.Kernels:
+        if self.options.compile:
+            return kernels.compiled()
+        return kernels.cuda_extension() if self.options.cuda_extension else kernels.EAGER
+
     def load(
         self,
         init: Callable[[CausalLM], None] | None = None,
@@ -211,7 +220,7 @@ class Setup:
             self.cfg,
             self.device,
             self.dtype,
-            kernels.compiled() if self.options.compile else kernels.EAGER,
+            self._kernels(),
             embedding_on_host=self.plan.embedding_on_host,
             mlp_rows=self.plan.mlp_rows,
         )
@@ -306,7 +315,7 @@ def prepare(
             "--demo"
         )
     dev = _device(device)
-    options = _resolve_compile(options, dev)
+    options, kernels_note = _resolve_kernels(options, dev)
     try:
         _check_weights(folder)
         cfg = ModelConfig.from_folder(folder)
@@ -334,7 +343,8 @@ def prepare(
             )
         budget = most  # RSS + MemAvailable counts a file's mapped pages twice
     board = read_jetson() if dev.type == "cuda" and shared else None
-    setup = Setup(folder, cfg, eos, tokenizer, dev, torch_dtype, None, options, inputs, board)
+    setup = Setup(folder, cfg, eos, tokenizer, dev, torch_dtype, None, options, inputs, board,
+                  kernels_note)  # fmt: skip
     try:
         return replace(setup, plan=setup.plan_for(budget))
     except BudgetTooSmall as e:
@@ -344,17 +354,35 @@ def prepare(
         ) from None
 
 
-def _resolve_compile(options: Options, dev: torch.device) -> Options:
-    """Options.compile resolved: None takes it where it runs; True where it cannot is an error."""
+def _resolve_kernels(options: Options, dev: torch.device) -> tuple[Options, str | None]:
+    """Options.compile, then Options.cuda_extension, resolved (None takes each where it runs, the
+    extension only where torch.compile is not taken; True where it cannot is an error), with why
+    the extension is not taken on a CUDA device where it was left to choose. The extension is
+    built (once per machine) and loaded here: before the plan counts this process's host memory."""
     if options.compile is None:
-        return replace(options, compile=kernels.compile_available(dev))
+        options = replace(options, compile=kernels.compile_available(dev))
     runs = kernels.compile_available(dev) if dev.type == "cuda" else kernels.compile_supported()
     if options.compile and not runs:
         raise SetupError(
             f"compile=True needs a torch >= 2.6, with Triton on CUDA (device {dev}, torch "
             f"{torch.__version__})"
         )
-    return options
+    wanted = options.cuda_extension
+    if wanted and (options.compile or dev.type != "cuda"):
+        raise SetupError(
+            "cuda_extension=True needs a CUDA device and compile=False "
+            f"(device {dev}, compile={options.compile})"
+        )
+    if wanted is False or options.compile or dev.type != "cuda":
+        return replace(options, cuda_extension=False), None
+    try:
+        major, minor = torch.cuda.get_device_capability(dev)
+        extension.load(f"{major}.{minor}")
+    except extension.ExtensionUnavailable as e:
+        if wanted:
+            raise SetupError(str(e)) from None
+        return replace(options, cuda_extension=False), str(e)
+    return replace(options, cuda_extension=True), None
 
 
 def build(

@@ -152,6 +152,12 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
         "float32)",
     )
     p.add_argument(
+        "--no-cuda-extension",
+        action="store_true",
+        help="do not build or use orinfer's CUDA kernels where torch.compile is not taken (the "
+        "same output at float32)",
+    )
+    p.add_argument(
         "--attention",
         default=None,
         metavar="BACKEND",
@@ -247,6 +253,7 @@ def _prepare(args, prepare, model_dir, device):
         speculate=not args.no_speculation,
         cuda_graphs=not args.no_cuda_graphs,
         compile=False if args.no_compile else None,
+        cuda_extension=False if args.no_cuda_extension else None,
         attention=args.attention,
     )
     return (prepare or optimize.prepare)(

@@ -69,6 +69,11 @@ def parse_args():
         "--fp32-exact", type=int, default=50, help="items for the fp32 full-shape exactness check"
     )
     ap.add_argument(
+        "--fp32-paths",
+        default="default",
+        help="fp32 stage: the kernel paths to check (exactness.PATHS: default, orin, orin_eager)",
+    )
+    ap.add_argument(
         "--capped", type=float, default=28.5, help="Orin emulation: total budget in GiB"
     )
     ap.add_argument("--capped-runs", default="w1_scripted,longest_free500,w1_first64_free500")
@@ -158,7 +163,8 @@ def main():
     elif args.stage == "fp32":
         from exactness import fp32_exact
 
-        res["fp32_exact"] = fp32_exact(folder, records[: args.fp32_exact])
+        paths = args.fp32_paths.split(",")
+        res["fp32_exact"] = [fp32_exact(folder, records[: args.fp32_exact], path=p) for p in paths]
     elif args.stage == "capped":
         from memory_stages import capped
 

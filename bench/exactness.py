@@ -8,10 +8,19 @@ import torch
 
 import optimize
 from orinfer.observe import Observer
+from orinfer.options import Options
 from workload import hf_model, random_init
 
+# The kernel paths the stage can take: this GPU's defaults, and the Orin's (no Triton: the padded
+# layout, and orinfer's CUDA extension or eager elementwise kernels).
+PATHS = {
+    "default": Options(),
+    "orin": Options(compile=False, attention="padded"),
+    "orin_eager": Options(compile=False, cuda_extension=False, attention="padded"),
+}
 
-def fp32_exact(folder: Path, records: list, new_tokens: int = 32) -> dict:
+
+def fp32_exact(folder: Path, records: list, new_tokens: int = 32, path: str = "default") -> dict:
     observer = Observer()
     gen = optimize.build(
         folder,
@@ -20,7 +29,9 @@ def fp32_exact(folder: Path, records: list, new_tokens: int = 32) -> dict:
         init=random_init(1),
         progress=False,
         observer=observer,
+        options=PATHS[path],
     )
+    kernels = gen.describe()
     hf = hf_model(gen.model, folder)
     chats = [r["message"] for r in records]
     gen(chats, max_new_tokens=new_tokens, return_full_text=False)
@@ -45,6 +56,8 @@ def fp32_exact(folder: Path, records: list, new_tokens: int = 32) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     return {
+        "path": path,
+        "kernels": kernels,
         "items": len(records),
         "new_tokens": new_tokens,
         "exact": same,

@@ -6,7 +6,7 @@ warm-up reads them back: the product's path) and dropped after it (a cold read o
 timed call: what a board met before the warm-up read the table).
 
     PYTHONPATH=JETSON_PIN python3 bench/orin_kernels.py --out OUT [--budget 28.5] [--workloads w1,prefill,decode]
-                                                   [--no-table-read]
+                                                   [--no-table-read] [--no-cuda-extension]
 
 Pricing (REFERENCE.md section 8): GEMMs by their FLOPs (each pass's computed tokens x 2 x the parameters they pass
 through) at ORIN_GEMM FLOP/s, but no pass under one read of the weights at ORIN_READ bytes/s; every other kernel by
@@ -62,7 +62,7 @@ CLASSES = [
     ("gather/copy", ("index", "gather", "scatter", "memcpy", "copy", "cat", "embedding")),
     (
         "elementwise",
-        ("elementwise", "vectorized", "unrolled", "silu", "mul", "add", "pow", "rsqrt"),
+        ("elementwise", "vectorized", "unrolled", "silu", "mul", "add", "pow", "rsqrt", "rope"),
     ),
 ]
 
@@ -160,6 +160,11 @@ def main() -> int:
         action="store_true",
         help="skip W1 timed with cold and warm token-table pages",
     )
+    ap.add_argument(
+        "--no-cuda-extension",
+        action="store_true",
+        help="the elementwise kernels eager (the Orin path before orinfer's CUDA extension)",
+    )
     args = ap.parse_args()
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "orinfer-kernels"
     tmp.mkdir(exist_ok=True)
@@ -175,7 +180,7 @@ def main() -> int:
         device="cuda",
         unified_memory=True,
         memory_budget=int(args.budget * GiB),
-        options=Options(compile=False),
+        options=Options(compile=False, cuda_extension=False if args.no_cuda_extension else None),
     )
     gen = scripted(setup.load(random_init(0), progress=False, observer=observer), None)
     drop_pages(folder)

@@ -186,7 +186,7 @@ class Engine:
         runner, lookup = self.runner, self.lookup_budget
         return (
             f"attention: {runner.backend.name} backend ({runner.layouts[0].name}); elementwise "
-            f"kernels {'compiled' if self.model.kernels.fused else 'eager'}"
+            f"kernels {self.model.kernels.name}"
             + (
                 f"; lookup drafts while a pass has < {lookup} tokens"
                 if lookup

@@ -3,10 +3,12 @@ transformers' order and dtypes.
 
 Eager, each is several PyTorch kernels with float32 temporaries (RMSNorm alone is eight); in a
 16k-token prefill pass that memory traffic takes ~40 % as long as the GEMMs (H200). A model is built
-with one `Kernels` value: `EAGER`, or `compiled()`, torch.compile'd versions, one fused Triton
-kernel each, for GPUs whose torch has Triton (NVIDIA's JetPack wheels have none, and the CPU path
-stays eager unless asked). The compiled functions round every intermediate as eager does
-(`emulate_precision_casts`), so half-precision values match eager ones too, not only float32.
+with one `Kernels` value: `EAGER`; `compiled()`, torch.compile'd versions, one fused Triton kernel
+each, for GPUs whose torch has Triton; or `cuda_extension()`, orinfer's own CUDA kernels (csrc/,
+built by extension.py) for CUDA GPUs whose torch has none (NVIDIA's JetPack wheels). The CPU path
+stays eager unless asked. Both fused sets round every intermediate as eager does (the compiled ones
+through `emulate_precision_casts`), so half-precision values match eager ones too, not only
+float32, except where a sum's order differs (RMSNorm's mean).
 RMSNorm and RoPE are adapted from transformers' modeling_phi3.py (Apache-2.0); compilation as a
 switch around one eager path follows gpt-fast (https://github.com/pytorch-labs/gpt-fast,
 BSD-3-Clause).
@@ -75,16 +77,17 @@ def _silu_mul_functional(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 class Kernels:
     """The elementwise functions a model calls."""
 
+    name: str
     rms_norm: Callable
     add_rms_norm: Callable
     rope: Callable
     silu_mul: Callable
-    # compiled: the MLP makes one gate_up product (a fused kernel reads its strided halves at full
+    # fused: the MLP makes one gate_up product (a fused kernel reads its strided halves at full
     # speed)
     fused: bool
 
 
-EAGER = Kernels(_rms_norm, add_rms_norm, rope, silu_mul, fused=False)
+EAGER = Kernels("eager", _rms_norm, add_rms_norm, rope, silu_mul, fused=False)
 
 
 def compile_supported(version: str = torch.__version__) -> bool:
@@ -122,9 +125,20 @@ def compiled() -> Kernels:
     # dynamic=True would make the head and feature sizes symbolic too, and Triton could then no
     # longer prove rows contiguous: scalar loads, 3-5x slower.
     return Kernels(
+        "compiled",
         torch.compile(_rms_norm),
         torch.compile(add_rms_norm),
         torch.compile(_rope_functional),
         torch.compile(_silu_mul_functional),
         fused=True,
+    )
+
+
+@lru_cache(maxsize=None)
+def cuda_extension() -> Kernels:
+    """orinfer's CUDA kernels (csrc/elementwise.cuh), once extension.load has registered them in
+    this process: CUDA tensors only."""
+    ops = torch.ops.orinfer
+    return Kernels(
+        "CUDA extension", ops.rms_norm, ops.add_rms_norm, ops.rope, ops.silu_mul, fused=True
     )

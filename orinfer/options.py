@@ -13,6 +13,9 @@ class Options:
     cuda_graphs: bool = True
     # elementwise kernels fused by torch.compile (None: where available, kernels.py)
     compile: bool | None = None
+    # elementwise kernels fused by orinfer's CUDA extension (extension.py), where torch.compile is
+    # not taken (None: on a CUDA device where it builds; a build that fails is said, not hidden)
+    cuda_extension: bool | None = None
     # The attention backend (attention/__init__.py's BACKENDS: "varlen", "padded", "reference");
     # None: the first of attention.PREFERRED that runs here and the memory plan affords.
     attention: str | None = None

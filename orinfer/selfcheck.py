@@ -590,6 +590,8 @@ def run(
     rates = measure_rates(gen.model, setup.plan.max_batched_tokens)
     checks.add(*rate_checks(device, setup.dtype, rates, jetson))
     checks.add(*kernel_checks(device, setup.dtype, gen.describe()))
+    if setup.kernels_note:  # the extension did not build: eager elementwise kernels, slower
+        checks.add(Check("elementwise kernels", "eager", "warn", setup.kernels_note))
     checks.step = "the engine's outputs"
     picked = pick_records([len(p) for p in prompts], records)
     ours, passes, model = _engine_outputs(gen, [chats[i] for i in picked], picked, new_tokens)

@@ -44,7 +44,11 @@ if [ -n "$py310" ]; then
   # The Jetson image's own versions: its lock without the hashes (those are of the aarch64 wheels).
   jetpack_pins=$(mktemp)
   sed -e '/^#/d' -e '/--hash/d' -e 's/ *\\$//' docker/requirements-jetson.lock >"$jetpack_pins"
-  make_venv jetpack "$py310" "torch==2.3.1" -r "$jetpack_pins" >"$jetpack_log" 2>&1 &
+  # and JetPack 6.0's CUDA 12.2 compiler (NVRTC) with its headers, beside the packages (torch 2.3.1 pins CUDA 12.1's):
+  # tests/test_extension.py compiles orinfer's kernels for the Orin's sm_87 with it
+  { make_venv jetpack "$py310" "torch==2.3.1" -r "$jetpack_pins" \
+      && .venv-tests-jetpack/bin/pip install $PIP --target .venv-tests-jetpack/cuda-12.2 --upgrade \
+        nvidia-cuda-nvrtc-cu12==12.2.140 nvidia-cuda-runtime-cu12==12.2.140; } >"$jetpack_log" 2>&1 &
   jetpack_install=$!
 elif [ "${CI:-}" = true ]; then
   echo "no Python 3.10 found: the JetPack 6.0 stack cannot be tested" >&2

@@ -320,3 +320,36 @@ def test_a_kv_pool_sized_to_the_data_runs_the_same_passes_as_the_whole_budgets(
         outs = gen(chats, max_new_tokens=64, return_full_text=False)
         runs.append((outs, [(p.tokens, p.requests) for p in observer.passes]))
     assert runs[0] == runs[1]
+
+
+def test_the_cuda_extension_is_resolved_once_before_the_plan(tiny_dir, monkeypatch):
+    """On the CPU it is never taken, and asking for it is one line; on a CUDA device where it does
+    not build it is left out with the reason kept for Section 1, unless it was asked for; where it
+    loads it is taken (the device faked: the resolution alone, the kernels are a GPU's to run)."""
+    from orinfer import extension
+
+    setup = optimize.prepare(tiny_dir, device="cpu")
+    assert setup.options.cuda_extension is False and setup.kernels_note is None
+    with pytest.raises(optimize.SetupError, match="cuda_extension=True needs a CUDA device"):
+        optimize.prepare(tiny_dir, device="cpu", options=Options(cuda_extension=True))
+    note = "orinfer's CUDA extension did not build for sm_87: no nvcc (the whole log: x)"
+
+    def unbuildable(arch):
+        assert arch == "8.7"
+        raise extension.ExtensionUnavailable(note)
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev: (8, 7))
+    monkeypatch.setattr(extension, "load", unbuildable)
+    eager = Options(compile=False)
+    assert optimize._resolve_kernels(eager, cuda) == (replace(eager, cuda_extension=False), note)
+    with pytest.raises(optimize.SetupError, match="did not build for sm_87: no nvcc"):
+        optimize._resolve_kernels(replace(eager, cuda_extension=True), cuda)
+    assert (
+        "elementwise kernels eager: " + note
+        in replace(setup, kernels_note=note).describe_machine().splitlines()
+    )
+    monkeypatch.setattr(extension, "load", lambda arch: None)
+    assert optimize._resolve_kernels(eager, cuda) == (replace(eager, cuda_extension=True), None)
+    off = replace(eager, cuda_extension=False)
+    assert optimize._resolve_kernels(off, cuda) == (off, None)

@@ -583,6 +583,7 @@ def test_help_answers_at_once_without_torch():
         "--no-speculation",
         "--no-cuda-graphs",
         "--no-compile",
+        "--no-cuda-extension",
         "--demo",
     ):
         assert option in shown.stdout

@@ -1,0 +1,175 @@
+"""orinfer/extension.py and csrc/: the cache folder's key, a failed build said in one line with
+nothing half-made left, and the kernels compiled for the Orin's sm_87 by JetPack 6.0's CUDA 12.2
+compiler (NVRTC 12.2 from PyPI, in the jetpack stack: tests/run.sh). Their values against the eager
+kernels are checked on a GPU (bench/fused_kernels.py, BENCHMARKS.md)."""
+
+import ctypes
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import NEW
+
+from orinfer import extension, kernels
+from orinfer.options import Options
+
+JETPACK_STACK = sys.version_info[:2] == (3, 10)
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="a CUDA GPU builds and runs the extension"
+)
+
+
+@pytest.mark.unit
+def test_the_cache_folder_changes_with_the_sources_and_the_architecture(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    orin, hopper = extension.folder("8.7"), extension.folder("9.0")
+    assert orin != hopper and orin.parent == tmp_path / "orinfer"
+    sources = tmp_path / "csrc"
+    shutil.copytree(extension.SOURCES, sources)
+    monkeypatch.setattr(extension, "SOURCES", sources)
+    assert extension.folder("8.7") == orin
+    (sources / "elementwise.cuh").write_text((sources / "elementwise.cuh").read_text() + "\n")
+    assert extension.folder("8.7") != orin
+
+
+def test_a_failed_build_is_one_line_naming_its_log_and_leaves_nothing(tmp_path, monkeypatch):
+    """No CUDA compiler where CUDA_HOME points (an empty folder; and on these stacks a torch without
+    CUDA): the child fails, the caller gets ExtensionUnavailable with the log's last line, and the
+    cache holds no library or build folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    (tmp_path / "no-cuda").mkdir()
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-cuda"))
+    with pytest.raises(extension.ExtensionUnavailable) as failed:
+        extension.build("8.7")
+    message = str(failed.value)
+    assert "\n" not in message
+    assert message.startswith("orinfer's CUDA extension did not build for sm_87: ")
+    log = tmp_path / "orinfer" / "cuda-extension-build.log"
+    assert f"(the whole log: {log})" in message and log.is_file()
+    assert [p.name for p in (tmp_path / "orinfer").iterdir()] == [log.name]
+
+
+def _nvrtc() -> tuple[Path, Path] | None:
+    """NVRTC 12.2's library and CUDA 12.2's runtime headers, where the stack installed them (beside
+    its packages, not among them: torch 2.3.1's own CUDA wheels pin 12.1)."""
+    root = Path(sys.prefix) / "cuda-12.2" / "nvidia"
+    lib = root / "cuda_nvrtc" / "lib" / "libnvrtc.so.12"
+    include = root / "cuda_runtime" / "include"
+    return (lib, include) if lib.is_file() and (include / "cuda_bf16.h").is_file() else None
+
+
+# Every instantiation elementwise.cu launches: (kernel, template arguments) for each dtype, the
+# packs of 16 bytes and of one element.
+def _instantiations() -> list[str]:
+    names = []
+    for dtype, wide in (("float", 4), ("__half", 8), ("__nv_bfloat16", 8)):
+        for n in (1, wide):
+            names += [f"orinfer::rms_norm_kernel<{dtype}, {n}, {add}>" for add in ("true", "false")]
+            names.append(f"orinfer::silu_mul_kernel<{dtype}, {n}>")
+        names.append(f"orinfer::rope_kernel<{dtype}>")
+    return names
+
+
+def _compile_with_nvrtc(lib_path: Path, include: Path, source: str, names: list[str]) -> tuple:
+    """(result code, NVRTC's version, its log, the cubin's size) for `source` compiled for sm_87."""
+    lib = ctypes.CDLL(str(lib_path))
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"elementwise.cuh", 0,
+                                  None, None) == 0  # fmt: skip
+    for name in names:
+        assert lib.nvrtcAddNameExpression(prog, name.encode()) == 0
+    options = [b"--gpu-architecture=sm_87", b"--std=c++17", b"-I" + bytes(include),
+               b"--ptxas-options=-v"]  # fmt: skip
+    code = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    cubin = ctypes.c_size_t()
+    if code == 0:
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(cubin))
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return code, (major.value, minor.value), log.value.decode(), cubin.value
+
+
+def test_the_kernels_compile_for_sm87_with_cuda_12_2():
+    found = _nvrtc()
+    if found is None:
+        if JETPACK_STACK and os.environ.get("CI") == "true":
+            pytest.fail("the jetpack stack must hold NVRTC 12.2 (tests/run.sh installs it)")
+        pytest.skip("NVRTC 12.2 is installed in the jetpack stack only (tests/run.sh)")
+    source = (extension.SOURCES / "elementwise.cuh").read_text()
+    names = _instantiations()
+    # every kernel the header defines is among those compiled
+    assert set(re.findall(r"__global__ void (\w+)", source)) == {
+        n.split("::")[1].split("<")[0] for n in names
+    }
+    code, version, log, cubin = _compile_with_nvrtc(*found, source, names)
+    assert code == 0, log
+    assert version == (12, 2)
+    assert cubin > 0
+    entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_87'", log)
+    assert len(entries) == len(names) == 21
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert len(spills) == len(names) and all(s == ("0", "0") for s in spills)
+
+
+@pytest.fixture(scope="module")
+def fused():
+    major, minor = torch.cuda.get_device_capability()
+    extension.load(f"{major}.{minor}")
+    return kernels.cuda_extension()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_fused_kernels_give_eagers_values(fused, dtype):
+    """RoPE and the SiLU gate bit for bit, on the model's strided views; RMSNorm's sums are taken in
+    another order, so its output may differ by one rounding of the dtype, and the residual sum not
+    at all."""
+    eager, g = kernels.EAGER, torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, device="cuda").to(dtype)
+
+    for tokens in (1, 5, 300):
+        qkv = rand(tokens, 12 * 64)
+        qk = qkv[:, : 10 * 64].view(tokens, 10, 64)  # strided rows, as qkv_proj's output gives
+        angles = rand(tokens, 1, 64).float() * 100
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        assert torch.equal(fused.rope(qk, cos, sin), eager.rope(qk, cos, sin))
+        gate, up = rand(tokens, 2 * 96).chunk(2, dim=-1)
+        want = eager.silu_mul(gate.contiguous(), up.contiguous())
+        assert torch.equal(fused.silu_mul(gate, up), want)
+        for hidden in (80, 5120):  # one element at a time, and 16-byte packs
+            x, h, w = rand(tokens, hidden), rand(tokens, hidden), rand(hidden)
+            one_rounding = dict(rtol=torch.finfo(dtype).eps * 4, atol=1e-6)
+            torch.testing.assert_close(fused.rms_norm(x, w, 1e-5), eager.rms_norm(x, w, 1e-5),
+                                       **one_rounding)  # fmt: skip
+            (sum_f, out_f), (sum_e, out_e) = (
+                fused.add_rms_norm(x, h, w, 1e-5),
+                eager.add_rms_norm(x, h, w, 1e-5),
+            )
+            assert torch.equal(sum_f, sum_e)
+            torch.testing.assert_close(out_f, out_e, **one_rounding)
+
+
+@needs_cuda
+def test_the_engine_with_the_extension_equals_the_pipeline(tiny_dir, expected, public_chats,
+                                                           longest_chat):  # fmt: skip
+    """The Orin's path (no Triton: the padded layout, the extension's kernels) at float32 on a GPU
+    gives the pipeline's text on the CPU."""
+    import optimize
+
+    gen = optimize.build(tiny_dir, device="cuda", dtype="float32", progress=False,
+                         options=Options(compile=False, cuda_extension=True, attention="padded"))  # fmt: skip
+    assert gen.engine.model.kernels is kernels.cuda_extension()
+    assert "elementwise kernels CUDA extension" in gen.describe()
+    outs = gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False)
+    assert outs == expected
