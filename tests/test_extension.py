@@ -70,7 +70,7 @@ def _instantiations() -> list[str]:
         for n in (1, wide):
             names += [f"orinfer::rms_norm_kernel<{dtype}, {n}, {add}>" for add in ("true", "false")]
             names.append(f"orinfer::silu_mul_kernel<{dtype}, {n}>")
-        names.append(f"orinfer::rope_kernel<{dtype}>")
+            names.append(f"orinfer::rope_kernel<{dtype}, {n}>")
     return names
 
 
@@ -115,7 +115,7 @@ def test_the_kernels_compile_for_sm87_with_cuda_12_2():
     assert version == (12, 2)
     assert cubin > 0
     entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_87'", log)
-    assert len(entries) == len(names) == 21
+    assert len(entries) == len(names) == 24
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     assert len(spills) == len(names) and all(s == ("0", "0") for s in spills)
 
@@ -138,16 +138,17 @@ def test_the_fused_kernels_give_eagers_values(fused, dtype):
     def rand(*shape):
         return torch.randn(*shape, generator=g, device="cuda").to(dtype)
 
-    for tokens in (1, 5, 300):
-        qkv = rand(tokens, 12 * 64)
-        qk = qkv[:, : 10 * 64].view(tokens, 10, 64)  # strided rows, as qkv_proj's output gives
-        angles = rand(tokens, 1, 64).float() * 100
+    # sizes that take 16-byte packs, and sizes that leave one element at a time
+    for tokens, dim, features, hidden in ((1, 64, 96, 5120), (5, 20, 90, 81), (300, 128, 96, 80)):
+        qkv = rand(tokens, 12 * dim)
+        qk = qkv[:, : 10 * dim].view(tokens, 10, dim)  # strided rows, as qkv_proj's output gives
+        angles = rand(tokens, 1, dim).float() * 100
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         assert torch.equal(fused.rope(qk, cos, sin), eager.rope(qk, cos, sin))
-        gate, up = rand(tokens, 2 * 96).chunk(2, dim=-1)
-        want = eager.silu_mul(gate.contiguous(), up.contiguous())
+        gate, up = rand(tokens, 2 * features).chunk(2, dim=-1)
+        want = eager.silu_mul(gate.clone(), up.clone())  # eager's writes into its arguments
         assert torch.equal(fused.silu_mul(gate, up), want)
-        for hidden in (80, 5120):  # one element at a time, and 16-byte packs
+        for hidden in (hidden, 5120):
             x, h, w = rand(tokens, hidden), rand(tokens, hidden), rand(hidden)
             one_rounding = dict(rtol=torch.finfo(dtype).eps * 4, atol=1e-6)
             torch.testing.assert_close(fused.rms_norm(x, w, 1e-5), eager.rms_norm(x, w, 1e-5),

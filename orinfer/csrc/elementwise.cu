@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <utility>
 
 #include "elementwise.cuh"
 
@@ -34,12 +35,13 @@ void check_rows(const at::Tensor& t, const at::Tensor& like, const char* what) {
               ": the dtype and device of the others");
 }
 
-// 16-byte packs where every row start is 16-byte aligned, else one element at a time.
-bool packs16(std::initializer_list<at::Tensor> ts, int64_t features) {
-  const int64_t n = 16 / ts.begin()->element_size();
+// 16-byte packs where `features` fills whole packs and every row of each tensor starts 16-byte
+// aligned (`rows`: its row stride, in elements; 0 for a single row), else one element at a time.
+bool packs16(std::initializer_list<std::pair<const at::Tensor*, int64_t>> rows, int64_t features) {
+  const int64_t n = 16 / rows.begin()->first->element_size();
   bool ok = features % n == 0;
-  for (const auto& t : ts)
-    ok = ok && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % n == 0;
+  for (const auto& [t, stride] : rows)
+    ok = ok && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0 && stride % n == 0;
   return ok;
 }
 
@@ -50,7 +52,10 @@ void launch_rms_norm(const at::Tensor& x, const at::Tensor* residual, at::Tensor
               "rms_norm: weight of the rows' size");
   if (rows == 0) return;
   const at::Tensor& r = residual ? *residual : x;
-  const bool wide = packs16({x, r, out, weight}, hidden) && (!sum || packs16({*sum}, hidden));
+  const at::Tensor& s = sum ? *sum : out;
+  const bool wide = packs16({{&x, x.stride(0)}, {&r, r.stride(0)}, {&s, s.stride(0)},
+                             {&out, out.stride(0)}, {&weight, 0}},
+                            hidden);
   const int threads = 256;
   const float inv_hidden = 1.0f / static_cast<float>(hidden);
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -107,19 +112,26 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   TORCH_CHECK(cos.stride(0) == sin.stride(0), "rope: cos and sin laid out alike");
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({tokens, heads, dim}, x.options());
-  const int64_t pairs = tokens * heads * (dim / 2);
-  TORCH_CHECK(pairs < (int64_t{1} << 31), "rope: too many tokens for one launch");
-  if (pairs == 0) return out;
+  const int64_t half = dim / 2;
+  const bool wide = packs16({{&x, x.stride(0)}, {&x, x.stride(1)}, {&cos, cos.stride(0)},
+                             {&sin, sin.stride(0)}, {&out, half}},
+                            half);
+  const int64_t n = wide ? 16 / x.element_size() : 1, packs = tokens * heads * (half / n);
+  TORCH_CHECK(packs < (int64_t{1} << 31), "rope: too many tokens for one launch");
+  if (packs == 0) return out;
   const int threads = 256;
-  const unsigned int blocks = static_cast<unsigned int>((pairs + threads - 1) / threads);
+  const unsigned int blocks = static_cast<unsigned int>((packs + threads - 1) / threads);
   auto stream = c10::cuda::getCurrentCUDAStream();
   by_dtype(x, [&](auto zero) {
     using T = decltype(zero);
-    rope_kernel<T><<<blocks, threads, 0, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), x.stride(0), x.stride(1),
-        reinterpret_cast<const T*>(cos.data_ptr()), reinterpret_cast<const T*>(sin.data_ptr()),
-        cos.stride(0), reinterpret_cast<T*>(out.data_ptr()), static_cast<int>(heads),
-        static_cast<int>(dim / 2), static_cast<unsigned int>(pairs));
+    auto go = [&](auto kernel) {
+      kernel<<<blocks, threads, 0, stream>>>(
+          reinterpret_cast<const T*>(x.data_ptr()), x.stride(0), x.stride(1),
+          reinterpret_cast<const T*>(cos.data_ptr()), reinterpret_cast<const T*>(sin.data_ptr()),
+          cos.stride(0), reinterpret_cast<T*>(out.data_ptr()), static_cast<int>(heads),
+          static_cast<int>(half), static_cast<unsigned int>(packs));
+    };
+    wide ? go(rope_kernel<T, 16 / sizeof(T)>) : go(rope_kernel<T, 1>);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -133,7 +145,8 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   const int64_t rows = gate.size(0), features = gate.size(1);
   at::Tensor out = at::empty({rows, features}, gate.options());
   if (rows == 0 || features == 0) return out;
-  const bool wide = packs16({gate, up, out}, features);
+  const bool wide =
+      packs16({{&gate, gate.stride(0)}, {&up, up.stride(0)}, {&out, out.stride(0)}}, features);
   const int threads = 256;
   auto stream = c10::cuda::getCurrentCUDAStream();
   by_dtype(gate, [&](auto zero) {

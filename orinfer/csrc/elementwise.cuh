@@ -105,28 +105,39 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, long long x_stride,
 }
 
 // x [tokens, heads, 2 * half] (rows and heads strided, the last dimension dense), cos and sin
-// [tokens, 2 * half]; out dense. One thread a pair (i, i + half):
+// [tokens, 2 * half]; out dense. One thread a pack of N pairs (i, i + half), i a multiple of N:
 // out1 = x1 * cos1 - x2 * sin1, out2 = x2 * cos2 + x1 * sin2, each product rounded, as eager's.
-template <typename T>
+template <typename T, int N>
 __global__ void rope_kernel(const T* __restrict__ x, long long token_stride, long long head_stride,
                             const T* __restrict__ cos, const T* __restrict__ sin,
                             long long angle_stride, T* __restrict__ out, int heads, int half,
-                            unsigned int pairs) {
+                            unsigned int packs) {
+  using P = Pack<T, N>;
   const unsigned int at = blockIdx.x * blockDim.x + threadIdx.x;
-  if (at >= pairs) return;
-  const unsigned int i = at % half, token_head = at / half;
+  if (at >= packs) return;
+  const unsigned int per_head = half / N;
+  const unsigned int i = at % per_head * N, token_head = at / per_head;
   const unsigned int head = token_head % heads, token = token_head / heads;
   const T* xs = x + token * token_stride + head * head_stride;
-  const T* c = cos + token * angle_stride;
-  const T* s = sin + token * angle_stride;
-  const float x1 = Num<T>::in(xs[i]), x2 = Num<T>::in(xs[i + half]);
-  const float o1 = __fsub_rn(rounded<T>(__fmul_rn(x1, Num<T>::in(c[i]))),
-                             rounded<T>(__fmul_rn(x2, Num<T>::in(s[i]))));
-  const float o2 = __fadd_rn(rounded<T>(__fmul_rn(x2, Num<T>::in(c[i + half]))),
-                             rounded<T>(__fmul_rn(x1, Num<T>::in(s[i + half]))));
+  const T* angles = cos + token * angle_stride;
+  const T* sines = sin + token * angle_stride;
+  const P x1 = *reinterpret_cast<const P*>(xs + i), x2 = *reinterpret_cast<const P*>(xs + i + half);
+  const P c1 = *reinterpret_cast<const P*>(angles + i);
+  const P c2 = *reinterpret_cast<const P*>(angles + i + half);
+  const P s1 = *reinterpret_cast<const P*>(sines + i);
+  const P s2 = *reinterpret_cast<const P*>(sines + i + half);
+  P o1, o2;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    const float a = Num<T>::in(x1.v[j]), b = Num<T>::in(x2.v[j]);
+    o1.v[j] = Num<T>::out(__fsub_rn(rounded<T>(__fmul_rn(a, Num<T>::in(c1.v[j]))),
+                                    rounded<T>(__fmul_rn(b, Num<T>::in(s1.v[j])))));
+    o2.v[j] = Num<T>::out(__fadd_rn(rounded<T>(__fmul_rn(b, Num<T>::in(c2.v[j]))),
+                                    rounded<T>(__fmul_rn(a, Num<T>::in(s2.v[j])))));
+  }
   T* o = out + static_cast<long long>(token_head) * 2 * half;
-  o[i] = Num<T>::out(o1);
-  o[i + half] = Num<T>::out(o2);
+  *reinterpret_cast<P*>(o + i) = o1;
+  *reinterpret_cast<P*>(o + i + half) = o2;
 }
 
 // out = up * T(silu(gate)), silu(g) = g / (1 + exp(-g)) in float32 as torch's CUDA kernel computes
