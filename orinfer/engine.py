@@ -73,7 +73,7 @@ class Engine:
                 model,
                 plan.num_blocks,
                 plan.block_size,
-                *(attention or (FALLBACK, FALLBACK.kernels())),
+                *(attention or (FALLBACK, ())),
                 max_gather_tokens=plan.max_gather_tokens,
             )
         self.runner = runner

@@ -19,10 +19,9 @@ class Options:
     # The attention backend (attention/__init__.py's BACKENDS: "varlen", "padded", "reference");
     # None: the first of attention.PREFERRED that runs here and the memory plan affords.
     attention: str | None = None
-    # Sequences with at most this many new tokens take the packed Triton kernel in an eager pass, or
-    # under the padded layout the CUDA extension's in-place kernel (0: never): FlashAttention's
-    # one-head tiles of 128 rows are mostly empty for short prompt chunks too (BENCHMARKS.md times
-    # the bound).
+    # Sequences with at most this many new tokens take the packed Triton kernel in an eager pass (0:
+    # never): FlashAttention's one-head tiles of 128 rows are mostly empty for short prompt chunks
+    # too (BENCHMARKS.md times the bound).
     packed_queries: int = 128
     pass_tokens: int | None = None  # tokens a pass (None: the memory plan's)
     # pass size under which lookup drafts ride along (None: measured on CUDA)

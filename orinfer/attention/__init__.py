@@ -7,8 +7,6 @@ Options.attention names one.
   the flat queries, where a CUDA torch has them: no padding, no mask.
 - padded.py: SDPA over padded [sequences, queries] grids with a mask, on every device and dtype;
   also the layout a pass takes where the chosen backend's cannot (keys past a sliding window).
-  Where orinfer's CUDA extension is loaded, sequences with few new tokens take its kernel, which
-  reads the cache in place.
 - float32_reference.py: the float32 reference kernels (reference.py) with the varlen layout: slow,
   exact, on any device.
 
@@ -69,4 +67,4 @@ def resolve(
         raise RuntimeError(
             f"attention backend {name!r} {why}; leave --attention unset to let the engine choose"
         )
-    return FALLBACK, FALLBACK.kernels(device, dtype, heads, kv_heads, dim, packed_queries)
+    return FALLBACK, FALLBACK.kernels()

@@ -2,10 +2,7 @@
 over padded [sequences, queries] grids with an additive mask, the sequences in groups whose gathered
 keys fit the memory plan's bound (so a long sequence does not pad every other to its length). The
 grouped KV heads are handled by folding each KV head's query heads into the query axis, which needs
-no copy of K/V per query head and no `enable_gqa` (torch >= 2.5 only). Where orinfer's CUDA
-extension is loaded (a GPU without Triton: the Orin), groups of sequences with few new tokens take
-its attention kernel instead, which reads the paged cache in place: no gathered keys, no grid, no
-mask.
+no copy of K/V per query head and no `enable_gqa` (torch >= 2.5 only).
 
 This file holds all of it: the per-pass object the attention layers read (Padded, its groups and
 their masks), how a pass is laid out in groups and padded to a CUDA graph's shape (PaddedLayout),
@@ -15,8 +12,6 @@ also the layout a pass takes where another backend's cannot (keys past a sliding
 
 from array import array
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +21,6 @@ from ..integers import bucket, ceil_div
 from ..pass_inputs import DeviceInputs, InputUploader, flat_tokens
 from ..sequence import Work
 from .core import Backend, as_words, per_pass
-from .reference import reference_attention
 
 # cuDNN's attention (chosen first on Hopper by recent torch) builds an execution plan for every new
 # shape, and every pass here has new shapes: tens of milliseconds each, inside the timed run. The
@@ -51,11 +45,6 @@ class PaddedGroup:
     # [tokens] grid row of each of its flat tokens (they are a run of the pass's)
     token_seq: torch.Tensor
     token_query: torch.Tensor  # [tokens] grid column of each
-    # its run of the pass's flat tokens, and their positions
-    run: slice | None = None
-    positions: torch.Tensor | None = None
-    # its attention reads the cache in place (PaddedKernels.in_place): no grid, no mask
-    in_place: bool = False
     # additive mask [b, 1, Qmax * G, keys], built once per pass by build_bias
     bias: torch.Tensor | None = None
 
@@ -71,17 +60,15 @@ class Padded:
     block_size: int
     query_groups: int  # query heads per KV head
     sliding_window: int | None
-    in_place: Callable | None  # PaddedKernels.in_place
     block_tables: torch.Tensor = per_pass()  # [B, nblocks] every sequence's cache blocks, in order
     mask_rows: torch.Tensor = per_pass()  # every group's mask rows, flat
 
     def prepare(self, dtype: torch.dtype) -> None:
         """Each group's mask, once a pass (every layer shares it)."""
         for group in self.groups:
-            if not group.in_place:
-                group.bias = build_bias(
-                    group, self.block_size, self.query_groups, dtype, self.sliding_window
-                )
+            group.bias = build_bias(
+                group, self.block_size, self.query_groups, dtype, self.sliding_window
+            )
 
     def attend(self, q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor) -> torch.Tensor:
         """q [T, H, D]; the caches as flat rows [slots, Hkv, D], this pass's K/V already written.
@@ -95,12 +82,6 @@ class Padded:
         words = as_words(q.reshape(-1, kv_heads, groups, dim)).transpose(0, 1)
         outs = []
         for group in self.groups:
-            if group.in_place:
-                out = self.in_place(q[group.run], k_rows, v_rows, group.block_tables,
-                                    group.token_seq, group.positions, self.block_size,
-                                    self.sliding_window or 0, dim**-0.5)  # fmt: skip
-                outs.append(out.view(-1, heads * dim))
-                continue
             batch, qmax = group.query_slots.shape
             keys = k_cache[group.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
             values = v_cache[group.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
@@ -164,15 +145,11 @@ class PaddedLayout:
         max_gather_tokens: int,
         pad_above: int = 0,
         pad_multiple: int = 1,
-        kernels: "PaddedKernels | None" = None,
     ):
         self.uploader, self.block_size = uploader, uploader.block_size
         self.query_groups, self.sliding_window = query_groups, sliding_window
         self.max_positions, self.max_gather_tokens = max_positions, max_gather_tokens
         self.pad_above, self.pad_multiple = pad_above, pad_multiple
-        self.kernels = kernels or PaddedKernels()
-        if self.kernels.in_place is not None:
-            self.name = "padded SDPA layout + in-place kernel"
 
     def takes(self, ends: list[int]) -> bool:
         return True
@@ -277,7 +254,7 @@ class PaddedLayout:
 
     def _layout(self, t: DeviceInputs, spans: list, grids: list, cells: int) -> Padded:
         slots_t, rows_t = t.layout.split([cells, len(t.layout) - cells])
-        groups, kernels = [], self.kernels
+        groups = []
         for (first, end, most), (cell, batch, qmax, token, tokens) in zip(spans, grids):
             token_seq = t.token_seq[token : token + tokens]
             groups.append(
@@ -287,9 +264,6 @@ class PaddedLayout:
                     mask_rows=rows_t[cell : cell + batch * qmax].view(batch, qmax),
                     token_seq=token_seq - first if first else token_seq,
                     token_query=t.token_query[token : token + tokens],
-                    run=slice(token, token + tokens),
-                    positions=t.positions[token : token + tokens],
-                    in_place=kernels.in_place is not None and qmax <= kernels.in_place_queries,
                 )
             )
         return Padded(
@@ -297,7 +271,6 @@ class PaddedLayout:
             block_size=self.block_size,
             query_groups=self.query_groups,
             sliding_window=self.sliding_window,
-            in_place=kernels.in_place,
             block_tables=t.tables,
             mask_rows=rows_t,
         )
@@ -321,52 +294,6 @@ class PaddedLayout:
         return spans
 
 
-@dataclass(frozen=True)
-class PaddedKernels:
-    """What the padded layout calls besides SDPA: the CUDA extension's attention that reads the
-    cache in place (torch.ops.orinfer.paged_attention), for groups of sequences with at most
-    in_place_queries new tokens; None: SDPA for every group."""
-
-    in_place: Callable | None = None
-    in_place_queries: int = 0
-
-
-@lru_cache
-def in_place_supported(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
-                       dim: int) -> bool:  # fmt: skip
-    """Whether the extension's kernel is loaded (extension.load) and agrees with the reference on a
-    small case of this model's heads: two sequences, one after a cached prefix (asked once)."""
-    try:
-        kernel = torch.ops.orinfer.paged_attention
-    except (AttributeError, RuntimeError):  # the extension is not loaded in this process
-        return False
-    g = torch.Generator(device=device).manual_seed(0)
-    k, v = (torch.randn(12, kv_heads, dim, device=device, generator=g).to(dtype) for _ in "kv")
-    q = torch.randn(5, heads, dim, device=device, generator=g).to(dtype)
-    # sequence 0: keys in slots 4..10, its 3 new tokens at positions 4..6; sequence 1: slots 0..1
-    tables = torch.tensor([[4, 5, 6, 7, 8, 9, 10], [0, 1, 11, 11, 11, 11, 11]], device=device)
-    token_seq = torch.tensor([0, 0, 0, 1, 1], device=device)
-    positions = torch.tensor([4, 5, 6, 0, 1], device=device)
-    try:
-        out = kernel(q, k, v, tables, token_seq, positions, 1, 0, dim**-0.5)
-    except RuntimeError:  # outside the kernel's bounds (heads, head size)
-        return False
-    expected = torch.cat([reference_attention(q[:3], k[4:11], v[4:11]),
-                          reference_attention(q[3:], k[:2], v[:2])])  # fmt: skip
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    return bool(torch.allclose(out.float(), expected, atol=tol, rtol=tol))
-
-
-def kernels(device=None, dtype=None, heads=0, kv_heads=0, dim=0, packed_queries=0):
-    """The in-place kernel where it runs here (a CUDA device, the extension loaded), for sequences
-    with at most packed_queries new tokens; with no arguments, SDPA alone."""
-    if device is None or device.type != "cuda" or packed_queries <= 0:
-        return PaddedKernels()
-    if not in_place_supported(device, dtype, heads, kv_heads, dim):
-        return PaddedKernels()
-    return PaddedKernels(torch.ops.orinfer.paged_attention, packed_queries)
-
-
 def _layout(
     kernels, uploader: InputUploader, cfg, max_gather_tokens: int, pad_above: int, pad_multiple: int
 ) -> PaddedLayout:
@@ -378,8 +305,7 @@ def _layout(
         max_gather_tokens,
         pad_above,
         pad_multiple,
-        kernels,
     )
 
 
-BACKEND = Backend("padded", kernels=kernels, layout=_layout)
+BACKEND = Backend("padded", kernels=lambda *shape: (), layout=_layout)

@@ -1,6 +1,5 @@
 // The torch operators over elementwise.cuh's kernels (torch.ops.orinfer.*), registered for CUDA
-// tensors of float32, float16 and bfloat16: the fused elementwise ones, and attention that reads
-// the paged KV cache in place. orinfer/extension.py builds this file with torch's
+// tensors of float32, float16 and bfloat16. orinfer/extension.py builds this file with torch's
 // extension builder and loads it; orinfer/kernels.py calls the operators.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -46,12 +45,6 @@ bool packs16(std::initializer_list<std::pair<const at::Tensor*, int64_t>> rows, 
   for (const auto& [t, stride] : rows)
     ok = ok && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0 && stride % n == 0;
   return ok;
-}
-
-// int64 tensors as the kernels' 64-bit integers (int64_t is long on Linux, the kernels take long
-// long)
-const long long* as_longs(const at::Tensor& t) {
-  return reinterpret_cast<const long long*>(t.data_ptr());
 }
 
 void launch_rms_norm(const at::Tensor& x, const at::Tensor* residual, at::Tensor* sum,
@@ -176,51 +169,6 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   return out;
 }
 
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_rows, const at::Tensor& v_rows,
-                           const at::Tensor& tables, const at::Tensor& token_seq,
-                           const at::Tensor& positions, int64_t block_size, int64_t window,
-                           double scale) {
-  TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
-              "paged_attention: q [tokens, heads, dim], its heads dense");
-  const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2);
-  for (const at::Tensor* rows : {&k_rows, &v_rows})
-    TORCH_CHECK(rows->dim() == 3 && rows->is_contiguous() && rows->size(2) == dim &&
-                    rows->scalar_type() == q.scalar_type() && rows->device() == q.device() &&
-                    reinterpret_cast<uintptr_t>(rows->data_ptr()) % 16 == 0,
-                "paged_attention: the caches as rows [slots, kv_heads, dim] of q's dtype");
-  const int64_t kv_heads = k_rows.size(1), n = 16 / q.element_size();
-  TORCH_CHECK(heads % kv_heads == 0 && heads / kv_heads <= MAXG && dim <= 32 * MAXP &&
-                  dim % n == 0,
-              "paged_attention: at most ", MAXG, " query heads a KV head, dim at most ", 32 * MAXP,
-              " and a multiple of ", n);
-  TORCH_CHECK(tables.dim() == 2 && tables.stride(1) == 1 && tables.scalar_type() == at::kLong,
-              "paged_attention: tables [sequences, blocks] int64");
-  for (const at::Tensor* t : {&token_seq, &positions})
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == tokens && t->is_contiguous() &&
-                    t->scalar_type() == at::kLong,
-                "paged_attention: token_seq and positions [tokens] int64");
-  c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor out = at::empty({tokens, heads, dim}, q.options());
-  if (tokens == 0) return out;
-  const size_t smem = (MAXG * dim * (1 + WARPS) + WARPS * MAXG * 2) * sizeof(float);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  by_dtype(q, [&](auto zero) {
-    using T = decltype(zero);
-    paged_attention_kernel<T, 16 / sizeof(T)>
-        <<<dim3(static_cast<unsigned int>(tokens), static_cast<unsigned int>(kv_heads)),
-           WARPS * 32, smem, stream>>>(
-            reinterpret_cast<const T*>(q.data_ptr()), q.stride(0),
-            reinterpret_cast<const T*>(k_rows.data_ptr()),
-            reinterpret_cast<const T*>(v_rows.data_ptr()), as_longs(tables), tables.stride(0),
-            as_longs(token_seq), as_longs(positions),
-            reinterpret_cast<T*>(out.data_ptr()), static_cast<int>(heads),
-            static_cast<int>(kv_heads), static_cast<int>(dim), static_cast<int>(block_size),
-            static_cast<int>(window), static_cast<float>(scale));
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
 }  // namespace
 }  // namespace orinfer
 
@@ -229,9 +177,6 @@ TORCH_LIBRARY(orinfer, m) {
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
-  m.def(
-      "paged_attention(Tensor q, Tensor k_rows, Tensor v_rows, Tensor tables, Tensor token_seq, "
-      "Tensor positions, int block_size, int window, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(orinfer, CUDA, m) {
@@ -239,5 +184,4 @@ TORCH_LIBRARY_IMPL(orinfer, CUDA, m) {
   m.impl("add_rms_norm", &orinfer::add_rms_norm);
   m.impl("rope", &orinfer::rope);
   m.impl("silu_mul", &orinfer::silu_mul);
-  m.impl("paged_attention", &orinfer::paged_attention);
 }

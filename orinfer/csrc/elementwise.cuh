@@ -1,8 +1,8 @@
-// orinfer's CUDA kernels, for GPUs whose torch has no Triton (NVIDIA's JetPack wheels). The fused
-// elementwise ones: the residual add with RMSNorm, RMSNorm, RoPE and the SiLU gate, one kernel
-// each, every intermediate rounded to the tensors' dtype where eager PyTorch stores it
-// (orinfer/kernels.py holds the eager reference; the order and dtypes are transformers' Phi-3,
-// Apache-2.0); and attention that reads the paged KV cache in place (below). Device code only:
+// orinfer's fused elementwise kernels, for CUDA GPUs whose torch has no Triton (NVIDIA's JetPack
+// wheels): the residual add with RMSNorm, RMSNorm, RoPE and the SiLU gate, one kernel each, every
+// intermediate rounded to the tensors' dtype where eager PyTorch stores it (orinfer/kernels.py
+// holds the eager reference; the order and dtypes are transformers' Phi-3, Apache-2.0). Device
+// code only:
 // NVRTC compiles this file alone for sm_87 (tests/test_extension.py), elementwise.cu launches it.
 // The __f*_rn intrinsics keep the compiler from contracting a product and a sum into one rounding,
 // which eager's separate kernels never do. Fusing the residual add into RMSNorm is vLLM's idea
@@ -162,135 +162,6 @@ __global__ void silu_mul_kernel(const T* __restrict__ gate, long long gate_strid
       o.v[j] = Num<T>::out(__fmul_rn(Num<T>::in(u.v[j]), silu));
     }
     reinterpret_cast<P*>(out + row * features)[i] = o;
-  }
-}
-
-// Attention that reads the paged KV cache where it lies: one block a (token, KV head), its query
-// heads (G of them) together, so each key and value is read once for all of them. Token t sees the
-// keys of its sequence (row token_seq[t] of `tables`, blocks of block_size rows of the flat cache)
-// at positions lo..positions[t], lo = 0 or, with a sliding window, positions[t] - window + 1. The
-// block's warps take every WARPSth chunk of 32 keys (a key a lane for the scores; a value row
-// across the lanes for the sum), each with its own running maximum and sum in float32 (the online
-// softmax of FlashAttention, https://arxiv.org/abs/2205.14135), merged at the end. Query heads
-// per KV head at most MAXG, head size at most 32 * MAXP and a multiple of N.
-constexpr int WARPS = 4, MAXG = 8, MAXP = 4;
-
-// -infinity without math.h's INFINITY, which NVRTC does not define
-__device__ __forceinline__ float minus_infinity() { return __int_as_float(0xff800000); }
-
-template <typename T, int N>
-__global__ void __launch_bounds__(WARPS * 32)
-    paged_attention_kernel(const T* __restrict__ q, long long q_stride, const T* __restrict__ k,
-                           const T* __restrict__ v, const long long* __restrict__ tables,
-                           long long table_stride, const long long* __restrict__ token_seq,
-                           const long long* __restrict__ positions, T* __restrict__ out,
-                           int heads, int kv_heads, int dim, int block_size, int window,
-                           float scale) {
-  using P = Pack<T, N>;
-  extern __shared__ float shared[];
-  const int token = blockIdx.x, kv = blockIdx.y, groups = heads / kv_heads;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* qs = shared;                      // [groups][dim], scaled
-  float* merged = qs + MAXG * dim;         // [WARPS][groups][dim]
-  float* stats = merged + WARPS * MAXG * dim;  // [WARPS][groups][2]: maximum, sum
-  for (int i = threadIdx.x; i < groups * dim; i += blockDim.x)
-    qs[i] = Num<T>::in(q[token * q_stride + (kv * groups + i / dim) * dim + i % dim]) * scale;
-  __syncthreads();
-  const long long position = positions[token];
-  const long long lo = window > 0 && position - window + 1 > 0 ? position - window + 1 : 0;
-  const long long* table = tables + token_seq[token] * table_stride;
-  const long long row_stride = static_cast<long long>(kv_heads) * dim;
-  float top[MAXG], total[MAXG], acc[MAXG][MAXP];
-#pragma unroll
-  for (int g = 0; g < MAXG; ++g) {
-    top[g] = minus_infinity();
-    total[g] = 0.f;
-#pragma unroll
-    for (int p = 0; p < MAXP; ++p) acc[g][p] = 0.f;
-  }
-  for (long long first = lo + warp * 32; first <= position; first += WARPS * 32) {
-    const long long key = first + lane;
-    const bool valid = key <= position;
-    long long slot = 0;
-    float score[MAXG];
-#pragma unroll
-    for (int g = 0; g < MAXG; ++g) score[g] = 0.f;
-    if (valid) {
-      slot = table[key / block_size] * block_size + key % block_size;
-      const T* krow = k + slot * row_stride + kv * dim;
-      for (int d = 0; d < dim; d += N) {
-        const P kp = *reinterpret_cast<const P*>(krow + d);
-#pragma unroll
-        for (int j = 0; j < N; ++j) {
-          const float kf = Num<T>::in(kp.v[j]);
-#pragma unroll
-          for (int g = 0; g < MAXG; ++g)
-            if (g < groups) score[g] = fmaf(qs[g * dim + d + j], kf, score[g]);
-        }
-      }
-    }
-    float weight[MAXG];
-#pragma unroll
-    for (int g = 0; g < MAXG; ++g) {
-      if (g >= groups) continue;
-      float chunk_top = valid ? score[g] : minus_infinity();
-      for (int o = 16; o > 0; o >>= 1)
-        chunk_top = fmaxf(chunk_top, __shfl_xor_sync(0xffffffffu, chunk_top, o));
-      const float new_top = fmaxf(top[g], chunk_top);
-      const float rescale = expf(top[g] - new_top);  // top[g] = -inf at first: 0
-      weight[g] = valid ? expf(score[g] - new_top) : 0.f;
-      float chunk_total = weight[g];
-      for (int o = 16; o > 0; o >>= 1)
-        chunk_total += __shfl_xor_sync(0xffffffffu, chunk_total, o);
-      total[g] = total[g] * rescale + chunk_total;
-      top[g] = new_top;
-#pragma unroll
-      for (int p = 0; p < MAXP; ++p) acc[g][p] *= rescale;
-    }
-    const int keys = position - first + 1 < 32 ? static_cast<int>(position - first + 1) : 32;
-    for (int i = 0; i < keys; ++i) {
-      const long long key_slot = __shfl_sync(0xffffffffu, slot, i);
-      const T* vrow = v + key_slot * row_stride + kv * dim;
-      float vf[MAXP];
-#pragma unroll
-      for (int p = 0; p < MAXP; ++p) {
-        const int d = lane + 32 * p;
-        vf[p] = d < dim ? Num<T>::in(vrow[d]) : 0.f;
-      }
-#pragma unroll
-      for (int g = 0; g < MAXG; ++g) {
-        if (g >= groups) continue;
-        const float w = __shfl_sync(0xffffffffu, weight[g], i);
-#pragma unroll
-        for (int p = 0; p < MAXP; ++p) acc[g][p] = fmaf(w, vf[p], acc[g][p]);
-      }
-    }
-  }
-#pragma unroll
-  for (int g = 0; g < MAXG; ++g) {
-    if (g >= groups) continue;
-#pragma unroll
-    for (int p = 0; p < MAXP; ++p)
-      if (lane + 32 * p < dim) merged[(warp * MAXG + g) * dim + lane + 32 * p] = acc[g][p];
-    if (lane == 0) {
-      stats[(warp * MAXG + g) * 2] = top[g];
-      stats[(warp * MAXG + g) * 2 + 1] = total[g];
-    }
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < groups * dim; i += blockDim.x) {
-    const int g = i / dim, d = i % dim;
-    float best = minus_infinity();
-    for (int w = 0; w < WARPS; ++w) best = fmaxf(best, stats[(w * MAXG + g) * 2]);
-    float sum = 0.f, value = 0.f;
-    for (int w = 0; w < WARPS; ++w) {
-      const float m = stats[(w * MAXG + g) * 2];
-      const float factor = m == minus_infinity() ? 0.f : expf(m - best);  // a warp that saw no key
-      sum = fmaf(stats[(w * MAXG + g) * 2 + 1], factor, sum);
-      value = fmaf(merged[(w * MAXG + g) * dim + d], factor, value);
-    }
-    const long long row = static_cast<long long>(token) * heads + kv * groups + g;
-    out[row * dim + d] = Num<T>::out(value / sum);
   }
 }
 
