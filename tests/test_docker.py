@@ -57,6 +57,15 @@ def test_the_image_installs_the_lock_and_the_torch_minor_ci_tests():
     assert "HF_HUB_OFFLINE=1" in DOCKERFILE and "TRANSFORMERS_OFFLINE=1" in DOCKERFILE
 
 
+def test_the_image_builds_the_cuda_extension_for_sm87_into_the_cache_runs_read():
+    """Built at `docker build` (no GPU there: the architecture named), with the lock's ninja, into the
+    folder the entrypoint's runs look in (XDG_CACHE_HOME, set before the build and kept)."""
+    build = DOCKERFILE.index("RUN python3 /orinfer/orinfer/extension.py --arch 8.7")
+    assert DOCKERFILE.index("ENV XDG_CACHE_HOME=/orinfer/cache") < build
+    assert DOCKERFILE.index("COPY orinfer ./orinfer") < build < DOCKERFILE.index("ENTRYPOINT")
+    assert "ninja" in lock()
+
+
 def test_the_build_context_leaves_out_models_environments_and_results():
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[ignore.index("*")] == "*"  # everything is left out but what is named
