@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 
+from measure import median_seconds  # noqa: E402
 from orinfer import extension, kernels  # noqa: E402
 
 HIDDEN, FFN, QK_HEADS, DIM, EPS = 5120, 17920, 50, 128, 1e-5
@@ -55,18 +56,8 @@ def calls(k: kernels.Kernels, a: dict) -> dict:
     }
 
 
-def median_us(fn, repeat: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    return sorted(times)[len(times) // 2]
+def median_us(fn) -> float:
+    return median_seconds(fn, 50, warmups=5) * 1e6
 
 
 def compare(dtype: torch.dtype, tokens: int) -> dict:

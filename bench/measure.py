@@ -19,19 +19,7 @@ ORIN_MEASURED = (21.0e12, 150e9)
 def ceilings() -> dict:
     """Measured bf16 GEMM rate (random data, M=N=K=8192) and device copy bandwidth (bytes read + written)."""
 
-    def timed(fn, reps):
-        fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return sorted(times)[len(times) // 2]
-
+    timed = median_seconds
     n = 8192
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     gemm = 2 * n**3 / timed(lambda: a @ b, 20)
@@ -179,6 +167,23 @@ def host_rss_split() -> dict:
     with open("/proc/self/status") as f:
         out["threads"] = next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
     return out
+
+
+def median_seconds(fn, reps: int, warmups: int = 1) -> float:
+    """The median device time of one call of fn(), by CUDA events around each of `reps` calls (after
+    `warmups` untimed ones)."""
+    for _ in range(warmups):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
 
 
 def host_ms_per_call(fn, reps: int = 20) -> float:
