@@ -47,32 +47,58 @@ def folder(arch: str) -> Path:
     return cache_root() / f"cuda-extension-{digest.hexdigest()[:16]}"
 
 
+# A build that has not finished by then is stopped (a hung compiler must not hold the run forever).
+BUILD_TIMEOUT_S = 20 * 60
+
+
 def build(arch: str) -> Path:
-    """The library for `arch`, built now unless the cache holds it. ExtensionUnavailable, with the
-    build's last line and where its whole log is, where it cannot be built."""
+    """The library for `arch`, built now unless the cache holds it (saying so on stderr first: a
+    minute or more). ExtensionUnavailable, with the build's last line and where its whole log is,
+    where it cannot be built or the cache cannot be written."""
     target = folder(arch)
     library = target / f"{NAME}.so"
     if library.is_file():
         return library
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
     log = target.parent / "cuda-extension-build.log"
-    with open(log, "w", encoding="utf-8") as out:
-        child = [sys.executable, str(Path(__file__).resolve()), "--arch", arch, "--into", str(tmp)]
-        code = subprocess.run(child, stdout=out, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        lines = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
-        last = lines[-1].strip() if lines else f"exit code {code}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
+    except OSError as e:
         raise ExtensionUnavailable(
-            f"orinfer's CUDA extension did not build for sm_{arch.replace('.', '')}: {last} "
-            f"(the whole log: {log})"
+            f"orinfer's CUDA extension cannot be built in {target.parent} ({e.strerror}): set "
+            "XDG_CACHE_HOME to a folder you can write"
+        ) from None
+    sm = "sm_" + arch.replace(".", "")
+    print(f"building orinfer's CUDA extension for {sm}, once for this machine (a minute or more; "
+          f"log: {log})", file=sys.stderr, flush=True)  # fmt: skip
+    failure = _build_in_child(arch, tmp, log)
+    if failure:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExtensionUnavailable(
+            f"orinfer's CUDA extension did not build for {sm}: {failure} (the whole log: {log})"
         )
     try:
         tmp.rename(target)
     except OSError:  # another process built it first
         shutil.rmtree(tmp, ignore_errors=True)
     return library
+
+
+def _build_in_child(arch: str, into: Path, log: Path) -> str | None:
+    """None once a child process has built the library into `into`; else why not, in one line."""
+    child = [sys.executable, str(Path(__file__).resolve()), "--arch", arch, "--into", str(into)]
+    try:
+        with open(log, "w", encoding="utf-8") as out:
+            code = subprocess.run(child, stdout=out, stderr=subprocess.STDOUT,
+                                  timeout=BUILD_TIMEOUT_S).returncode  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return f"no result after {BUILD_TIMEOUT_S // 60} minutes"
+    except OSError as e:
+        return f"its log cannot be written ({e.strerror})"
+    if code == 0:
+        return None
+    lines = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else f"exit code {code}"
 
 
 @lru_cache(maxsize=None)
@@ -83,8 +109,11 @@ def load(arch: str) -> None:
     library = build(arch)
     try:
         torch.ops.load_library(str(library))
-    except OSError as e:
-        raise ExtensionUnavailable(f"orinfer's CUDA extension at {library} does not load: {e}")
+    except OSError as e:  # a file cut short (a full disk), say
+        raise ExtensionUnavailable(
+            f"orinfer's CUDA extension at {library} does not load ({e}): delete {library.parent} "
+            "to build it again"
+        ) from None
 
 
 def _build_here(arch: str, into: str) -> int:

@@ -174,3 +174,28 @@ def test_the_engine_with_the_extension_equals_the_pipeline(tiny_dir, expected, p
     assert "elementwise kernels CUDA extension" in gen.describe()
     outs = gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False)
     assert outs == expected
+
+
+@pytest.mark.unit
+def test_an_unwritable_cache_or_a_hung_build_is_one_line(tmp_path, monkeypatch, capsys):
+    """A cache folder that cannot be made names the way out; a build past BUILD_TIMEOUT_S is
+    stopped and said, its half-made folder removed; each build says first that it starts."""
+    import subprocess
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # a file where a folder must be
+    with pytest.raises(extension.ExtensionUnavailable, match="set XDG_CACHE_HOME to a folder"):
+        extension.build("8.7")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def hung(*args, timeout, **kwargs):
+        raise subprocess.TimeoutExpired(args[0], timeout)
+
+    monkeypatch.setattr(extension.subprocess, "run", hung)
+    with pytest.raises(extension.ExtensionUnavailable) as failed:
+        extension.build("8.7")
+    assert f"no result after {extension.BUILD_TIMEOUT_S // 60} minutes" in str(failed.value)
+    assert [p.name for p in (tmp_path / "cache" / "orinfer").iterdir()] == [
+        "cuda-extension-build.log"
+    ]
+    assert "building orinfer's CUDA extension for sm_87, once" in capsys.readouterr().err
