@@ -199,3 +199,28 @@ def test_an_unwritable_cache_or_a_hung_build_is_one_line(tmp_path, monkeypatch, 
         "cuda-extension-build.log"
     ]
     assert "building orinfer's CUDA extension for sm_87, once" in capsys.readouterr().err
+
+
+def test_the_operators_compile_against_this_torch_for_sm87(tmp_path):
+    """elementwise.cu (the operators: torch's headers and the kernels) compiled for sm_87 against
+    the installed torch's headers: in the jetpack stack those are torch 2.3's, the Orin's minor. It
+    needs a CUDA compiler on this machine (any version that knows sm_87), not a GPU."""
+    import shutil
+    import subprocess
+
+    from torch.utils import cpp_extension
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on this machine")
+    include = [f"-I{path}" for path in cpp_extension.include_paths()]
+    command = [nvcc, "-std=c++17", "-c", str(extension.SOURCES / "elementwise.cu"), "-o",
+               str(tmp_path / "elementwise.o"), "-gencode=arch=compute_87,code=sm_87",
+               "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
+               "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", *include]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    missing = "cuda_cmake_macros.h: No such file"  # a CPU-only torch ships no CUDA headers
+    if done.returncode and missing in done.stderr:
+        pytest.skip("this torch is built without CUDA: no c10/cuda headers to compile against")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "elementwise.o").stat().st_size > 0
