@@ -4,10 +4,12 @@ compiler (NVRTC 12.2 from PyPI, in the jetpack stack: tests/run.sh). Their value
 kernels are checked on a GPU (bench/fused_kernels.py, BENCHMARKS.md)."""
 
 import ctypes
+import multiprocessing
 import os
 import re
 import shutil
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,9 @@ def _compile_with_nvrtc(lib_path: Path, include: Path, source: str, names: list[
 
 
 def test_the_kernels_compile_for_sm87_with_cuda_12_2():
+    import locale
+
+    encoding = locale.getpreferredencoding()
     found = _nvrtc()
     if found is None:
         if JETPACK_STACK and os.environ.get("CI") == "true":
@@ -110,7 +115,13 @@ def test_the_kernels_compile_for_sm87_with_cuda_12_2():
     assert set(re.findall(r"__global__ void (\w+)", source)) == {
         n.split("::")[1].split("<")[0] for n in names
     }
-    code, version, log, cubin = _compile_with_nvrtc(*found, source, names)
+    # in a process of its own: NVRTC sets the process's C locale, after which Python reads text
+    # files as ASCII (later tests failed on the demo's non-ASCII output)
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as child:
+        code, version, log, cubin = child.submit(
+            _compile_with_nvrtc, *found, source, names
+        ).result()
     assert code == 0, log
     assert version == (12, 2)
     assert cubin > 0
@@ -118,6 +129,7 @@ def test_the_kernels_compile_for_sm87_with_cuda_12_2():
     assert len(entries) == len(names) == 24
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     assert len(spills) == len(names) and all(s == ("0", "0") for s in spills)
+    assert locale.getpreferredencoding() == encoding  # this process's locale untouched
 
 
 @pytest.fixture(scope="module")
