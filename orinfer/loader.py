@@ -155,30 +155,33 @@ def block_device(path: Path) -> str:
         return f"device {number} (not a block device: a network or overlay file system?)"
 
 
+# Buffers some checkpoints store though the model derives them (older Llama folders keep each
+# layer's rotary frequencies; transformers ignores them on load too): skipped.
+DERIVED = (".rotary_emb.inv_freq",)
+
+
 def load_weights(model: torch.nn.Module, folder: str | Path) -> LoadReport:
     """Fill every parameter of `model` from the checkpoint, its names mapped by the family's table
     (families.py: separate projections into their rows of the fused ones, a tied table into the LM
     head too).
 
     Each tensor is converted to the parameter's dtype on the device; tables left on the meta device
-    are read from the file as needed (serve_from_file). Unknown, missing or partly filled parameters
-    are an error.
+    are read from the file as needed (serve_from_file). Unknown, missing, misshapen or partly filled
+    parameters are an error, found from the files' headers before any tensor is read.
     """
     start = time.perf_counter()
     served = serve_from_file(model, folder)
-    params, filled = dict(model.named_parameters()), {}  # each parameter's (first row, rows) filled
+    params = dict(model.named_parameters())
     files = check_checkpoint(folder)
     cfg, split = model.cfg, fused_rows(model.cfg)
 
     def targets(name: str) -> list[tuple[str, int]]:  # where a stored tensor goes, besides the file
+        if name.endswith(DERIVED):
+            return []
         places = weight_targets(name, cfg.family, split, cfg.tie_word_embeddings)
         return [t for t in places if t[0] not in served]
 
-    reads = []  # each file's tensors that fill a parameter, in file order, with where each goes
-    for path, header, data_start in files:
-        in_order = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-        items = [(name, entry, targets(name)) for name, entry in in_order]
-        reads.append((path, data_start, [item for item in items if item[2]]))
+    reads = _read_plan(folder, files, params, served, targets)
     # One buffer of the largest tensor's size, allocated once: growing it as bigger tensors come
     # would briefly hold the old and the new buffer, a higher host peak.
     sizes = (
@@ -188,49 +191,60 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> LoadReport:
     for path, data_start, items in reads:
         fd = os.open(path, os.O_RDONLY)
         try:
-            for name, entry, places in items:
-                read += _load_tensor(fd, path, name, entry, data_start, params, places, buffer)
-                for target, row in places:
-                    filled.setdefault(target, set()).add(
-                        (row, entry["shape"][0] if entry["shape"] else 1)
-                    )
+            for _, entry, parts in items:
+                read += _load_tensor(fd, path, entry, data_start, parts, buffer)
         finally:
             os.close(fd)
+    return LoadReport(read, time.perf_counter() - start, block_device(files[0][0]))
+
+
+def _read_plan(folder, files, params: dict, served: set, targets) -> list:
+    """Each file's tensors that fill a parameter, in file order, each with the parameter rows it
+    goes to: checked whole against the model (a dtype this reads, a place in the model of the
+    stored shape, every parameter's rows filled) before a byte of data is read."""
+    reads, filled = [], {}
+    for path, header, data_start in files:
+        items = []
+        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            places = targets(name)
+            if not places:
+                continue
+            if entry["dtype"] not in _DTYPES:
+                raise TypeError(f"{path.name}: {name} has unsupported dtype {entry['dtype']}")
+            parts = [_part(path, name, entry, params, target, row) for target, row in places]
+            for target, row in places:
+                filled.setdefault(target, set()).add(
+                    (row, entry["shape"][0] if entry["shape"] else 1)
+                )
+            items.append((name, entry, parts))
+        reads.append((path, data_start, items))
     unfilled = [
         n
         for n, p in params.items()
         if n not in served and sum(r for _, r in filled.get(n, ())) != len(p)
     ]
     _check_complete(folder, unfilled)
-    return LoadReport(read, time.perf_counter() - start, block_device(files[0][0]))
+    return reads
+
+
+def _part(path: Path, name: str, entry: dict, params: dict, target: str, row: int):
+    """The rows of parameter `target` a stored tensor fills from `row` on, its shape checked."""
+    if target not in params:
+        raise KeyError(f"{path.name}: tensor {name!r} has no place in the model")
+    part = params[target][row : row + entry["shape"][0]] if entry["shape"] else params[target]
+    if list(part.shape) != entry["shape"]:
+        raise ValueError(
+            f"{path.name}: {name} has shape {entry['shape']}, the model expects {list(part.shape)}"
+        )
+    return part
 
 
 def _load_tensor(
-    fd: int,
-    path: Path,
-    name: str,
-    entry: dict,
-    data_start: int,
-    params: dict,
-    targets: list[tuple[str, int]],
-    buffer: bytearray,
+    fd: int, path: Path, entry: dict, data_start: int, parts: list, buffer: bytearray
 ) -> int:
-    """One tensor from the file into each of its targets (a parameter, the first of its rows it
-    fills), through `buffer`; its pages then leave the page cache."""
+    """One tensor from the file into each of its parameter rows (`parts`), through `buffer`; its
+    pages then leave the page cache."""
     begin, end = entry["data_offsets"]
-    if entry["dtype"] not in _DTYPES:
-        raise TypeError(f"{path.name}: {name} has unsupported dtype {entry['dtype']}")
-    parts = []
-    for target, row in targets:
-        if target not in params:
-            raise KeyError(f"{path.name}: tensor {name!r} has no place in the model")
-        part = params[target][row : row + entry["shape"][0]] if entry["shape"] else params[target]
-        if list(part.shape) != entry["shape"]:
-            raise ValueError(
-                f"{path.name}: {name} has shape {entry['shape']}, the model expects "
-                f"{list(part.shape)}"
-            )
-        parts.append(part)
     size, dtype = end - begin, _DTYPES[entry["dtype"]]
     read_exactly(fd, memoryview(buffer)[:size], data_start + begin, path)
     host = torch.frombuffer(buffer, dtype=dtype, count=size // dtype.itemsize)

@@ -130,3 +130,39 @@ def test_the_token_table_is_read_once_in_the_warm_up_and_the_load_says_how_fast(
     assert "GiB of weights in" in report.describe() and "\n" not in report.describe()
     slow = LoadReport(26 * 2**30, 110.0, "mmcblk0").describe()
     assert slow.splitlines()[1].startswith("!! the checkpoint's disk reads under 1 GB/s")
+
+
+def test_a_missing_or_misshapen_tensor_is_found_before_any_is_read(tmp_path, monkeypatch):
+    """The headers alone show the checkpoint cannot fill the model: nothing is read first (on an
+    Orin the reads take minutes)."""
+    from safetensors.torch import load_file, save_file
+
+    from orinfer import loader
+
+    folder = write_tiny_model(tmp_path, seed=5)
+    weights = {k: v.clone() for k, v in load_file(folder / "model.safetensors").items()}
+    reads = []
+    monkeypatch.setattr(loader, "read_exactly", lambda *args: reads.append(args))
+    save_file({k: v for k, v in weights.items() if k != "model.norm.weight"},
+              folder / "model.safetensors")  # fmt: skip
+    with pytest.raises(KeyError, match="lacks 1 weights"):
+        load(folder)
+    hidden = len(weights["model.norm.weight"])
+    bad = dict(weights, **{"model.norm.weight": torch.zeros(hidden, 2)})
+    save_file(bad, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"model.norm.weight has shape \[{hidden}, 2\]"):
+        load(folder)
+    assert reads == []
+
+
+def test_derived_rotary_frequencies_stored_in_a_checkpoint_are_skipped(tmp_path):
+    """Older Llama folders store each layer's rotary_emb.inv_freq, which the model computes."""
+    from safetensors.torch import load_file, save_file
+
+    folder = write_tiny_model(tmp_path, seed=6)
+    plain = load(folder)
+    weights = {k: v.clone() for k, v in load_file(folder / "model.safetensors").items()}
+    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(weights, folder / "model.safetensors")
+    for (name, a), (_, b) in zip(plain.state_dict().items(), load(folder).state_dict().items()):
+        assert torch.equal(a, b), name
