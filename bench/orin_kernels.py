@@ -192,6 +192,7 @@ def main() -> int:
         "copy_rate": rate,
         "plan": gen.report().plan.describe(),
         "attention": gen.describe(),
+        "kernels_note": setup.kernels_note,  # why the extension is not taken, where it is not
         "rates": {"gemm": ORIN_GEMM, "read": ORIN_READ, "launch": ORIN_LAUNCH},
     }
     for name, chats, script, new in workloads(gen.tokenizer, records, args.workloads.split(",")):
