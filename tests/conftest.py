@@ -25,6 +25,16 @@ def records(name: str) -> list[dict]:
     ]
 
 
+def scheduler(num_blocks: int = 256, **limits):
+    """A Scheduler over `num_blocks` one-token cache blocks for the unit tests: 64 tokens a pass,
+    1,024 gathered keys, end-of-turn id 0, and `limits` (scheduler.Limits' other fields)."""
+    from orinfer.block_manager import BlockManager
+    from orinfer.scheduler import Limits, Scheduler
+
+    limits = {"max_batched_tokens": 64, "max_gather_tokens": 1024, **limits}
+    return Scheduler(BlockManager(num_blocks, 1), Limits(**limits), eos_ids=[0])
+
+
 @pytest.fixture(scope="session")
 def public_chats():
     return [r["message"] for r in records("test_dataset.jsonl")]

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import generator
+from conftest import generator, scheduler
 
 import optimize
 
@@ -136,14 +136,10 @@ def test_any_other_runtime_error_is_not_taken_for_out_of_memory(tiny_dir, public
 
 @pytest.mark.unit
 def test_finished_sequences_give_their_blocks_back_when_released_or_when_needed():
-    from orinfer.block_manager import BlockManager
-    from orinfer.scheduler import Limits, Scheduler
     from orinfer.sequence import Sequence
 
-    blocks = BlockManager(13, 1)  # 12 one-token blocks besides the scratch block
-    sch = Scheduler(
-        blocks, Limits(max_num_seqs=4, max_batched_tokens=64, max_gather_tokens=1000), eos_ids=[0]
-    )
+    sch = scheduler(13, max_num_seqs=4, max_gather_tokens=1000)  # 12 blocks besides the scratch
+    blocks = sch.blocks
     a = Sequence(index=0, token_ids=[5, 6, 7, 8, 9], num_prompt_tokens=5, max_new_tokens=1)
     sch.add(a)
     assert sch.postprocess(sch.schedule(), [3]) == [a]
@@ -164,8 +160,6 @@ def test_a_pass_is_chained_only_where_its_sequences_would_draft_nothing(monkeypa
     unless a sequence would draft next (a listed choice still followed; a lookup, where the pass leaves lookups room,
     and for a retry room for a token a sequence) or a work of the pass holds drafts; a sequence that ends at that
     pass by max_new_tokens is left out."""
-    from orinfer.block_manager import BlockManager
-    from orinfer.scheduler import Limits, Scheduler
     from orinfer.sequence import Lookups, Sequence
 
     def in_flight(lookup_budget=0, draft_length=0, candidates=(), max_new=40):
@@ -180,17 +174,7 @@ def test_a_pass_is_chained_only_where_its_sequences_would_draft_nothing(monkeypa
             )
             for i in range(3)
         ]
-        sch = Scheduler(
-            BlockManager(256, 1),
-            Limits(
-                max_num_seqs=4,
-                max_batched_tokens=64,
-                max_gather_tokens=1024,
-                max_drafts=4,
-                lookup_draft_tokens=lookup_budget,
-            ),
-            eos_ids=[0],
-        )
+        sch = scheduler(max_num_seqs=4, max_drafts=4, lookup_draft_tokens=lookup_budget)
         for seq in seqs:
             sch.add(seq)
         sch.postprocess(sch.schedule(), [9, 9, 9])  # the prompts' pass: one token generated each
@@ -246,8 +230,6 @@ def test_once_nothing_waits_only_the_slowest_sequences_keep_a_pass_from_chaining
     """Scheduler.chain in the run's tail: the run lasts as long as the sequence with the most tokens still allowed, so
     a drafting sequence with fewer left does not keep the pass from chaining (its drafts would save no pass); while a
     request waits, any drafting sequence does (ending sooner frees a place)."""
-    from orinfer.block_manager import BlockManager
-    from orinfer.scheduler import Limits, Scheduler
     from orinfer.sequence import Lookups, Sequence
 
     def in_flight(slowest_drafts: bool, waiting: bool):
@@ -262,17 +244,7 @@ def test_once_nothing_waits_only_the_slowest_sequences_keep_a_pass_from_chaining
             )
             for i in range(3)
         ]
-        sch = Scheduler(
-            BlockManager(256, 1),
-            Limits(
-                max_num_seqs=3,
-                max_batched_tokens=64,
-                max_gather_tokens=1024,
-                max_drafts=4,
-                lookup_draft_tokens=32,
-            ),
-            eos_ids=[0],
-        )
+        sch = scheduler(max_num_seqs=3, max_drafts=4, lookup_draft_tokens=32)
         for seq in seqs:
             sch.add(seq)
         sch.postprocess(sch.schedule(), [9, 9, 9])

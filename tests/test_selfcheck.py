@@ -14,26 +14,24 @@ import optimize
 from orinfer import oracle, selfcheck
 
 
+def self_check_demo(tmp_path, *options: str) -> subprocess.CompletedProcess:
+    """`test_script.py --self-check --demo` on the shipped public set with `options`, in tmp_path."""
+    data = str(ROOT / "data" / "test_dataset.jsonl")
+    command = [
+        sys.executable,
+        str(ROOT / "test_script.py"),
+        "--self-check",
+        "--demo",
+        "--data",
+        data,
+    ]
+    return subprocess.run([*command, *options], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
 def test_self_check_demo_end_to_end(tmp_path):
     """The tiny model on the CPU: every check ok, exit 0, no power-mode lines (no Jetson), no results file."""
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "test_script.py"),
-            "--self-check",
-            "--demo",
-            "--data",
-            str(ROOT / "data" / "test_dataset.jsonl"),
-            "--check-records",
-            "4",
-            "--check-tokens",
-            "12",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = self_check_demo(tmp_path, "--check-records", "4", "--check-tokens", "12")
     assert run.returncode == 0, run.stderr[-2000:]
     out = run.stdout
     for name in (
@@ -60,28 +58,8 @@ def test_self_check_demo_end_to_end(tmp_path):
 def test_a_record_the_cache_cannot_hold_fails_its_check_with_the_budget_that_would(tmp_path):
     """The one fit rule (optimize.Setup.sized_for) refuses the file: the longest record's line fails, naming the
     record's line and the budget that would hold it; the other checks still run; exit 1, one stderr line."""
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "test_script.py"),
-            "--self-check",
-            "--demo",
-            "--data",
-            str(ROOT / "data" / "test_dataset.jsonl"),
-            "--max-new-tokens",
-            "20000",
-            "--memory-budget",
-            "1.6GiB",
-            "--check-records",
-            "2",
-            "--check-tokens",
-            "4",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = self_check_demo(tmp_path, "--max-new-tokens", "20000", "--memory-budget", "1.6GiB",
+                          "--check-records", "2", "--check-tokens", "4")  # fmt: skip
     assert run.returncode == 1, run.stderr[-2000:]
     [line] = [x for x in run.stdout.splitlines() if "] longest record:" in x]
     assert line.startswith("[FAIL]") and "-> line " in line and "pass --memory-budget" in line

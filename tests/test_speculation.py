@@ -2,7 +2,7 @@
 all give exactly what plain greedy decoding gives, and right drafts save forward passes."""
 
 import pytest
-from conftest import generator
+from conftest import generator, scheduler
 
 import optimize
 
@@ -112,8 +112,6 @@ def test_a_lookup_that_finds_nothing_halves_the_draft_length():
 def test_lookups_leave_room_for_the_sequences_in_flight():
     """A pass scheduled while another is in flight is topped up with that one's sequences: its lookups keep a token
     for each of them within the no-cost budget."""
-    from orinfer.block_manager import BlockManager
-    from orinfer.scheduler import Limits, Scheduler
 
     seqs = [
         Sequence(
@@ -125,17 +123,7 @@ def test_lookups_leave_room_for_the_sequences_in_flight():
         )
         for i in range(3)
     ]
-    sch = Scheduler(
-        BlockManager(256, 1),
-        Limits(
-            max_num_seqs=4,
-            max_batched_tokens=64,
-            max_gather_tokens=1024,
-            max_drafts=8,
-            lookup_draft_tokens=4,
-        ),
-        eos_ids=[0],
-    )
+    sch = scheduler(max_num_seqs=4, max_drafts=8, lookup_draft_tokens=4)
     for seq in seqs:
         sch.add(seq)
     sch.postprocess(sch.schedule(), [3, 3, 3])  # the prompts' pass
@@ -146,21 +134,8 @@ def test_lookups_leave_room_for_the_sequences_in_flight():
 
 @pytest.mark.unit
 def test_the_draft_length_doubles_while_drafts_are_right_and_falls_when_not():
-    from orinfer.block_manager import BlockManager
-    from orinfer.scheduler import Limits, Scheduler
-
     seq = Sequence(index=0, token_ids=[1, 2, 3, 1, 2], num_prompt_tokens=3, max_new_tokens=40)
-    sch = Scheduler(
-        BlockManager(64, 1),
-        Limits(
-            max_num_seqs=4,
-            max_batched_tokens=64,
-            max_gather_tokens=1024,
-            max_drafts=2,
-            lookup_draft_tokens=64,
-        ),
-        eos_ids=[0],
-    )
+    sch = scheduler(64, max_num_seqs=4, max_drafts=2, lookup_draft_tokens=64)
     sch.add(seq)
     sch.postprocess(sch.schedule(), [3])  # the prompt's pass: its token is 3
     works = sch.schedule()  # [1 2 3 1 2 3]: what followed [1 2 3], its period going on
