@@ -315,7 +315,6 @@ def prepare(
             "--demo"
         )
     dev = _device(device)
-    options, kernels_note = _resolve_kernels(options, dev)
     try:
         _check_weights(folder)
         cfg = ModelConfig.from_folder(folder)
@@ -328,6 +327,9 @@ def prepare(
         shared = is_integrated(dev) if unified_memory is None else unified_memory
         budget = parse_budget(memory_budget, dev)
         in_file = tensor_dtype(folder, "model.embed_tokens.weight") == torch_dtype
+        # after the folder's and the budget's checks (a first build takes a minute), before the
+        # plan counts this process's host
+        options, kernels_note = _resolve_kernels(options, dev)
         inputs = dict(cfg=cfg, weights=cfg.num_parameters * itemsize, itemsize=itemsize,
                       shared_host=shared, host_bytes=rss_bytes(), cuda=dev.type == "cuda",
                       table_in_checkpoint=in_file,
