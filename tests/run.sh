@@ -14,12 +14,21 @@ cd "$(dirname "$0")/.."
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 PIP="-q --disable-pip-version-check"
 
+pip_install() {  # venv pip-arguments...: a second try after a failed one (a download cut mid-way is not a test failure)
+  local venv=$1
+  shift
+  "$venv/bin/pip" install $PIP "$@" || { echo "pip failed; trying once more" >&2; "$venv/bin/pip" install $PIP "$@"; }
+}
+
+# Every step says whether it worked: set -e does not apply inside a function called from an && list (the jetpack
+# stack's), where a failed torch install once went unnoticed until its tests could not import torch.
 make_venv() {  # name python torch-spec pip-arguments...: torch first, alone (a bare "torch" is the CUDA build)
   local venv=".venv-tests-$1" python=$2 torch=$3
   shift 3
-  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-  "$venv/bin/pip" install $PIP "$torch"
-  "$venv/bin/pip" install $PIP "$@" pytest "gguf==0.19.0"  # gguf: the real-text tier's model (tests/real_model.py)
+  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv" || return 1
+  pip_install "$venv" "$torch" || return 1
+  pip_install "$venv" "$@" pytest "gguf==0.19.0" || return 1  # gguf: the real-text tier's model (tests/real_model.py)
+  "$venv/bin/python" -c 'import torch, transformers' || return 1
 }
 
 run_tests() {  # name: the unit tier (seconds), then the exactness tier (the engine against the pipeline)
@@ -47,7 +56,7 @@ if [ -n "$py310" ]; then
   # and JetPack 6.0's CUDA 12.2 compiler (NVRTC) with its headers, beside the packages (torch 2.3.1 pins CUDA 12.1's):
   # tests/test_extension.py compiles orinfer's kernels for the Orin's sm_87 with it
   { make_venv jetpack "$py310" "torch==2.3.1" -r "$jetpack_pins" \
-      && .venv-tests-jetpack/bin/pip install $PIP --target .venv-tests-jetpack/cuda-12.2 --upgrade \
+      && pip_install .venv-tests-jetpack --target .venv-tests-jetpack/cuda-12.2 --upgrade \
         nvidia-cuda-nvrtc-cu12==12.2.140 nvidia-cuda-runtime-cu12==12.2.140; } >"$jetpack_log" 2>&1 &
   jetpack_install=$!
 elif [ "${CI:-}" = true ]; then
@@ -69,6 +78,8 @@ run_tests tf4.44
 if [ -n "$py310" ]; then
   if ! wait "$jetpack_install"; then
     cat "$jetpack_log" >&2
+    df -h . >&2  # the stack needs ~5 GB of disk
+    echo "the jetpack stack did not install (its log above)" >&2
     exit 1
   fi
   run_tests jetpack
