@@ -232,7 +232,8 @@ class Setup:
             serve_from_file(model, self.folder)
         cfg, options = self.cfg, self.options
         attention = resolve(options.attention, self.plan.attention_afforded, self.device,
-                            self.dtype, cfg, options.packed_queries)  # fmt: skip
+                            self.dtype, cfg, options.packed_queries,
+                            bool(options.cuda_extension))  # fmt: skip
         return Generator(
             Engine(model, self.eos, self.plan, options, attention, observer=observer),
             self.tokenizer,

@@ -11,11 +11,12 @@ from orinfer.observe import Observer
 from orinfer.options import Options
 from workload import hf_model, random_init
 
-# The kernel paths the stage can take: this GPU's defaults, and the Orin's (no Triton: the padded
-# layout, and orinfer's CUDA extension or eager elementwise kernels).
+# The kernel paths the stage can take: this GPU's defaults, and the Orin's (no Triton: orinfer's
+# CUDA extension with its paged attention, or with the padded layout's SDPA, or neither).
 PATHS = {
     "default": Options(),
-    "orin": Options(compile=False, attention="padded"),
+    "orin": Options(compile=False, attention="paged"),
+    "orin_padded": Options(compile=False, attention="padded"),
     "orin_eager": Options(compile=False, cuda_extension=False, attention="padded"),
 }
 

@@ -165,6 +165,12 @@ def main() -> int:
         action="store_true",
         help="the elementwise kernels eager (the Orin path before orinfer's CUDA extension)",
     )
+    ap.add_argument(
+        "--attention",
+        default=None,
+        help="an attention backend by name (default: the engine's choice; padded: the Orin path before issue 36's "
+        "paged kernel)",
+    )
     args = ap.parse_args()
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "orinfer-kernels"
     tmp.mkdir(exist_ok=True)
@@ -180,7 +186,11 @@ def main() -> int:
         device="cuda",
         unified_memory=True,
         memory_budget=int(args.budget * GiB),
-        options=Options(compile=False, cuda_extension=False if args.no_cuda_extension else None),
+        options=Options(
+            compile=False,
+            cuda_extension=False if args.no_cuda_extension else None,
+            attention=args.attention,
+        ),
     )
     gen = scripted(setup.load(random_init(0), progress=False, observer=observer), None)
     drop_pages(folder)

@@ -194,18 +194,21 @@ def score(texts: list[str], answers: list[str]) -> int:
     return sum(scored_answer(t) == a for t, a in zip(texts, answers))
 
 
-# The Orin's path on any GPU: eager kernels, the padded SDPA layout, no graphs (float32 only: its exactness check).
-ORIN_PATH = Options(compile=False, cuda_graphs=False, attention="padded")
+# The Orin's path on any GPU: no Triton (orinfer's CUDA extension: its elementwise kernels and paged attention), no
+# graphs.
+ORIN_PATH = Options(compile=False, cuda_graphs=False, attention="paged")
 
 
-def agreement(folder: Path, device: str, loads: dict, orin_path: bool = False) -> dict:
-    """The engine's bf16 and fp32 outputs (whole set, defaults) against transformers' at batch 1, token for token;
-    with `orin_path`, the Orin's path at fp32 too."""
+def agreement(folder: Path, device: str, loads: dict, paths: list[str]) -> dict:
+    """The engine's bf16 and fp32 outputs (whole set) against transformers' at batch 1, token for token, on each of
+    `paths`: fast (this GPU's defaults), orin (the Orin's path)."""
     out, theirs = {}, {}
     runs = [("float32", torch.float32, Options()), ("bfloat16", torch.bfloat16, Options())]
-    for dtype, torch_dtype, options in runs + (
-        [("float32_orin_path", torch.float32, ORIN_PATH)] if orin_path else []
-    ):
+    orin = [
+        ("float32_orin_path", torch.float32, ORIN_PATH),
+        ("bfloat16_orin_path", torch.bfloat16, ORIN_PATH),
+    ]
+    for dtype, torch_dtype, options in ("fast" in paths) * runs + ("orin" in paths) * orin:
         gen = build(folder, device, dtype.removesuffix("_orin_path"), options)
         for load, (chats, new, answers) in loads.items():
             ours = timed_runs(gen, chats, new, len(chats))
@@ -279,11 +282,13 @@ def main():
         "--repeat", type=int, default=1, help="drafting: time each run N times, report the median"
     )
     ap.add_argument(
-        "--orin-path",
-        action="store_true",
-        help="agreement: also the Orin's path (eager, padded) at fp32",
+        "--paths",
+        default="fast",
+        help="agreement: fast (this GPU's defaults) and/or orin (no Triton: the CUDA extension, paged attention)",
     )
+    ap.add_argument("--orin-path", action="store_true", help="agreement: --paths fast,orin")
     args = ap.parse_args()
+    paths = ["fast", "orin"] if args.orin_path else args.paths.split(",")
     folder = smollm2("llama")
     loads = {k: v for k, v in workloads(args.mc_items).items() if k in args.loads.split(",")}
     import transformers
@@ -296,7 +301,7 @@ def main():
     }
     for stage in args.stages.split(","):
         result[stage] = (
-            agreement(folder, args.device, loads, args.orin_path)
+            agreement(folder, args.device, loads, paths)
             if stage == "agreement"
             else drafting(
                 folder,

@@ -1,6 +1,7 @@
-"""orinfer's CUDA extension (csrc/): the fused elementwise kernels for CUDA GPUs whose torch has no
-Triton (NVIDIA's JetPack wheels), built once per machine by torch's own extension builder
-(torch.utils.cpp_extension, which runs nvcc through ninja) and kept in the user's cache folder.
+"""orinfer's CUDA extension (csrc/): the fused elementwise kernels and the paged attention kernel
+for CUDA GPUs whose torch has no Triton (NVIDIA's JetPack wheels), built once per machine by torch's
+own extension builder (torch.utils.cpp_extension, which runs nvcc through ninja) and kept in the
+user's cache folder.
 
 The build runs in a child process, so the compiler's memory and the builder's imports (setuptools)
 never reach the process that then holds the weights; it builds into a temporary folder that is
@@ -24,7 +25,7 @@ from pathlib import Path
 
 NAME = "orinfer_elementwise"
 SOURCES = Path(__file__).resolve().parent / "csrc"
-FILES = ("elementwise.cu", "elementwise.cuh")
+FILES = ("elementwise.cu", "elementwise.cuh", "attention.cu", "attention.cuh")
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -133,7 +134,7 @@ def _build_here(arch: str, into: str) -> int:
     except RuntimeError:
         print("ninja is not installed (pip install ninja)")
         return 1
-    sources = [str(SOURCES / "elementwise.cu")]
+    sources = [str(SOURCES / name) for name in FILES if name.endswith(".cu")]
     cpp_extension.load(NAME, sources, extra_cuda_cflags=["-O3"], build_directory=into,
                        is_python_module=False, verbose=True)  # fmt: skip
     return 0

@@ -8,8 +8,8 @@ import torch
 from conftest import NEW, generator, hf_pipeline, reference
 
 import optimize
-from orinfer.attention import packed, padded, varlen
-from orinfer.attention.reference import reference_packed, reference_varlen
+from orinfer.attention import packed, padded, paged, varlen
+from orinfer.attention.reference import reference_packed, reference_paged, reference_varlen
 from orinfer.sequence import Sequence, Work
 from orinfer.tiny import write_tiny_model
 
@@ -259,7 +259,7 @@ def test_the_registry_plans_the_preferred_backend_that_runs_on_the_device():
         planned(None, "cuda") is BACKENDS["varlen"] and planned(None, "cpu") is BACKENDS["padded"]
     )
     assert planned("reference", "cpu") is BACKENDS["reference"]
-    with pytest.raises(ValueError, match="unknown; choose among varlen, padded, reference"):
+    with pytest.raises(ValueError, match="unknown; choose among varlen, paged, padded, reference"):
         planned("flashinfer", "cuda")
     with pytest.raises(ValueError, match="runs on cuda, not cpu"):
         planned("varlen", "cpu")
@@ -276,6 +276,9 @@ def test_a_backend_asked_for_by_name_never_falls_back_silently(tiny_dir):
     cuda = SimpleNamespace(type="cuda")
     backend, _ = resolve(None, False, cuda, torch.bfloat16, cfg, 0)
     assert backend is BACKENDS["padded"]
+    # the paged kernel is orinfer's CUDA extension's: never taken where the options turned it off
+    with pytest.raises(RuntimeError, match="'paged' needs orinfer's CUDA extension"):
+        resolve("paged", True, cuda, torch.bfloat16, cfg, 0, cuda_extension=False)
 
 
 def test_a_new_backend_is_one_declaration_and_one_registry_line(
@@ -297,3 +300,73 @@ def test_a_new_backend_is_one_declaration_and_one_registry_line(
         gen(public_chats, max_new_tokens=NEW, return_full_text=False)
         == expected[: len(public_chats)]
     )
+
+
+@pytest.fixture
+def paged_reference(monkeypatch):
+    """The paged layout with the kernel's float32 reference (reference_paged) in place of the CUDA
+    kernel, registered for the CPU; records each call's tiles."""
+    from dataclasses import replace
+
+    from orinfer import attention
+
+    calls = []
+
+    def kernel(q, k_rows, v_rows, tiles, tables, block_size, window, scale):
+        calls.append(tiles.tolist())
+        return reference_paged(q, k_rows, v_rows, tiles, tables, block_size, window, scale)
+
+    backend = replace(attention.BACKENDS["paged"], name="paged-reference", devices=("cpu",),
+                      kernels=lambda *shape: kernel, needs_cuda_extension=False)  # fmt: skip
+    monkeypatch.setitem(attention.BACKENDS, backend.name, backend)
+    return SimpleNamespace(attention=(backend.name, 0), calls=calls)
+
+
+@pytest.mark.parametrize(
+    "plan", [{}, {"max_batched_tokens": 48, "max_num_seqs": 4}, {"block_size": 4}]
+)
+def test_paged_layout_matches_pipeline(
+    paged_reference, tiny_dir, public_chats, longest_chat, expected, plan
+):
+    """Whole prompts, shared prefixes, prompts prefilled in chunks behind their own cached tokens,
+    drafts, blocks of several tokens: the paged layout's tiles and block tables give the pipeline's
+    text (the kernel's reference in float32 reading the cache through them)."""
+    gen = generator(tiny_dir, attention=paged_reference.attention, **plan)
+    assert isinstance(gen.engine.runner.layouts[0], paged.PagedLayout)
+    assert (
+        gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False) == expected
+    )
+    layers = gen.engine.model.cfg.num_hidden_layers
+    assert len(paged_reference.calls) == gen.engine.stats["passes"] * layers
+    tiles = [t for call in paged_reference.calls for t in call]
+    # tiles of 16 tokens at most, and some prompt chunks cut into several
+    assert max(n for _, n, _, _ in tiles) == paged.TILE_TOKENS
+    assert any(n > 1 for _, n, _, _ in tiles) and any(n == 1 for _, n, _, _ in tiles)
+
+
+@pytest.mark.parametrize("window", [24, 50])
+def test_paged_layout_applies_the_sliding_window(paged_reference, tmp_path, public_chats, window):
+    folder = write_tiny_model(tmp_path, seed=1, std=0.1, sliding_window=window)
+    chats = public_chats[:6]
+    expected = reference(hf_pipeline(folder), chats, max_new_tokens=30, return_full_text=False)
+    gen = generator(folder, attention=paged_reference.attention)
+    assert gen(chats, max_new_tokens=30, return_full_text=False) == expected
+
+
+def test_paged_layout_pads_eager_passes_and_cuts_tiles(paged_reference, tiny_dir):
+    """An eager pass padded to a multiple of tokens (one-token sequences at position 0 in the
+    scratch block, as the padded layout pads): every new token in exactly one tile, in order."""
+    gen = generator(tiny_dir, attention=paged_reference.attention, padding=(8, 16))
+    runner = gen.engine.runner
+    seqs = [
+        Sequence(index=i, token_ids=list(range(100, 100 + n)), num_prompt_tokens=n,
+                 max_new_tokens=1, block_table=list(range(1 + 40 * i, 41 + 40 * i)))
+        for i, n in enumerate((37, 3))
+    ]  # fmt: skip
+    works = [Work(seq=s, tokens=s.token_ids[2:], start=2, wants_logits=True) for s in seqs]
+    ids, ctx = runner.context(works)
+    assert ids.numel() == 48  # 35 + 1 new tokens, padded to a multiple of 16
+    tiles = ctx.layout.tiles.tolist()
+    assert tiles[:4] == [[0, 16, 2, 0], [16, 16, 18, 0], [32, 3, 34, 0], [35, 1, 2, 1]]
+    assert tiles[4:] == [[36 + i, 1, 0, 2 + i] for i in range(12)]
+    assert ctx.layout.block_tables.shape[0] == 14

@@ -17,6 +17,8 @@ import torch
 from conftest import NEW
 
 from orinfer import extension, kernels
+from orinfer.attention import paged
+from orinfer.attention.reference import reference_paged
 from orinfer.options import Options
 
 JETPACK_STACK = sys.version_info[:2] == (3, 10)
@@ -64,8 +66,8 @@ def _nvrtc() -> tuple[Path, Path] | None:
     return (lib, include) if lib.is_file() and (include / "cuda_bf16.h").is_file() else None
 
 
-# Every instantiation elementwise.cu launches: (kernel, template arguments) for each dtype, the
-# packs of 16 bytes and of one element.
+# Every instantiation elementwise.cu and attention.cu launch: (kernel, template arguments) for each
+# dtype, the packs of 16 bytes and of one element, and each head dimension.
 def _instantiations() -> list[str]:
     names = []
     for dtype, wide in (("float", 4), ("__half", 8), ("__nv_bfloat16", 8)):
@@ -73,6 +75,7 @@ def _instantiations() -> list[str]:
             names += [f"orinfer::rms_norm_kernel<{dtype}, {n}, {add}>" for add in ("true", "false")]
             names.append(f"orinfer::silu_mul_kernel<{dtype}, {n}>")
             names.append(f"orinfer::rope_kernel<{dtype}, {n}>")
+        names += [f"orinfer::paged_attention_kernel<{dtype}, {d}>" for d in paged.HEAD_DIMS]
     return names
 
 
@@ -82,12 +85,12 @@ def _compile_with_nvrtc(lib_path: Path, include: Path, source: str, names: list[
     major, minor = ctypes.c_int(), ctypes.c_int()
     lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
     prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"elementwise.cuh", 0,
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"attention.cuh", 0,
                                   None, None) == 0  # fmt: skip
     for name in names:
         assert lib.nvrtcAddNameExpression(prog, name.encode()) == 0
     options = [b"--gpu-architecture=sm_87", b"--std=c++17", b"-I" + bytes(include),
-               b"--ptxas-options=-v"]  # fmt: skip
+               b"-I" + bytes(extension.SOURCES), b"--ptxas-options=-v"]  # fmt: skip
     code = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
@@ -109,10 +112,12 @@ def test_the_kernels_compile_for_sm87_with_cuda_12_2():
         if JETPACK_STACK and os.environ.get("CI") == "true":
             pytest.fail("the jetpack stack must hold NVRTC 12.2 (tests/run.sh installs it)")
         pytest.skip("NVRTC 12.2 is installed in the jetpack stack only (tests/run.sh)")
-    source = (extension.SOURCES / "elementwise.cuh").read_text()
+    # attention.cuh includes elementwise.cuh: the one source holds every kernel
+    source = (extension.SOURCES / "attention.cuh").read_text()
+    headers = source + (extension.SOURCES / "elementwise.cuh").read_text()
     names = _instantiations()
-    # every kernel the header defines is among those compiled
-    assert set(re.findall(r"__global__ void (\w+)", source)) == {
+    # every kernel the headers define is among those compiled
+    assert set(re.findall(r"__global__ void (\w+)", headers)) == {
         n.split("::")[1].split("<")[0] for n in names
     }
     # in a process of its own: NVRTC sets the process's C locale, after which Python reads text
@@ -126,7 +131,7 @@ def test_the_kernels_compile_for_sm87_with_cuda_12_2():
     assert version == (12, 2)
     assert cubin > 0
     entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_87'", log)
-    assert len(entries) == len(names) == 24
+    assert len(entries) == len(names) == 39
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     assert len(spills) == len(names) and all(s == ("0", "0") for s in spills)
     assert locale.getpreferredencoding() == encoding  # this process's locale untouched
@@ -173,16 +178,58 @@ def test_the_fused_kernels_give_eagers_values(fused, dtype):
             torch.testing.assert_close(out_f, out_e, **one_rounding)
 
 
+def _paged_pass(g, dtype, heads, kv_heads, dim, block_size):
+    """A pass as the paged layout cuts it: prompt chunks behind cached prefixes (tiles of 16, keys
+    over many chunks of the kernel's), decode steps at several depths, a sequence at position 0;
+    blocks handed out in a shuffled order. (q, k_rows, v_rows, tiles, tables)"""
+    starts_news = [(0, 40), (300, 17), (1500, 1), (7, 1), (0, 1), (64, 33), (2040, 24)]
+    most = max(-(-(s + n) // block_size) for s, n in starts_news)
+    blocks = torch.randperm(len(starts_news) * most, generator=g).view(len(starts_news), most) + 1
+    slots = (len(starts_news) * most + 1) * block_size
+    k_rows, v_rows = (
+        torch.randn(slots, kv_heads, dim, generator=g).to(dtype).cuda() for _ in range(2)
+    )
+    tokens = sum(n for _, n in starts_news)
+    # the model's query: a view of the rotated queries and keys
+    q = torch.randn(tokens, heads + kv_heads, dim, generator=g).to(dtype).cuda()[:, :heads]
+    tiles, token = [], 0
+    for row, (start, n) in enumerate(starts_news):
+        tiles += [[token + a, min(16, n - a), start + a, row] for a in range(0, n, 16)]
+        token += n
+    return q, k_rows, v_rows, torch.tensor(tiles).cuda(), blocks.cuda()
+
+
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_paged_kernel_equals_the_float32_reference(fused, dtype):
+    """Every head size it is built for, one to eight query heads a KV head, one-token and 16-token
+    blocks, with and without a sliding window: within the dtype's rounding of the reference (its
+    probabilities are rounded to the dtype before their product with the values, as
+    FlashAttention's are)."""
+    kernel, g = torch.ops.orinfer.paged_attention, torch.Generator().manual_seed(0)
+    tolerance = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
+    for dim, heads, kv_heads in ((128, 40, 10), (64, 9, 3), (96, 32, 32), (32, 16, 2), (16, 4, 2)):
+        for block_size, window in ((1, 0), (16, 0), (16, 100), (1, 2047)):
+            q, k_rows, v_rows, tiles, tables = _paged_pass(g, dtype, heads, kv_heads, dim,
+                                                           block_size)  # fmt: skip
+            args = (q, k_rows, v_rows, tiles, tables, block_size, window, dim**-0.5)
+            torch.testing.assert_close(kernel(*args).float(), reference_paged(*args).float(),
+                                       atol=tolerance, rtol=tolerance)  # fmt: skip
+    assert paged.paged_kernel(torch.device("cuda"), dtype, 40, 10, 128) is kernel
+
+
+@needs_cuda
+@pytest.mark.parametrize("attention", ["paged", "padded"])
 def test_the_engine_with_the_extension_equals_the_pipeline(tiny_dir, expected, public_chats,
-                                                           longest_chat):  # fmt: skip
-    """The Orin's path (no Triton: the padded layout, the extension's kernels) at float32 on a GPU
-    gives the pipeline's text on the CPU."""
+                                                           longest_chat, attention):  # fmt: skip
+    """The Orin's path (no Triton: the extension's kernels, its paged attention or the padded
+    layout's SDPA) at float32 on a GPU gives the pipeline's text on the CPU."""
     import optimize
 
     gen = optimize.build(tiny_dir, device="cuda", dtype="float32", progress=False,
-                         options=Options(compile=False, cuda_extension=True, attention="padded"))  # fmt: skip
+                         options=Options(compile=False, cuda_extension=True, attention=attention))  # fmt: skip
     assert gen.engine.model.kernels is kernels.cuda_extension()
+    assert gen.engine.runner.backend.name == attention
     assert "elementwise kernels CUDA extension" in gen.describe()
     outs = gen(public_chats + [longest_chat], max_new_tokens=NEW, return_full_text=False)
     assert outs == expected
@@ -214,7 +261,7 @@ def test_an_unwritable_cache_or_a_hung_build_is_one_line(tmp_path, monkeypatch, 
 
 
 def test_the_operators_compile_against_this_torch_for_sm87(tmp_path):
-    """elementwise.cu (the operators: torch's headers and the kernels) compiled for sm_87 against
+    """elementwise.cu and attention.cu (the operators: torch's headers and the kernels) compiled for sm_87 against
     the installed torch's headers: in the jetpack stack those are torch 2.3's, the Orin's minor. It
     needs a CUDA compiler on this machine (any version that knows sm_87), not a GPU."""
     import shutil
@@ -226,13 +273,15 @@ def test_the_operators_compile_against_this_torch_for_sm87(tmp_path):
     if nvcc is None:
         pytest.skip("no nvcc on this machine")
     include = [f"-I{path}" for path in cpp_extension.include_paths()]
-    command = [nvcc, "-std=c++17", "-c", str(extension.SOURCES / "elementwise.cu"), "-o",
-               str(tmp_path / "elementwise.o"), "-gencode=arch=compute_87,code=sm_87",
-               "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
-               "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", *include]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
-    missing = "cuda_cmake_macros.h: No such file"  # a CPU-only torch ships no CUDA headers
-    if done.returncode and missing in done.stderr:
-        pytest.skip("this torch is built without CUDA: no c10/cuda headers to compile against")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "elementwise.o").stat().st_size > 0
+    for name in (n for n in extension.FILES if n.endswith(".cu")):
+        command = [nvcc, "-std=c++17", "-c", str(extension.SOURCES / name), "-o",
+                   str(tmp_path / f"{name}.o"), "-gencode=arch=compute_87,code=sm_87",
+                   "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
+                   "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                   *include]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        missing = "cuda_cmake_macros.h: No such file"  # a CPU-only torch ships no CUDA headers
+        if done.returncode and missing in done.stderr:
+            pytest.skip("this torch is built without CUDA: no c10/cuda headers to compile against")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (tmp_path / f"{name}.o").stat().st_size > 0

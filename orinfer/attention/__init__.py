@@ -5,6 +5,8 @@ Options.attention names one.
 
 - varlen.py: FlashAttention's variable-length kernel (and the packed Triton kernel, packed.py) on
   the flat queries, where a CUDA torch has them: no padding, no mask.
+- paged.py: orinfer's CUDA kernel (csrc/attention.cuh) reading the paged cache in place, where the
+  CUDA extension is built (no gathers, no padding, no mask).
 - padded.py: SDPA over padded [sequences, queries] grids with a mask, on every device and dtype;
   also the layout a pass takes where the chosen backend's cannot (keys past a sliding window).
 - float32_reference.py: the float32 reference kernels (reference.py) with the varlen layout: slow,
@@ -13,17 +15,17 @@ Options.attention names one.
 A new kernel is one file declaring its BACKEND and one line in BACKENDS.
 """
 
-from . import float32_reference, padded, varlen
+from . import float32_reference, padded, paged, varlen
 
 # The package's surface, besides the registry.
 from .core import Backend, Context, paged_attention, per_pass, per_pass_fields  # noqa: F401
 
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (varlen.BACKEND, padded.BACKEND, float32_reference.BACKEND)
+    b.name: b for b in (varlen.BACKEND, paged.BACKEND, padded.BACKEND, float32_reference.BACKEND)
 }
 # Options.attention=None takes the first of these that runs on the device, the plan affords, and
 # passes its check.
-PREFERRED = ("varlen", "padded")
+PREFERRED = ("varlen", "paged", "padded")
 FALLBACK = padded.BACKEND
 
 
@@ -46,25 +48,46 @@ def planned(name: str | None, device_type: str) -> Backend:
 
 
 def resolve(
-    name: str | None, afforded: bool, device, dtype, cfg, packed_queries: int
+    name: str | None,
+    afforded: bool,
+    device,
+    dtype,
+    cfg,
+    packed_queries: int,
+    cuda_extension: bool = False,
 ) -> tuple[Backend, object]:
-    """The backend a run uses and its kernels: the planned one (`planned`) where the memory plan
-    affords it and its kernels run here; else, unless it was asked for by name (then a RuntimeError:
-    never a silent change), the padded layout."""
-    backend = planned(name, device.type)
+    """The backend a run uses and its kernels: the one named, or the first of PREFERRED that runs
+    on this device whose kernels run here and pass their check. The planned backend (`planned`) is
+    taken only where the memory plan affords it (`afforded`); another only where its kernels cost
+    the host nothing the plan books; one needing orinfer's CUDA extension only where
+    `cuda_extension` (Options.cuda_extension, resolved). One asked for by name that cannot run is a
+    RuntimeError: never a silent change."""
+    chosen = planned(name, device.type)
     heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    kernels = (
-        backend.kernels(device, dtype, heads, kv_heads, dim, packed_queries) if afforded else None
+    candidates = (
+        [chosen]
+        if name is not None
+        else [BACKENDS[n] for n in PREFERRED if device.type in BACKENDS[n].devices]
     )
-    if kernels is not None:
-        return backend, kernels
-    if name is not None:
-        why = (
-            "does not run here (its check failed)"
-            if afforded
-            else "is not afforded by the memory plan"
+    for backend in candidates:
+        fits = afforded if backend is chosen else backend.host_bytes == 0
+        allowed = cuda_extension or not backend.needs_cuda_extension
+        kernels = (
+            backend.kernels(device, dtype, heads, kv_heads, dim, packed_queries)
+            if fits and allowed
+            else None
         )
-        raise RuntimeError(
-            f"attention backend {name!r} {why}; leave --attention unset to let the engine choose"
-        )
-    return FALLBACK, FALLBACK.kernels()
+        if kernels is not None:
+            return backend, kernels
+    if name is None:
+        return FALLBACK, FALLBACK.kernels()
+    why = (
+        "needs orinfer's CUDA extension (--no-cuda-extension, or it did not build)"
+        if not allowed
+        else "does not run here (its check failed)"
+        if afforded
+        else "is not afforded by the memory plan"
+    )
+    raise RuntimeError(
+        f"attention backend {name!r} {why}; leave --attention unset to let the engine choose"
+    )

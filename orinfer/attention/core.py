@@ -92,7 +92,8 @@ class Backend:
     1,024 tokens (else plain decode passes only, and the warm-up meets every small GEMM count
     eagerly). `pads_eager_passes`: an eager pass above 1,024 tokens is padded to a multiple of 64 so
     that the warm-up meets its GEMM shapes. `devices`: the device types it can run on (its kernels
-    still check that they run here)."""
+    still check that they run here). `needs_cuda_extension`: its kernels are orinfer's CUDA
+    extension's (extension.py), taken only where Options.cuda_extension resolved on."""
 
     name: str
     kernels: Callable
@@ -102,3 +103,4 @@ class Backend:
     gathers_whole_pass: bool = False
     graphs_every_small_pass: bool = False
     pads_eager_passes: bool = True
+    needs_cuda_extension: bool = False

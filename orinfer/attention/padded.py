@@ -204,17 +204,7 @@ class PaddedLayout:
             if shape is not None
             else sorted(range(n), key=lambda i: (-queries[i], -blocks[i]))
         )
-        ids, sample_rows = flat_tokens(works, order)
-        starts = [works[i].start for i in order]
-        lens = [len(works[i].tokens) for i in order]
-        if shape is not None:
-            lens += [1] * (shape[0] - n)
-            sample_rows += range(len(ids), len(ids) + shape[0] - n)
-        elif len(ids) > self.pad_above:
-            lens += [1] * (-len(ids) % self.pad_multiple)
-            sample_rows += [0] * (-len(sample_rows) % self.pad_multiple)
-        starts += [0] * (len(lens) - n)
-        ids += [0] * (sum(lens) - len(ids))
+        ids, sample_rows, starts, lens = self._padded(works, order, shape)
         # spans: (first sequence, end, blocks of its longest) of each group; padding sequences in a
         # group of their own
         spans = (
@@ -227,6 +217,26 @@ class PaddedLayout:
         t = self.uploader.upload(works, order, ids, sample_rows, starts, lens, nblocks,
                                  query_slots + mask_rows, feed)  # fmt: skip
         return t, self._layout(t, spans, grids, len(query_slots))
+
+    def _padded(
+        self, works: list[Work], order: list[int], shape: tuple[int, int] | None
+    ) -> tuple[list[int], list[int], list[int], list[int]]:
+        """The pass's ids, rows to sample, and each sequence's start and new tokens, in `order`,
+        padded to `shape` with one-token sequences, or an eager pass of more than pad_above tokens
+        to a multiple of pad_multiple (its sampled rows with row 0 again)."""
+        n = len(works)
+        ids, sample_rows = flat_tokens(works, order)
+        starts = [works[i].start for i in order]
+        lens = [len(works[i].tokens) for i in order]
+        if shape is not None:
+            lens += [1] * (shape[0] - n)
+            sample_rows += range(len(ids), len(ids) + shape[0] - n)
+        elif len(ids) > self.pad_above:
+            lens += [1] * (-len(ids) % self.pad_multiple)
+            sample_rows += [0] * (-len(sample_rows) % self.pad_multiple)
+        starts += [0] * (len(lens) - n)
+        ids += [0] * (sum(lens) - len(ids))
+        return ids, sample_rows, starts, lens
 
     def _grids(
         self, spans: list[tuple[int, int, int]], starts: list[int], lens: list[int]

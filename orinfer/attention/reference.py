@@ -60,3 +60,26 @@ def reference_packed(q, k, v, out, cu_q, cu_k, key_slots, first_seq, num_seqs, s
 
 
 reference_varlen.calls, reference_packed.calls = 0, []
+
+
+def reference_paged(q, k_rows, v_rows, tiles, tables, block_size, window, scale):
+    """The paged kernel's contract (csrc/attention.cuh) in float32: tiles[i] = (first flat token,
+    tokens, position of the first, row of `tables`); a query at position p sees its sequence's keys
+    p - window < j <= p (window <= 0: every j <= p), read through its block table. Returns [tokens,
+    heads * D] in q's dtype; rows no tile covers are zeros."""
+    tokens, heads, dim = q.shape
+    groups = heads // k_rows.shape[1]
+    out = torch.zeros(tokens, heads, dim, dtype=torch.float32, device=q.device)
+    for first, count, position, row in tiles.tolist():
+        keys = torch.arange(position + count, device=q.device)
+        slots = tables[row][keys // block_size] * block_size + keys % block_size
+        k, v = (x[slots].float().repeat_interleave(groups, dim=1) for x in (k_rows, v_rows))
+        scores = torch.einsum("qhd,khd->hqk", q[first : first + count].float(), k) * scale
+        seen = keys <= torch.arange(position, position + count, device=q.device)[:, None]
+        if window > 0:
+            seen &= (
+                keys > torch.arange(position, position + count, device=q.device)[:, None] - window
+            )
+        probs = scores.masked_fill(~seen, float("-inf")).softmax(-1)
+        out[first : first + count] = torch.einsum("hqk,khd->qhd", probs, v)
+    return out.to(q.dtype).reshape(tokens, heads * dim)
