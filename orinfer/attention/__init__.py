@@ -6,7 +6,7 @@ Options.attention names one.
 - varlen.py: FlashAttention's variable-length kernel (and the packed Triton kernel, packed.py) on
   the flat queries, where a CUDA torch has them: no padding, no mask.
 - paged.py: orinfer's CUDA kernel (csrc/attention.cuh) reading the paged cache in place, where the
-  CUDA extension is built (no gathers, no padding, no mask).
+  CUDA extension is built (no gathers, no padding, no mask); by name (--attention paged) for now.
 - padded.py: SDPA over padded [sequences, queries] grids with a mask, on every device and dtype;
   also the layout a pass takes where the chosen backend's cannot (keys past a sliding window).
 - float32_reference.py: the float32 reference kernels (reference.py) with the varlen layout: slow,
@@ -24,8 +24,9 @@ BACKENDS: dict[str, Backend] = {
     b.name: b for b in (varlen.BACKEND, paged.BACKEND, padded.BACKEND, float32_reference.BACKEND)
 }
 # Options.attention=None takes the first of these that runs on the device, the plan affords, and
-# passes its check.
-PREFERRED = ("varlen", "paged", "padded")
+# passes its check. "paged" is taken by name only until a GPU has measured it (bench/NOTES.md,
+# run 91).
+PREFERRED = ("varlen", "padded")
 FALLBACK = padded.BACKEND
 
 
