@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import check_checkpoint, checkpoint_files, read_exactly, read_header, stored_dtype
 from .families import fused_rows, weight_targets
+from .staging import Staging, writable
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
@@ -40,12 +41,16 @@ def _check_complete(folder: str | Path, missing) -> None:
 
 class FileRows:
     """Rows of a 2-D tensor stored at `offset` in a checkpoint file, read by token id: `rows(ids)`
-    is `table[ids]` (each distinct row read once, with read-ahead off: a pass needs scattered rows).
-    """
+    is `table[ids]` on `device` (each distinct row read once, with read-ahead off: a pass needs
+    scattered rows). The distinct rows are read into a pinned buffer and go up with the ids' places
+    among them in one copy that does not wait for the pass in flight; the device picks the rows."""
 
-    def __init__(self, path: Path, offset: int, shape: list[int], dtype: torch.dtype):
+    def __init__(
+        self, path: Path, offset: int, shape: list[int], dtype: torch.dtype, device: torch.device
+    ):
         self.path, self.offset, self.shape, self.dtype = path, offset, shape, dtype
         self.row_bytes = shape[1] * dtype.itemsize
+        self.staging = Staging(device)
         self.fd = os.open(path, os.O_RDONLY)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -54,19 +59,19 @@ class FileRows:
         unique, inverse = torch.unique(ids, return_inverse=True)
         if len(unique) and not 0 <= int(unique[0]) <= int(unique[-1]) < self.shape[0]:
             raise IndexError(f"token id out of range for the {self.shape[0]}-row table")
-        size = self.row_bytes
-        buffer = bytearray(len(unique) * size)
-        view = memoryview(buffer)
-        for i, row in enumerate(unique.tolist()):
-            read_exactly(
-                self.fd, view[i * size : (i + 1) * size], self.offset + row * size, self.path
-            )
-        table = (
-            torch.frombuffer(buffer, dtype=self.dtype)
-            if buffer
-            else torch.empty(0, dtype=self.dtype)
-        )
-        return table.view(len(unique), self.shape[1])[inverse]
+        size, rows = self.row_bytes, unique.tolist()
+        table_bytes = len(rows) * size  # a multiple of 8: the places that follow are int64
+
+        def fill(buffer: torch.Tensor) -> None:
+            view = writable(buffer)
+            for i, row in enumerate(rows):
+                read_exactly(self.fd, view[i * size : (i + 1) * size], self.offset + row * size,
+                             self.path)  # fmt: skip
+            buffer[table_bytes:].view(torch.int64).copy_(inverse.view(-1))
+
+        sent = self.staging.send(table_bytes + 8 * inverse.numel(), fill)
+        table = sent[:table_bytes].view(self.dtype).view(len(rows), self.shape[1])
+        return table[sent[table_bytes:].view(torch.int64).view(inverse.shape)]
 
     def warm(self) -> int:
         """Read the whole table once, in order, so its rows sit in the page cache (reclaimable) when
@@ -90,10 +95,12 @@ class FileRows:
 
 def serve_from_file(model: torch.nn.Module, folder: str | Path) -> set[str]:
     """Give every table still on the meta device (an Embedding's weight) FileRows over its place in
-    the checkpoint, in place of the parameter; returns their names. The stored dtype must be the
-    run's."""
+    the checkpoint, in place of the parameter, its rows sent to the model's device; returns their
+    names. The stored dtype must be the run's."""
     wanted = {name: p for name, p in model.named_parameters() if p.is_meta}
     served = set(wanted)
+    # where the rows go: the device the rest of the model is on
+    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
     for path in checkpoint_files(folder) if wanted else []:
         header, data_start = read_header(path)
         for name in sorted(set(header) & set(wanted)):
@@ -112,7 +119,7 @@ def serve_from_file(model: torch.nn.Module, folder: str | Path) -> set[str]:
             module = model.get_submodule(module_name)
             delattr(module, attr)
             module.rows = FileRows(
-                path, data_start + entry["data_offsets"][0], entry["shape"], dtype
+                path, data_start + entry["data_offsets"][0], entry["shape"], dtype, device
             )
     _check_complete(folder, wanted)
     return served

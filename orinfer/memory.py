@@ -439,9 +439,13 @@ def plan_memory(
         max_drafts = 16 if free > 8 * GiB else 4
     in_groups = shared_host and not (afforded and attention.gathers_whole_pass)
     shape = _PassShape.of(cfg, itemsize, free, shared_host, in_groups, cuda_graphs, max_drafts)
+    # a pass's rows and their places, read on the host into two pinned buffers (staging.Staging:
+    # one in flight, one filling), each a power of two
     rows = (
-        2 * shape.tokens * cfg.hidden_size * itemsize if table else 0
-    )  # a pass's rows, on the host
+        2 * (1 << (shape.tokens * (cfg.hidden_size * itemsize + 8) - 1).bit_length())
+        if table
+        else 0
+    )
     if rows:
         items.append(("token table rows of a pass", rows))
     max_num_seqs = max(

@@ -249,8 +249,8 @@ class CausalLM(nn.Module):
         freqs = ctx.positions.float()[:, None] * self.inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
-        # sent up if the table is on the host
-        h, delta = self.model.embed_tokens(input_ids).to(self.device), None
+        # a table read on the host sends its rows up itself (loader.FileRows)
+        h, delta = self.model.embed_tokens(input_ids), None
         *layers, last = self.model.layers
         for layer in layers:
             h, delta = layer(h, delta, cos, sin, ctx)

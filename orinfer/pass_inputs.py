@@ -7,8 +7,8 @@ result here.
 The host lays out every per-token index by array slices and concatenation (machine integers, memcpy
 speed, no Python int per token where blocks hold one token): derived on the device they took a scan,
 repeat_interleave, integer division and remainder, whose kernel modules cost host memory when first
-loaded (~0.1 GiB for the scan alone, H200), too much for an Orin's plan. Pinned host buffers are
-reused so that a run allocates none (a pinned allocation can stall the host).
+loaded (~0.1 GiB for the scan alone, H200), too much for an Orin's plan. They go up through
+staging.py's reused pinned buffers.
 """
 
 from array import array
@@ -19,6 +19,7 @@ import torch
 
 from .block_manager import SCRATCH_BLOCK
 from .sequence import Work
+from .staging import Staging
 
 
 @dataclass
@@ -59,8 +60,7 @@ class InputUploader:
 
     def __init__(self, device: torch.device, block_size: int, ids_on_host: bool):
         self.device, self.block_size, self.ids_on_host = device, block_size, ids_on_host
-        # Inputs go up through a staging buffer whose last copy is done (its event).
-        self._staging: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        self.staging = Staging(device)
         self._count = array("q", range(1024))
 
     def counting(self, n: int) -> array:
@@ -152,23 +152,6 @@ class InputUploader:
         values = torch.frombuffer(host, dtype=torch.int64)
         if self.device.type != "cuda":
             return values
-        n = len(host)
-        free = [
-            i
-            for i, (buf, copied) in enumerate(self._staging)
-            if buf.numel() >= n and copied.query()
-        ]
-        if not free:
-            self._staging.append((pinned(n), torch.cuda.Event()))
-            free = [len(self._staging) - 1]
-        buf, copied = self._staging[free[0]]
-        buf[:n].copy_(values)
-        on_device = buf[:n].to(self.device, non_blocking=True)
-        copied.record()
-        return on_device
-
-
-def pinned(n: int) -> torch.Tensor:
-    """A pinned int64 host buffer of >= n elements: a power of two, and at least 2 MiB (a
-    competition run's largest pass needs ~0.6 MiB), so that few sizes are ever allocated."""
-    return torch.empty(max(1 << 18, 1 << (n - 1).bit_length()), dtype=torch.int64, pin_memory=True)
+        nbytes = len(host) * values.element_size()
+        sent = self.staging.send(nbytes, lambda buffer: buffer.view(torch.int64).copy_(values))
+        return sent.view(torch.int64)

@@ -20,7 +20,8 @@ from .attention import FALLBACK, Backend, Context
 from .attention.core import PAD_ABOVE, PAD_MULTIPLE
 from .graphs import CudaGraphs
 from .model import CausalLM
-from .pass_inputs import InputUploader, pinned
+from .pass_inputs import InputUploader
+from .staging import pinned
 from .sequence import Work
 
 

@@ -109,6 +109,26 @@ def test_a_table_left_on_meta_is_read_from_the_file_row_by_row(tmp_path):
         embed(torch.tensor([table.shape[0]]))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rows_read_on_the_host_go_up_from_pinned_memory(tmp_path):
+    """The rows arrive on the device, and nothing is copied up from pageable memory (such a copy
+    waits for the pass in flight before it returns)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    folder = write_tiny_model(tmp_path, seed=5)
+    model = CausalLM(ModelConfig.from_folder(folder), "cuda", torch.float32, embedding_on_host=True)
+    load_weights(model, folder)
+    table = load(folder).model.embed_tokens.weight
+    ids = torch.tensor([7, 0, 7, table.shape[0] - 1, 3])
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):  # the pinned buffer reused once its copy is done
+            rows = model.model.embed_tokens(ids)
+        torch.cuda.synchronize()
+    assert rows.device.type == "cuda" and torch.equal(rows.cpu(), table[ids])
+    copies = [e.name for e in prof.events() if "Memcpy HtoD" in e.name]
+    assert copies and not [name for name in copies if "Pageable" in name]
+
+
 def test_reading_a_table_from_the_file_needs_the_stored_dtype(tmp_path):
     folder = write_tiny_model(tmp_path, seed=6, dtype=torch.bfloat16)
     model = CausalLM(ModelConfig.from_folder(folder), "cpu", torch.float32, embedding_on_host=True)
