@@ -161,8 +161,9 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
         "--attention",
         default=None,
         metavar="BACKEND",
-        help="the attention backend (orinfer/attention: varlen, padded, reference; default: the "
-        "fastest that runs here and the memory plan affords; the same output at float32)",
+        help="the attention backend (orinfer/attention: varlen, padded, reference, paged; default: "
+        "the fastest that runs here and the memory plan affords, paged only when named; the same "
+        "output at float32)",
     )
 
 

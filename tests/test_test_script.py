@@ -221,7 +221,7 @@ FAULTS = [
         "unknown attention",
         [GOOD[0]],
         ["--attention", "flashinfer"],
-        "attention backend 'flashinfer' is unknown; choose among varlen, padded, reference",
+        "attention backend 'flashinfer' is unknown; choose among varlen, paged, padded, reference",
     ),
     (
         "attention not on the cpu",
