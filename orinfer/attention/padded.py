@@ -12,6 +12,7 @@ also the layout a pass takes where another backend's cannot (keys past a sliding
 
 from array import array
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -131,13 +132,15 @@ def build_bias(
 
 class PaddedLayout:
     """How a pass is laid out in padded groups, and its graphs' shapes: (sequences, blocks) buckets,
-    for passes of plain decode steps. `max_gather_tokens`: the keys one group may gather (the memory
+    for passes of plain decode steps. `kernels`: the backend's (none here; paged.PagedLayout's
+    kernel). `max_gather_tokens`: the keys one group may gather (the memory
     plan's bound)."""
 
     name = "padded SDPA layout"
 
     def __init__(
         self,
+        kernels,
         uploader: InputUploader,
         query_groups: int,
         sliding_window: int | None,
@@ -146,7 +149,7 @@ class PaddedLayout:
         pad_above: int = 0,
         pad_multiple: int = 1,
     ):
-        self.uploader, self.block_size = uploader, uploader.block_size
+        self.kernels, self.uploader, self.block_size = kernels, uploader, uploader.block_size
         self.query_groups, self.sliding_window = query_groups, sliding_window
         self.max_positions, self.max_gather_tokens = max_positions, max_gather_tokens
         self.pad_above, self.pad_multiple = pad_above, pad_multiple
@@ -304,10 +307,14 @@ class PaddedLayout:
         return spans
 
 
-def _layout(
-    kernels, uploader: InputUploader, cfg, max_gather_tokens: int, pad_above: int, pad_multiple: int
-) -> PaddedLayout:
-    return PaddedLayout(
+def layout_of(
+    cls, kernels, uploader: InputUploader, cfg, max_gather_tokens: int, pad_above: int,
+    pad_multiple: int,
+):  # fmt: skip
+    """A layout of the padded family (PaddedLayout, paged.PagedLayout) for a model's config: the
+    Backend's `layout` once `cls` is given."""
+    return cls(
+        kernels,
         uploader,
         cfg.num_attention_heads // cfg.num_key_value_heads,
         cfg.sliding_window,
@@ -318,4 +325,4 @@ def _layout(
     )
 
 
-BACKEND = Backend("padded", kernels=lambda *shape: (), layout=_layout)
+BACKEND = Backend("padded", kernels=lambda *shape: (), layout=partial(layout_of, PaddedLayout))

@@ -12,7 +12,7 @@ grids), the kernel's check, and the backend's declaration (BACKEND).
 
 from array import array
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Callable
 
 import torch
@@ -20,7 +20,7 @@ import torch
 from ..integers import ceil_div
 from ..sequence import Work
 from .core import Backend, per_pass
-from .padded import PaddedLayout
+from .padded import PaddedLayout, layout_of
 from .reference import reference_paged
 
 TILE_TOKENS = 16  # a tile's rows: one tensor-core product's (kTileRows in csrc/attention.cuh)
@@ -54,10 +54,6 @@ class PagedLayout(PaddedLayout):
 
     name = "paged tiles, keys read in place"
 
-    def __init__(self, kernel: Callable, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.kernel = kernel
-
     def capturable(self, size: int, extent: int, max_gather_tokens: int) -> bool:
         return True
 
@@ -78,7 +74,7 @@ class PagedLayout(PaddedLayout):
             token += n
         t = self.uploader.upload(works, order, ids, sample_rows, starts, lens, nblocks, tiles, feed)
         return t, Paged(
-            kernel=self.kernel,
+            kernel=self.kernels,
             block_size=self.block_size,
             window=self.sliding_window or 0,
             tiles=t.layout.view(-1, 4),
@@ -131,21 +127,10 @@ def paged_kernel(
     return kernel if torch.allclose(out, expected, atol=tolerance, rtol=tolerance) else None
 
 
-def _layout(
-    kernel, uploader, cfg, max_gather_tokens: int, pad_above: int, pad_multiple: int
-) -> PagedLayout:
-    return PagedLayout(
-        kernel,
-        uploader,
-        cfg.num_attention_heads // cfg.num_key_value_heads,
-        cfg.sliding_window,
-        cfg.max_position_embeddings,
-        max_gather_tokens,
-        pad_above,
-        pad_multiple,
-    )
-
-
 BACKEND = Backend(
-    "paged", kernels=paged_kernel, layout=_layout, devices=("cuda",), needs_cuda_extension=True
+    "paged",
+    kernels=paged_kernel,
+    layout=partial(layout_of, PagedLayout),
+    devices=("cuda",),
+    needs_cuda_extension=True,
 )
