@@ -353,9 +353,10 @@ def test_paged_layout_applies_the_sliding_window(paged_reference, tmp_path, publ
     assert gen(chats, max_new_tokens=30, return_full_text=False) == expected
 
 
-def test_paged_layout_pads_eager_passes_and_cuts_tiles(paged_reference, tiny_dir):
-    """An eager pass padded to a multiple of tokens (one-token sequences at position 0 in the
-    scratch block, as the padded layout pads): every new token in exactly one tile, in order."""
+def test_paged_layout_cuts_tiles_and_pads_as_the_padded_layout(paged_reference, tiny_dir):
+    """An eager pass padded to a multiple of tokens, and decode steps padded to a graph's shape
+    (one-token sequences at position 0 in the scratch block, as the padded layout pads): every new
+    token in exactly one tile, in order."""
     gen = generator(tiny_dir, attention=paged_reference.attention, padding=(8, 16))
     runner = gen.engine.runner
     seqs = [
@@ -370,3 +371,10 @@ def test_paged_layout_pads_eager_passes_and_cuts_tiles(paged_reference, tiny_dir
     assert tiles[:4] == [[0, 16, 2, 0], [16, 16, 18, 0], [32, 3, 34, 0], [35, 1, 2, 1]]
     assert tiles[4:] == [[36 + i, 1, 0, 2 + i] for i in range(12)]
     assert ctx.layout.block_tables.shape[0] == 14
+    # A graph's shape (sequences, blocks) fixes every per-pass tensor's: a replay copies them in.
+    steps = [Work(seq=s, tokens=[5], start=n, wants_logits=True) for s, n in zip(seqs, (37, 3))]
+    ids, ctx = runner.context(steps, shape=(8, 12))
+    assert ctx.layout.tiles.tolist() == [[0, 1, 37, 0], [1, 1, 3, 1]] + [
+        [i, 1, 0, i] for i in range(2, 8)
+    ]
+    assert ctx.layout.block_tables.shape == (8, 12) and ids.numel() == 8
