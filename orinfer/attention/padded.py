@@ -76,16 +76,24 @@ class Padded:
         Returns [T, H * D]."""
         tokens, heads, dim = q.shape
         kv_heads, groups = k_rows.shape[1], heads // k_rows.shape[1]
+        # As words too: torch before 2.8 (the Jetson's 2.3) gathers rows one element a thread step
+        # (pytorch#151753 gave x[index] on the first dimension its vectorized gather).
         k_cache, v_cache = (
-            rows.view(-1, self.block_size, kv_heads, dim) for rows in (k_rows, v_rows)
+            cache.view(-1, self.block_size, *cache.shape[1:])
+            for cache in map(as_words, (k_rows, v_rows))
         )
         # [Hkv, T, G, W]
         words = as_words(q.reshape(-1, kv_heads, groups, dim)).transpose(0, 1)
         outs = []
         for group in self.groups:
             batch, qmax = group.query_slots.shape
-            keys = k_cache[group.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
-            values = v_cache[group.block_tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
+            keys, values = (
+                cache[group.block_tables]
+                .view(q.dtype)
+                .view(batch, -1, kv_heads, dim)
+                .transpose(1, 2)
+                for cache in (k_cache, v_cache)
+            )
             # One gather builds the folded query [b, Hkv, Qmax * G, D] and one gather reads the
             # output back in token order, both as words. (reshape, not view: the layout an index or
             # SDPA returns differs between devices.)
