@@ -70,8 +70,11 @@ class FileRows:
             buffer[table_bytes:].view(torch.int64).copy_(inverse.view(-1))
 
         sent = self.staging.send(table_bytes + 8 * inverse.numel(), fill)
-        table = sent[:table_bytes].view(self.dtype).view(len(rows), self.shape[1])
-        return table[sent[table_bytes:].view(torch.int64).view(inverse.shape)]
+        # picked as 8-byte words where rows allow: torch before 2.8 moves an element a thread step
+        unit = torch.int64 if size % 8 == 0 else self.dtype
+        table = sent[:table_bytes].view(unit).view(len(rows), size // unit.itemsize)
+        picked = table[sent[table_bytes:].view(torch.int64).view(-1)]
+        return picked.view(self.dtype).view(*inverse.shape, self.shape[1])
 
     def warm(self) -> int:
         """Read the whole table once, in order, so its rows sit in the page cache (reclaimable) when
