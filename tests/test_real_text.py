@@ -2,8 +2,8 @@
 dimension 64, 3 query heads a KV head, a 49,152-token vocabulary, tied embeddings, ChatML; and once in Phi-3's
 layout), against transformers' pipeline (its LlamaForCausalLM for the folder) at fp32, string for string: the organisers' public set, more records in the competition's format, and free-form chats that invite long
 and repetitive answers; with drafting off, at its defaults and forced on (lookup drafts every pass), with chained
-decode passes, on the padded layout and the varlen/packed layouts (their float32 reference kernels: this is the
-CPU), and through test_script.py end to end. Its answers are a real model's words, so drafts from the listed choices
+decode passes, on the padded layout, the varlen/packed layouts and the paged layout (their float32 reference kernels:
+this is the CPU), and through test_script.py end to end. Its answers are a real model's words, so drafts from the listed choices
 and from lookups meet text that sometimes follows them and sometimes does not."""
 
 import json
@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import ROOT, hf_pipeline, reference, records
 from real_model import smollm2
-from test_attention import reference_packed_layout  # noqa: F401 (a fixture)
+from test_attention import paged_reference, reference_packed_layout  # noqa: F401 (fixtures)
 
 import optimize
 import test_script
@@ -121,6 +121,20 @@ def test_the_varlen_layout_with_the_packed_kernel_on_real_text(
     )
     assert (mc, chats) == real_expected
     assert reference_varlen.calls > 0 and reference_packed.calls
+
+
+def test_the_paged_layout_on_real_text(real_dir, mc_chats, real_expected, paged_reference):
+    """The paged layout's tiles and block tables (the kernel's float32 reference reading the cache
+    through them: this is the CPU), on head dimension 64 and three query heads a KV head, with
+    lookup drafts every pass."""
+    mc, chats, _ = run(
+        real_dir,
+        mc_chats,
+        Options(lookup_draft_tokens=1 << 20),
+        attention=paged_reference.attention,
+    )
+    assert (mc, chats) == real_expected
+    assert paged_reference.calls
 
 
 def test_test_script_end_to_end_on_real_text(real_dir, mc_chats, real_expected, tmp_path, capsys):
