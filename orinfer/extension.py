@@ -25,7 +25,7 @@ from pathlib import Path
 
 NAME = "orinfer_elementwise"
 SOURCES = Path(__file__).resolve().parent / "csrc"
-FILES = ("elementwise.cu", "elementwise.cuh", "attention.cu", "attention.cuh")
+FILES = ("elementwise.cu", "elementwise.cuh", "attention.cu", "attention.cuh", "dispatch.h")
 
 
 class ExtensionUnavailable(RuntimeError):

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "attention.cuh"
+#include "dispatch.h"
 
 namespace orinfer {
 namespace {
@@ -87,13 +88,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_rows, const 
   if (tiles.size(0) == 0) return out;
   const int bound = window <= 0 || window > INT_MAX ? INT_MAX : static_cast<int>(window);
   by_head_dim(dim, [&](auto d) {
-    constexpr int D = decltype(d)::value;
-    switch (q.scalar_type()) {
-      case at::kFloat: return launch<float, D>(q, k_rows, v_rows, tiles, tables, out, block_size, bound, scale);
-      case at::kHalf: return launch<__half, D>(q, k_rows, v_rows, tiles, tables, out, block_size, bound, scale);
-      case at::kBFloat16: return launch<__nv_bfloat16, D>(q, k_rows, v_rows, tiles, tables, out, block_size, bound, scale);
-      default: TORCH_CHECK(false, "paged_attention: float32, float16 or bfloat16, not ", q.scalar_type());
-    }
+    by_dtype(q, [&](auto zero) {
+      launch<decltype(zero), decltype(d)::value>(q, k_rows, v_rows, tiles, tables, out,
+                                                 block_size, bound, scale);
+    });
   });
   return out;
 }

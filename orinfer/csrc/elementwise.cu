@@ -11,23 +11,11 @@
 #include <tuple>
 #include <utility>
 
+#include "dispatch.h"
 #include "elementwise.cuh"
 
 namespace orinfer {
 namespace {
-
-// T: the CUDA type of the tensors' dtype, given to `launch`.
-template <typename F>
-void by_dtype(const at::Tensor& t, F launch) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return launch(float{});
-    case at::kHalf: return launch(__half{});
-    case at::kBFloat16: return launch(__nv_bfloat16{});
-    default:
-      TORCH_CHECK(false, "orinfer's kernels take float32, float16 or bfloat16, not ",
-                  t.scalar_type());
-  }
-}
 
 // Rows of `t` (2-D, the last dimension dense) and its dtype and device as `like`'s.
 void check_rows(const at::Tensor& t, const at::Tensor& like, const char* what) {
