@@ -9,3 +9,8 @@ def ceil_div(a: int, b: int) -> int:
 def bucket(n: int, sizes: list[int]) -> int | None:
     """The smallest of the sorted `sizes` that holds n (None: none does)."""
     return next((s for s in sizes if s >= n), None)
+
+
+def power_of_two(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, n - 1).bit_length()

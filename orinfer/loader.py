@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .attention.core import as_words
 from .checkpoint import check_checkpoint, checkpoint_files, read_exactly, read_header, stored_dtype
 from .families import fused_rows, weight_targets
 from .staging import Staging, writable
@@ -70,10 +71,9 @@ class FileRows:
             buffer[table_bytes:].view(torch.int64).copy_(inverse.view(-1))
 
         sent = self.staging.send(table_bytes + 8 * inverse.numel(), fill)
-        # picked as 8-byte words where rows allow: torch before 2.8 moves an element a thread step
-        unit = torch.int64 if size % 8 == 0 else self.dtype
-        table = sent[:table_bytes].view(unit).view(len(rows), size // unit.itemsize)
-        picked = table[sent[table_bytes:].view(torch.int64).view(-1)]
+        table = sent[:table_bytes].view(self.dtype).view(len(rows), self.shape[1])
+        # picked as words: torch before 2.8 moves an element a thread step
+        picked = as_words(table)[sent[table_bytes:].view(torch.int64).view(-1)]
         return picked.view(self.dtype).view(*inverse.shape, self.shape[1])
 
     def warm(self) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .integers import power_of_two
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -441,11 +442,7 @@ def plan_memory(
     shape = _PassShape.of(cfg, itemsize, free, shared_host, in_groups, cuda_graphs, max_drafts)
     # a pass's rows and their places, read on the host into two pinned buffers (staging.Staging:
     # one in flight, one filling), each a power of two
-    rows = (
-        2 * (1 << (shape.tokens * (cfg.hidden_size * itemsize + 8) - 1).bit_length())
-        if table
-        else 0
-    )
+    rows = 2 * power_of_two(shape.tokens * (cfg.hidden_size * itemsize + 8)) if table else 0
     if rows:
         items.append(("token table rows of a pass", rows))
     max_num_seqs = max(

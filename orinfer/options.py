@@ -16,7 +16,8 @@ class Options:
     # elementwise kernels fused by orinfer's CUDA extension (extension.py), where torch.compile is
     # not taken (None: on a CUDA device where it builds; a build that fails is said, not hidden)
     cuda_extension: bool | None = None
-    # The attention backend (attention/__init__.py's BACKENDS: "varlen", "padded", "reference");
+    # The attention backend (attention/__init__.py's BACKENDS: "varlen", "paged", "padded",
+    # "reference");
     # None: the first of attention.PREFERRED that runs here and the memory plan affords.
     attention: str | None = None
     # Sequences with at most this many new tokens take the packed Triton kernel in an eager pass (0:

@@ -10,12 +10,14 @@ from typing import Callable
 
 import torch
 
+from .integers import power_of_two
+
 
 def pinned(n: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """A pinned host buffer of >= n elements: a power of two, and at least 2 MiB (a competition
     run's largest pass needs ~0.6 MiB of integers), so that few sizes are ever allocated."""
     least = (2 << 20) // dtype.itemsize
-    return torch.empty(max(least, 1 << (n - 1).bit_length()), dtype=dtype, pin_memory=True)
+    return torch.empty(max(least, power_of_two(n)), dtype=dtype, pin_memory=True)
 
 
 def writable(buffer: torch.Tensor) -> memoryview:

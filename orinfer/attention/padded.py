@@ -141,8 +141,7 @@ def build_bias(
 class PaddedLayout:
     """How a pass is laid out in padded groups, and its graphs' shapes: (sequences, blocks) buckets,
     for passes of plain decode steps. `kernels`: the backend's (none here; paged.PagedLayout's
-    kernel). `max_gather_tokens`: the keys one group may gather (the memory
-    plan's bound)."""
+    kernel). `max_gather_tokens`: the keys one group may gather (the memory plan's bound)."""
 
     name = "padded SDPA layout"
 
