@@ -213,8 +213,9 @@ def test_the_paged_kernel_equals_the_float32_reference(fused, dtype):
             q, k_rows, v_rows, tiles, tables = _paged_pass(g, dtype, heads, kv_heads, dim,
                                                            block_size)  # fmt: skip
             args = (q, k_rows, v_rows, tiles, tables, block_size, window, dim**-0.5)
+            case = f"head size {dim}, {heads}/{kv_heads} heads, block {block_size}, window {window}"
             torch.testing.assert_close(kernel(*args).float(), reference_paged(*args).float(),
-                                       atol=tolerance, rtol=tolerance)  # fmt: skip
+                                       atol=tolerance, rtol=tolerance, msg=lambda m: f"{case}: {m}")  # fmt: skip
     assert paged.paged_kernel(torch.device("cuda"), dtype, 40, 10, 128) is kernel
 
 
