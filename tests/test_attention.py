@@ -265,17 +265,23 @@ def test_the_registry_plans_the_preferred_backend_that_runs_on_the_device():
         planned("varlen", "cpu")
 
 
-def test_a_backend_asked_for_by_name_never_falls_back_silently(tiny_dir):
+def test_a_backend_asked_for_by_name_never_falls_back_silently(tiny_dir, monkeypatch):
+    from dataclasses import replace
+
     from orinfer.attention import BACKENDS, resolve
 
     cfg = optimize.prepare(tiny_dir, device="cpu").cfg
     with pytest.raises(RuntimeError, match="'reference' is not afforded by the memory plan"):
         resolve("reference", False, torch.device("cpu"), torch.float32, cfg, 0)
     # The default on a CUDA device plans varlen; where the plan affords it no host memory (an Orin),
-    # the padded layout runs (its kernels are never asked for, so a stand-in device will do).
+    # the paged kernel runs where the extension is built, else the padded layout (a stand-in device
+    # and kernel: the padded layout's kernels are never asked for).
     cuda = SimpleNamespace(type="cuda")
     backend, _ = resolve(None, False, cuda, torch.bfloat16, cfg, 0)
     assert backend is BACKENDS["padded"]
+    stand_in = replace(BACKENDS["paged"], kernels=lambda *shape: "kernel")
+    monkeypatch.setitem(BACKENDS, "paged", stand_in)
+    assert resolve(None, False, cuda, torch.bfloat16, cfg, 0, cuda_extension=True)[0] is stand_in
     # the paged kernel is orinfer's CUDA extension's: never taken where the options turned it off
     with pytest.raises(RuntimeError, match="'paged' needs orinfer's CUDA extension"):
         resolve("paged", True, cuda, torch.bfloat16, cfg, 0, cuda_extension=False)

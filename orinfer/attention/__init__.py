@@ -24,9 +24,9 @@ BACKENDS: dict[str, Backend] = {
     b.name: b for b in (varlen.BACKEND, paged.BACKEND, padded.BACKEND, float32_reference.BACKEND)
 }
 # Options.attention=None takes the first of these that runs on the device, the plan affords, and
-# passes its check. "paged" is taken by name only until a GPU has measured it (bench/NOTES.md,
-# run 91).
-PREFERRED = ("varlen", "padded")
+# passes its check: "paged" where torch has no varlen kernel and orinfer's extension is built (the
+# Orin), before the padded layout's gathers (BENCHMARKS.md, run 91).
+PREFERRED = ("varlen", "paged", "padded")
 FALLBACK = padded.BACKEND
 
 
