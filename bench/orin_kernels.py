@@ -136,7 +136,8 @@ def workloads(
     chats = [r["message"] for r in records]
     synthetic = synthetic_records(records)
     g = torch.Generator().manual_seed(0)
-    fixed = torch.randint(100, 32000, (16, 256), generator=g).tolist()  # ordinary tokens: no eos among them
+    # ordinary tokens: no eos among them
+    fixed = torch.randint(100, 32000, (16, 256), generator=g).tolist()
     runs = [
         ("w1", chats, scripts, 500),
         ("prefill", chats, [s[:1] for s in scripts], 1),
@@ -160,6 +161,9 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget", type=float, default=28.5)
     ap.add_argument("--workloads", default="w1,prefill,decode")
+    ap.add_argument("--lookup-draft-tokens", type=int, default=None,
+                    help="the pass size under which lookup drafts ride along (default: measured at the warm-up, "
+                    "which varies from process to process here; fixed, variants compare pass for pass)")  # fmt: skip
     ap.add_argument(
         "--no-table-read",
         action="store_true",
@@ -195,6 +199,7 @@ def main() -> int:
             compile=False,
             cuda_extension=False if args.no_cuda_extension else None,
             attention=args.attention,
+            lookup_draft_tokens=args.lookup_draft_tokens,
         ),
     )
     gen = scripted(setup.load(random_init(0), progress=False, observer=observer), None)
