@@ -213,7 +213,7 @@ def agreement(folder: Path, device: str, loads: dict, paths: list[str]) -> dict:
         for load, (chats, new, answers) in loads.items():
             ours = timed_runs(gen, chats, new, len(chats))
             rows, model, tokenizer = reference_tokens(folder, device, torch_dtype, chats, new)
-            theirs[dtype, load] = rows
+            theirs[torch_dtype, load] = rows  # transformers' rows, whichever path of ours
             differences = []
             for i, (a, b) in enumerate(zip(ours["tokens"], rows)):
                 if a != b:
@@ -249,14 +249,10 @@ def agreement(folder: Path, device: str, loads: dict, paths: list[str]) -> dict:
         del gen
         gc.collect()
     for load in loads:  # transformers' own bf16 against its fp32
-        same = sum(a == b for a, b in zip(theirs["bfloat16", load], theirs["float32", load]))
-        out[f"transformers_bf16_vs_fp32/{load}"] = {
-            "records": len(theirs["float32", load]),
-            "identical": same,
-        }
-        print(
-            "transformers bf16 vs fp32", load, same, "/", len(theirs["float32", load]), flush=True
-        )
+        bf16, fp32 = theirs[torch.bfloat16, load], theirs[torch.float32, load]
+        same = sum(a == b for a, b in zip(bf16, fp32))
+        out[f"transformers_bf16_vs_fp32/{load}"] = {"records": len(fp32), "identical": same}
+        print("transformers bf16 vs fp32", load, same, "/", len(fp32), flush=True)
     return out
 
 

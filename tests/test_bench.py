@@ -228,3 +228,16 @@ def test_the_cpu_stages_run_on_the_tiny_model(tiny_dir, tmp_path):
         table["float32/defaults/mc/batchall"]["generated_tokens"]
         == table["float32/off/mc/batchall"]["generated_tokens"]
     )
+
+
+def test_real_texts_agreement_on_the_orin_path_alone(tiny_dir, monkeypatch):
+    """real_text.py's agreement with `--paths orin` only: transformers' rows are kept by dtype,
+    whichever path of ours ran, so its own bf16-against-fp32 line is made (run 91 met a KeyError
+    there). The Orin path's options with the padded layout, which runs on the CPU."""
+    import real_text
+
+    monkeypatch.setattr(real_text, "ORIN_PATH", optimize.Options(compile=False, cuda_graphs=False))
+    chats = [[{"role": "user", "content": "Which is larger, 3 or 5?"}]]
+    out = real_text.agreement(tiny_dir, "cpu", {"mc": (chats, 4, None)}, ["orin"])
+    assert out["float32_orin_path/mc"]["identical"] == 1
+    assert out["transformers_bf16_vs_fp32/mc"]["records"] == 1
