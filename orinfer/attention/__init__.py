@@ -6,7 +6,7 @@ Options.attention names one.
 - varlen.py: FlashAttention's variable-length kernel (and the packed Triton kernel, packed.py) on
   the flat queries, where a CUDA torch has them: no padding, no mask.
 - paged.py: orinfer's CUDA kernel (csrc/attention.cuh) reading the paged cache in place, where the
-  CUDA extension is built (no gathers, no padding, no mask); by name (--attention paged) for now.
+  CUDA extension is built (no gathers, no padding, no mask): the Orin's.
 - padded.py: SDPA over padded [sequences, queries] grids with a mask, on every device and dtype;
   also the layout a pass takes where the chosen backend's cannot (keys past a sliding window).
 - float32_reference.py: the float32 reference kernels (reference.py) with the varlen layout: slow,
