@@ -161,8 +161,8 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
         "--attention",
         default=None,
         metavar="BACKEND",
-        help="the attention backend (orinfer/attention: varlen, padded, reference, paged; default: "
-        "the fastest that runs here and the memory plan affords, paged only when named; the same "
+        help="the attention backend (orinfer/attention: varlen, paged, padded, reference; default: "
+        "the first of varlen, paged, padded that runs here and the memory plan affords; the same "
         "output at float32)",
     )
 

@@ -36,6 +36,7 @@ from .memory import (
     shared_memory_terms,
 )
 from .oracle import own_modeling_code, reference_tokens, top2_margin, transformers_model
+from .attention import paged
 from .attention.reference import reference_attention
 from .warmup import seconds_per_call
 
@@ -289,14 +290,23 @@ def reset_peaks(device: torch.device) -> None:
 
 
 def kernel_checks(
-    device: torch.device, dtype: torch.dtype, attention: str, kernels_note: str | None = None
+    device: torch.device,
+    dtype: torch.dtype,
+    attention: str,
+    kernels_note: str | None = None,
+    heads: tuple[int, int, int] | None = None,
 ) -> list[Check]:
     """The attention path the run takes (a warning where the CUDA extension did not build:
-    `kernels_note`), and each SDPA backend this torch offers against the float32 reference on a
-    small causal case (the padded layout asks for flash, then memory-efficient, then math)."""
+    `kernels_note`), orinfer's paged kernel on the model's `heads` (query heads, KV heads, head
+    size) where the extension is loaded, and each SDPA backend this torch offers against the float32
+    reference on a small causal case (the padded layout asks for flash, then memory-efficient, then
+    math)."""
     checks = [Check("attention", attention.removeprefix("attention: "))]
     if kernels_note:
         checks.append(Check("elementwise kernels", "eager", "warn", kernels_note))
+    kernel = paged.loaded_kernel(device, *heads) if heads else None
+    if kernel is not None:
+        checks.append(paged_kernel_check(kernel, device, dtype, heads))
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, 4, 24, 64, device=device, dtype=dtype, generator=g) for _ in range(3))
     expected = reference_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1))
@@ -330,6 +340,21 @@ def kernel_checks(
         )
     checks.insert(1, Check("sdpa", ", ".join(found) + f"; {triton_line}"))
     return checks
+
+
+def paged_kernel_check(kernel, device: torch.device, dtype: torch.dtype, heads) -> Check:
+    """orinfer's paged attention kernel against the float32 reference: where it differs the run
+    does not take it (attention.resolve moves on to the padded layout), which is slower, not
+    wrong; the attention line says which the run took."""
+    agrees, difference = paged.kernel_difference(kernel, device, dtype, *heads)
+    if agrees:
+        return Check("paged kernel", f"agrees with the float32 reference ({difference:.1e})")
+    return Check(
+        "paged kernel",
+        f"differs from the float32 reference by {difference:.2e}: not taken",
+        "warn",
+        "the run takes the padded layout instead (slower); report this board, JetPack and torch",
+    )
 
 
 def pick_records(lengths: list[int], k: int) -> list[int]:
@@ -593,7 +618,9 @@ def run(
     checks.step = "the rates"
     rates = measure_rates(gen.model, setup.plan.max_batched_tokens)
     checks.add(*rate_checks(device, setup.dtype, rates, jetson))
-    checks.add(*kernel_checks(device, setup.dtype, gen.describe(), setup.kernels_note))
+    cfg = setup.cfg
+    heads = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    checks.add(*kernel_checks(device, setup.dtype, gen.describe(), setup.kernels_note, heads))
     checks.step = "the engine's outputs"
     picked = pick_records([len(p) for p in prompts], records)
     ours, passes, model = _engine_outputs(gen, [chats[i] for i in picked], picked, new_tokens)

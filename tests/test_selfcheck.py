@@ -101,6 +101,23 @@ def test_the_jetson_lines_say_what_to_fix():
 
 
 @pytest.mark.unit
+def test_the_paged_kernel_is_checked_against_the_float32_reference():
+    """Its line says it agrees, or warns that the run does not take it (the padded layout instead):
+    the reference itself as the kernel, and one off by 0.1 (the check's pass on the CPU)."""
+    from orinfer.attention.reference import reference_paged
+
+    cpu, shape = torch.device("cpu"), (8, 2, 16)
+    same = selfcheck.paged_kernel_check(reference_paged, cpu, torch.bfloat16, shape)
+    assert same.verdict == "ok" and same.figure.startswith("agrees with the float32 reference")
+    off = selfcheck.paged_kernel_check(
+        lambda *case: reference_paged(*case) + 0.1, cpu, torch.float32, shape
+    )
+    assert off.verdict == "warn" and "differs from the float32 reference by 1.00e-01" in off.figure
+    assert "padded layout instead" in off.fix
+    assert selfcheck.paged.loaded_kernel(cpu, *shape) is None  # the CPU: no line at all
+
+
+@pytest.mark.unit
 def test_the_records_checked_are_the_longest_and_a_spread():
     assert selfcheck.pick_records([5, 9, 1, 3, 7, 2, 8, 4, 6, 1], 4) == [1, 0, 3, 6]
     assert selfcheck.pick_records([3, 1], 8) == [0, 1]

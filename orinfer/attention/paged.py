@@ -100,13 +100,10 @@ def _check_case(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: 
     return q, k_rows, v_rows, tiles, tables, block_size, window
 
 
-@lru_cache(maxsize=None)
-def paged_kernel(
-    device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, dim: int, packed_queries=0
-) -> Callable | None:
-    """The extension's kernel where it runs here and agrees with the float32 reference on a small
-    case (asked once per device, dtype and shape); None where it does not (the extension not loaded
-    in this process, a GPU before sm_80, a head size or grouping it is not built for)."""
+def loaded_kernel(device: torch.device, heads: int, kv_heads: int, dim: int) -> Callable | None:
+    """The extension's kernel where it can run this shape here, unchecked; None where it cannot (the
+    extension not loaded in this process, a GPU before sm_80, a head size or grouping it is not
+    built for)."""
     if (
         device.type != "cuda"
         or dim not in HEAD_DIMS
@@ -116,15 +113,35 @@ def paged_kernel(
     ):
         return None
     try:
-        kernel = torch.ops.orinfer.paged_attention
+        return torch.ops.orinfer.paged_attention
     except (AttributeError, RuntimeError):  # the extension is not loaded in this process
         return None
+
+
+def kernel_difference(
+    kernel: Callable, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, dim: int
+) -> tuple[bool, float]:
+    """Whether `kernel` agrees with the float32 reference on _check_case's pass, within the dtype's
+    tolerance, and its largest difference there."""
     case = _check_case(device, dtype, heads, kv_heads, dim)
     scale = dim**-0.5
     out = kernel(*case, scale).float()
     expected = reference_paged(*case, scale).float()
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    return kernel if torch.allclose(out, expected, atol=tolerance, rtol=tolerance) else None
+    agrees = torch.allclose(out, expected, atol=tolerance, rtol=tolerance)
+    return agrees, (out - expected).abs().max().item()
+
+
+@lru_cache(maxsize=None)
+def paged_kernel(
+    device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, dim: int, packed_queries=0
+) -> Callable | None:
+    """The extension's kernel where it runs here and agrees with the float32 reference on a small
+    case (asked once per device, dtype and shape); None where it does not."""
+    kernel = loaded_kernel(device, heads, kv_heads, dim)
+    if kernel is None:
+        return None
+    return kernel if kernel_difference(kernel, device, dtype, heads, kv_heads, dim)[0] else None
 
 
 BACKEND = Backend(
