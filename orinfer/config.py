@@ -31,6 +31,11 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def attention_heads(self) -> tuple[int, int, int]:
+        """(query heads, KV heads, head size): what an attention kernel is built and checked for."""
+        return self.num_attention_heads, self.num_key_value_heads, self.head_dim
+
+    @property
     def num_parameters(self) -> int:
         h, d = self.hidden_size, self.head_dim
         qkv = (self.num_attention_heads + 2 * self.num_key_value_heads) * d

@@ -35,6 +35,7 @@ from .memory import (
     proc_kib_fields,
     shared_memory_terms,
 )
+from .observe import Observer
 from .oracle import own_modeling_code, reference_tokens, top2_margin, transformers_model
 from .attention import paged
 from .attention.reference import reference_attention
@@ -588,7 +589,6 @@ def run(
     `setup` is optimize.prepare's (sized for this file), `chats` the file's records' messages and
     `lines` the line each starts on. The device, the board, the budget and the plan come before the
     load."""
-    from .observe import Observer
     from .pipeline import prompt_ids
 
     device = setup.device
@@ -618,8 +618,7 @@ def run(
     checks.step = "the rates"
     rates = measure_rates(gen.model, setup.plan.max_batched_tokens)
     checks.add(*rate_checks(device, setup.dtype, rates, jetson))
-    cfg = setup.cfg
-    heads = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    heads = setup.cfg.attention_heads
     checks.add(*kernel_checks(device, setup.dtype, gen.describe(), setup.kernels_note, heads))
     checks.step = "the engine's outputs"
     picked = pick_records([len(p) for p in prompts], records)

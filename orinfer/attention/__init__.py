@@ -64,7 +64,7 @@ def resolve(
     `cuda_extension` (Options.cuda_extension, resolved). One asked for by name that cannot run is a
     RuntimeError: never a silent change."""
     chosen = planned(name, device.type)
-    heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    heads, kv_heads, dim = cfg.attention_heads
     candidates = (
         [chosen]
         if name is not None
