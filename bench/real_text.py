@@ -30,6 +30,7 @@ import optimize  # noqa: E402
 from orinfer.config import eos_token_ids  # noqa: E402
 from orinfer.dataset import scored_answer  # noqa: E402
 from orinfer.observe import Observer  # noqa: E402
+from orinfer.oracle import dtype_argument  # noqa: E402
 from orinfer.options import Options  # noqa: E402
 from real_model import smollm2  # noqa: E402
 from workload import competition_record, fresh_run  # noqa: E402
@@ -168,7 +169,7 @@ def reference_tokens(folder: Path, device: str, dtype: torch.dtype, chats: list,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, **dtype_argument(dtype)).to(device).eval()
     eos = set(eos_token_ids(folder))
     rows = []
     for chat in chats:

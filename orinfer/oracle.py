@@ -21,6 +21,15 @@ def own_modeling_code(folder) -> bool:
     return bool(target) and (Path(folder) / (target.split(".")[0] + ".py")).is_file()
 
 
+def dtype_argument(dtype: torch.dtype) -> dict:
+    """transformers' keyword for a model's dtype: `dtype` since 5.0, `torch_dtype` before (4.44.2,
+    the Jetson image's, has no `dtype`)."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {("dtype" if major >= 5 else "torch_dtype"): dtype}
+
+
 def transformers_model(model, folder, attention: str):
     """transformers' causal LM for this folder (its own modeling code where it carries one:
     own_modeling_code) on the very same weight tensors as `model`: no second copy of the weights (a
@@ -31,10 +40,9 @@ def transformers_model(model, folder, attention: str):
     own = own_modeling_code(folder)
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=own)
     config._attn_implementation = attention
-    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(
-            config, trust_remote_code=own, **{key: model.dtype}
+            config, trust_remote_code=own, **dtype_argument(model.dtype)
         )
     hf.load_state_dict(_their_state(model, hf), assign=True, strict=True)
     if model.cfg.tie_word_embeddings:

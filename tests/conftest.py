@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import optimize  # noqa: E402
+from orinfer import oracle  # noqa: E402
 from orinfer.engine import Engine  # noqa: E402
 from orinfer.observe import Observer  # noqa: E402
 from orinfer.options import Options  # noqa: E402
@@ -59,7 +60,7 @@ def hf_pipeline(folder, attention: str | None = None):
 
     chosen = {"attn_implementation": attention} if attention else {}
     model = AutoModelForCausalLM.from_pretrained(
-        folder, **chosen, **{("dtype" if _v5() else "torch_dtype"): torch.float32}
+        folder, **chosen, **oracle.dtype_argument(torch.float32)
     )
     return pipeline(
         "text-generation",
@@ -67,12 +68,6 @@ def hf_pipeline(folder, attention: str | None = None):
         tokenizer=AutoTokenizer.from_pretrained(folder),
         device="cpu",
     )
-
-
-def _v5() -> bool:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0]) >= 5
 
 
 @pytest.fixture(scope="session")
