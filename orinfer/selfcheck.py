@@ -294,8 +294,8 @@ def kernel_checks(
     device: torch.device,
     dtype: torch.dtype,
     attention: str,
-    kernels_note: str | None = None,
-    heads: tuple[int, int, int] | None = None,
+    kernels_note: str | None,
+    heads: tuple[int, int, int],
 ) -> list[Check]:
     """The attention path the run takes (a warning where the CUDA extension did not build:
     `kernels_note`), orinfer's paged kernel on the model's `heads` (query heads, KV heads, head
@@ -305,7 +305,7 @@ def kernel_checks(
     checks = [Check("attention", attention.removeprefix("attention: "))]
     if kernels_note:
         checks.append(Check("elementwise kernels", "eager", "warn", kernels_note))
-    kernel = paged.loaded_kernel(device, *heads) if heads else None
+    kernel = paged.loaded_kernel(device, *heads)
     if kernel is not None:
         checks.append(paged_kernel_check(kernel, device, dtype, heads))
     g = torch.Generator(device=device).manual_seed(0)
