@@ -176,11 +176,11 @@ def test_the_folders_equal_transformers_own_gguf_reader(real_dir):
 
     from real_model import gguf_file
 
-    path = gguf_file()
+    from orinfer import oracle
+
+    path, fp32 = gguf_file(), oracle.dtype_argument(torch.float32)
     try:
-        gguf = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, torch_dtype=torch.float32
-        )
+        gguf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **fp32)
         gguf_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (
         ImportError,
@@ -190,8 +190,8 @@ def test_the_folders_equal_transformers_own_gguf_reader(real_dir):
         pytest.skip(
             f"this transformers cannot read the GGUF file ({type(e).__name__}: {str(e)[:120]})"
         )
-    llama = AutoModelForCausalLM.from_pretrained(real_dir, torch_dtype=torch.float32)
-    phi3 = AutoModelForCausalLM.from_pretrained(smollm2("phi3"), torch_dtype=torch.float32)
+    llama = AutoModelForCausalLM.from_pretrained(real_dir, **fp32)
+    phi3 = AutoModelForCausalLM.from_pretrained(smollm2("phi3"), **fp32)
     tokenizer = AutoTokenizer.from_pretrained(real_dir)
     text = tokenizer.apply_chat_template(CHATS[3], tokenize=False, add_generation_prompt=True)
     text += "Numbers 12345, café 🙂"
